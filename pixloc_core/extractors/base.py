@@ -1,0 +1,120 @@
+"""The one interface every feature extractor implements.
+
+    extractor(images) -> pyramid
+
+A pyramid is a list of `FeatureLevel`s ordered coarse to fine (strides 16, 4, 1 relative to the
+input image). Features are L2-normalised along channels; confidences lie in (0, 1].
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, is_dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+STRIDES = (16, 4, 1)
+
+
+@dataclass
+class FeatureLevel:
+    features: torch.Tensor  # (B, C, H, W) or (C, H, W), L2-normalised along C
+    confidence: torch.Tensor  # (B, H, W) or (H, W), in (0, 1]
+    stride: int
+
+    def __getitem__(self, index: int) -> FeatureLevel:
+        """One image of a batched level."""
+        return FeatureLevel(self.features[index], self.confidence[index], self.stride)
+
+    def to(self, *args, **kwargs) -> FeatureLevel:
+        return FeatureLevel(self.features.to(*args, **kwargs), self.confidence.to(*args, **kwargs), self.stride)
+
+
+Pyramid = list[FeatureLevel]
+
+
+def select(pyramid: Pyramid, index: int) -> Pyramid:
+    """The pyramid of one image out of a batched pyramid."""
+    return [level[index] for level in pyramid]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resize_longest_side(image: np.ndarray, max_size: int) -> tuple[torch.Tensor, float]:
+    """HxWx3 uint8 RGB -> (3, H', W') float in [0, 1] with max(H', W') <= max_size, and the scale.
+
+    Scaling a COLMAP camera (pixel corner at 0) by the returned factor matches the resized image;
+    the scale is the one of the width, which is what `Camera.scale` expects.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    height, width = tensor.shape[-2:]
+    scale = min(1.0, max_size / max(height, width))
+    if scale < 1.0:
+        size = (round(height * scale), round(width * scale))
+        tensor = F.interpolate(tensor[None], size=size, mode="area")[0]
+        scale = size[1] / width
+    return tensor, scale
+
+
+def config_hash(*parts) -> str:
+    """A short stable hash of configs (dicts/dataclasses) and raw bytes (weights)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if is_dataclass(part):
+            part = asdict(part)
+        if isinstance(part, (bytes, bytearray)):
+            digest.update(part)
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:12]
+
+
+class Extractor(torch.nn.Module):
+    """Base class: subclasses set `name`, `conf` and implement `forward(images) -> Pyramid`.
+
+    `images` is a (B, 3, H, W) float RGB batch in [0, 1], already resized by the caller with
+    `resize_longest_side(image, self.max_size)`.
+    """
+
+    name: str = "base"
+    max_size: int = 1024
+
+    def weights_digest(self) -> bytes:
+        """Bytes that identify the weights; empty for weight-free extractors."""
+        buffer = bytearray()
+        for key, tensor in sorted(self.state_dict().items()):
+            buffer += key.encode() + tensor.detach().cpu().contiguous().numpy().tobytes()
+        return bytes(buffer)
+
+    @property
+    def extractor_id(self) -> str:
+        """name + config + weights hash: the key under which the feature store files features."""
+        return f"{self.name}-{config_hash(getattr(self, 'conf', {}), self.weights_digest())}"
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> Pyramid:
+        """Inference entry point: no autograd, on the extractor's device."""
+        device = next(iter(self.parameters()), torch.empty(0)).device
+        return self(images.to(device))
+
+
+def sample_level(level: FeatureLevel, p2d: torch.Tensor, image_size: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear lookup of an unbatched level at image pixels (COLMAP convention: corner at 0).
+
+    p2d: (N, 2) pixels of the full image whose size (w, h) is `image_size`.
+    Returns features (N, C) re-normalised to unit length, and confidence (N,).
+    Points outside the map are clamped to the border; callers mask them with `Camera.in_image`.
+    """
+    _, height, width = level.features.shape
+    scale = p2d.new_tensor([width, height]) / image_size.to(p2d)
+    grid = (p2d * scale) / p2d.new_tensor([width, height]) * 2 - 1  # (N, 2) in [-1, 1]
+    grid = grid[None, None].to(level.features.dtype)  # (1, 1, N, 2)
+    stacked = torch.cat([level.features, level.confidence[None]], 0)[None]  # (1, C+1, H, W)
+    values = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    values = values[0, :, 0].T  # (N, C+1)
+    return F.normalize(values[:, :-1], dim=-1), values[:, -1]
