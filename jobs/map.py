@@ -1,0 +1,191 @@
+"""`pixloc map`: build, import or triangulate a map, georegister it and shard it by location.
+
+Three ways in, one map format out (pixloc_core/map_io.py):
+  --reference-model DIR  known cameras and poses: SIFT, pairs by pose, torch matching, triangulation
+  (images only)          SIFT, pairs by GPS (else exhaustive), incremental SfM, georegistration;
+                         the model is then transformed into the ENU frame of the priors
+  --import-model DIR     an existing COLMAP model (text or binary), kept as is
+With priors (--priors CSV or --gps-from-exif), the similarity map->ENU and its residuals go to geo.json.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+
+from cluster.shards import ShardIndex
+from cluster.shards import default_conf as shards_conf
+from pixloc_core import exif
+from pixloc_core.io import Prior, read_priors
+from pixloc_core.map_io import GeoInfo, SceneMap, Similarity
+from pixloc_core.mapping import descriptors, georegister, matching, pairs, sfm, sift, triangulation
+
+logger = logging.getLogger(__name__)
+
+default_conf = {
+    "sift": sift.default_conf,
+    "pairs": pairs.default_conf,
+    "matching": matching.default_conf,
+    "triangulation": triangulation.default_conf,
+    "sfm": sfm.default_conf,
+    "georegister": georegister.default_conf,
+    "shards": shards_conf,
+    "min_registered_images": 3,
+}
+
+
+def read_model(path: Path) -> pycolmap.Reconstruction:
+    """A COLMAP model directory, binary or text."""
+    path = Path(path)
+    if not any((path / f"images.{ext}").is_file() for ext in ("bin", "txt")):
+        raise FileNotFoundError(f"{path}: not a COLMAP model (no images.bin or images.txt)")
+    reconstruction = pycolmap.Reconstruction()
+    reconstruction.read(path)
+    return reconstruction
+
+
+def exif_priors(image_dir: Path, names: list[str]) -> dict[str, Prior]:
+    """WGS84 priors from the EXIF GPS of the images that have one."""
+    priors = {}
+    for name in names:
+        try:
+            gps = exif.read_exif_gps(Path(image_dir) / name)
+        except (ValueError, OSError) as error:
+            logger.debug("no EXIF GPS: %s", error)
+            continue
+        if gps is not None:
+            lat, lon, alt = gps
+            priors[name] = Prior((lat, lon, 0.0 if alt is None else alt), True, has_altitude=alt is not None)
+    logger.info("EXIF GPS found in %d of %d images", len(priors), len(names))
+    return priors
+
+
+def exif_focal_lengths(image_dir: Path, features: dict[str, sift.Features]) -> dict[str, float]:
+    focal = {}
+    for name, image_features in features.items():
+        try:
+            value = exif.read_exif_focal_px(Path(image_dir) / name, *image_features.image_size)
+        except (ValueError, OSError):
+            continue
+        if value:
+            focal[name] = value
+    return focal
+
+
+def posed_image_names(model: pycolmap.Reconstruction) -> list[str]:
+    return sorted(image.name for image in model.images.values() if image.has_pose)
+
+
+def triangulate(reference: pycolmap.Reconstruction, features: dict[str, sift.Features], images: Path,
+                work_dir: Path, conf: dict) -> pycolmap.Reconstruction:
+    """Points for the known poses of `reference`: pairs by pose, matches verified by the poses."""
+    skeleton = triangulation.skeleton_from_reference(reference, set(features))
+    posed = list(skeleton.images.values())
+    image_pairs = pairs.from_poses([image.name for image in posed],
+                                   np.array([image.projection_center() for image in posed]),
+                                   np.array([image.viewing_direction() for image in posed]), conf["pairs"])
+    matches = matching.main(features, image_pairs, conf["matching"])
+    return triangulation.main(skeleton, features, matches, images, work_dir, conf["triangulation"])
+
+
+def reconstruct(features: dict[str, sift.Features], positions: dict[str, np.ndarray], images: Path,
+                work_dir: Path, conf: dict) -> pycolmap.Reconstruction:
+    """Incremental SfM: pairs by prior position (else exhaustive), EXIF focal lengths."""
+    image_pairs = pairs.main(sorted(features), positions, conf["pairs"])
+    matches = matching.main(features, image_pairs, conf["matching"])
+    return sfm.main(features, matches, images, work_dir, exif_focal_lengths(images, features), conf["sfm"])
+
+
+def build_map(images: Path, out: Path, reference_model: Path | None = None, import_model: Path | None = None,
+              priors: dict[str, Prior] | None = None, conf: dict | None = None) -> SceneMap:
+    """Builds and writes the map directory `out`. Raises ValueError for a degenerate result."""
+    conf = {**default_conf, **(conf or {})}  # each step completes its own conf with its defaults
+    images = Path(images)
+    source_model = read_model(reference_model or import_model) if (reference_model or import_model) else None
+    names = posed_image_names(source_model) if source_model else sift.list_images(images)
+    if not names:
+        raise ValueError(f"{images}: no images to map")
+    features, skipped = sift.main(images, names, conf["sift"])
+    if len(features) < conf["min_registered_images"]:
+        raise ValueError(f"{images}: only {len(features)} readable images, a map needs {conf['min_registered_images']}")
+    positions, origin = georegister.priors_to_positions(
+        {name: prior for name, prior in (priors or {}).items() if name in features})
+
+    with tempfile.TemporaryDirectory(prefix="pixloc_map_") as work_dir:
+        if import_model:
+            source, reconstruction = "import", source_model
+        elif reference_model:
+            source = "reference-model"
+            reconstruction = triangulate(source_model, features, images, Path(work_dir), conf)
+        else:
+            source, reconstruction = "sfm", reconstruct(features, positions, images, Path(work_dir), conf)
+    check_not_degenerate(reconstruction, conf["min_registered_images"])
+    point_ids, point_descriptors = descriptors.main(reconstruction, features, keypoints_are_features=source != "import")
+
+    geo = GeoInfo()
+    if positions:
+        registration = georegister.main(reconstruction, positions, conf["georegister"])
+        to_priors = Similarity.from_sim3d(registration.target_from_model)
+        geo = GeoInfo(origin, Similarity.identity() if origin else None, registration.statistics())
+        if source == "sfm":
+            # An SfM frame has an arbitrary scale and orientation: make the map frame the metric
+            # frame of the priors (ENU for GPS), so that priors are directly map positions.
+            reconstruction.transform(registration.target_from_model)
+            geo.source_to_map = to_priors
+        elif origin:
+            geo.map_to_enu = to_priors
+    elif source == "sfm":
+        logger.warning("no priors: the SfM map has an arbitrary frame and scale, and no geo-registration")
+
+    scene_map = SceneMap(reconstruction, geo, manifest={}, point3D_ids=point_ids, descriptors=point_descriptors)
+    scene_map.shards = ShardIndex.build(scene_map.image_centers(), conf["shards"])
+    scene_map.save(out, source, images, skipped)
+    logger.info("map %s: %d images, %d points, %d cells (%s)", out, reconstruction.num_reg_images(),
+                reconstruction.num_points3D(), len(scene_map.shards.cell_ids), source)
+    return scene_map
+
+
+def check_not_degenerate(reconstruction: pycolmap.Reconstruction, min_images: int) -> None:
+    if reconstruction.num_reg_images() < min_images:
+        raise ValueError(f"degenerate map: {reconstruction.num_reg_images()} registered images, at least "
+                         f"{min_images} are needed")
+    if reconstruction.num_points3D() == 0:
+        raise ValueError("degenerate map: no 3D points")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", type=Path, required=True, help="folder of the mapping images")
+    parser.add_argument("--out", type=Path, required=True, help="map directory to write")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--reference-model", type=Path, help="COLMAP model with known poses: triangulate only")
+    source.add_argument("--import-model", type=Path, help="COLMAP model with points: import as is")
+    prior = parser.add_mutually_exclusive_group()
+    prior.add_argument("--priors", type=Path, help="CSV name,lat,lon[,alt][,sigma_m] or name,x,y,z[,sigma_m]")
+    prior.add_argument("--gps-from-exif", action="store_true", help="priors from the images' EXIF GPS")
+    parser.add_argument("--cell-size", type=float, default=shards_conf["cell_size_m"], help="shard cell size (m)")
+    parser.add_argument("--halo", type=float, default=shards_conf["halo_m"], help="shard halo (m)")
+    parser.add_argument("--max-image-size", type=int, default=sift.default_conf["max_image_size"],
+                        help="longest image side for SIFT (px)")
+
+
+def run(args: argparse.Namespace) -> int:
+    pycolmap.logging.minloglevel = 2
+    if args.cell_size <= 0 or args.halo < 0 or args.max_image_size <= 0:
+        raise SystemExit("pixloc map: --cell-size and --max-image-size must be positive, --halo non-negative")
+    try:
+        priors = None
+        if args.priors:
+            priors = read_priors(args.priors)
+        elif args.gps_from_exif:
+            priors = exif_priors(args.images, sift.list_images(args.images))
+        build_map(args.images, args.out, args.reference_model, args.import_model, priors, {
+            "sift": {"max_image_size": args.max_image_size},
+            "shards": {"cell_size_m": args.cell_size, "halo_m": args.halo},
+        })
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"pixloc map: {error}") from None
+    return 0

@@ -1,0 +1,176 @@
+"""The map directory, one format for every way a map is made (see DESIGN.md):
+
+    MAP/model/            COLMAP binary model with 3D points
+    MAP/descriptors.npz   point3D_ids (P,) int64, descriptors (P, 128) float16: one unit-norm mean
+                          SIFT descriptor per 3D point, for sparse 2D-3D matching without the images
+    MAP/geo.json          {"origin_wgs84": [lat, lon, alt] | null,
+                           "map_to_enu": {"scale", "rotation" 3x3, "translation" 3} | null,
+                           "registration": {"num_images", "num_inliers", "median_residual_m",
+                                            "max_residual_m"} | null,
+                           "source_to_map": similarity applied to the source model to make the map
+                                            frame, or null (provenance only)}
+    MAP/shards.json       the shard index (cluster/shards.py)
+    MAP/manifest.json     {"fingerprint", "source", "images_dir", "num_images", "num_points3D",
+                           "skipped": [{"name", "reason"}], "created_utc"}
+
+SfM maps are transformed into the ENU frame of their GPS priors (metric, z up), so for them
+map_to_enu is the identity and GPS priors in ENU are map positions; imported and reference-model
+maps keep the user's frame (their poses are the user's ground truth) and store map_to_enu.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+
+from .geo import EnuOrigin, wgs84_to_enu
+from .io import Prior
+
+MODEL_DIR, DESCRIPTORS_FILE, GEO_FILE, SHARDS_FILE, MANIFEST_FILE = (
+    "model", "descriptors.npz", "geo.json", "shards.json", "manifest.json")
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """x_target = scale * rotation @ x_source + translation."""
+    scale: float
+    rotation: np.ndarray  # (3, 3)
+    translation: np.ndarray  # (3,)
+
+    @classmethod
+    def identity(cls) -> Similarity:
+        return cls(1.0, np.eye(3), np.zeros(3))
+
+    @classmethod
+    def from_sim3d(cls, sim3d: pycolmap.Sim3d) -> Similarity:
+        return cls(float(sim3d.scale), sim3d.rotation.matrix(), np.asarray(sim3d.translation, dtype=np.float64))
+
+    def to_sim3d(self) -> pycolmap.Sim3d:
+        return pycolmap.Sim3d(self.scale, pycolmap.Rotation3d(self.rotation), self.translation)
+
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        """(..., 3) -> (..., 3)."""
+        return self.scale * np.asarray(points) @ self.rotation.T + self.translation
+
+    def apply_inverse(self, points: np.ndarray) -> np.ndarray:
+        return (np.asarray(points) - self.translation) @ self.rotation / self.scale
+
+    def to_dict(self) -> dict:
+        return {"scale": self.scale, "rotation": np.asarray(self.rotation).tolist(),
+                "translation": np.asarray(self.translation).tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Similarity | None:
+        if data is None:
+            return None
+        return cls(float(data["scale"]), np.array(data["rotation"], dtype=np.float64),
+                   np.array(data["translation"], dtype=np.float64))
+
+
+@dataclass
+class GeoInfo:
+    origin_wgs84: EnuOrigin | None = None
+    map_to_enu: Similarity | None = None
+    registration: dict | None = None
+    source_to_map: Similarity | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "origin_wgs84": self.origin_wgs84.to_list() if self.origin_wgs84 else None,
+            "map_to_enu": self.map_to_enu.to_dict() if self.map_to_enu else None,
+            "registration": self.registration,
+            "source_to_map": self.source_to_map.to_dict() if self.source_to_map else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GeoInfo:
+        origin = data.get("origin_wgs84")
+        return cls(EnuOrigin(*origin) if origin else None, Similarity.from_dict(data.get("map_to_enu")),
+                   data.get("registration"), Similarity.from_dict(data.get("source_to_map")))
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 over the names and bytes of the model files, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class SceneMap:
+    reconstruction: pycolmap.Reconstruction
+    geo: GeoInfo = field(default_factory=GeoInfo)
+    shards: object | None = None  # cluster.shards.ShardIndex
+    manifest: dict = field(default_factory=dict)
+    point3D_ids: np.ndarray | None = None  # (P,) int64
+    descriptors: np.ndarray | None = None  # (P, 128) float16, unit norm
+    path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def save(self, path: Path, source: str, images_dir: Path, skipped: list[dict]) -> None:
+        """Writes every file of the map; the manifest last, with the fingerprint of the model."""
+        path = Path(path)
+        (path / MODEL_DIR).mkdir(parents=True, exist_ok=True)
+        self.reconstruction.write(path / MODEL_DIR)
+        if self.descriptors is not None:
+            np.savez(path / DESCRIPTORS_FILE, point3D_ids=self.point3D_ids, descriptors=self.descriptors)
+        (path / GEO_FILE).write_text(json.dumps(self.geo.to_dict(), indent=2))
+        if self.shards is not None:
+            self.shards.save(path / SHARDS_FILE)
+        self.manifest = {
+            "fingerprint": model_fingerprint(path / MODEL_DIR),
+            "source": source,
+            "images_dir": str(images_dir),
+            "num_images": self.reconstruction.num_reg_images(),
+            "num_points3D": self.reconstruction.num_points3D(),
+            "skipped": skipped,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path, with_descriptors: bool = True) -> SceneMap:
+        from cluster.shards import ShardIndex  # the index is pure numpy; it lives with the router
+
+        path = Path(path)
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{path}: not a map directory (no {MANIFEST_FILE}); build one with `pixloc map`")
+        reconstruction = pycolmap.Reconstruction()
+        reconstruction.read(path / MODEL_DIR)
+        scene_map = cls(reconstruction, GeoInfo.from_dict(json.loads((path / GEO_FILE).read_text())),
+                        ShardIndex.load(path / SHARDS_FILE) if (path / SHARDS_FILE).is_file() else None,
+                        json.loads(manifest_path.read_text()), path=path)
+        if with_descriptors and (path / DESCRIPTORS_FILE).is_file():
+            with np.load(path / DESCRIPTORS_FILE) as data:
+                scene_map.point3D_ids, scene_map.descriptors = data["point3D_ids"], data["descriptors"]
+        return scene_map
+
+    def image_centers(self) -> dict[str, np.ndarray]:
+        return {image.name: image.projection_center() for image in self.reconstruction.images.values()
+                if image.has_pose}
+
+    def prior_to_map(self, prior: Prior) -> np.ndarray:
+        """(3,) map-frame position of a WGS84 or map-frame prior. A WGS84 prior without altitude
+        gets the median height of the reference cameras (photos are taken near the ground)."""
+        if not prior.geodetic:
+            return np.asarray(prior.position, dtype=np.float64)
+        if self.geo.origin_wgs84 is None or self.geo.map_to_enu is None:
+            raise ValueError("a WGS84 prior needs a georegistered map: rebuild it with --priors or --gps-from-exif")
+        lat, lon, alt = prior.position
+        position = self.geo.map_to_enu.apply_inverse(wgs84_to_enu(lat, lon, alt, self.geo.origin_wgs84))
+        if not prior.has_altitude:
+            position[2] = np.median([center[2] for center in self.image_centers().values()])
+        return position

@@ -1,0 +1,67 @@
+"""One descriptor per 3D point: the unit-norm mean of the SIFT descriptors of its observations.
+
+Sparse localization then matches a query against P point descriptors instead of every
+observation (several times more), with no reference image read at query time.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pycolmap
+import torch
+
+from .matching import normalize_descriptors
+from .sift import Features
+
+logger = logging.getLogger(__name__)
+
+default_conf = {
+    # For imported models: an observation takes the descriptor of the nearest SIFT keypoint
+    # within this distance (keypoints of COLMAP's own SIFT coincide to numerical precision).
+    "max_keypoint_distance_px": 1.5,
+}
+
+
+def nearest_keypoints(points: np.ndarray, features: Features, max_distance_px: float,
+                      chunk_size: int = 1024) -> np.ndarray:
+    """points: (M, 2) pixels. Returns (M,) the index of the nearest keypoint of `features`, -1 if
+    none is within `max_distance_px`."""
+    if len(points) == 0 or len(features.keypoints) == 0:
+        return np.full(len(points), -1)
+    keypoints, nearest = torch.from_numpy(features.xy), []
+    for start in range(0, len(points), chunk_size):
+        distance, index = torch.cdist(torch.from_numpy(points[start:start + chunk_size]), keypoints).min(dim=1)  # (C,)
+        nearest.append(torch.where(distance <= max_distance_px, index, -1))
+    return torch.cat(nearest).numpy()
+
+
+def main(reconstruction: pycolmap.Reconstruction, features: dict[str, Features],
+         keypoints_are_features: bool = True, conf: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns point3D_ids (P,) int64 and descriptors (P, 128) float16, unit norm. Points without
+    any observation with a descriptor are left out.
+
+    keypoints_are_features: the 2D points of `reconstruction` are the keypoints of `features` (a
+    map built here); otherwise they are associated by position (an imported model)."""
+    conf = {**default_conf, **(conf or {})}
+    point_ids = np.sort(np.array(list(reconstruction.point3D_ids()), dtype=np.int64))  # (P,)
+    sums = torch.zeros((len(point_ids), 128))
+    for image in reconstruction.images.values():
+        if not image.has_pose or image.name not in features:
+            continue
+        observed = np.asarray(image.get_observation_point2D_idxs(), dtype=np.int64)  # (M,) 2D points with a 3D point
+        if keypoints_are_features:
+            keypoint_index = observed
+        else:
+            points = np.array([image.points2D[i].xy for i in observed.tolist()]).reshape(-1, 2)
+            keypoint_index = nearest_keypoints(points, features[image.name], conf["max_keypoint_distance_px"])
+        observed_point_ids = np.array([image.points2D[i].point3D_id for i in observed.tolist()], dtype=np.int64)
+        valid = keypoint_index >= 0
+        rows = torch.from_numpy(np.searchsorted(point_ids, observed_point_ids[valid]))
+        descriptors = normalize_descriptors(features[image.name].descriptors[keypoint_index[valid]])  # (M', 128)
+        sums.index_add_(0, rows, descriptors)
+    described = sums.norm(dim=1) > 0
+    if not described.all():
+        logger.info("%d of %d points have a descriptor", int(described.sum()), len(point_ids))
+    mean = torch.nn.functional.normalize(sums[described], dim=-1)
+    return point_ids[described.numpy()], mean.numpy().astype(np.float16)

@@ -1,0 +1,80 @@
+"""The sparse baseline: a map triangulated from a short synthetic walk, then SIFT + PnP on a query
+rendered between the references, with and without a GPS position prior."""
+from __future__ import annotations
+
+import numpy as np
+import pycolmap
+import pytest
+from PIL import Image
+
+from jobs.map import build_map
+from pixloc_core.map_io import SceneMap
+from pixloc_core.mapping.sift import read_grayscale
+from pixloc_core.sparse import SparseLocalizer
+from pixloc_core.synthetic import PinholeIntrinsics, SceneConfig, build_scene, render, rotation_from_angles
+
+pycolmap.logging.minloglevel = 2
+
+CAMERA = PinholeIntrinsics.centered(480, 360, 415.0)
+EYE_HEIGHT = 1.6
+
+
+def street_pose(east: float, north: float, heading_deg: float) -> pycolmap.Rigid3d:
+    """A camera on the first street (along +x at y = 0) of the synthetic scene."""
+    rotation = rotation_from_angles(heading_deg, 3.0, 0.0)
+    return pycolmap.Rigid3d(pycolmap.Rotation3d(rotation), -rotation @ np.array([east, north, EYE_HEIGHT]))
+
+
+@pytest.fixture(scope="module")
+def walk(tmp_path_factory):
+    """Eight references 1.5 m apart looking along the street (east) and obliquely at its
+    facades, a query in between, and their map."""
+    root = tmp_path_factory.mktemp("sparse")
+    scene = build_scene(SceneConfig(seed=0))
+    (root / "images").mkdir()
+    reference = pycolmap.Reconstruction()
+    reference.add_camera_with_trivial_rig(pycolmap.Camera(
+        camera_id=1, model="PINHOLE", width=CAMERA.width, height=CAMERA.height, params=list(CAMERA.params())))
+    for index in range(8):
+        name = f"ref_{index}.jpg"
+        pose = street_pose(20.0 + 1.5 * index, 1.0 * (-1) ** index, 90.0 + (-25, 0, 25)[index % 3])
+        image = render(scene, CAMERA, pose.rotation.matrix(), pose.translation)
+        Image.fromarray(image).save(root / "images" / name, quality=95)
+        reference.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=1, image_id=index + 1), pose)
+    (root / "reference").mkdir()
+    reference.write(root / "reference")
+    build_map(root / "images", root / "map", reference_model=root / "reference")
+
+    query_pose = street_pose(25.8, 0.4, 97.0)
+    query = render(scene, CAMERA, query_pose.rotation.matrix(), query_pose.translation)
+    Image.fromarray(query).save(root / "query.jpg", quality=95)
+    return SceneMap.load(root / "map"), read_grayscale(root / "query.jpg"), query_pose
+
+
+def pose_error(estimate: pycolmap.Rigid3d, truth: pycolmap.Rigid3d) -> tuple[float, float]:
+    """Centre distance (m) and rotation angle (deg)."""
+    relative = estimate.rotation.matrix() @ truth.rotation.matrix().T
+    angle = np.degrees(np.arccos(np.clip((np.trace(relative) - 1) / 2, -1, 1)))
+    centre = estimate.inverse().translation - truth.inverse().translation
+    return float(np.linalg.norm(centre)), float(angle)
+
+
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_sparse_pnp_localizes_a_query(walk, with_prior):
+    scene_map, query, truth = walk
+    camera = pycolmap.Camera(model="PINHOLE", width=CAMERA.width, height=CAMERA.height, params=list(CAMERA.params()))
+    prior = truth.inverse().translation + np.array([4.0, -3.0, 0.0]) if with_prior else None
+    result = SparseLocalizer(scene_map).localize(query, camera, prior, 5.0 if with_prior else None)
+    assert result.success, result.message
+    assert result.num_inliers >= 50
+    distance, angle = pose_error(result.cam_from_world, truth)
+    assert distance < 0.05
+    assert angle < 0.5
+
+
+def test_prior_far_from_the_map_fails_cleanly(walk):
+    scene_map, query, _ = walk
+    camera = pycolmap.Camera(model="PINHOLE", width=CAMERA.width, height=CAMERA.height, params=list(CAMERA.params()))
+    result = SparseLocalizer(scene_map).localize(query, camera, np.array([5000.0, 0.0, 1.6]), 5.0)
+    assert not result.success
+    assert "map points near the prior" in result.message
