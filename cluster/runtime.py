@@ -1,0 +1,75 @@
+"""Ray start-up: a local Ray started in-process by default, or an existing cluster.
+
+    with init_ray(args.address, num_cpus=args.workers):
+        ...
+
+`address` is None (start a local Ray inside this process), "auto" (the cluster this machine
+belongs to, e.g. under `ray job submit`) or "ray://head:10001" (Ray Client). The context only shuts
+down a Ray that it started, so jobs can run inside tests or notebooks that already hold one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+# No telemetry, and no auth token written to ~/.ray (a local Ray needs none).
+RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+# A local Ray otherwise listens on, and advertises, the machine's external address.
+LOCAL_RAY_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+class RaySession:
+    """The Ray this process uses; `shutdown` (or leaving the `with` block) stops it only if
+    `init_ray` started it."""
+
+    def __init__(self, started: bool):
+        self.started = started
+
+    def __enter__(self) -> RaySession:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.started and ray.is_initialized():
+            ray.shutdown()
+        self.started = False
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+             progress_bars: bool = False) -> RaySession:
+    """Connect to (or start) Ray; resources only apply to a local Ray."""
+    for key, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        logger.debug("using the Ray this process already holds")
+        started = False
+    else:
+        if address is None:
+            for key, value in LOCAL_RAY_ENVIRONMENT.items():
+                os.environ.setdefault(key, value)
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+        started = True
+        logger.info("Ray: %s", {key: value for key, value in ray.cluster_resources().items()
+                                if key in ("CPU", "GPU", "memory")})
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress_bars
+    context.print_on_execution_start = progress_bars
+    return RaySession(started)
+
+
+def set_torch_threads() -> int:
+    """Inside a Ray task or actor: use as many torch threads as CPUs Ray assigned to it (Ray sets
+    OMP_NUM_THREADS once per worker process, which is reused across tasks of other sizes)."""
+    import torch
+
+    threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    torch.set_num_threads(threads)
+    return threads

@@ -1,0 +1,327 @@
+"""The reference feature store: per 3D point and level, features sampled in the reference images.
+
+Layout under the store URL (a local directory or `s3://bucket/prefix`):
+
+    store.json                                   extractor id, map fingerprint, strides, channels
+    cell=<cell>/level=<level>/part-<key>.parquet one file per written batch of images and partition
+    _commits/<key>.json                          the batch's images and files (rows, bytes, sha256)
+    cell=<cell>/level=<level>/_manifest.json     the partition's committed files: makes it visible
+
+Writers (Ray workers) only create part files, each under a name no other batch uses. The driver
+then records each returned batch in `_commits/` (one new object: no read-modify-write, atomic on
+S3 and, by rename, on a local disk) and publishes a partition's manifest once every image of its
+cell is committed. Readers read only the files that a manifest lists, so the files of a killed job
+stay invisible, and a rerun skips the images of committed batches.
+
+Rows (zstd Parquet): point3D_id int64, image_id int32 (the observing reference image),
+xyz fixed_size_list<float64>[3], feature fixed_size_list<float16>[C] (L2-normalised),
+confidence float32. An aggregated partition has one row per point (the confidence-weighted mean
+feature over its observations, re-normalised) and num_observations int32 instead of image_id.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pixloc_core.align import ReferenceLevel
+
+from .filesystem import RetryPolicy, Storage
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INFO_FILE = "store.json"
+COMMITS_DIR = "_commits"
+MANIFEST_FILE = "_manifest.json"
+COMPRESSION = "zstd"
+
+
+class StoreMismatchError(ValueError):
+    """The store holds features of another extractor or map than the caller expects."""
+
+
+class PartitionNotFound(KeyError):
+    """No committed partition for this cell and level."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """The identity and shape of a store (store.json)."""
+
+    extractor_id: str
+    map_fingerprint: str
+    strides: tuple[int, ...]  # coarse to fine, one per level
+    channels: tuple[int, ...]  # feature channels per level
+    aggregated: bool = False
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, content: dict) -> StoreInfo:
+        content = dict(content, strides=tuple(content["strides"]), channels=tuple(content["channels"]))
+        return cls(**content)
+
+
+@dataclass(frozen=True)
+class PartFile:
+    """A Parquet file written into a partition, with what the manifest records about it."""
+
+    path: str  # relative to the store root
+    cell: str
+    level: int
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Commit:
+    """One batch of reference images whose part files are all written."""
+
+    key: str
+    image_ids: list[int]
+    parts: list[PartFile] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "image_ids": self.image_ids, "parts": [asdict(part) for part in self.parts]}
+
+    @classmethod
+    def from_json(cls, content: dict) -> Commit:
+        return cls(content["key"], content["image_ids"], [PartFile(**part) for part in content["parts"]])
+
+
+def batch_key(image_ids: list[int]) -> str:
+    """The same batch of images always writes the same file names, so a retried batch overwrites
+    its own uncommitted files, and batches of disjoint image sets never collide."""
+    return hashlib.sha1(",".join(map(str, sorted(image_ids))).encode()).hexdigest()[:16]
+
+
+def partition_dir(cell: str, level: int) -> str:
+    return f"cell={cell}/level={level}"
+
+
+def observation_schema(channels: int) -> pa.Schema:
+    return pa.schema([
+        ("point3D_id", pa.int64()),
+        ("image_id", pa.int32()),
+        ("xyz", pa.list_(pa.float64(), 3)),
+        ("feature", pa.list_(pa.float16(), channels)),
+        ("confidence", pa.float32()),
+    ])
+
+
+def aggregated_schema(channels: int) -> pa.Schema:
+    return pa.schema([
+        ("point3D_id", pa.int64()),
+        ("num_observations", pa.int32()),
+        ("xyz", pa.list_(pa.float64(), 3)),
+        ("feature", pa.list_(pa.float16(), channels)),
+        ("confidence", pa.float32()),
+    ])
+
+
+def _fixed_size_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeListArray:
+    """(N, K) array -> fixed-size list column of K values per row."""
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=arrow_type)
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def _fixed_size_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """Fixed-size list column -> (N, K) array, without a copy when it is one chunk."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    values = array.flatten().to_numpy(zero_copy_only=array.null_count == 0)
+    return values.reshape(len(array), array.type.list_size)
+
+
+def observation_table(point3D_ids: np.ndarray, image_ids: np.ndarray, xyz: np.ndarray,
+                      features: np.ndarray, confidence: np.ndarray) -> pa.Table:
+    """Rows of observations: ids (N,), xyz (N, 3), features (N, C) and confidence (N,)."""
+    return pa.Table.from_arrays([
+        pa.array(point3D_ids, pa.int64()),
+        pa.array(image_ids, pa.int32()),
+        _fixed_size_list(np.asarray(xyz, np.float64), pa.float64()),
+        _fixed_size_list(np.asarray(features, np.float16), pa.float16()),
+        pa.array(np.asarray(confidence, np.float32), pa.float32()),
+    ], schema=observation_schema(features.shape[1]))
+
+
+def aggregate_observations(table: pa.Table) -> pa.Table:
+    """One row per 3D point: the confidence-weighted mean of its observed features, re-normalised,
+    and the mean confidence."""
+    point3D_ids = table.column("point3D_id").to_numpy()
+    order = np.argsort(point3D_ids, kind="stable")
+    sorted_ids = point3D_ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    features = _fixed_size_list_to_numpy(table.column("feature"))[order].astype(np.float32)  # (N, C)
+    confidence = table.column("confidence").to_numpy()[order]  # (N,)
+    weight_sums = np.add.reduceat(confidence, starts)  # (P,)
+    means = np.add.reduceat(features * confidence[:, None], starts) / np.maximum(weight_sums, 1e-12)[:, None]
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    counts = np.diff(np.r_[starts, len(order)])
+    xyz = _fixed_size_list_to_numpy(table.column("xyz"))[order[starts]]
+    return pa.Table.from_arrays([
+        pa.array(sorted_ids[starts], pa.int64()),
+        pa.array(counts, pa.int32()),
+        _fixed_size_list(xyz, pa.float64()),
+        _fixed_size_list(means.astype(np.float16), pa.float16()),
+        pa.array(weight_sums / counts, pa.float32()),
+    ], schema=aggregated_schema(means.shape[1]))
+
+
+REFERENCE_COLUMNS = ["xyz", "feature", "confidence"]
+
+
+def _reference_level(table: pa.Table) -> ReferenceLevel:
+    """Columns xyz, feature, confidence -> tensors sharing Arrow's memory where the types allow."""
+    xyz = _fixed_size_list_to_numpy(table.column("xyz"))  # (N, 3) float64
+    features = _fixed_size_list_to_numpy(table.column("feature"))  # (N, C) float16
+    confidence = table.column("confidence").to_numpy()  # (N,) float32
+    with warnings.catch_warnings():
+        # Arrow buffers are read-only; the tensors share them and nothing here writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return ReferenceLevel(points3D=torch.from_numpy(xyz), features=torch.from_numpy(features).float(),
+                              confidence=torch.from_numpy(confidence))
+
+
+class FeatureStore:
+    """Reader and writer of one store; `create` for jobs, `open` for readers."""
+
+    def __init__(self, storage: Storage, info: StoreInfo):
+        self.storage = storage
+        self.info = info
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    @classmethod
+    def open(cls, url: str, extractor_id: str | None = None, map_fingerprint: str | None = None,
+             storage: Storage | None = None, retry: RetryPolicy = RetryPolicy()) -> FeatureStore:
+        """An existing store; refuses one of another extractor or map than the given ones."""
+        storage = storage or Storage(url, retry)
+        try:
+            info = StoreInfo.from_json(storage.read_json(INFO_FILE))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{storage.url}: no feature store here ({INFO_FILE} not found; "
+                                    "run `pixloc features` first)") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{storage.url}/{INFO_FILE}: not a valid store description ({error})") from None
+        if info.format_version != FORMAT_VERSION:
+            raise ValueError(f"{storage.url}: store format {info.format_version}, this code reads {FORMAT_VERSION}")
+        for what, expected, found in (("extractor", extractor_id, info.extractor_id),
+                                      ("map", map_fingerprint, info.map_fingerprint)):
+            if expected is not None and expected != found:
+                raise StoreMismatchError(f"{storage.url}: store of another {what}: expected "
+                                         f"{expected}, found {found}")
+        return cls(storage, info)
+
+    @classmethod
+    def create(cls, url: str, info: StoreInfo, storage: Storage | None = None,
+               retry: RetryPolicy = RetryPolicy()) -> FeatureStore:
+        """A new store, or the existing one at `url` when it has the same identity (to resume)."""
+        storage = storage or Storage(url, retry)
+        if storage.exists(INFO_FILE):
+            store = cls.open(url, info.extractor_id, info.map_fingerprint, storage=storage)
+            if store.info != info:
+                raise StoreMismatchError(f"{storage.url}: store written with other settings: "
+                                         f"expected {info}, found {store.info}")
+            return store
+        storage.write_json(INFO_FILE, asdict(info))
+        return cls(storage, info)
+
+    # Writing: workers write part files, the driver commits batches and publishes partitions.
+
+    def write_part(self, cell: str, level: int, key: str, table: pa.Table) -> PartFile:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression=COMPRESSION)
+        data = buffer.getvalue()
+        path = f"{partition_dir(cell, level)}/part-{key}.parquet"
+        self.storage.put_bytes(path, data)
+        return PartFile(path, cell, level, table.num_rows, len(data), hashlib.sha256(data).hexdigest())
+
+    def commit(self, commit: Commit) -> None:
+        self.storage.write_json(f"{COMMITS_DIR}/{commit.key}.json", commit.to_json())
+
+    def commits(self) -> list[Commit]:
+        records = self.storage.get_many(self.storage.list_files(COMMITS_DIR))
+        return [Commit.from_json(json.loads(content)) for content in records.values()]
+
+    def publish(self, cell: str, level: int, parts: list[PartFile]) -> None:
+        """Make a complete partition visible; an aggregated store first merges its observations."""
+        observations = sorted(parts, key=lambda part: part.path)
+        files = observations
+        if self.info.aggregated and observations:
+            table = self.storage.read_parquet([part.path for part in observations], columns=None)
+            # Named after its inputs: a republished partition rewrites the same file.
+            digest = hashlib.sha256("".join(part.sha256 for part in observations).encode()).hexdigest()[:16]
+            files = [self.write_part(cell, level, f"aggregated-{digest}", aggregate_observations(table))]
+        self.storage.write_json(f"{partition_dir(cell, level)}/{MANIFEST_FILE}", {
+            "cell": cell, "level": level, "aggregated": self.info.aggregated,
+            "rows": sum(part.rows for part in files),
+            "files": [asdict(part) for part in files],
+            "observation_files": [asdict(part) for part in observations],
+        })
+
+    # Reading.
+
+    def is_published(self, cell: str, level: int) -> bool:
+        return self.storage.exists(f"{partition_dir(cell, level)}/{MANIFEST_FILE}")
+
+    def manifest(self, cell: str, level: int) -> dict:
+        path = f"{partition_dir(cell, level)}/{MANIFEST_FILE}"
+        try:
+            return self.storage.read_json(path)
+        except FileNotFoundError:
+            raise PartitionNotFound(f"{self.url}: no committed partition for cell {cell!r} level {level} "
+                                    f"({path} not found)") from None
+
+    def load_table(self, cell: str, level: int, columns: list[str] | None = None,
+                   image_ids: list[int] | None = None) -> pa.Table:
+        """The committed rows of a partition, in one dataset read; optionally only the
+        observations of some reference images."""
+        files = [part["path"] for part in self.manifest(cell, level)["files"]]
+        if not files:
+            schema = aggregated_schema if self.info.aggregated else observation_schema
+            table = schema(self.info.channels[level]).empty_table()
+            return table.select(columns) if columns else table
+        row_filter = None
+        if image_ids is not None:
+            if self.info.aggregated:
+                raise ValueError(f"{self.url}: an aggregated store has no per-image rows to select")
+            row_filter = pc.field("image_id").isin(pa.array(image_ids, pa.int32()))
+        return self.storage.read_parquet(files, columns, row_filter)
+
+    def load_cell(self, cell: str, level: int, image_ids: list[int] | None = None) -> ReferenceLevel:
+        """Points (N, 3) float64, features (N, C) float32 and confidence (N,) of one partition;
+        optionally only the observations of some reference images."""
+        return _reference_level(self.load_table(cell, level, REFERENCE_COLUMNS, image_ids))
+
+    def load_cell_with_image_ids(self, cell: str, level: int) -> tuple[ReferenceLevel, np.ndarray | None]:
+        """`load_cell` and, in the same read, the observing reference image of each row (N,)
+        int32; None for an aggregated store, whose rows merge several images."""
+        if self.info.aggregated:
+            return self.load_cell(cell, level), None
+        table = self.load_table(cell, level, [*REFERENCE_COLUMNS, "image_id"])
+        return _reference_level(table), table.column("image_id").to_numpy()
+
+    def verify(self, cell: str, level: int) -> None:
+        """Check that a partition's files have the row counts and checksums its manifest records."""
+        for part in self.manifest(cell, level)["files"]:
+            data = self.storage.get_bytes(part["path"])
+            if hashlib.sha256(data).hexdigest() != part["sha256"]:
+                raise ValueError(f"{self.url}/{part['path']}: checksum differs from the manifest")
+            rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+            if rows != part["rows"]:
+                raise ValueError(f"{self.url}/{part['path']}: {rows} rows, the manifest says {part['rows']}")

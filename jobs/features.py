@@ -1,0 +1,288 @@
+"""`pixloc features`: precompute the reference features of a map into the Parquet store.
+
+A Ray Data job over the reference images. A pool of stateful workers (a callable class holding the
+extractor) loads each image, extracts its pyramid and samples every level at the observations of
+the 3D points the image sees (the model's 2D keypoints: exact, no reprojection error), then writes
+one part file per batch and partition (cell, level). An image belongs to every cell that lists it,
+core or halo, so its rows are written into each of them. The driver commits each returned batch
+and publishes a cell's partitions once all its images are committed; a rerun skips committed
+images (see cluster/store.py for the layout and the commit protocol).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pycolmap
+import ray
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from cluster.filesystem import StorageError
+from cluster.runtime import init_ray, set_torch_threads
+from cluster.store import Commit, FeatureStore, PartFile, StoreInfo, batch_key, observation_table
+from pixloc_core.extractors import load_extractor
+from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level
+from pixloc_core.map_io import SceneMap
+
+logger = logging.getLogger(__name__)
+
+default_conf = {
+    "extractor": "classic",
+    "workers": 2,
+    "batch_size": 4,  # images per worker call, and so per part file
+    "cpus_per_worker": 1,
+    "gpus_per_worker": None,  # None: the cluster's GPUs shared among the workers, if it has any
+    "aggregate": False,  # one row per 3D point and cell instead of one per observation
+}
+
+
+class ReferenceImageError(ValueError):
+    """A reference image that cannot be read; the message names the file and the reason."""
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8; EXIF orientation ignored, as in COLMAP, so that pixels match the model."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))  # writable, as torch.from_numpy wants
+    except FileNotFoundError:
+        raise ReferenceImageError(f"{path}: reference image not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ReferenceImageError(f"{path}: cannot decode reference image ({error})") from None
+
+
+def map_cells(scene: SceneMap) -> dict[str, list[int]]:
+    """Cell id -> the ids of its reference images, core and halo."""
+    if scene.shards is None:
+        raise FileNotFoundError(f"{scene.path}: the map has no shard index (shards.json); rebuild it with `pixloc map`")
+    image_ids = {image.name: image_id for image_id, image in scene.reconstruction.images.items()}
+    return {cell: sorted(image_ids[name] for name in scene.shards.images_of(cell)) for cell in scene.shards.cell_ids}
+
+
+def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, list[int]]) -> list[dict]:
+    """One Ray Data row per reference image in some cell: its observations and its cells."""
+    cells_of_image = defaultdict(list)
+    for cell_id, image_ids in cells.items():
+        for image_id in image_ids:
+            cells_of_image[image_id].append(cell_id)
+    items = []
+    for image_id in sorted(cells_of_image):
+        image = reconstruction.images[image_id]
+        camera = reconstruction.cameras[image.camera_id]
+        point2D_indices = np.asarray(image.get_observation_point2D_idxs(), dtype=np.int64)
+        points2D = [image.points2D[index] for index in point2D_indices]
+        point3D_ids = np.array([point.point3D_id for point in points2D], dtype=np.int64)
+        items.append({
+            "image_id": image_id,
+            "name": image.name,
+            "camera_size": np.array([camera.width, camera.height], dtype=np.float64),
+            "cells": sorted(cells_of_image[image_id]),
+            "point3D_ids": point3D_ids,  # (N,)
+            "points2D": np.array([point.xy for point in points2D], dtype=np.float64).reshape(-1, 2),  # (N, 2)
+            "xyz": np.array([reconstruction.points3D[i].xyz for i in point3D_ids]).reshape(-1, 3),  # (N, 3)
+        })
+    return items
+
+
+def sample_reference_image(extractor: Extractor, path: Path, item: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per level (coarse to fine): features (N, C) and confidences (N,) of a reference image at
+    the pixels where it observes its 3D points (`item` as made by `reference_items`)."""
+    image, _ = resize_longest_side(read_rgb(path), extractor.max_size)
+    pyramid = extractor.extract(image[None])
+    # The observations are in pixels of the model's camera; sampling normalises by its size,
+    # so the resized image needs no camera of its own.
+    p2d = torch.from_numpy(item["points2D"]).float()  # (N, 2)
+    camera_size = torch.from_numpy(item["camera_size"]).float()  # (2,) w, h
+    return [sample_level(level[0].to("cpu"), p2d, camera_size) for level in pyramid]
+
+
+class ReferenceFeatureWriter:
+    """Ray Data callable class: one extractor per worker, reused across batches."""
+
+    def __init__(self, store_url: str, images_dir: str, extractor_name: str):
+        set_torch_threads()
+        self.extractor = load_extractor(extractor_name)
+        self.store = FeatureStore.open(store_url, extractor_id=self.extractor.extractor_id)
+        self.images_dir = Path(images_dir)
+
+    def extract(self, item: dict) -> dict[tuple[str, int], pa.Table]:
+        """The observation rows of one image, per partition (cell, level)."""
+        tables = {}
+        levels = sample_reference_image(self.extractor, self.images_dir / item["name"], item)
+        for level_index, (features, confidence) in enumerate(levels):
+            table = observation_table(item["point3D_ids"], np.full(len(features), item["image_id"], np.int32),
+                                      item["xyz"], features.numpy(), confidence.numpy())
+            for cell in item["cells"]:
+                tables[cell, level_index] = table
+        return tables
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Writes the batch's part files; returns its commit record (JSON, empty when no image
+        succeeded) and the unreadable images, which are left out of it so that a rerun retries them."""
+        rows = [{column: values[i] for column, values in batch.items()} for i in range(len(batch["image_id"]))]
+        partitions, image_ids, failures = defaultdict(list), [], []
+        for row in rows:
+            try:
+                tables = self.extract(row)
+            except ReferenceImageError as error:
+                failures.append(str(error))
+                continue
+            image_ids.append(int(row["image_id"]))
+            for partition, table in tables.items():
+                partitions[partition].append(table)
+        commit = ""
+        if image_ids:
+            key = batch_key(image_ids)
+            parts = [self.store.write_part(cell, level, key, pa.concat_tables(tables))
+                     for (cell, level), tables in sorted(partitions.items())]
+            commit = json.dumps(Commit(key, image_ids, parts).to_json())
+        return {"commit": np.array([commit]), "failures": np.array([json.dumps(failures)])}
+
+
+def pyramid_shape(extractor: Extractor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Strides and channels per level, from one pass on a small blank image."""
+    pyramid = extractor.extract(torch.zeros(1, 3, 64, 64))
+    return tuple(level.stride for level in pyramid), tuple(level.features.shape[1] for level in pyramid)
+
+
+def gpus_per_worker(conf: dict) -> float:
+    if conf["gpus_per_worker"] is not None:
+        return conf["gpus_per_worker"]
+    return min(1.0, ray.cluster_resources().get("GPU", 0) / conf["workers"])
+
+
+class PartitionPublisher:
+    """Tracks which images of each cell are still missing and publishes a cell's partitions once
+    none is."""
+
+    def __init__(self, store: FeatureStore, cells: dict[str, list[int]]):
+        self.store = store
+        self.missing = {cell: set(image_ids) for cell, image_ids in cells.items()}
+        self.parts: dict[tuple[str, int], list[PartFile]] = defaultdict(list)
+        self.committed: set[int] = set()
+        self.published = 0
+
+    def record(self, commit: Commit) -> list[str]:
+        """Note a committed batch; returns the cells that it completed."""
+        for part in commit.parts:
+            self.parts[part.cell, part.level].append(part)
+        committed = set(commit.image_ids)
+        self.committed |= committed
+        completed = []
+        for cell, missing in self.missing.items():
+            if missing & committed:
+                missing -= committed
+                if not missing:
+                    completed.append(cell)
+        return completed
+
+    def add(self, commit: Commit) -> None:
+        """A batch just committed: publish the cells it completed."""
+        for cell in self.record(commit):
+            self.publish(cell)
+
+    def publish(self, cell: str) -> None:
+        for level in range(len(self.store.info.strides)):
+            self.store.publish(cell, level, self.parts[cell, level])
+        self.published += 1
+
+    def publish_unpublished(self) -> None:
+        """Complete cells of an earlier run that was stopped before publishing them."""
+        for cell, missing in self.missing.items():
+            levels = range(len(self.store.info.strides))
+            if not missing and not all(self.store.is_published(cell, level) for level in levels):
+                self.publish(cell)
+
+
+def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = None,
+         address: str | None = None) -> dict:
+    """Fill the store for every reference image in a cell of the map; returns counts and timings."""
+    conf = {**default_conf, **(conf or {})}
+    scene = SceneMap.load(map_dir, with_descriptors=False)
+    cells = map_cells(scene)
+    items = reference_items(scene.reconstruction, cells)
+    missing = [item["name"] for item in items if not (Path(images_dir) / item["name"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{images_dir}: {len(missing)} reference images of {map_dir} not found, "
+                                f"e.g. {', '.join(missing[:3])}")
+
+    extractor = load_extractor(conf["extractor"])
+    strides, channels = pyramid_shape(extractor)
+    store = FeatureStore.create(store_url, StoreInfo(extractor.extractor_id, scene.fingerprint, strides,
+                                                     channels, conf["aggregate"]))
+    publisher = PartitionPublisher(store, cells)
+    for commit in store.commits():
+        publisher.record(commit)
+    pending = [item for item in items if item["image_id"] not in publisher.committed]
+    logger.info("%s: %d reference images, %d already committed, %d to extract with %s",
+                store.url, len(items), len(items) - len(pending), len(pending), extractor.extractor_id)
+    publisher.publish_unpublished()
+    if address is not None and store.storage.is_local:
+        logger.warning("%s: a local store on a Ray cluster only works if every node mounts it at this path "
+                       "(use s3://bucket/prefix otherwise)", store.url)
+
+    extracted = 0  # counted from what the workers return, not from what was asked of them
+    failures: list[str] = []
+    seconds = first_commit_s = 0.0
+    if pending:
+        with init_ray(address, num_cpus=None if address else conf["workers"] * conf["cpus_per_worker"]):
+            start = time.perf_counter()
+            dataset = ray.data.from_items(pending).map_batches(
+                ReferenceFeatureWriter,
+                fn_constructor_kwargs={"store_url": store.url, "images_dir": str(Path(images_dir).resolve()),
+                                       "extractor_name": conf["extractor"]},
+                batch_size=conf["batch_size"],
+                compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
+                num_cpus=conf["cpus_per_worker"], num_gpus=gpus_per_worker(conf))
+            with tqdm(total=len(pending), desc="reference features", unit="img") as progress:
+                for row in dataset.iter_rows():
+                    batch_failures = json.loads(row["failures"])
+                    failures += batch_failures
+                    progress.update(len(batch_failures))
+                    if not row["commit"]:
+                        continue
+                    commit = Commit.from_json(json.loads(row["commit"]))
+                    store.commit(commit)
+                    publisher.add(commit)
+                    first_commit_s = first_commit_s or time.perf_counter() - start
+                    extracted += len(commit.image_ids)
+                    progress.update(len(commit.image_ids))
+            seconds = time.perf_counter() - start
+    if failures:
+        raise ReferenceImageError(f"{len(failures)} reference image(s) unreadable, their cells are not "
+                                  f"published (fix them and rerun to resume): {'; '.join(failures[:3])}")
+    # seconds: the Ray Data job, worker start-up included; first_commit_s: until the first batch.
+    return {"images": len(items), "skipped": len(items) - len(pending), "extracted": extracted,
+            "cells_published": publisher.published, "seconds": seconds, "first_commit_s": first_commit_s}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--map", type=Path, required=True, help="map directory written by `pixloc map`")
+    parser.add_argument("--images", type=Path, required=True, help="folder of the reference images")
+    parser.add_argument("--store", required=True, help="store URL: a local path or s3://bucket/prefix")
+    parser.add_argument("--extractor", default=default_conf["extractor"], help="feature extractor name")
+    parser.add_argument("--workers", type=int, default=default_conf["workers"], help="extraction workers")
+    parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
+    parser.add_argument("--aggregate", action="store_true",
+                        help="store one confidence-weighted mean feature per 3D point and cell")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise SystemExit(f"pixloc features: --workers must be positive, got {args.workers}")
+    try:
+        stats = main(args.map, args.images, args.store, address=args.address,
+                     conf={"extractor": args.extractor, "workers": args.workers, "aggregate": args.aggregate})
+    except (ValueError, FileNotFoundError, StorageError) as error:
+        raise SystemExit(f"pixloc features: {error}") from None
+    logger.info("%d images (%d extracted, %d already stored), %d cells published in %.1f s",
+                stats["images"], stats["extracted"], stats["skipped"], stats["cells_published"], stats["seconds"])
+    return 0

@@ -1,0 +1,192 @@
+"""The Parquet feature store on a local disk and on S3 (moto on 127.0.0.1): round trip, commit
+protocol (only published files are visible), identity checks, and S3 faults."""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import s3fs
+import torch
+from botocore.exceptions import ClientError
+from s3fs.errors import translate_boto_error
+
+from cluster.filesystem import RetryPolicy, Storage, StorageError
+from cluster.store import (Commit, FeatureStore, PartitionNotFound, StoreInfo, StoreMismatchError,
+                           aggregate_observations, batch_key, observation_table)
+
+CHANNELS = (8, 4, 2)
+FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01)
+
+
+def make_info(aggregated: bool = False) -> StoreInfo:
+    return StoreInfo("test-extractor-abc", "f" * 64, (16, 4, 1), CHANNELS, aggregated)
+
+
+def random_observations(rng: np.random.Generator, image_id: int, point3D_ids: np.ndarray, channels: int):
+    features = rng.normal(size=(len(point3D_ids), channels))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    xyz = point3D_ids[:, None] * np.array([1.0, 2.0, 3.0])  # a point's position follows from its id
+    return observation_table(point3D_ids, np.full(len(point3D_ids), image_id), xyz, features,
+                             rng.uniform(0.1, 1, len(point3D_ids)))
+
+
+def write_batch(store: FeatureStore, image_ids: list[int], cell: str, rng: np.random.Generator) -> Commit:
+    """What a worker does for a batch of images, image i observing points 10*i .. 10*i+14, so that
+    neighbouring ids share 5 points; every level."""
+    key = batch_key(image_ids)
+    parts = []
+    for level, channels in enumerate(CHANNELS):
+        tables = [random_observations(rng, i, np.arange(10 * i, 10 * i + 15), channels) for i in image_ids]
+        parts.append(store.write_part(cell, level, key, pa.concat_tables(tables)))
+    return Commit(key, image_ids, parts)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_url(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/stores/one"
+
+
+def test_round_trip_and_only_published_files_are_visible(store_url):
+    rng = np.random.default_rng(0)
+    store = FeatureStore.create(store_url, make_info())
+    first, second = write_batch(store, [1, 2], "x+0000_y+0000", rng), write_batch(store, [3], "x+0000_y+0000", rng)
+    for commit in (first, second):
+        store.commit(commit)
+    with pytest.raises(PartitionNotFound, match="x\\+0000_y\\+0000"):
+        store.load_cell("x+0000_y+0000", 0)  # written and committed, but not yet published
+
+    for level in range(3):
+        store.publish("x+0000_y+0000", level, [p for c in (first, second) for p in c.parts if p.level == level])
+    # A worker of a later, killed job left a file in the partition: readers never see it.
+    orphan = write_batch(store, [4], "x+0000_y+0000", rng)
+
+    reader = FeatureStore.open(store_url, extractor_id="test-extractor-abc", map_fingerprint="f" * 64)
+    assert {c.key for c in reader.commits()} == {first.key, second.key}
+    for level, channels in enumerate(CHANNELS):
+        reader.verify("x+0000_y+0000", level)
+        table = reader.load_table("x+0000_y+0000", level)
+        assert sorted(set(table.column("image_id").to_pylist())) == [1, 2, 3]
+        reference = reader.load_cell("x+0000_y+0000", level)
+        assert reference.points3D.shape == (45, 3) and reference.points3D.dtype == torch.float64
+        assert reference.features.shape == (45, channels) and reference.features.dtype == torch.float32
+        assert reference.confidence.shape == (45,)
+        ids = torch.from_numpy(table.column("point3D_id").to_numpy()).double()
+        assert torch.equal(reference.points3D, ids[:, None] * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        # float16 storage: unit vectors survive to about 1e-3.
+        assert torch.allclose(reference.features.norm(dim=1), torch.ones(45), atol=2e-3)
+    reference, observers = reader.load_cell_with_image_ids("x+0000_y+0000", 0)
+    offsets = reference.points3D[:, 0].numpy() - 10 * observers  # image i observes points 10*i .. 10*i+14
+    assert ((offsets >= 0) & (offsets < 15)).all() and sorted(set(observers)) == [1, 2, 3]
+    only_image_2 = reader.load_cell("x+0000_y+0000", 1, image_ids=[2])
+    assert only_image_2.points3D[:, 0].tolist() == list(range(20, 35))
+    assert orphan.parts[0].path not in {p["path"] for p in reader.manifest("x+0000_y+0000", 0)["files"]}
+
+
+def test_refuses_a_store_of_another_extractor_or_map(tmp_path):
+    url = str(tmp_path / "store")
+    FeatureStore.create(url, make_info())
+    with pytest.raises(StoreMismatchError, match="expected other-extractor-123, found test-extractor-abc"):
+        FeatureStore.open(url, extractor_id="other-extractor-123")
+    with pytest.raises(StoreMismatchError, match=f"expected {'e' * 64}, found {'f' * 64}"):
+        FeatureStore.open(url, extractor_id="test-extractor-abc", map_fingerprint="e" * 64)
+    with pytest.raises(StoreMismatchError, match="other settings"):
+        FeatureStore.create(url, make_info(aggregated=True))
+    with pytest.raises(FileNotFoundError, match="no feature store here"):
+        FeatureStore.open(str(tmp_path / "elsewhere"))
+
+
+def test_verify_detects_a_modified_file(tmp_path):
+    store = FeatureStore.create(str(tmp_path / "store"), make_info())
+    commit = write_batch(store, [1], "c", np.random.default_rng(1))
+    store.publish("c", 0, [commit.parts[0]])
+    path = tmp_path / "store" / commit.parts[0].path
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="checksum differs"):
+        store.verify("c", 0)
+
+
+def test_aggregation_is_the_confidence_weighted_mean_per_point():
+    features = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    table = observation_table(np.array([7, 7, 9]), np.array([1, 2, 1]), np.array([[7.0] * 3, [7.0] * 3, [9.0] * 3]),
+                              features, np.array([0.75, 0.25, 0.5]))
+    aggregated = aggregate_observations(table)
+    assert aggregated.column("point3D_id").to_pylist() == [7, 9]
+    assert aggregated.column("num_observations").to_pylist() == [2, 1]
+    expected = np.array([[0.75, 0.25], [0.6, 0.8]])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    stored = np.stack(aggregated.column("feature").to_numpy(zero_copy_only=False)).astype(np.float64)
+    np.testing.assert_allclose(stored, expected, atol=1e-3)
+    np.testing.assert_allclose(aggregated.column("confidence").to_numpy(), [0.5, 0.5])
+
+
+def test_aggregated_store_publishes_one_row_per_point(tmp_path):
+    store = FeatureStore.create(str(tmp_path / "store"), make_info(aggregated=True))
+    rng = np.random.default_rng(2)
+    commits = [write_batch(store, [1, 2], "c", rng), write_batch(store, [3], "c", rng)]
+    store.publish("c", 2, [p for c in commits for p in c.parts if p.level == 2])
+    assert store.manifest("c", 2)["rows"] == 35  # 45 observations of points 10..44
+    reference = store.load_cell("c", 2)
+    assert sorted(reference.points3D[:, 0].tolist()) == list(range(10, 45))
+    with pytest.raises(ValueError, match="aggregated store has no per-image rows"):
+        store.load_cell("c", 2, image_ids=[1])
+
+
+def test_batch_file_names_depend_only_on_the_set_of_images():
+    assert batch_key([2, 1]) == batch_key([1, 2]) != batch_key([1, 2, 3])
+
+
+class ThrottledS3FileSystem(s3fs.S3FileSystem):
+    """The real S3 client (against moto) whose first `failures` uploads are answered as S3
+    answers when throttling: SlowDown, as s3fs reports it."""
+
+    cachable = False  # fsspec would otherwise hand out one shared, already-counting instance
+
+    def __init__(self, failures: int):
+        super().__init__(use_listings_cache=False)
+        self.failures = failures
+        self.uploads = 0
+
+    async def _pipe_file(self, path, data, **kwargs):
+        self.uploads += 1
+        if self.uploads <= self.failures:
+            response = {"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}}
+            raise translate_boto_error(ClientError(response, "PutObject"))
+        return await super()._pipe_file(path, data, **kwargs)
+
+
+def test_transient_s3_errors_are_retried(s3_bucket):
+    url = f"s3://{s3_bucket}/stores/throttled"
+    filesystem = ThrottledS3FileSystem(failures=2)
+    store = FeatureStore.create(url, make_info(), storage=Storage(url, FAST_RETRY, filesystem))
+    assert filesystem.uploads == 3  # two refusals, then the write went through
+    assert FeatureStore.open(url).info == make_info()
+
+
+def test_persistent_s3_errors_end_in_a_clear_error(s3_bucket):
+    url = f"s3://{s3_bucket}/stores/throttled"
+    filesystem = ThrottledS3FileSystem(failures=100)
+    with pytest.raises(StorageError) as error:
+        FeatureStore.create(url, make_info(), storage=Storage(url, FAST_RETRY, filesystem))
+    message = str(error.value)
+    assert f"{url}/store.json: write failed after 3 attempts" in message and "\n" not in message
+    assert filesystem.uploads == 3
+
+
+def test_unreachable_s3_endpoint_names_the_store(s3_server, monkeypatch):
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    url = "s3://pixloc-test/stores/unreachable"
+    with pytest.raises(StorageError, match=f"{url}/store.json: read failed after 3 attempts: EndpointConnectionError"):
+        FeatureStore.open(url, retry=FAST_RETRY)
+
+
+def test_rejects_unsupported_urls():
+    with pytest.raises(ValueError, match="gs://bucket/x: unsupported storage URL"):
+        Storage("gs://bucket/x")
