@@ -14,8 +14,13 @@ COMMANDS = {
     "train": ("jobs.train", "learn features (and dampings) from posed images"),
     "synth": ("jobs.synth", "render a synthetic geotagged street scene"),
     "features": ("jobs.features", "precompute reference features into the Parquet store"),
+    "localize": ("jobs.localize", "localize photos from their GPS priors on Ray"),
+    "refine": ("jobs.refine", "refine external poses with the fine feature levels"),
     "eval": ("jobs.eval", "accuracy of localization results against ground-truth poses"),
+    "demo": ("jobs.demo", "the whole pipeline end to end on a synthetic street"),
     "geotag": ("jobs.geotag", "write corrected GPS/heading EXIF into copies of localized photos"),
+    "map": ("jobs.map", "build, import or triangulate a map and shard it"),
+    "bench": ("jobs.bench", "run a benchmark, print a table, write JSON"),
 }
 
 

@@ -1,0 +1,194 @@
+"""`pixloc bench localize`: throughput, stage times and accuracy of `pixloc localize`.
+
+On a synthetic scene (built here, with its map and feature store), on a local Ray:
+
+* qps_1_worker, qps_2_workers: queries per second of the whole job (`sparse+dense`), with 1 and
+  2 workers (Ray Data start-up and the shard actors' first loads included);
+* stage_ms: mean milliseconds per query of each stage (read, CNN, sparse = SIFT + matching + PnP,
+  alignment, store I/O = loading cells, amortised over the queries);
+* cached_over_recompute: per query, localization time when the reference features of its nearby
+  reference images are recomputed (read, CNN, sampling: what the reference PixLoc does for every
+  query) divided by the time with the cached store; both in-process, same alignment;
+* methods: the eval dict of each method (dense, sparse, sparse+dense).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from cluster.router import Router
+from cluster.runtime import init_ray
+from cluster.shard_actor import ShardActor, ShardConf
+from jobs import features as features_job
+from jobs import localize as localize_job
+from jobs import map as map_job
+from jobs.results import STAGES, read_results, successful_poses
+from pixloc_core.align import ReferenceLevel
+from pixloc_core.evaluate import evaluate, format_summary
+from pixloc_core.extractors import load_extractor
+from pixloc_core.io import read_poses, read_priors, read_query_list
+from pixloc_core.localize import METHODS
+from pixloc_core.map_io import SceneMap
+from pixloc_core.synthetic import dataset
+
+logger = logging.getLogger(__name__)
+
+default_conf = {
+    "num_refs": 60,
+    "num_queries": 16,
+    "width": 640,
+    "height": 480,
+    "gps_noise_m": 10.0,
+    "method": "sparse+dense",  # timed with 1 and 2 workers
+    "recompute_queries": 4,  # queries timed in-process for cached vs recomputed reference features
+    "recompute_neighbours": 5,  # reference images recomputed per query, as PixLoc's retrieval top-k
+    "seed": 1,
+    "extractor": "classic",
+    "map": {"sift": {"max_num_features": 2048}, "pairs": {"num_neighbors": 5}},  # as the demo's
+}
+
+
+def build_inputs(work_dir: Path, conf: dict) -> tuple[Path, Path, str]:
+    """Scene, map and feature store, kept across runs in `work_dir`."""
+    scene_dir, map_dir, store_url = work_dir / "scene", work_dir / "map", str(work_dir / "store")
+    if not (scene_dir / "gt_queries.txt").is_file():
+        dataset.main(scene_dir, {key: conf[key] for key in ("num_refs", "width", "height", "seed")}
+                     | {"num_queries": conf["num_queries"], "gps_noise_m": conf["gps_noise_m"]})
+    if not (map_dir / "manifest.json").is_file():
+        map_job.build_map(scene_dir / "mapping", map_dir, reference_model=scene_dir / "reference_model",
+                          priors=read_priors(scene_dir / "mapping_priors.csv"), conf=conf["map"])
+    features_job.main(map_dir, scene_dir / "mapping", store_url)  # skips what is already stored
+    return scene_dir, map_dir, store_url
+
+
+def run_job(scene_dir: Path, map_dir: Path, store_url: str, out: Path, method: str, workers: int
+            ) -> tuple[float, pa.Table]:
+    start = time.perf_counter()
+    localize_job.main(map_dir, store_url, scene_dir / "queries", out,
+                      query_list=scene_dir / "queries_with_intrinsics.txt",
+                      priors=scene_dir / "priors.csv", conf={"method": method, "workers": workers})
+    return time.perf_counter() - start, read_results(out)
+
+
+def stage_ms(table: pa.Table) -> dict[str, float]:
+    """Mean per query; the store's cell loads happen once per actor, so they are averaged too."""
+    return {stage: float(np.nanmean(np.array(table.column(f"{stage}_ms").to_pylist(), dtype=float)))
+            for stage in STAGES}
+
+
+class RecomputingShard(ShardActor):
+    """A shard that, like the reference PixLoc, computes the reference features of the query's
+    nearest reference images for every query instead of reading them from the store."""
+
+    def __init__(self, images_dir: Path, items: dict[int, dict], extractor_name: str, neighbours: int, **kwargs):
+        super().__init__(**kwargs)
+        self.images_dir, self.items, self.neighbours = images_dir, items, neighbours
+        self.extractor = load_extractor(extractor_name)
+
+    def _load(self) -> float:
+        self._references = []  # nothing cached: see _selected_references
+        return 0.0
+
+    def _selected_references(self, image_ids: list[int] | None) -> list[ReferenceLevel]:
+        levels = []
+        for image_id in image_ids[:self.neighbours]:
+            item = self.items[image_id]
+            sampled = features_job.sample_reference_image(self.extractor, self.images_dir / item["name"], item)
+            levels.append([ReferenceLevel(torch.from_numpy(item["xyz"]), features, confidence)
+                           for features, confidence in sampled])
+        return [ReferenceLevel(*(torch.cat([getattr(level[i], field) for level in levels])
+                                 for field in ("points3D", "features", "confidence")))
+                for i in range(len(levels[0]))]
+
+
+def cached_vs_recomputed(scene_dir: Path, map_dir: Path, store_url: str, conf: dict) -> dict:
+    """Milliseconds per query of the shard's work with cached and with recomputed reference
+    features; runs inside a Ray worker (the shard and query-worker classes expect one)."""
+    scene = SceneMap.load(map_dir)
+    store = localize_job.open_store(store_url, conf["extractor"], scene)
+    references = localize_job.References(scene)
+    intrinsics = read_query_list(scene_dir / "queries_with_intrinsics.txt")
+    paths = localize_job.query_paths(scene_dir / "queries", intrinsics)[:conf["recompute_queries"]]
+    plans = localize_job.plan_localization(scene, references, Router(scene.shards), paths, intrinsics,
+                                           read_priors(scene_dir / "priors.csv"),
+                                           ShardConf().localize.num_reference_hypotheses)
+    featurizer = localize_job.QueryFeaturizer(conf["extractor"], None, None)
+    items = {item["image_id"]: item for item in features_job.reference_items(
+        scene.reconstruction, {cell: [references.id_of[name] for name in scene.shards.images_of(cell)]
+                               for cell in scene.shards.cell_ids})}
+    identity = {"store_url": store.url, "extractor_id": store.info.extractor_id,
+                "map_fingerprint": store.info.map_fingerprint, "conf": ShardConf()}
+    timings = {"cached": [], "recompute": []}
+    for plan in plans:
+        if plan.error:
+            continue
+        item = localize_job.featurizer_items([plan], localize_job.default_conf["router"].default_sigma_m)[0]
+        row = featurizer({key: [value] for key, value in item.items()})
+        row = {key: values[0] for key, values in row.items()}
+        request = localize_job.shard_request(plan, row, ShardConf().levels)
+        cell = plan.cells[0]
+        cached = ShardActor(cell=cell, **identity)
+        cached.localize(request)  # the first call loads the cell; later queries find it in memory
+        recompute = RecomputingShard(scene_dir / "mapping", items, conf["extractor"], conf["recompute_neighbours"],
+                                     cell=cell, **identity)
+        for name, shard in (("cached", cached), ("recompute", recompute)):
+            start = time.perf_counter()
+            shard.localize(request)
+            timings[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.mean(values) for name, values in timings.items()}
+
+
+def main(out: Path | None = None, work_dir: Path | None = None, **conf) -> dict:
+    conf = {**default_conf, **conf}
+    with tempfile.TemporaryDirectory() as temporary:
+        work_dir = Path(work_dir or temporary)
+        with init_ray(None, num_cpus=2):
+            scene_dir, map_dir, store_url = build_inputs(work_dir, conf)
+            ground_truth = read_poses(scene_dir / "gt_queries.txt")
+            seconds, methods, tables = {}, {}, {}
+            for method in METHODS:
+                out_dir = work_dir / method.replace("+", "_")
+                seconds[method], tables[method] = run_job(scene_dir, map_dir, store_url, out_dir, method, 2)
+                methods[method] = evaluate(successful_poses(tables[method]), ground_truth)
+            one_worker_s, _ = run_job(scene_dir, map_dir, store_url, work_dir / "one_worker", conf["method"], 1)
+            # in a Ray worker with one CPU, as the shard actors and query workers run
+            measure = ray.remote(num_cpus=1)(cached_vs_recomputed)
+            per_query = ray.get(measure.remote(scene_dir, map_dir, store_url, conf))
+    num_queries = len(ground_truth)
+    report = {
+        "qps_1_worker": num_queries / one_worker_s,
+        "qps_2_workers": num_queries / seconds[conf["method"]],
+        "stage_ms": stage_ms(tables[conf["method"]]),
+        "cached_over_recompute": per_query["recompute"] / per_query["cached"],
+        "methods": methods,
+        "details": {"queries": num_queries, "references": conf["num_refs"],
+                    "image_size": [conf["width"], conf["height"]], "method_timed": conf["method"],
+                    "job_s": seconds, "cached_ms_per_query": per_query["cached"],
+                    "recompute_ms_per_query": per_query["recompute"]},
+    }
+    print_table(report)
+    if out is not None:
+        Path(out).write_text(json.dumps(report, indent=2))
+        logger.info("Wrote %s", out)
+    return report
+
+
+def print_table(report: dict) -> None:
+    details = report["details"]
+    print(f"{details['queries']} queries, {details['references']} references, {details['method_timed']}")
+    print(f"queries/s: 1 worker {report['qps_1_worker']:.2f}, 2 workers {report['qps_2_workers']:.2f} "
+          f"(x{report['qps_2_workers'] / report['qps_1_worker']:.2f})")
+    print("ms per query: " + ", ".join(f"{stage} {ms:.0f}" for stage, ms in report["stage_ms"].items()))
+    print(f"per query, cached store {details['cached_ms_per_query']:.0f} ms vs recomputing reference features "
+          f"{details['recompute_ms_per_query']:.0f} ms: x{report['cached_over_recompute']:.1f}")
+    for method, summary in report["methods"].items():
+        print(format_summary(summary, method))

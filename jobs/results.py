@@ -1,0 +1,130 @@
+"""The results directory of `pixloc localize` / `pixloc refine`, written incrementally.
+
+    OUT/parts/part-<n>.parquet   rows flushed while the job runs: every `flush_every` rows or
+                                 `flush_interval_s`, and when the driver fails, so a failing driver
+                                 loses only the queries in flight (a SIGKILL also the unflushed rows)
+    OUT/results.parquet          all rows, one per query, written atomically when the job ends
+    OUT/poses.txt                the successful poses, `name qw qx qy qz tx ty tz`
+
+A rerun with `--resume` reads both (the parts of a crashed run, the table of a finished one) and
+skips the queries already answered; when it ends the parts are folded into results.parquet.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pixloc_core.io import write_poses
+
+RESULTS_FILE = "results.parquet"
+POSES_FILE = "poses.txt"
+PARTS_DIR = "parts"
+STAGES = ("read", "cnn", "sparse", "load", "align")  # timing columns `<stage>_ms`
+
+SCHEMA = pa.schema([
+    ("name", pa.string()),
+    ("success", pa.bool_()),
+    ("qvec", pa.list_(pa.float64(), 4)),  # world-to-camera (w, x, y, z); null without a pose
+    ("tvec", pa.list_(pa.float64(), 3)),
+    ("cost", pa.float64()),
+    ("num_points", pa.int64()),
+    ("method", pa.string()),  # dense, sparse, sparse+dense or refine
+    ("hypothesis", pa.string()),  # the winning initial pose: sparse, ref:<image>, input
+    ("cell", pa.string()),
+    ("prior_xyz", pa.list_(pa.float64(), 3)),  # map frame; null without a prior
+    ("prior_distance_m", pa.float64()),  # between the prior and the estimated camera centre
+    ("position_std_m", pa.float64()),
+    ("rotation_std_deg", pa.float64()),
+    ("error", pa.string()),  # why it failed; empty on success
+    *[(f"{stage}_ms", pa.float64()) for stage in STAGES],
+])
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, temporary, compression="zstd")
+    os.replace(temporary, path)
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    columns = {field.name: [row.get(field.name) for row in rows] for field in SCHEMA}
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def read_results(path: Path) -> pa.Table:
+    """All rows of a results directory (results.parquet and unfolded parts) or of one Parquet
+    file; when a query appears more than once the last row counts."""
+    path = Path(path)
+    if path.is_file():
+        return pq.read_table(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no results (neither a results directory nor a Parquet file)")
+    files = [path / RESULTS_FILE] if (path / RESULTS_FILE).is_file() else []
+    files += sorted((path / PARTS_DIR).glob("part-*.parquet"))
+    if not files:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables([pq.read_table(file, schema=SCHEMA) for file in files])
+    # keep the last row of each name
+    names = table.column("name").to_pylist()
+    last = {name: index for index, name in enumerate(names)}
+    return table.take(pa.array(sorted(last.values()), pa.int64()))
+
+
+def successful_poses(table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (qvec, tvec) of the successful rows, as `io.read_poses` returns them."""
+    table = table.filter(pc.field("success"))
+    return {name: (np.array(qvec), np.array(tvec)) for name, qvec, tvec in zip(
+        table.column("name").to_pylist(), table.column("qvec").to_pylist(), table.column("tvec").to_pylist())}
+
+
+class ResultsWriter:
+    """Collects rows and flushes them as part files; `close` folds everything into the final files."""
+
+    def __init__(self, out_dir: Path, flush_every: int = 8, resume: bool = False, flush_interval_s: float = 10.0):
+        self.out_dir = Path(out_dir)
+        self.parts_dir = self.out_dir / PARTS_DIR
+        self.flush_every, self.flush_interval_s = flush_every, flush_interval_s
+        self.last_flush = time.monotonic()
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for stale in [self.out_dir / RESULTS_FILE, self.out_dir / POSES_FILE, *self.parts_dir.glob("*.parquet")]:
+                stale.unlink(missing_ok=True)
+        self.buffer: list[dict] = []
+        self.next_part = len(list(self.parts_dir.glob("part-*.parquet")))
+
+    def completed(self) -> set[str]:
+        return set(read_results(self.out_dir).column("name").to_pylist())
+
+    def add(self, row: dict) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= self.flush_every or time.monotonic() - self.last_flush > self.flush_interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.buffer:
+            return
+        # part numbers continue across resumed runs, so no file is ever overwritten
+        while (path := self.parts_dir / f"part-{self.next_part:06d}.parquet").exists():
+            self.next_part += 1
+        _write_atomically(rows_to_table(self.buffer), path)
+        self.next_part += 1
+        self.buffer = []
+
+    def close(self) -> pa.Table:
+        """Write results.parquet and poses.txt from every row so far, then drop the parts."""
+        self.flush()
+        table = read_results(self.out_dir).sort_by("name")
+        _write_atomically(table, self.out_dir / RESULTS_FILE)
+        write_poses(self.out_dir / POSES_FILE, successful_poses(table))
+        for part in self.parts_dir.glob("part-*.parquet"):
+            part.unlink()
+        self.parts_dir.rmdir()
+        return table
+

@@ -1,0 +1,231 @@
+"""`pixloc localize` and `pixloc refine` end to end on a small synthetic scene, on the session's
+local Ray: accuracy, one row per query with bad input as failures, resume after a driver crash,
+a shard actor killed mid-job, and the per-query logic without Ray."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from cluster.router import RouterConf
+from jobs import cli
+from jobs import features as features_job
+from jobs import localize as localize_job
+from jobs import map as map_job
+from jobs import refine as refine_job
+from jobs.results import read_results
+from pixloc_core.evaluate import pose_errors
+from pixloc_core.geometry import Pose
+from pixloc_core.io import (Prior, QueryIntrinsics, read_poses, read_priors, read_query_list, write_poses,
+                            write_priors, write_query_list)
+from pixloc_core.localize import pose_uncertainty, reference_hypotheses, visible_points
+from pixloc_core.synthetic import dataset
+
+CONF = {"workers": 2, "flush_every": 1}
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory, ray_cluster) -> dict[str, Path]:
+    """A 320x240 street with 60 references and 6 queries, its map and its feature store. At this
+    size the map is thin: SIFT + PnP finds half of the queries, the others must fail cleanly."""
+    root = tmp_path_factory.mktemp("localize")
+    scene_dir = dataset.main(root / "scene", {"num_refs": 60, "num_queries": 6, "width": 320, "height": 240})
+    map_job.build_map(scene_dir / "mapping", root / "map", reference_model=scene_dir / "reference_model",
+                      priors=read_priors(scene_dir / "mapping_priors.csv"),
+                      conf={"sift": {"max_num_features": 1024}, "pairs": {"num_neighbors": 5}})
+    features_job.main(root / "map", scene_dir / "mapping", str(root / "store"), conf={"workers": 2})
+    return {"root": root, "scene": scene_dir, "map": root / "map", "store": root / "store"}
+
+
+@pytest.fixture(scope="module")
+def faulty_queries(scene) -> dict[str, Path]:
+    """The 6 good queries plus: a corrupt image, one without a prior, one whose prior lies 5 km
+    away, one with a fisheye camera model."""
+    scene_dir, root = scene["scene"], scene["root"]
+    queries = root / "faulty_queries"
+    shutil.copytree(scene_dir / "queries", queries)
+    good = sorted(p.name for p in (scene_dir / "queries").iterdir())
+    (queries / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    for name in ("no_prior.jpg", "far_away.jpg", "fisheye.jpg"):
+        shutil.copy(queries / good[0], queries / name)
+
+    intrinsics = read_query_list(scene_dir / "queries_with_intrinsics.txt")
+    pinhole = intrinsics[good[0]]
+    intrinsics.update({name: pinhole for name in ("corrupt.jpg", "no_prior.jpg", "far_away.jpg")})
+    intrinsics["fisheye.jpg"] = QueryIntrinsics("OPENCV_FISHEYE", pinhole.width, pinhole.height,
+                                                (*pinhole.params, 0.1, 0.0, 0.0, 0.0))
+    write_query_list(root / "faulty_intrinsics.txt", intrinsics)
+
+    priors = read_priors(scene_dir / "priors.csv")
+    lat, lon, alt = priors[good[0]].position
+    far = Prior((lat + 0.05, lon, alt), geodetic=True, sigma_m=10.0)  # about 5.5 km north
+    priors.update({"corrupt.jpg": priors[good[0]], "far_away.jpg": far, "fisheye.jpg": priors[good[0]]})
+    write_priors(root / "faulty_priors.csv", priors)
+    return {"queries": queries, "query_list": root / "faulty_intrinsics.txt", "priors": root / "faulty_priors.csv",
+            "good": good}
+
+
+def run_localize(scene, faulty, out: Path, **kwargs) -> Path:
+    return localize_job.main(scene["map"], str(scene["store"]), faulty["queries"], out,
+                             query_list=faulty["query_list"], priors=faulty["priors"],
+                             conf={**CONF, **kwargs.pop("conf", {})}, **kwargs)
+
+
+def test_every_query_gets_one_row_and_good_ones_are_accurate(scene, faulty_queries, tmp_path):
+    results = run_localize(scene, faulty_queries, tmp_path / "out")
+    table = pq.read_table(results)
+    rows = {row["name"]: row for row in table.to_pylist()}
+    assert sorted(rows) == sorted(faulty_queries["good"] + ["corrupt.jpg", "no_prior.jpg", "far_away.jpg",
+                                                            "fisheye.jpg"])
+    assert not rows["corrupt.jpg"]["success"] and "cannot decode" in rows["corrupt.jpg"]["error"]
+    assert not rows["no_prior.jpg"]["success"] and rows["no_prior.jpg"]["error"].startswith("no prior")
+    assert not rows["far_away.jpg"]["success"] and "outside the map" in rows["far_away.jpg"]["error"]
+    assert not rows["fisheye.jpg"]["success"] and "OPENCV_FISHEYE" in rows["fisheye.jpg"]["error"]
+
+    errors = pose_errors(read_poses(results.parent / "poses.txt"), read_poses(scene["scene"] / "gt_queries.txt"))
+    accurate = [name for name, (t, R) in errors.items() if t < 0.25 and R < 2.0]
+    assert len(accurate) >= 3, errors
+    # what is reported as localized is right
+    assert all(t < 0.5 for t, _ in errors.values() if math.isfinite(t)), errors
+    for name in accurate:
+        row = rows[name]
+        assert row["num_points"] > 0 and math.isfinite(row["cost"]) and row["cell"]
+        assert row["prior_distance_m"] > 0 and row["position_std_m"] >= 0
+        assert row["cnn_ms"] > 0 and row["align_ms"] > 0
+
+
+def test_resume_after_a_driver_crash_answers_each_query_once(scene, faulty_queries, tmp_path):
+    out = tmp_path / "out"
+
+    class DriverCrash(Exception):
+        pass
+
+    def crash_after_three(row: dict) -> None:
+        crash_after_three.seen += 1
+        if crash_after_three.seen == 3:
+            raise DriverCrash
+
+    crash_after_three.seen = 0
+    with pytest.raises(DriverCrash):
+        run_localize(scene, faulty_queries, out, on_result=crash_after_three)
+    first = set(read_results(out).column("name").to_pylist())
+    assert len(first) >= 3  # flushed as they came: the crash lost nothing already answered
+
+    answered = []
+    # a zero memory budget also makes the pool evict every idle shard actor after each answer
+    run_localize(scene, faulty_queries, out, resume=True, on_result=lambda row: answered.append(row["name"]),
+                 conf={"router": RouterConf(memory_budget_mb=0)})
+    names = read_results(out).column("name").to_pylist()
+    assert sorted(names) == sorted(set(names))
+    assert set(names) == first | set(answered) and not first & set(answered)
+    assert len(names) == len(faulty_queries["good"]) + 4
+    assert not (out / "parts").exists()
+    assert not any("shard" in error for error in read_results(out).column("error").to_pylist())
+
+
+def test_a_killed_shard_actor_restarts_and_no_query_is_lost(scene, faulty_queries, tmp_path):
+    killed, statuses = [], []
+
+    def kill_the_first_shard(row: dict) -> None:
+        """At the first answer of a shard, kill its actor (Ray restarts it and retries the calls
+        in flight); at the next answer, ask the restarted actor whether it was restarted."""
+        if not row["cell"]:
+            return
+        if not killed:
+            (name,) = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                       if actor["name"].startswith(f"shard-{row['cell']}-")]
+            killed.append(ray.get_actor(name, namespace="pixloc"))
+            ray.kill(killed[0], no_restart=False)
+        elif not statuses:
+            statuses.append(ray.get(killed[0].status.remote()))
+
+    results = run_localize(scene, faulty_queries, tmp_path / "out", on_result=kill_the_first_shard)
+    assert killed and statuses and statuses[0]["restarted"]
+    table = pq.read_table(results)
+    names = table.column("name").to_pylist()
+    assert sorted(names) == sorted(set(names)) and len(names) == len(faulty_queries["good"]) + 4
+    assert not any("shard" in error for error in table.column("error").to_pylist())
+    errors = pose_errors(read_poses(results.parent / "poses.txt"), read_poses(scene["scene"] / "gt_queries.txt"))
+    assert sum(t < 0.25 and R < 2.0 for t, R in errors.values()) >= 3, errors
+
+
+def test_refine_improves_perturbed_poses(scene, tmp_path):
+    scene_dir = scene["scene"]
+    ground_truth = read_poses(scene_dir / "gt_queries.txt")
+    generator = torch.Generator().manual_seed(0)
+    perturbed = {}
+    for name, (qvec, tvec) in ground_truth.items():
+        pose = Pose.from_qvec_tvec(torch.tensor(qvec), torch.tensor(tvec))
+        delta = torch.cat([0.15 * torch.randn(3, generator=generator, dtype=torch.float64),
+                           math.radians(1.0) * torch.randn(3, generator=generator, dtype=torch.float64)])
+        moved = Pose.exp(delta) @ pose
+        perturbed[name] = (moved.qvec().numpy(), moved.t.numpy())
+    write_poses(tmp_path / "perturbed.txt", perturbed)
+    results = refine_job.main(scene["map"], str(scene["store"]), scene_dir / "queries", tmp_path / "perturbed.txt",
+                              tmp_path / "refined", query_list=scene_dir / "queries_with_intrinsics.txt", conf=CONF)
+    table = pq.read_table(results)
+    assert table.num_rows == len(ground_truth) and set(table.column("method").to_pylist()) == {"refine"}
+    before = pose_errors(perturbed, ground_truth)
+    after = pose_errors(read_poses(results.parent / "poses.txt"), ground_truth)
+    refined = [name for name in ground_truth if math.isfinite(after[name][0])]
+    assert len(refined) >= 2, after
+    assert np.median([after[name][0] for name in refined]) < np.median([before[name][0] for name in refined])
+
+
+def test_an_unreachable_store_is_a_one_line_error(scene, faulty_queries, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["localize", "--map", str(scene["map"]), "--store", "s3://pixloc-test/store",
+                  "--queries", str(faulty_queries["queries"]), "--out", str(tmp_path / "out"),
+                  "--priors", str(faulty_queries["priors"]), "--query-list", str(faulty_queries["query_list"])])
+    message = str(exit_info.value)
+    assert message.startswith("pixloc localize: ") and "s3://pixloc-test/store" in message
+    assert "\n" not in message
+
+
+# ----- the per-query logic, without Ray
+
+
+def test_reference_hypotheses_keep_rotation_and_move_to_the_prior():
+    angles = torch.tensor([0.1, 1.2, 2.5], dtype=torch.float64)
+    R = torch.stack([Pose.from_aa(torch.tensor([0.0, 0.0, a], dtype=torch.float64), torch.zeros(3)).R for a in angles])
+    centers = torch.tensor([[0.0, 0.0, 1.5], [10.0, 0.0, 1.6], [20.0, 0.0, 1.7]], dtype=torch.float64)
+    references = Pose.from_Rt(R, -(R @ centers[..., None])[..., 0])
+    hypotheses, nearest = reference_hypotheses(np.array([9.0, 2.0, 99.0]), references, 2)
+    assert nearest.tolist() == [1, 0]
+    assert torch.allclose(hypotheses.center(), torch.tensor([[9.0, 2.0, 1.6], [9.0, 2.0, 1.5]], dtype=torch.float64))
+    assert torch.allclose(hypotheses.R, R[[1, 0]])
+
+
+def test_visible_points_keeps_what_some_hypothesis_sees():
+    from pixloc_core.align import ReferenceLevel
+    from pixloc_core.geometry import Camera
+
+    camera = Camera("PINHOLE", 100.0, 100.0, torch.tensor([50.0, 50.0, 50.0, 50.0]))
+    points = torch.tensor([[0.0, 0.0, 5.0], [0.0, 0.0, -5.0], [30.0, 0.0, 5.0], [0.0, 0.0, 500.0]],
+                          dtype=torch.float64)
+    reference = ReferenceLevel(points, torch.eye(4), torch.ones(4))
+    identity = Pose.from_Rt(torch.eye(3, dtype=torch.float64)[None], torch.zeros(1, 3, dtype=torch.float64))
+    kept = visible_points(reference, identity, camera, max_points=10, max_depth_m=100.0)
+    assert kept.points3D.tolist() == [[0.0, 0.0, 5.0]]
+    turned = Pose.stack([identity[0], Pose.from_aa(torch.tensor([0.0, math.pi, 0.0], dtype=torch.float64),
+                                                   torch.zeros(3, dtype=torch.float64))])
+    kept = visible_points(reference, turned, camera, max_points=10, max_depth_m=100.0)
+    assert kept.points3D.tolist() == [[0.0, 0.0, 5.0], [0.0, 0.0, -5.0]]
+
+
+def test_pose_uncertainty_is_the_inverse_hessian_in_the_world_frame():
+    hessian = torch.diag(torch.tensor([100.0, 400.0, 2500.0, 1e4, 1e4, 1e4], dtype=torch.float64))
+    turned = Pose.from_aa(torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), torch.tensor([5.0, 1.0, -2.0]))
+    for pose in (Pose.from_Rt(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)), turned):
+        position_std, rotation_std = pose_uncertainty(hessian, 0.04, pose)
+        # the trace of the centre covariance does not depend on the camera's rotation
+        assert position_std == pytest.approx(math.sqrt(0.04 * (1 / 100 + 1 / 400 + 1 / 2500)))
+        assert rotation_std == pytest.approx(math.degrees(math.sqrt(0.04 * 3e-4)))
+    assert all(math.isnan(v) for v in pose_uncertainty(hessian, math.inf, turned))
