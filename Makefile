@@ -29,5 +29,10 @@ bench: $(STAMP)
 	mkdir -p outputs/bench
 	$(BIN)/pixloc bench align --out outputs/bench/align.json
 
+.PHONY: bench-real
+bench-real: $(STAMP)  # needs ../shared/data; minutes on a laptop CPU
+	mkdir -p outputs/bench
+	$(BIN)/pixloc bench real --out outputs/bench/real.json
+
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,253 @@
+"""Adapters from the real-image sets in ../shared/data to the project's inputs.
+
+Each `prepare_*` writes into its own work directory (the shared data is read-only) a mapping
+folder and a query folder of images, and whichever of these the set supports: a COLMAP reference
+model with known poses, ground-truth query poses, a priors CSV and a query list with intrinsics.
+
+* fountain-P11 (Strecha 2008): true cameras. A `.camera` file holds K, the camera-to-world
+  rotation and the camera centre, so world-to-camera is (R^T, -R^T C). Images are downscaled for
+  speed; COLMAP puts the pixel corner at 0, so the intrinsics scale exactly as c' = s c.
+* Lund (OpenSfM): 29 street photos with EXIF GPS and focal length, no ground truth; copies keep
+  their EXIF byte for byte. Pseudo ground truth comes later from an SfM of all images aligned to
+  the map (`align_pseudo_ground_truth`).
+* Sacre-Coeur (hloc demo): 10 internet photos without EXIF and one night query.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+import torch
+from PIL import Image
+
+from .exif import read_exif_gps
+from .geometry import Pose
+from .io import Prior, QueryIntrinsics, write_poses, write_priors, write_query_list
+from .mapping.sift import list_images
+
+logger = logging.getLogger(__name__)
+
+FOUNTAIN = Path("strecha/fountain-P11")
+LUND = Path("opensfm/lund")
+SACRE_COEUR = Path("hloc_sacre_coeur")
+
+default_conf = {
+    "fountain-P11": {
+        "max_image_size": 1024,  # 3x below the originals: SIFT still at mm level, CPU-friendly
+        "query_max_image_size": None,  # None: as the mapping images
+        "query_offset": 1,  # queries are names[offset::every]: 0001, 0004, 0007, 0010
+        "query_every": 3,
+        "prior_noise_m": 2.0,
+        "seed": 0,
+    },
+    "lund": {
+        "query_max_image_size": None,  # None: the original 1024 x 768
+        "query_offset": 3,  # 04, 08, ..., 28
+        "query_every": 4,
+    },
+    "sacre_coeur": {
+        "query_max_image_size": 1024,  # the night query is 2816 x 2112; the mapping photos ~1000 px
+    },
+}
+
+
+@dataclass(frozen=True)
+class PreparedSet:
+    """Inputs of one set, as files the CLI reads; None where the set has no such data."""
+
+    name: str
+    mapping_dir: Path
+    query_dir: Path
+    mapping_names: list[str]
+    query_names: list[str]
+    reference_model: Path | None = None  # COLMAP model with known poses (`pixloc map --reference-model`)
+    gt_poses: Path | None = None  # `name qw qx qy qz tx ty tz` of the queries
+    priors: Path | None = None  # priors CSV of the queries
+    query_list: Path | None = None  # `name MODEL WIDTH HEIGHT PARAMS...` of the queries
+
+
+@dataclass(frozen=True)
+class StrechaCamera:
+    K: np.ndarray  # (3, 3) pixels
+    R_c2w: np.ndarray  # (3, 3) camera-to-world: columns are the camera axes in world coordinates
+    center: np.ndarray  # (3,) camera centre in world coordinates, metres
+    width: int
+    height: int
+
+    def world_to_camera(self) -> Pose:
+        R_w2c = torch.from_numpy(self.R_c2w.T.copy())
+        return Pose.from_Rt(R_w2c, -R_w2c @ torch.from_numpy(self.center))
+
+
+def read_strecha_camera(path: Path) -> StrechaCamera:
+    """A Strecha `.camera` file: K (9), distortion (3), R camera-to-world (9), centre (3), w h (2)."""
+    try:
+        values = np.array(Path(path).read_text().split(), dtype=np.float64)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read Strecha camera ({error})") from None
+    if values.size != 26:
+        raise ValueError(f"{path}: expected 26 numbers (K, distortion, R, C, w h), got {values.size}")
+    if np.any(values[9:12] != 0):
+        raise ValueError(f"{path}: non-zero distortion {values[9:12]}, the images are expected undistorted")
+    return StrechaCamera(values[:9].reshape(3, 3), values[12:21].reshape(3, 3), values[21:24],
+                         int(values[24]), int(values[25]))
+
+
+def copy_image(src: Path, dst: Path, max_size: int | None) -> tuple[float, float]:
+    """Copies src to dst, downscaled (area-averaged) so that its longest side is at most max_size.
+
+    A copy that needs no resizing is byte-identical; a resized one keeps the EXIF block (GPS,
+    focal length in 35 mm, which does not depend on the resolution). Returns the (x, y) scale."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as image:
+        width, height = image.size
+        if max_size is None or max(width, height) <= max_size:
+            shutil.copyfile(src, dst)
+            return 1.0, 1.0
+        scale = max_size / max(width, height)
+        size = (round(width * scale), round(height * scale))
+        exif = image.info.get("exif", b"")
+        image.resize(size, Image.Resampling.LANCZOS).save(dst, quality=95, exif=exif)
+    return size[0] / width, size[1] / height
+
+
+def _held_out(names: list[str], offset: int, every: int) -> tuple[list[str], list[str]]:
+    queries = names[offset::every]
+    return [n for n in names if n not in queries], queries
+
+
+def prepare_fountain(data_root: Path, out_dir: Path, conf: dict | None = None) -> PreparedSet:
+    """fountain-P11: reference model of the mapping images with their true poses (PINHOLE from K),
+    GT poses, priors (GT centre + a random offset of `prior_noise_m` metres, map frame) and a query
+    list of the held-out images."""
+    conf = {**default_conf["fountain-P11"], **(conf or {})}
+    root, out_dir = Path(data_root) / FOUNTAIN, Path(out_dir)
+    names = list_images(root / "images")
+    if not names:
+        raise ValueError(f"{root / 'images'}: no images")
+    cameras = {n: read_strecha_camera(root / "gt_dense_cameras" / f"{n}.camera") for n in names}
+    mapping_names, query_names = _held_out(names, conf["query_offset"], conf["query_every"])
+    query_size = conf["query_max_image_size"] or conf["max_image_size"]
+
+    model = pycolmap.Reconstruction()
+    query_intrinsics, gt_poses, priors = {}, {}, {}
+    rng = np.random.default_rng(conf["seed"])
+    for image_id, name in enumerate(names, start=1):
+        is_query = name in query_names
+        folder = out_dir / ("queries" if is_query else "mapping")
+        sx, sy = copy_image(root / "images" / name, folder / name, query_size if is_query else conf["max_image_size"])
+        camera = cameras[name]
+        if abs(camera.K[0, 1]) > 1e-6 * camera.K[0, 0]:
+            raise ValueError(f"{root}/gt_dense_cameras/{name}.camera: skewed K is not a COLMAP model")
+        params = (camera.K[0, 0] * sx, camera.K[1, 1] * sy, camera.K[0, 2] * sx, camera.K[1, 2] * sy)
+        width, height = round(camera.width * sx), round(camera.height * sy)
+        pose = camera.world_to_camera()
+        if is_query:
+            query_intrinsics[name] = QueryIntrinsics("PINHOLE", width, height, params)
+            gt_poses[name] = (pose.qvec().numpy(), pose.t.numpy())
+            direction = rng.normal(size=3)
+            offset = conf["prior_noise_m"] * direction / np.linalg.norm(direction)
+            priors[name] = Prior(tuple(camera.center + offset), geodetic=False, sigma_m=conf["prior_noise_m"])
+        else:
+            model.add_camera_with_trivial_rig(
+                pycolmap.Camera(camera_id=image_id, model="PINHOLE", width=width, height=height, params=params))
+            model.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=image_id, image_id=image_id),
+                                               pose.to_colmap())
+
+    model_dir = out_dir / "reference_model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.write_text(model_dir)
+    prepared = PreparedSet("fountain-P11", out_dir / "mapping", out_dir / "queries", mapping_names, query_names,
+                           reference_model=model_dir, gt_poses=out_dir / "gt_queries.txt",
+                           priors=out_dir / "priors.csv", query_list=out_dir / "queries_with_intrinsics.txt")
+    write_poses(prepared.gt_poses, gt_poses)
+    write_priors(prepared.priors, priors)
+    write_query_list(prepared.query_list, query_intrinsics)
+    logger.info("fountain-P11: %d mapping, %d query images in %s", len(mapping_names), len(query_names), out_dir)
+    return prepared
+
+
+def prepare_lund(data_root: Path, out_dir: Path, conf: dict | None = None) -> PreparedSet:
+    """Lund: mapping and query copies (EXIF kept) and the queries' own EXIF GPS as WGS84 priors.
+    No ground truth here: see `align_pseudo_ground_truth`."""
+    conf = {**default_conf["lund"], **(conf or {})}
+    root, out_dir = Path(data_root) / LUND / "images", Path(out_dir)
+    names = list_images(root)
+    if not names:
+        raise ValueError(f"{root}: no images")
+    mapping_names, query_names = _held_out(names, conf["query_offset"], conf["query_every"])
+    for name in mapping_names:
+        copy_image(root / name, out_dir / "mapping" / name, None)
+    priors = {}
+    for name in query_names:
+        copy_image(root / name, out_dir / "queries" / name, conf["query_max_image_size"])
+        gps = read_exif_gps(root / name)
+        if gps is None:
+            raise ValueError(f"{root / name}: no EXIF GPS, but every Lund query needs one as its prior")
+        lat, lon, alt = gps
+        priors[name] = Prior((lat, lon, alt or 0.0), geodetic=True, has_altitude=alt is not None)
+    prepared = PreparedSet("lund", out_dir / "mapping", out_dir / "queries", mapping_names, query_names,
+                           priors=out_dir / "priors.csv")
+    write_priors(prepared.priors, priors)
+    logger.info("lund: %d mapping, %d query images in %s", len(mapping_names), len(query_names), out_dir)
+    return prepared
+
+
+def prepare_sacre_coeur(data_root: Path, out_dir: Path, conf: dict | None = None) -> PreparedSet:
+    """Sacre-Coeur: the 10 mapping photos as they are, the night query downscaled (EXIF kept: its
+    focal length in 35 mm gives the intrinsics). No GPS and no ground truth."""
+    conf = {**default_conf["sacre_coeur"], **(conf or {})}
+    root, out_dir = Path(data_root) / SACRE_COEUR, Path(out_dir)
+    mapping_names, query_names = list_images(root / "mapping"), list_images(root / "query")
+    if not mapping_names or not query_names:
+        raise ValueError(f"{root}: expected images in mapping/ and query/")
+    for name in mapping_names:
+        copy_image(root / "mapping" / name, out_dir / "mapping" / name, None)
+    for name in query_names:
+        copy_image(root / "query" / name, out_dir / "queries" / name, conf["query_max_image_size"])
+    return PreparedSet("sacre_coeur", out_dir / "mapping", out_dir / "queries", mapping_names, query_names)
+
+
+PREPARERS = {
+    "fountain-P11": prepare_fountain,
+    "lund": prepare_lund,
+    "sacre_coeur": prepare_sacre_coeur,
+}
+
+
+def align_pseudo_ground_truth(full_model: pycolmap.Reconstruction, map_model: pycolmap.Reconstruction,
+                              query_names: list[str], max_error_m: float = 0.5
+                              ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], pycolmap.Sim3d]:
+    """Pseudo ground truth for queries without true poses: an SfM of all images (`full_model`)
+    brought into the map frame by the Sim3 that best aligns its centres of the images common to
+    both models to the map's centres (RANSAC, inliers within `max_error_m`). Returns the queries'
+    poses in the map frame (those registered in `full_model`) and the Sim3 (map from full)."""
+    common = [image.name for image in map_model.images.values()
+              if image.has_pose and (full := full_model.find_image_with_name(image.name)) is not None
+              and full.has_pose]
+    if len(common) < 3:
+        raise ValueError(f"only {len(common)} images common to the full and the map model: need 3 to align them")
+    centers = np.stack([map_model.find_image_with_name(n).projection_center() for n in common])  # (N, 3)
+    ransac = pycolmap.RANSACOptions()
+    ransac.max_error = max_error_m
+    map_from_full = pycolmap.align_reconstruction_to_locations(full_model, common, centers, 3, ransac)
+    if map_from_full is None:
+        raise ValueError(f"no Sim3 aligns the full model to the map within {max_error_m} m on {len(common)} images")
+    aligned = pycolmap.Reconstruction(full_model)
+    aligned.transform(map_from_full)
+    poses = {}
+    for name in query_names:
+        image = aligned.find_image_with_name(name)
+        if image is not None and image.has_pose:
+            pose = Pose.from_colmap(image.cam_from_world())
+            poses[name] = (pose.qvec().numpy(), pose.t.numpy())
+    residuals = np.linalg.norm(np.stack([aligned.find_image_with_name(n).projection_center() for n in common])
+                               - centers, axis=1)
+    logger.info("pseudo GT: Sim3 scale %.4f on %d common images, centre residuals median %.3f m, max %.3f m; "
+                "%d/%d queries registered", map_from_full.scale, len(common), np.median(residuals),
+                residuals.max(), len(poses), len(query_names))
+    return poses, map_from_full
