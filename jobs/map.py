@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
-from cluster.shards import ShardIndex
-from cluster.shards import default_conf as shards_conf
+from pixloc_core.shards import ShardIndex
+from pixloc_core.shards import default_conf as shards_conf
 from pixloc_core import exif
 from pixloc_core.io import Prior, read_priors
 from pixloc_core.map_io import GeoInfo, SceneMap, Similarity

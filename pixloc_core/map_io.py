@@ -9,7 +9,7 @@
                                             "max_residual_m"} | null,
                            "source_to_map": similarity applied to the source model to make the map
                                             frame, or null (provenance only)}
-    MAP/shards.json       the shard index (cluster/shards.py)
+    MAP/shards.json       the shard index (pixloc_core/shards.py)
     MAP/manifest.json     {"fingerprint", "source", "images_dir", "num_images", "num_points3D",
                            "skipped": [{"name", "reason"}], "created_utc"}
 
@@ -30,6 +30,7 @@ import pycolmap
 
 from .geo import EnuOrigin, wgs84_to_enu
 from .io import Prior
+from .shards import ShardIndex
 
 MODEL_DIR, DESCRIPTORS_FILE, GEO_FILE, SHARDS_FILE, MANIFEST_FILE = (
     "model", "descriptors.npz", "geo.json", "shards.json", "manifest.json")
@@ -108,7 +109,7 @@ def model_fingerprint(model_dir: Path) -> str:
 class SceneMap:
     reconstruction: pycolmap.Reconstruction
     geo: GeoInfo = field(default_factory=GeoInfo)
-    shards: object | None = None  # cluster.shards.ShardIndex
+    shards: ShardIndex | None = None
     manifest: dict = field(default_factory=dict)
     point3D_ids: np.ndarray | None = None  # (P,) int64
     descriptors: np.ndarray | None = None  # (P, 128) float16, unit norm
@@ -142,8 +143,6 @@ class SceneMap:
 
     @classmethod
     def load(cls, path: Path, with_descriptors: bool = True) -> SceneMap:
-        from cluster.shards import ShardIndex  # the index is pure numpy; it lives with the router
-
         path = Path(path)
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():

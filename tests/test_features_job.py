@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from cluster.runtime import init_ray
-from cluster.shards import ShardIndex
+from pixloc_core.shards import ShardIndex
 from cluster.store import FeatureStore, PartitionNotFound, StoreMismatchError
 from jobs import cli, features
 from pixloc_core.extractors import load_extractor

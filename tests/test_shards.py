@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.shards import ShardIndex, cell_id
+from pixloc_core.shards import ShardIndex, cell_id
 
 
 def brute_force_cells_within(index: ShardIndex, position: np.ndarray, radius: float) -> set[str]:
