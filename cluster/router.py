@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from .shard_actor import QueryRequest, ShardActor, ShardConf
-from .shards import ShardIndex
+from pixloc_core.shards import ShardIndex
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Feature extractors: pyramid contract, determinism, PixLoc checkpoint layout and its errors."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from pixloc_core.extractors import (
     DEFAULT, CheckpointError, available_extractors, build_unet, load_extractor,
 )
 from pixloc_core.extractors.base import STRIDES
+from bench import basin
 from pixloc_core.extractors.checkpoint import write_checkpoint
 
 HEIGHT, WIDTH = 100, 150  # deliberately not multiples of 16
@@ -182,3 +184,16 @@ def test_no_nan_checkpoint_is_written(tmp_path):
     with pytest.raises(CheckpointError, match="non-finite"):
         write_checkpoint(tmp_path / "nan.tar", extractor, torch.zeros(3, 6), conf={})
     assert not (tmp_path / "nan.tar").exists()
+
+
+def test_basin_benchmark_smoke(tmp_path):
+    """CI-sized basin benchmark: the JSON keys, a plot, and small errors that converge."""
+    report = basin.main(tmp_path / "basin.json", quick=True, extractors=["classic"])
+    written = json.loads((tmp_path / "basin.json").read_text())
+    assert written["extractors"].keys() == {"classic"}
+    entry = written["extractors"]["classic"]
+    assert len(entry["bins"]) == 16 and entry["ms_per_image"] > 0
+    assert set(entry["bins"][0]) >= {"t_m", "R_deg", "success_rate"}
+    assert (tmp_path / "basin.png").stat().st_size > 0
+    easiest = report["extractors"]["classic"]["bins"][0]
+    assert (easiest["t_m"], easiest["R_deg"]) == (0.3, 2.0) and easiest["success_rate"] >= 0.75

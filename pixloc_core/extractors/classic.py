@@ -9,9 +9,10 @@ patches of the grayscale image averaged down to the level's stride:
 A zero-mean patch normalised to unit length compares by normalised cross-correlation (gain and
 offset invariant). The context patch changes slowly with position, which widens the basin of
 convergence of the alignment, while the precise patch keeps the minimum sharp; at stride 16 the
-context patch spans about 100 image pixels. Each patch gets an extra constant "contrast floor"
-channel before normalisation: flat, noisy regions then map to (almost) the same vector in every
-image instead of to amplified noise. The confidence grows with the local contrast.
+context patch samples +-32 image pixels of an image blurred by 32 pixels. Each patch gets an
+extra constant "contrast floor" channel before normalisation: flat, noisy regions then map to
+(almost) the same vector in every image instead of to amplified noise. The confidence grows with
+the local contrast.
 """
 from __future__ import annotations
 
