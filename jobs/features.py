@@ -22,7 +22,6 @@ import pyarrow as pa
 import pycolmap
 import ray
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from cluster.filesystem import StorageError
@@ -30,6 +29,7 @@ from cluster.runtime import init_ray, set_torch_threads
 from cluster.store import Commit, FeatureStore, PartFile, StoreInfo, batch_key, observation_table
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level
+from pixloc_core.images import ImageReadError, read_image
 from pixloc_core.map_io import SceneMap
 
 logger = logging.getLogger(__name__)
@@ -46,17 +46,6 @@ default_conf = {
 
 class ReferenceImageError(ValueError):
     """A reference image that cannot be read; the message names the file and the reason."""
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8; EXIF orientation ignored, as in COLMAP, so that pixels match the model."""
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))  # writable, as torch.from_numpy wants
-    except FileNotFoundError:
-        raise ReferenceImageError(f"{path}: reference image not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ReferenceImageError(f"{path}: cannot decode reference image ({error})") from None
 
 
 def map_cells(scene: SceneMap) -> dict[str, list[int]]:
@@ -95,7 +84,7 @@ def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, li
 def sample_reference_image(extractor: Extractor, path: Path, item: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per level (coarse to fine): features (N, C) and confidences (N,) of a reference image at
     the pixels where it observes its 3D points (`item` as made by `reference_items`)."""
-    image, _ = resize_longest_side(read_rgb(path), extractor.max_size)
+    image, _ = resize_longest_side(read_image(path), extractor.max_size)
     pyramid = extractor.extract(image[None])
     # The observations are in pixels of the model's camera; sampling normalises by its size,
     # so the resized image needs no camera of its own.
@@ -132,7 +121,7 @@ class ReferenceFeatureWriter:
         for row in rows:
             try:
                 tables = self.extract(row)
-            except ReferenceImageError as error:
+            except ImageReadError as error:
                 failures.append(str(error))
                 continue
             image_ids.append(int(row["image_id"]))

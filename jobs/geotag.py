@@ -31,7 +31,7 @@ from pixloc_core.geotag import (ExifGeotag, Geotag, geotags_from_poses, heading_
 from pixloc_core.io import Prior, write_priors
 from pixloc_core.localize import METHODS
 from pixloc_core.map_io import GeoInfo
-from pixloc_core.mapping.sift import list_images
+from pixloc_core.images import list_images
 
 from .localize import default_conf as localize_conf
 from .localize import main as localize

@@ -36,8 +36,8 @@ from pixloc_core.extractors.base import STRIDES, resize_longest_side
 from pixloc_core.geometry import Camera, Pose, UnsupportedCameraModel
 from pixloc_core.io import Prior, QueryIntrinsics, read_priors, read_query_list
 from pixloc_core.localize import METHODS, Localization, best_of, reference_hypotheses
+from pixloc_core.images import list_images, read_image
 from pixloc_core.map_io import SceneMap
-from pixloc_core.mapping.sift import list_images
 
 from .features import gpus_per_worker
 from .results import ResultsWriter
@@ -76,17 +76,6 @@ class QueryPlan:
     error: str = ""
 
 
-def read_query_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, or a one-line error naming the file."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: query image not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: cannot decode query image ({error})") from None
-
-
 class QueryFeaturizer:
     """Ray Data callable class: the query-side work, with one extractor and, for the sparse methods,
     one SIFT + PnP localizer (holding the map's point descriptors) per worker."""
@@ -103,7 +92,7 @@ class QueryFeaturizer:
     def featurize(self, item: dict) -> dict:
         timings = {}
         start = time.perf_counter()
-        image = read_query_image(Path(item["path"]))
+        image = read_image(Path(item["path"]))
         timings["read_ms"] = 1000 * (time.perf_counter() - start)
 
         start = time.perf_counter()

@@ -21,6 +21,7 @@ from pixloc_core.shards import ShardIndex
 from pixloc_core.shards import default_conf as shards_conf
 from pixloc_core import exif
 from pixloc_core.io import Prior, read_priors
+from pixloc_core.images import list_images
 from pixloc_core.map_io import GeoInfo, SceneMap, Similarity
 from pixloc_core.mapping import descriptors, georegister, matching, pairs, sfm, sift, triangulation
 
@@ -106,7 +107,7 @@ def build_map(images: Path, out: Path, reference_model: Path | None = None, impo
     conf = {**default_conf, **(conf or {})}  # each step completes its own conf with its defaults
     images = Path(images)
     source_model = read_model(reference_model or import_model) if (reference_model or import_model) else None
-    names = posed_image_names(source_model) if source_model else sift.list_images(images)
+    names = posed_image_names(source_model) if source_model else list_images(images)
     if not names:
         raise ValueError(f"{images}: no images to map")
     features, skipped = sift.main(images, names, conf["sift"])
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         if args.priors:
             priors = read_priors(args.priors)
         elif args.gps_from_exif:
-            priors = exif_priors(args.images, sift.list_images(args.images))
+            priors = exif_priors(args.images, list_images(args.images))
         build_map(args.images, args.out, args.reference_model, args.import_model, priors, {
             "sift": {"max_image_size": args.max_image_size},
             "shards": {"cell_size_m": args.cell_size, "halo_m": args.halo},

@@ -27,7 +27,7 @@ from PIL import Image
 from .exif import read_exif_gps
 from .geometry import Pose
 from .io import Prior, QueryIntrinsics, write_poses, write_priors, write_query_list
-from .mapping.sift import list_images
+from .images import list_images
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from pixloc_core.exif import read_exif_focal_px, read_exif_gps
 from pixloc_core.geometry import Pose, skew
 from pixloc_core.io import read_poses, read_priors, read_query_list
 from pixloc_core.mapping.matching import match_descriptors, normalize_descriptors
-from pixloc_core.mapping.sift import SiftExtractor, read_grayscale
+from pixloc_core.images import read_image
+from pixloc_core.mapping.sift import SiftExtractor
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,8 @@ def test_fountain_gt_agrees_with_the_pixels(fountain):
     K1 = torch.tensor([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], dtype=torch.float64)
 
     sift = SiftExtractor({"max_num_features": 2048})
-    features0 = sift(read_grayscale(fountain.mapping_dir / "0000.jpg"))
-    features1 = sift(read_grayscale(fountain.query_dir / "0001.jpg"))
+    features0 = sift(read_image(fountain.mapping_dir / "0000.jpg", "L"))
+    features1 = sift(read_image(fountain.query_dir / "0001.jpg", "L"))
     matches = match_descriptors(normalize_descriptors(features0.descriptors),
                                 normalize_descriptors(features1.descriptors), ratio_threshold=0.75)
     assert len(matches) > 200

@@ -15,7 +15,7 @@ from jobs.cli import main as cli_main
 from jobs.map import build_map, exif_priors
 from pixloc_core.io import read_poses, read_priors
 from pixloc_core.map_io import SceneMap, model_fingerprint
-from pixloc_core.mapping import sift
+from pixloc_core.images import list_images
 from pixloc_core.synthetic import PinholeIntrinsics, SceneConfig, build_scene, raycast
 from pixloc_core.synthetic import dataset
 
@@ -151,7 +151,7 @@ def test_degenerate_input_is_a_clear_error(scene, tmp_path):
 @pytest.mark.slow
 def test_sfm_and_georegistration_on_lund(shared_data, tmp_path):
     images = shared_data / "opensfm" / "lund" / "images"
-    scene_map = build_map(images, tmp_path / "lund", priors=exif_priors(images, sift.list_images(images)),
+    scene_map = build_map(images, tmp_path / "lund", priors=exif_priors(images, list_images(images)),
                           conf={"sift": {"max_image_size": 1024, "max_num_features": 4096}})
     assert scene_map.reconstruction.num_reg_images() >= 27
     registration = scene_map.geo.registration

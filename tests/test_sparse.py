@@ -9,7 +9,7 @@ from PIL import Image
 
 from jobs.map import build_map
 from pixloc_core.map_io import SceneMap
-from pixloc_core.mapping.sift import read_grayscale
+from pixloc_core.images import read_image
 from pixloc_core.sparse import SparseLocalizer
 from pixloc_core.synthetic import PinholeIntrinsics, SceneConfig, build_scene, render, rotation_from_angles
 
@@ -48,7 +48,7 @@ def walk(tmp_path_factory):
     query_pose = street_pose(25.8, 0.4, 97.0)
     query = render(scene, CAMERA, query_pose.rotation.matrix(), query_pose.translation)
     Image.fromarray(query).save(root / "query.jpg", quality=95)
-    return SceneMap.load(root / "map"), read_grayscale(root / "query.jpg"), query_pose
+    return SceneMap.load(root / "map"), read_image(root / "query.jpg", "L"), query_pose
 
 
 def pose_error(estimate: pycolmap.Rigid3d, truth: pycolmap.Rigid3d) -> tuple[float, float]:

@@ -50,7 +50,7 @@ def resize_longest_side(image: np.ndarray, max_size: int) -> tuple[torch.Tensor,
     Scaling a COLMAP camera (pixel corner at 0) by the returned factor matches the resized image;
     the scale is the one of the width, which is what `Camera.scale` expects.
     """
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    tensor = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)  # a copy: PIL arrays are read-only
     height, width = tensor.shape[-2:]
     scale = min(1.0, max_size / max(height, width))
     if scale < 1.0:

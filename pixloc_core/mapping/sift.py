@@ -15,6 +15,8 @@ import pycolmap
 from PIL import Image
 from tqdm import tqdm
 
+from ..images import ImageReadError, list_images, read_image
+
 logger = logging.getLogger(__name__)
 
 default_conf = {
@@ -22,12 +24,6 @@ default_conf = {
     "max_num_features": 8192,
     "num_threads": 2,
 }
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-class ImageReadError(ValueError):
-    """An image that cannot be decoded; the message names the file and the reason."""
 
 
 @dataclass
@@ -40,26 +36,6 @@ class Features:
     def xy(self) -> np.ndarray:
         """(N, 2) float64 keypoint positions, COLMAP convention (pixel corner at 0)."""
         return self.keypoints[:, :2].astype(np.float64)
-
-
-def list_images(image_dir: Path) -> list[str]:
-    """Image names relative to `image_dir`, recursively, sorted, filtered by extension."""
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir}: image directory does not exist")
-    return sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def read_grayscale(path: Path) -> np.ndarray:
-    """(H, W) uint8. EXIF orientation is ignored, as COLMAP does, so that pixels match its cameras."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L"))
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"{path}: cannot decode image ({error})") from None
 
 
 class SiftExtractor:
@@ -97,7 +73,7 @@ def main(image_dir: Path, names: list[str], conf: dict | None = None
     features, skipped = {}, []
     for name in tqdm(names, desc="SIFT", unit="img"):
         try:
-            features[name] = extractor(read_grayscale(Path(image_dir) / name))
+            features[name] = extractor(read_image(Path(image_dir) / name, "L"))
         except ImageReadError as error:
             logger.warning("skipping %s", error)
             skipped.append({"name": name, "reason": str(error).split(": ", 1)[-1]})
