@@ -8,7 +8,6 @@ and are refined in one batched call. A trial succeeds when it ends within 2 cm a
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,6 +24,7 @@ from pixloc_core.geometry import Camera, Pose
 from pixloc_core.synthetic import (PinholeIntrinsics, Scene, SceneConfig, build_scene, raycast, render,
                                    sample_walk_poses)
 from pixloc_core.synthetic.cameras import street_length
+from bench import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,7 @@ def main(out: Path | None = None, **conf) -> dict:
         "threads": torch.get_num_threads(),
     }
     print_table(report)
-    if out is not None:
-        Path(out).write_text(json.dumps(report, indent=2))
-        logger.info("Wrote %s", out)
+    write_report(report, out)
     return report
 
 

@@ -13,7 +13,6 @@ On a synthetic scene (built here, with its map and feature store), on a local Ra
 """
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import tempfile
@@ -39,6 +38,7 @@ from pixloc_core.io import read_poses, read_priors, read_query_list
 from pixloc_core.localize import METHODS
 from pixloc_core.map_io import SceneMap
 from pixloc_core.synthetic import dataset
+from bench import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +176,7 @@ def main(out: Path | None = None, work_dir: Path | None = None, **conf) -> dict:
                     "recompute_ms_per_query": per_query["recompute"]},
     }
     print_table(report)
-    if out is not None:
-        Path(out).write_text(json.dumps(report, indent=2))
-        logger.info("Wrote %s", out)
+    write_report(report, out)
     return report
 
 

@@ -20,7 +20,6 @@ SIFT, store load, matching, alignment) from results.parquet; Ray start-up is not
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -42,6 +41,7 @@ from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import Prior, read_poses, write_poses, write_priors
 from pixloc_core.localize import reference_hypotheses
 from pixloc_core.map_io import SceneMap
+from bench import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +277,5 @@ def main(out: Path | None = None, **conf) -> dict:
             report["sets"].update(sets)
             report["goals"].update(set_goals)
     print_table(report)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
-        logger.info("Wrote %s", out)
+    write_report(report, out)
     return report

@@ -12,7 +12,6 @@ measures:
 """
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ from cluster.store import FeatureStore
 from jobs import cli, features
 from pixloc_core.extractors import load_extractor
 from pixloc_core.map_io import SceneMap
+from bench import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +123,7 @@ def main(out: Path | None = None, work_dir: Path | None = None, **conf) -> dict:
             store_dir = Path(tempfile.mkdtemp(dir=work_dir, prefix="store-"))
             report = measure(map_dir, scene_dir / "mapping", str(store_dir), conf)
     print_table(report)
-    if out is not None:
-        Path(out).write_text(json.dumps(report, indent=2))
-        logger.info("Wrote %s", out)
+    write_report(report, out)
     return report
 
 
