@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import write_report
 from pixloc_core.align import AlignResult, FeaturemetricAligner, ReferenceLevel
 from pixloc_core.extractors.base import FeatureLevel, Pyramid, select
 from pixloc_core.extractors.intensity import IntensityExtractor
@@ -24,7 +25,6 @@ from pixloc_core.geometry import Camera, Pose
 from pixloc_core.synthetic import (PinholeIntrinsics, Scene, SceneConfig, build_scene, raycast, render,
                                    sample_walk_poses)
 from pixloc_core.synthetic.cameras import street_length
-from bench import write_report
 
 logger = logging.getLogger(__name__)
 

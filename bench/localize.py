@@ -24,6 +24,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from bench import write_report
 from cluster.router import Router
 from cluster.runtime import init_ray
 from cluster.shard_actor import ShardActor, ShardConf
@@ -38,7 +39,6 @@ from pixloc_core.io import read_poses, read_priors, read_query_list
 from pixloc_core.localize import METHODS
 from pixloc_core.map_io import SceneMap
 from pixloc_core.synthetic import dataset
-from bench import write_report
 
 logger = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 from PIL import Image, ImageDraw
 
+from bench import write_report
 from cluster.runtime import init_ray
 from jobs.cli import main as pixloc
 from jobs.localize import References, query_intrinsics
@@ -41,7 +42,6 @@ from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import Prior, read_poses, write_poses, write_priors
 from pixloc_core.localize import reference_hypotheses
 from pixloc_core.map_io import SceneMap
-from bench import write_report
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import write_report
 from cluster.runtime import init_ray
 from cluster.store import FeatureStore
 from jobs import cli, features
 from pixloc_core.extractors import load_extractor
 from pixloc_core.map_io import SceneMap
-from bench import write_report
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import pycolmap
 from PIL import Image
 from tqdm import tqdm
 
-from ..images import ImageReadError, list_images, read_image
+from ..images import ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
 
