@@ -9,7 +9,6 @@ and are refined in one batched call. A trial succeeds when it ends within 2 cm a
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from bench import write_report
 from pixloc_core.align import AlignResult, FeaturemetricAligner, ReferenceLevel
 from pixloc_core.extractors.base import FeatureLevel, Pyramid, select
 from pixloc_core.extractors.intensity import IntensityExtractor
-from pixloc_core.geometry import Camera, Pose
+from pixloc_core.geometry import Camera, Pose, perturb_poses
 from pixloc_core.synthetic import (PinholeIntrinsics, Scene, SceneConfig, build_scene, raycast, render,
                                    sample_walk_poses)
 from pixloc_core.synthetic.cameras import street_length
@@ -52,16 +51,6 @@ class AlignmentProblem:
     references: list[ReferenceLevel]  # coarse to fine
     camera: Camera  # full resolution
     T_true: Pose  # () world-to-camera of the query
-
-
-def perturb(T: Pose, t_m: float, R_deg: float, num: int, generator: torch.Generator) -> Pose:
-    """num poses (num,) whose camera centres lie exactly t_m from T's and whose rotations differ
-    from T's by exactly R_deg, in uniformly random directions / about random axes."""
-    directions = torch.nn.functional.normalize(torch.randn(num, 3, generator=generator, dtype=T.dtype), dim=-1)
-    axes = torch.nn.functional.normalize(torch.randn(num, 3, generator=generator, dtype=T.dtype), dim=-1)
-    R = Pose.from_aa(axes * math.radians(R_deg), torch.zeros(num, 3, dtype=T.dtype)).R @ T.R
-    center = T.center() + t_m * directions
-    return Pose.from_Rt(R, -(R @ center[..., None])[..., 0])
 
 
 def _intrinsics_at(intrinsics: PinholeIntrinsics, width: int, height: int) -> PinholeIntrinsics:
@@ -99,7 +88,7 @@ def synthetic_problem(conf: dict) -> AlignmentProblem:
     R, t = sample_walk_poses(scene, rng.uniform(0, street_length(scene), 1), rng)
     T_ref = Pose.from_Rt(torch.from_numpy(R[0]), torch.from_numpy(t[0]))  # float64
     generator = torch.Generator().manual_seed(conf["seed"])
-    T_query = perturb(T_ref, conf["query_offset_m"], conf["query_offset_deg"], 1, generator)[0]
+    T_query = perturb_poses(T_ref, conf["query_offset_m"], conf["query_offset_deg"], generator, num=1)[0]
 
     extractor = IntensityExtractor()
     images = np.stack([render(scene, intrinsics, T.R.numpy(), T.t.numpy()) for T in (T_ref, T_query)])
@@ -127,7 +116,7 @@ def main(out: Path | None = None, **conf) -> dict:
     bins, seconds, iterations = [], 0.0, 0
     for t_m in conf["translations_m"]:
         for R_deg in conf["rotations_deg"]:
-            T_init = perturb(problem.T_true, t_m, R_deg, conf["trials"], generator)
+            T_init = perturb_poses(problem.T_true, t_m, R_deg, generator, num=conf["trials"])
             start = time.perf_counter()
             result, error_R, error_t = align_trials(aligner, problem, T_init)
             seconds += time.perf_counter() - start

@@ -31,11 +31,11 @@ from pixloc_core.align import FeaturemetricAligner, ReferenceLevel
 from pixloc_core.datasets import FOUNTAIN, read_strecha_camera
 from pixloc_core.extractors import available_extractors, load_extractor
 from pixloc_core.extractors.base import Extractor, select
-from pixloc_core.geometry import Camera
+from pixloc_core.geometry import Camera, perturb_poses
 from pixloc_core.mapping.matching import match_descriptors, normalize_descriptors
 from pixloc_core.images import list_images
 from pixloc_core.mapping.sift import SiftExtractor
-from pixloc_core.train import PosedPair, perturb_poses, synthetic_pairs
+from pixloc_core.train import PosedPair, synthetic_pairs
 
 logger = logging.getLogger(__name__)
 

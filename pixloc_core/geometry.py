@@ -527,3 +527,18 @@ class Camera:
 
     def __repr__(self) -> str:
         return f"Camera {self.model}: {tuple(self.shape)} {self.dtype} {self.device}"
+
+
+def perturb_poses(T: Pose, translation_m: torch.Tensor | float, rotation_deg: torch.Tensor | float,
+                  generator: torch.Generator, num: int | None = None) -> Pose:
+    """(M,) copies of a world-to-camera pose T with the camera centre moved by translation_m and
+    the orientation turned by rotation_deg about the centre, in uniformly random directions.
+    The magnitudes are (M,) tensors, or numbers repeated for `num` copies."""
+    translation_m, rotation_deg = torch.broadcast_tensors(torch.as_tensor(translation_m, dtype=T.dtype),
+                                                          torch.as_tensor(rotation_deg, dtype=T.dtype))
+    if num is not None:
+        translation_m, rotation_deg = translation_m.expand(num), rotation_deg.expand(num)
+    directions = F.normalize(torch.randn(len(translation_m), 2, 3, generator=generator), dim=-1).to(T.dtype)
+    R = so3_exp(directions[:, 1] * torch.deg2rad(rotation_deg)[:, None]) @ T.R  # (M, 3, 3)
+    center = T.center() + directions[:, 0] * translation_m[:, None]  # (M, 3)
+    return Pose.from_Rt(R, -(R @ center[..., None])[..., 0])

@@ -29,7 +29,7 @@ from .exif import focal_px_from_35mm
 from .extractors import build_unet
 from .extractors.base import STRIDES, Extractor, resize_longest_side, select
 from .extractors.checkpoint import load_extractor_state, read_checkpoint, split_model_state, write_checkpoint
-from .geometry import Camera, Pose, so3_exp
+from .geometry import Camera, Pose, perturb_poses, so3_exp
 from .synthetic import PinholeIntrinsics, SceneConfig, build_scene, raycast, render, sample_walk_poses
 from .synthetic.cameras import query_arc_lengths
 from .synthetic.render import SKY
@@ -215,17 +215,6 @@ def training_pairs(conf: dict) -> list[PosedPair]:
     if data["source"] == "colmap":
         return colmap_pairs(data["model_dir"], data["image_dir"], data)
     raise ValueError(f"unknown training data source {data['source']!r}, expected 'synthetic' or 'colmap'")
-
-
-def perturb_poses(T: Pose, translation_m: torch.Tensor, rotation_deg: torch.Tensor,
-                  generator: torch.Generator) -> Pose:
-    """(M,) copies of a world-to-camera pose T with the camera centre moved by translation_m (M,)
-    and the orientation turned by rotation_deg (M,) about the centre, in random directions."""
-    directions = torch.nn.functional.normalize(torch.randn(len(translation_m), 2, 3, generator=generator), dim=-1)
-    directions = directions.to(T.dtype)
-    R = so3_exp(directions[:, 1] * torch.deg2rad(rotation_deg.to(T.dtype))[:, None]) @ T.R  # (M, 3, 3)
-    center = T.center() + directions[:, 0] * translation_m.to(T.dtype)[:, None]  # (M, 3)
-    return Pose.from_Rt(R, -(R @ center[..., None])[..., 0])
 
 
 # ----- model and loss

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from bench.align import AlignmentProblem, align_trials, perturb, synthetic_problem
+from bench.align import AlignmentProblem, align_trials, synthetic_problem
 from pixloc_core.align import (AlignConf, FeaturemetricAligner, ReferenceLevel, barron_cauchy, damping_to_raw,
                                raw_to_damping, sample_feature_map)
-from pixloc_core.geometry import Camera, Pose
+from pixloc_core.geometry import Camera, Pose, perturb_poses
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def assert_no_nan(result) -> None:
 
 
 def test_converges_from_30cm_3deg(problem, aligner):
-    T_init = perturb(problem.T_true, 0.3, 3.0, 50, torch.Generator().manual_seed(0))
+    T_init = perturb_poses(problem.T_true, 0.3, 3.0, torch.Generator().manual_seed(0), num=50)
     result, error_R, error_t = align_trials(aligner, problem, T_init)
 
     converged = (error_t < 0.02) & (error_R < 0.2)
@@ -49,7 +49,7 @@ def test_converges_from_30cm_3deg(problem, aligner):
 def test_batched_equals_one_by_one(problem):
     # Few iterations, so that hypotheses are still moving: any cross-talk would show.
     aligner = FeaturemetricAligner(AlignConf(num_iterations=(4, 3, 2)))
-    T_init = perturb(problem.T_true, 0.3, 3.0, 3, torch.Generator().manual_seed(1))
+    T_init = perturb_poses(problem.T_true, 0.3, 3.0, torch.Generator().manual_seed(1), num=3)
     batched, _, _ = align_trials(aligner, problem, T_init)
     for index in range(3):
         single, _, _ = align_trials(aligner, problem, T_init[index:index + 1])
@@ -62,7 +62,7 @@ def test_batched_equals_one_by_one(problem):
 
 
 def test_nan_initial_pose_fails_alone(problem, aligner):
-    T_init = perturb(problem.T_true, 0.1, 1.0, 3, torch.Generator().manual_seed(2))
+    T_init = perturb_poses(problem.T_true, 0.1, 1.0, torch.Generator().manual_seed(2), num=3)
     data = T_init._data.clone()
     data[1, 0] = math.nan
     data[2, -1] = math.inf
@@ -77,7 +77,7 @@ def test_nan_initial_pose_fails_alone(problem, aligner):
 
 def test_zero_focal_camera_fails(problem, aligner):
     camera = Camera("PINHOLE", *problem.camera.size.tolist(), problem.camera.params * torch.tensor([0, 0, 1, 1]))
-    T_init = perturb(problem.T_true, 0.1, 1.0, 2, torch.Generator().manual_seed(3))
+    T_init = perturb_poses(problem.T_true, 0.1, 1.0, torch.Generator().manual_seed(3), num=2)
     result = aligner(problem.query, problem.references, camera, T_init)
 
     assert not result.success.any()
@@ -87,7 +87,7 @@ def test_zero_focal_camera_fails(problem, aligner):
 
 
 def test_empty_or_unseen_points_fail(problem, aligner):
-    T_init = perturb(problem.T_true, 0.1, 1.0, 2, torch.Generator().manual_seed(4))
+    T_init = perturb_poses(problem.T_true, 0.1, 1.0, torch.Generator().manual_seed(4), num=2)
     channels = problem.references[0].features.shape[1]
     empty = ReferenceLevel(torch.zeros(0, 3), torch.zeros(0, channels), torch.zeros(0))
     result = aligner(problem.query, [empty, *problem.references[1:]], problem.camera, T_init)
@@ -105,7 +105,7 @@ def test_empty_or_unseen_points_fail(problem, aligner):
 
 
 def test_bad_input_shapes_raise_value_error(problem, aligner):
-    T_init = perturb(problem.T_true, 0.1, 1.0, 2, torch.Generator().manual_seed(5))
+    T_init = perturb_poses(problem.T_true, 0.1, 1.0, torch.Generator().manual_seed(5), num=2)
     with pytest.raises(ValueError, match="levels"):
         aligner(problem.query[:2], problem.references[:2], problem.camera, T_init)
     with pytest.raises(ValueError, match="batch shape"):
@@ -117,7 +117,7 @@ def test_bad_input_shapes_raise_value_error(problem, aligner):
 
 def test_dampings_are_learnable_and_loaded_finest_first(problem):
     aligner = FeaturemetricAligner(AlignConf(num_iterations=(2, 2, 2)))
-    T_init = perturb(problem.T_true, 0.1, 1.0, 2, torch.Generator().manual_seed(6))
+    T_init = perturb_poses(problem.T_true, 0.1, 1.0, torch.Generator().manual_seed(6), num=2)
     result = aligner(problem.query, problem.references, problem.camera, T_init)
     error_R, error_t = result.poses.error_to(problem.T_true)
     (error_R.sum() + error_t.sum()).backward()

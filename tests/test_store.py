@@ -162,7 +162,7 @@ class ThrottledS3FileSystem(s3fs.S3FileSystem):
 def test_transient_s3_errors_are_retried(s3_bucket):
     url = f"s3://{s3_bucket}/stores/throttled"
     filesystem = ThrottledS3FileSystem(failures=2)
-    store = FeatureStore.create(url, make_info(), storage=Storage(url, FAST_RETRY, filesystem))
+    FeatureStore.create(url, make_info(), storage=Storage(url, FAST_RETRY, filesystem))
     assert filesystem.uploads == 3  # two refusals, then the write went through
     assert FeatureStore.open(url).info == make_info()
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from pixloc_core import train
+from pixloc_core.geometry import perturb_poses
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.checkpoint import read_checkpoint
 
@@ -32,7 +33,7 @@ def fixed_loss(extractor, dampings, pairs) -> float:
     learner = train.PoseLearner(extractor, conf["num_iterations"]).eval()
     learner.load_raw_dampings(dampings)
     generator = torch.Generator().manual_seed(123)
-    T_init = [train.perturb_poses(pair.T_query, torch.full((4,), 0.5), torch.full((4,), 3.0), generator)
+    T_init = [perturb_poses(pair.T_query, torch.full((4,), 0.5), torch.full((4,), 3.0), generator)
               for pair in pairs]
     with torch.no_grad():
         losses = [train.reprojection_loss(pair, T, per_level, conf)[0]
