@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .extractors.base import FeatureLevel, Pyramid
+from .extractors.base import FeatureLevel, Pyramid, sample_feature_map, sample_level
 from .geometry import Camera, Pose
 
 # Failure codes, kept as a tensor in the loop and turned into AlignResult.failure_reason strings
@@ -56,10 +56,10 @@ class ReferenceLevel:
         """Features of one reference image, sampled where it observes points3D (N, 3) at image
         pixels p2d (N, 2); image_size (2,) is the (w, h) the pixels refer to."""
         features = _as_single_image(level.features, "reference level features")
-        confidence = _as_single_image(level.confidence[None], "reference level confidence")
-        scale = features.new_tensor(features.shape[:-3:-1]) / image_size.to(features)  # (w/W, h/H)
-        sampled = sample_feature_map(torch.cat([features, confidence]), p2d.to(features) * scale)
-        return cls(points3D, sampled[..., :-1], sampled[..., -1])
+        confidence = _as_single_image(level.confidence[None], "reference level confidence")[0]
+        sampled_features, sampled_confidence = sample_level(FeatureLevel(features, confidence, level.stride),
+                                                            p2d, image_size)
+        return cls(points3D, sampled_features, sampled_confidence)
 
 
 @dataclass
@@ -107,16 +107,6 @@ def barron_cauchy(squared: torch.Tensor, scale: float) -> tuple[torch.Tensor, to
     which is the IRLS weight (1 for inliers, decaying as s^2 / x for outliers)."""
     scaled = squared / (2 * scale**2)
     return 2 * scale**2 * torch.log1p(scaled), 1 / (1 + scaled)
-
-
-def sample_feature_map(feature_map: torch.Tensor, p2d: torch.Tensor) -> torch.Tensor:
-    """Bilinear interpolation of a (C, h, w) map at feature pixels p2d (..., 2), COLMAP convention
-    (corner at 0, first pixel centre at 0.5) -> (..., C). Outside the map, the border is extended."""
-    channels, height, width = feature_map.shape
-    grid = 2 * p2d / p2d.new_tensor([width, height]) - 1
-    sampled = F.grid_sample(feature_map[None], grid.reshape(1, 1, -1, 2), mode="bilinear",
-                            padding_mode="border", align_corners=False)  # (1, C, 1, prod(...))
-    return sampled.reshape(channels, -1).T.reshape(*p2d.shape[:-1], channels)
 
 
 def central_differences(feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,8 @@ import torch
 
 from bench.align import AlignmentProblem, align_trials, synthetic_problem
 from pixloc_core.align import (AlignConf, FeaturemetricAligner, ReferenceLevel, barron_cauchy, damping_to_raw,
-                               raw_to_damping, sample_feature_map)
+                               raw_to_damping)
+from pixloc_core.extractors.base import sample_feature_map
 from pixloc_core.geometry import Camera, Pose, perturb_poses
 
 

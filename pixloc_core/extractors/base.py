@@ -102,19 +102,24 @@ class Extractor(torch.nn.Module):
         return self(images.to(device))
 
 
+def sample_feature_map(feature_map: torch.Tensor, p2d: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation of a (C, h, w) map at feature pixels p2d (..., 2), COLMAP convention
+    (corner at 0, first pixel centre at 0.5) -> (..., C). Outside the map, the border is extended."""
+    channels, height, width = feature_map.shape
+    grid = 2 * p2d / p2d.new_tensor([width, height]) - 1
+    sampled = F.grid_sample(feature_map[None], grid.reshape(1, 1, -1, 2), mode="bilinear",
+                            padding_mode="border", align_corners=False)  # (1, C, 1, prod(...))
+    return sampled.reshape(channels, -1).T.reshape(*p2d.shape[:-1], channels)
+
+
 def sample_level(level: FeatureLevel, p2d: torch.Tensor, image_size: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear lookup of an unbatched level at image pixels (COLMAP convention: corner at 0).
-
-    p2d: (N, 2) pixels of the full image whose size (w, h) is `image_size`.
-    Returns features (N, C) re-normalised to unit length, and confidence (N,).
-    Points outside the map are clamped to the border; callers mask them with `Camera.in_image`.
-    """
+    """Features and confidence of an unbatched level at pixels p2d (N, 2) of the full image whose
+    size (w, h) is `image_size`: (N, C) re-normalised to unit length, and (N,).
+    Points outside the map get the border's values; callers mask them with `Camera.in_image`."""
     _, height, width = level.features.shape
+    p2d = p2d.to(level.features)
     scale = p2d.new_tensor([width, height]) / image_size.to(p2d)
-    grid = (p2d * scale) / p2d.new_tensor([width, height]) * 2 - 1  # (N, 2) in [-1, 1]
-    grid = grid[None, None].to(level.features.dtype)  # (1, 1, N, 2)
-    stacked = torch.cat([level.features, level.confidence[None]], 0)[None]  # (1, C+1, H, W)
-    values = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    values = values[0, :, 0].T  # (N, C+1)
-    return F.normalize(values[:, :-1], dim=-1), values[:, -1]
+    stacked = torch.cat([level.features, level.confidence[None]])  # (C+1, H, W)
+    sampled = sample_feature_map(stacked, p2d * scale)  # (N, C+1)
+    return F.normalize(sampled[..., :-1], dim=-1), sampled[..., -1]
