@@ -130,7 +130,47 @@ def _promote(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [x.to(dtype) for x in tensors]
 
 
-class Pose:
+class TensorWrapper:
+    """A batch of objects stored as one tensor `_data` (..., D): leading dimensions are the batch.
+    Subclasses say how to rebuild themselves from data with `_wrap`."""
+
+    _data: torch.Tensor
+
+    def _wrap(self, data: torch.Tensor):
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._data.shape[:-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._data.device
+
+    def __getitem__(self, index):
+        return self._wrap(self._data[index])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def to(self, *args, **kwargs):
+        return self._wrap(self._data.to(*args, **kwargs))
+
+    def float(self):
+        return self.to(torch.float32)
+
+    def double(self):
+        return self.to(torch.float64)
+
+    def detach(self):
+        return self._wrap(self._data.detach())
+
+
+class Pose(TensorWrapper):
     """Rigid transforms, batched over leading dims; `_data` is (..., 12) = R.flatten() + t."""
 
     def __init__(self, data: torch.Tensor):
@@ -229,35 +269,8 @@ class Pose:
     def tvec(self) -> torch.Tensor:
         return self.t
 
-    @property
-    def shape(self) -> torch.Size:
-        return self._data.shape[:-1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._data.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._data.device
-
-    def __getitem__(self, index) -> Pose:
-        return Pose(self._data[index])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def to(self, *args, **kwargs) -> Pose:
-        return Pose(self._data.to(*args, **kwargs))
-
-    def float(self) -> Pose:
-        return Pose(self._data.float())
-
-    def double(self) -> Pose:
-        return Pose(self._data.double())
-
-    def detach(self) -> Pose:
-        return Pose(self._data.detach())
+    def _wrap(self, data: torch.Tensor) -> Pose:
+        return Pose(data)
 
     def is_finite(self) -> torch.Tensor:
         """(...,) bool: False where any entry is NaN or infinite."""
@@ -326,7 +339,7 @@ def _check_model(model: str) -> tuple[int, int]:
     return CAMERA_MODELS[model]
 
 
-class Camera:
+class Camera(TensorWrapper):
     """One COLMAP camera model with batched parameters; `_data` is (..., 2 + P) = (w, h, params)."""
 
     eps = 1e-6  # minimal depth of a projectable point
@@ -346,10 +359,6 @@ class Camera:
         batch = torch.broadcast_shapes(size.shape[:-1], params.shape[:-1])
         self.model = model
         self._data = torch.cat([size.expand(*batch, 2), params.expand(*batch, params.shape[-1])], -1)
-
-    @classmethod
-    def _from_data(cls, model: str, data: torch.Tensor) -> Camera:
-        return cls(model, data[..., 0], data[..., 1], data[..., 2:])
 
     @classmethod
     def from_colmap(cls, camera) -> Camera:
@@ -403,32 +412,8 @@ class Camera:
         """(..., k) the model's distortion coefficients, k in {0, 1, 2, 4}."""
         return self.params[..., self._num_focal + 2:]
 
-    @property
-    def shape(self) -> torch.Size:
-        return self._data.shape[:-1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._data.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._data.device
-
-    def __getitem__(self, index) -> Camera:
-        return Camera._from_data(self.model, self._data[index])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def to(self, *args, **kwargs) -> Camera:
-        return Camera._from_data(self.model, self._data.to(*args, **kwargs))
-
-    def float(self) -> Camera:
-        return self.to(torch.float32)
-
-    def double(self) -> Camera:
-        return self.to(torch.float64)
+    def _wrap(self, data: torch.Tensor) -> Camera:
+        return Camera(self.model, data[..., 0], data[..., 1], data[..., 2:])
 
     def is_valid(self) -> torch.Tensor:
         """(...,) bool: finite parameters, positive focal lengths and size."""
