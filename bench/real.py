@@ -178,7 +178,7 @@ def whole_map_prior(prepared: PreparedSet, map_dir: Path) -> Path:
 
 def save_overlay(query_path: Path, pose: Pose, scene: SceneMap, out_path: Path) -> int:
     """Draws the map's 3D points reprojected with `pose` on the query; returns how many land in it."""
-    camera = Camera.from_query_intrinsics(query_intrinsics(query_path, None))
+    camera = Camera.from_query_intrinsics(query_intrinsics(query_path, None, scene))
     points = torch.from_numpy(np.stack([p.xyz for p in scene.reconstruction.points3D.values()]))  # (P, 3)
     p2d, valid = camera.project(pose.transform(points))  # (P, 2), (P,)
     valid &= camera.in_image(p2d)

@@ -160,8 +160,10 @@ class References:
         return [self.id_of[name] for name in names if name in self.id_of]
 
 
-def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None) -> QueryIntrinsics:
-    """From the query list, else a pinhole camera from the EXIF focal length; checked."""
+def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None,
+                     scene: SceneMap | None = None) -> QueryIntrinsics:
+    """From the query list, else from the EXIF focal length: the map's calibrated camera of the same
+    device (same size and EXIF focal) when it has one, a pinhole camera otherwise; checked."""
     if query_list is not None:
         if path.name not in query_list:
             raise ValueError(f"{path.name}: not in the query list")
@@ -172,7 +174,11 @@ def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None) 
         focal = read_exif_focal_px(path, width, height)
         if focal is None:
             raise ValueError(f"{path}: no intrinsics (no --query-list and no EXIF focal length)")
-        intrinsics = QueryIntrinsics("SIMPLE_PINHOLE", width, height, (focal, width / 2, height / 2))
+        camera = scene.camera_for_exif(width, height, focal) if scene is not None else None
+        if camera is not None:
+            intrinsics = QueryIntrinsics(camera.model.name, width, height, tuple(float(v) for v in camera.params))
+        else:
+            intrinsics = QueryIntrinsics("SIMPLE_PINHOLE", width, height, (focal, width / 2, height / 2))
     if not bool(Camera.from_query_intrinsics(intrinsics).is_valid()):
         raise ValueError(f"{path.name}: invalid camera {intrinsics}")
     return intrinsics
@@ -194,7 +200,7 @@ def plan_localization(scene: SceneMap, references: References, router: Router, p
     for path in paths:
         plan = QueryPlan(path.name, path)
         try:
-            plan.intrinsics = query_intrinsics(path, query_list)
+            plan.intrinsics = query_intrinsics(path, query_list, scene)
             prior = priors.get(path.name) if priors is not None else exif_prior(path)
             if prior is None:
                 raise ValueError("no prior: not in the priors file" if priors is not None else "no prior: no EXIF GPS")

@@ -22,7 +22,7 @@ from pixloc_core.shards import default_conf as shards_conf
 from pixloc_core import exif
 from pixloc_core.io import Prior, read_priors
 from pixloc_core.images import list_images
-from pixloc_core.map_io import GeoInfo, SceneMap, Similarity
+from pixloc_core.map_io import GeoInfo, SceneMap, Similarity, exif_camera_key
 from pixloc_core.mapping import descriptors, georegister, matching, pairs, sfm, sift, triangulation
 
 logger = logging.getLogger(__name__)
@@ -94,11 +94,11 @@ def triangulate(reference: pycolmap.Reconstruction, features: dict[str, sift.Fea
 
 
 def reconstruct(features: dict[str, sift.Features], positions: dict[str, np.ndarray], images: Path,
-                work_dir: Path, conf: dict) -> pycolmap.Reconstruction:
+                work_dir: Path, focal_px: dict[str, float], conf: dict) -> pycolmap.Reconstruction:
     """Incremental SfM: pairs by prior position (else exhaustive), EXIF focal lengths."""
     image_pairs = pairs.main(sorted(features), positions, conf["pairs"])
     matches = matching.main(features, image_pairs, conf["matching"])
-    return sfm.main(features, matches, images, work_dir, exif_focal_lengths(images, features), conf["sfm"])
+    return sfm.main(features, matches, images, work_dir, focal_px, conf["sfm"])
 
 
 def build_map(images: Path, out: Path, reference_model: Path | None = None, import_model: Path | None = None,
@@ -116,6 +116,7 @@ def build_map(images: Path, out: Path, reference_model: Path | None = None, impo
     positions, origin = georegister.priors_to_positions(
         {name: prior for name, prior in (priors or {}).items() if name in features})
 
+    focal_px: dict[str, float] = {}  # EXIF focal lengths, for SfM only
     with tempfile.TemporaryDirectory(prefix="pixloc_map_") as work_dir:
         if import_model:
             source, reconstruction = "import", source_model
@@ -123,7 +124,8 @@ def build_map(images: Path, out: Path, reference_model: Path | None = None, impo
             source = "reference-model"
             reconstruction = triangulate(source_model, features, images, Path(work_dir), conf)
         else:
-            source, reconstruction = "sfm", reconstruct(features, positions, images, Path(work_dir), conf)
+            focal_px = exif_focal_lengths(images, features)
+            source, reconstruction = "sfm", reconstruct(features, positions, images, Path(work_dir), focal_px, conf)
     check_not_degenerate(reconstruction, conf["min_registered_images"])
     point_ids, point_descriptors = descriptors.main(reconstruction, features, keypoints_are_features=source != "import")
 
@@ -142,7 +144,10 @@ def build_map(images: Path, out: Path, reference_model: Path | None = None, impo
     elif source == "sfm":
         logger.warning("no priors: the SfM map has an arbitrary frame and scale, and no geo-registration")
 
-    scene_map = SceneMap(reconstruction, geo, manifest={}, point3D_ids=point_ids, descriptors=point_descriptors)
+    exif_cameras = {exif_camera_key(*features[image.name].image_size, focal_px[image.name]): image.camera_id
+                    for image in reconstruction.images.values() if image.name in focal_px}
+    scene_map = SceneMap(reconstruction, geo, manifest={}, point3D_ids=point_ids, descriptors=point_descriptors,
+                         exif_cameras=exif_cameras)
     scene_map.shards = ShardIndex.build(scene_map.image_centers(), conf["shards"])
     scene_map.save(out, source, images, skipped)
     logger.info("map %s: %d images, %d points, %d cells (%s)", out, reconstruction.num_reg_images(),

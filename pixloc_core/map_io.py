@@ -105,6 +105,11 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def exif_camera_key(width: int, height: int, exif_focal_px: float) -> str:
+    """How SfM groups images into cameras: image size and EXIF focal length (0.1 px)."""
+    return f"{width}x{height}@{exif_focal_px:.1f}"
+
+
 @dataclass
 class SceneMap:
     reconstruction: pycolmap.Reconstruction
@@ -113,6 +118,7 @@ class SceneMap:
     manifest: dict = field(default_factory=dict)
     point3D_ids: np.ndarray | None = None  # (P,) int64
     descriptors: np.ndarray | None = None  # (P, 128) float16, unit norm
+    exif_cameras: dict[str, int] = field(default_factory=dict)  # exif_camera_key -> camera_id (SfM maps)
     path: Path | None = None
 
     @property
@@ -136,6 +142,7 @@ class SceneMap:
             "num_images": self.reconstruction.num_reg_images(),
             "num_points3D": self.reconstruction.num_points3D(),
             "skipped": skipped,
+            "exif_cameras": self.exif_cameras,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
@@ -152,10 +159,18 @@ class SceneMap:
         scene_map = cls(reconstruction, GeoInfo.from_dict(json.loads((path / GEO_FILE).read_text())),
                         ShardIndex.load(path / SHARDS_FILE) if (path / SHARDS_FILE).is_file() else None,
                         json.loads(manifest_path.read_text()), path=path)
+        scene_map.exif_cameras = scene_map.manifest.get("exif_cameras", {})
         if with_descriptors and (path / DESCRIPTORS_FILE).is_file():
             with np.load(path / DESCRIPTORS_FILE) as data:
                 scene_map.point3D_ids, scene_map.descriptors = data["point3D_ids"], data["descriptors"]
         return scene_map
+
+    def camera_for_exif(self, width: int, height: int, exif_focal_px: float) -> pycolmap.Camera | None:
+        """The map's self-calibrated camera of the device that wrote this EXIF focal length at this
+        image size: SfM gives all mapping images of one (size, EXIF focal) one shared camera, whose
+        refined intrinsics fit the map better than the EXIF value does."""
+        camera_id = self.exif_cameras.get(exif_camera_key(width, height, exif_focal_px))
+        return None if camera_id is None else self.reconstruction.cameras[camera_id]
 
     def image_centers(self) -> dict[str, np.ndarray]:
         return {image.name: image.projection_center() for image in self.reconstruction.images.values()

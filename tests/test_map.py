@@ -13,6 +13,7 @@ import pytest
 
 from jobs.cli import main as cli_main
 from jobs.map import build_map, exif_priors
+from pixloc_core import exif
 from pixloc_core.io import read_poses, read_priors
 from pixloc_core.map_io import SceneMap, model_fingerprint
 from pixloc_core.images import list_images
@@ -161,3 +162,9 @@ def test_sfm_and_georegistration_on_lund(shared_data, tmp_path):
     image_down = np.array([image.cam_from_world().rotation.matrix()[1]
                            for image in scene_map.reconstruction.images.values()])  # (N, 3) in the world
     assert np.median(image_down[:, 2]) < -0.9
+    # Queries from the same phone (same size and EXIF focal) get the map's self-calibrated camera.
+    reloaded = SceneMap.load(tmp_path / "lund")
+    exif_focal = exif.read_exif_focal_px(images / "01.jpg", 1024, 768)
+    camera = reloaded.camera_for_exif(1024, 768, exif_focal)
+    assert camera is not None and camera.camera_id == reloaded.reconstruction.find_image_with_name("01.jpg").camera_id
+    assert reloaded.camera_for_exif(1024, 768, exif_focal + 50) is None

@@ -26,6 +26,7 @@ default_conf = {
     "init_min_tri_angle": 4.0,
     "min_num_matches": 15,
     "num_threads": 2,
+    "random_seed": 0,  # COLMAP's default (-1) seeds RANSAC randomly: maps would differ between runs
 }
 
 
@@ -52,6 +53,7 @@ def mapper_options(conf: dict) -> pycolmap.IncrementalPipelineOptions:
     options = pycolmap.IncrementalPipelineOptions()
     options.min_num_matches = conf["min_num_matches"]
     options.num_threads = conf["num_threads"]
+    options.random_seed = conf["random_seed"]
     options.mapper.init_max_forward_motion = conf["init_max_forward_motion"]
     options.mapper.init_min_tri_angle = conf["init_min_tri_angle"]
     return options
