@@ -440,20 +440,25 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_
     return writer.out_dir / "results.parquet"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None:
+    """The flags `pixloc localize` and `pixloc refine` share; defaults from the job's conf."""
     parser.add_argument("--map", type=Path, required=True, help="map directory written by `pixloc map`")
     parser.add_argument("--store", required=True, help="feature store URL: a local path or s3://bucket/prefix")
     parser.add_argument("--queries", type=Path, required=True, help="folder of query images")
     parser.add_argument("--out", type=Path, required=True, help="results directory")
     parser.add_argument("--query-list", type=Path, help="queries with intrinsics (name MODEL W H PARAMS...)")
+    parser.add_argument("--extractor", default=conf["extractor"], help="feature extractor of the store")
+    parser.add_argument("--workers", type=int, default=conf["workers"], help="query CNN workers")
+    parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_query_job_arguments(parser, default_conf)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--priors", type=Path, help="CSV name,lat,lon[,alt][,sigma_m] or name,x,y,z[,sigma_m]")
     source.add_argument("--gps-from-exif", action="store_true", help="priors from the images' EXIF GPS")
     parser.add_argument("--method", choices=METHODS, default=default_conf["method"])
-    parser.add_argument("--extractor", default=default_conf["extractor"], help="feature extractor of the store")
-    parser.add_argument("--workers", type=int, default=default_conf["workers"], help="query CNN workers")
     parser.add_argument("--resume", action="store_true", help="skip queries already in the results")
-    parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,8 @@ from pixloc_core.geometry import Pose, UnsupportedCameraModel
 from pixloc_core.io import QueryIntrinsics, read_poses, read_query_list
 from pixloc_core.map_io import SceneMap
 
-from .localize import USER_ERRORS, QueryPlan, References, execute, open_store, query_intrinsics, query_paths
+from .localize import (USER_ERRORS, QueryPlan, References, add_query_job_arguments, execute, open_store,
+                       query_intrinsics, query_paths)
 from .localize import default_conf as localize_conf
 from .results import ResultsWriter
 
@@ -81,15 +82,8 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, poses: Path, out_dir:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--map", type=Path, required=True, help="map directory written by `pixloc map`")
-    parser.add_argument("--store", required=True, help="feature store URL: a local path or s3://bucket/prefix")
-    parser.add_argument("--queries", type=Path, required=True, help="folder of query images")
+    add_query_job_arguments(parser, default_conf)
     parser.add_argument("--poses", type=Path, required=True, help="poses to refine (name qw qx qy qz tx ty tz)")
-    parser.add_argument("--out", type=Path, required=True, help="results directory")
-    parser.add_argument("--query-list", type=Path, help="queries with intrinsics (name MODEL W H PARAMS...)")
-    parser.add_argument("--extractor", default=default_conf["extractor"], help="feature extractor of the store")
-    parser.add_argument("--workers", type=int, default=default_conf["workers"], help="query CNN workers")
-    parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
 
 
 def run(args: argparse.Namespace) -> int:
