@@ -27,7 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	mkdir -p outputs/bench
-	for name in align basin store localize; do $(BIN)/pixloc bench $$name --out outputs/bench/$$name.json || exit 1; done
+	for name in align basin store localize devices; do $(BIN)/pixloc bench $$name --out outputs/bench/$$name.json || exit 1; done
 
 .PHONY: bench-real
 bench-real: $(STAMP)  # needs ../shared/data; minutes on a laptop CPU

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "store": "bench.store",
     "real": "bench.real",
     "localize": "bench.localize",
+    "devices": "bench.devices",
 }
 
 

@@ -1,0 +1,28 @@
+"""`pixloc bench devices`: CPU-sized smoke run (a GPU, where torch sees one, is timed too)."""
+import json
+
+import pytest
+
+from bench import devices
+
+
+def test_devices_benchmark_smoke(tmp_path, capsys):
+    out = tmp_path / "devices.json"
+    report = devices.main(out, image_size=(128, 96), hypotheses=(1, 4), warmup=0, repeats=1)
+
+    cpu = report["devices"]["cpu"]
+    assert set(cpu["extractors"]) >= {"classic", "intensity", "unet-vgg16 (random weights)"}
+    assert all(row["ms_per_image"] > 0 for row in cpu["extractors"].values())
+    assert cpu["extractors"]["classic"]["image_size"] == [128, 96]
+    # 0.3 m / 3 deg is well inside the basin (`pixloc bench align`): every device must converge.
+    for entry in report["devices"].values():
+        assert [row["success_rate"] for row in entry["alignment"].values()] == [1.0, 1.0]
+    assert json.loads(out.read_text())["devices"].keys() == report["devices"].keys()
+    assert "align 4 hypotheses" in capsys.readouterr().out
+
+
+def test_speedups_are_cpu_time_over_device_time():
+    entry = {"extractors": {"classic": {"ms_per_image": 10.0}}, "alignment": {"1": {"ms_per_call": 4.0}}}
+    faster = {"extractors": {"classic": {"ms_per_image": 2.5}}, "alignment": {"1": {"ms_per_call": 8.0}}}
+    ratios = devices.speedups({"cpu": entry, "cuda:0": faster})
+    assert ratios == {"cuda:0": {"extractors": {"classic": pytest.approx(4.0)}, "alignment": {"1": pytest.approx(0.5)}}}
