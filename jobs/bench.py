@@ -1,13 +1,20 @@
-"""`pixloc bench NAME [--out FILE.json]`: run one benchmark of bench/, print its table, write JSON.
+"""`pixloc bench NAME [--out FILE.json] [--conf KEY=VALUE ...]`: run one benchmark of bench/,
+print its table, write JSON.
 
-Each benchmark module exposes `main(out: Path | None, **kwargs) -> dict`; it prints its own table
-and writes the JSON report to `out`. Register a new one in BENCHMARKS.
+Each benchmark module exposes `default_conf` and `main(out: Path | None, **conf) -> dict`; it prints
+its own table and writes the JSON report to `out`. `--conf` overrides entries of `default_conf`,
+values read as YAML (`--conf sets=[lund] workers=1`, `pixloc bench basin --conf quick=true`). Register a new benchmark in BENCHMARKS.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import sys
 from pathlib import Path
+from types import ModuleType
+
+import yaml
 
 BENCHMARKS = {
     # name: module, imported only when run (benchmarks pull in torch, Ray, pycolmap)
@@ -20,19 +27,49 @@ BENCHMARKS = {
 }
 
 
-def main(name: str, out: Path | None = None) -> dict:
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}, expected one of {sorted(BENCHMARKS)}")
+def main(name: str, out: Path | None = None, conf: dict | None = None) -> dict:
+    module = benchmark_module(name, conf or {})
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-    return importlib.import_module(BENCHMARKS[name]).main(out)
+    return module.main(out, **(conf or {}))
+
+
+def benchmark_module(name: str, conf: dict) -> ModuleType:
+    """The benchmark's module, once its name and the conf keys are known to be valid."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}, expected one of {sorted(BENCHMARKS)}")
+    module = importlib.import_module(BENCHMARKS[name])
+    known = (set(module.default_conf) | set(inspect.signature(module.main).parameters)) - {"out", "conf", "overrides"}
+    unknown = set(conf) - known
+    if unknown:
+        raise ValueError(f"bench {name}: unknown conf keys {sorted(unknown)}, expected some of {sorted(known)}")
+    return module
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["key=value", ...] -> {key: YAML value}."""
+    overrides = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--conf {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     parser.add_argument("--out", type=Path, help="write the report to this JSON file")
+    parser.add_argument("--conf", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override the benchmark's default_conf (values in YAML, e.g. sets=[lund])")
 
 
 def run(args: argparse.Namespace) -> int:
-    main(args.name, args.out)
+    try:
+        conf = parse_overrides(args.conf)
+        benchmark_module(args.name, conf)
+    except ValueError as error:
+        print(f"pixloc bench: error: {error}", file=sys.stderr)
+        return 2
+    main(args.name, args.out, conf)
     return 0

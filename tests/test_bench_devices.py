@@ -1,4 +1,5 @@
-"""`pixloc bench devices`: CPU-sized smoke run (a GPU, where torch sees one, is timed too)."""
+"""`pixloc bench devices` (CPU-sized smoke run; a GPU, where torch sees one, is timed too) and the
+bench command's --conf overrides."""
 import json
 
 import pytest
@@ -26,3 +27,21 @@ def test_speedups_are_cpu_time_over_device_time():
     faster = {"extractors": {"classic": {"ms_per_image": 2.5}}, "alignment": {"1": {"ms_per_call": 8.0}}}
     ratios = devices.speedups({"cpu": entry, "cuda:0": faster})
     assert ratios == {"cuda:0": {"extractors": {"classic": pytest.approx(4.0)}, "alignment": {"1": pytest.approx(0.5)}}}
+
+
+def test_bench_conf_overrides_are_yaml_and_checked(tmp_path, capsys):
+    from jobs.bench import parse_overrides
+    from jobs.cli import main as pixloc
+
+    assert parse_overrides(["sets=[lund]", "workers=1", "quick=true"]) == {"sets": ["lund"], "workers": 1, "quick": True}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["workers"])
+    assert pixloc(["bench", "devices", "--conf", "no_such_key=1"]) == 2
+    assert "unknown conf keys ['no_such_key']" in capsys.readouterr().err
+
+    out = tmp_path / "devices.json"
+    assert pixloc(["bench", "devices", "--out", str(out), "--conf", "image_size=[64,48]", "hypotheses=[2]",
+                   "speed_only_extractors=[]", "warmup=0", "repeats=1"]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["devices"]["cpu"]["alignment"]) == ["2"]
+    assert report["devices"]["cpu"]["extractors"]["intensity"]["image_size"] == [64, 48]
