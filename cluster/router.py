@@ -36,7 +36,10 @@ class RouterConf:
     max_cells: int = 2  # at most this many cells searched per query (see Router.cells)
     memory_budget_mb: float = 4096.0  # reference features held by all shard actors together
     actor_cpus: float = 0.0  # logical CPUs reserved per actor (0: share the nodes with the CNN pool)
-    actor_concurrency: int = 2  # concurrent alignments per actor (torch releases the GIL)
+    # Alignments run one at a time per actor: they are many small torch calls, so two threads of
+    # one actor mostly wait for each other on the GIL (measured: each query's alignment took ~2x
+    # as long, with no gain in throughput); parallelism comes from the cells' actors.
+    actor_concurrency: int = 1
 
 
 class Router:

@@ -34,7 +34,7 @@ class QueryRequest:
     """Everything a shard needs to localize one query; numpy only, so it pickles compactly."""
 
     name: str
-    features: list[np.ndarray]  # per level, coarse to fine: (C, h, w) float16
+    features: list[np.ndarray]  # per level, coarse to fine: (h, w, C) float16, the layout the alignment reads
     confidences: list[np.ndarray]  # per level: (h, w) float16
     strides: list[int]
     camera_model: str
@@ -50,7 +50,9 @@ class QueryRequest:
     sparse_inliers: int = 0
 
     def pyramid(self) -> list[FeatureLevel]:
-        return [FeatureLevel(torch.from_numpy(features).float(), torch.from_numpy(confidence).float(), stride)
+        """Levels whose features are (C, h, w) float16 views of the channel-last arrays: the
+        alignment reads them in place, converting only what it samples."""
+        return [FeatureLevel(torch.from_numpy(features).permute(2, 0, 1), torch.from_numpy(confidence).float(), stride)
                 for features, confidence, stride in zip(self.features, self.confidences, self.strides)]
 
     def camera(self) -> Camera:
@@ -77,7 +79,8 @@ class QueryRequest:
 @dataclass(frozen=True)
 class ShardConf:
     levels: tuple[int, ...] = (0, 1, 2)  # store levels used, coarse to fine (refinement: the fine ones)
-    align: AlignConf = field(default_factory=AlignConf)
+    # Rough hypotheses mostly end in distinct minima at the coarsest level; only the best one goes on.
+    align: AlignConf = field(default_factory=lambda: AlignConf(num_kept=1))
     localize: LocalizeConf = field(default_factory=LocalizeConf)
     sparse_levels: int = 2  # the SIFT+PnP pose is already close: refine it on the finest levels only
     min_selected_points: int = 200  # fewer points seen by the nearby references: use the whole cell

@@ -1,8 +1,8 @@
 """`pixloc localize`: localize a folder of photos from their GPS priors, on Ray.
 
     plan (driver)        intrinsics, prior -> map frame, cells, pose hypotheses; bad input -> failure row
-    featurize (Ray Data) read, query CNN pass (and SIFT + PnP for the sparse methods), a pool of
-                         `workers` actors
+    featurize (Ray Data) read, query CNN pass for the dense methods, SIFT + PnP for the sparse
+                         ones, a pool of `workers` actors
     align (ShardActors)  per cell: reference features held in memory, featuremetric alignment
     write (driver)       one row per query, flushed as Parquet parts, folded into results.parquet
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,8 @@ from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import STRIDES, resize_longest_side
 from pixloc_core.geometry import Camera, Pose, UnsupportedCameraModel
 from pixloc_core.io import Prior, QueryIntrinsics, read_priors, read_query_list
-from pixloc_core.localize import METHODS, Localization, best_of, reference_hypotheses
+from pixloc_core.localize import (METHODS, Localization, best_of, reference_hypotheses, turned_towards,
+                                  viewed_points)
 from pixloc_core.images import list_images, read_image
 from pixloc_core.map_io import SceneMap
 
@@ -77,12 +79,13 @@ class QueryPlan:
 
 
 class QueryFeaturizer:
-    """Ray Data callable class: the query-side work, with one extractor and, for the sparse methods,
-    one SIFT + PnP localizer (holding the map's point descriptors) per worker."""
+    """Ray Data callable class: the query-side work, with one extractor for the dense methods and
+    one SIFT + PnP localizer (holding the map's point descriptors) for the sparse ones, per worker."""
 
-    def __init__(self, extractor_name: str, map_dir: str | None, sparse_conf: dict | None):
+    def __init__(self, extractor_name: str | None, map_dir: str | None, sparse_conf: dict | None):
+        """extractor_name None: no dense features (the sparse method); map_dir None: no SIFT + PnP."""
         threads = set_torch_threads()
-        self.extractor = load_extractor(extractor_name).eval()
+        self.extractor = load_extractor(extractor_name).eval() if extractor_name is not None else None
         self.sparse = None
         if map_dir is not None:
             conf = {**sparse.default_conf, **(sparse_conf or {})}
@@ -95,14 +98,19 @@ class QueryFeaturizer:
         image = read_image(Path(item["path"]))
         timings["read_ms"] = 1000 * (time.perf_counter() - start)
 
-        start = time.perf_counter()
-        tensor, scale = resize_longest_side(image, self.extractor.max_size)
-        pyramid = self.extractor.extract(tensor[None])
-        timings["cnn_ms"] = 1000 * (time.perf_counter() - start)
-        row = {"scale": scale, "strides": np.array([level.stride for level in pyramid])}
-        for index, level in enumerate(pyramid):
-            row[f"features_{index}"] = level.features[0].cpu().half().numpy()  # (C, h, w)
-            row[f"confidence_{index}"] = level.confidence[0].cpu().half().numpy()  # (h, w)
+        row = self.empty_features()
+        timings["cnn_ms"] = 0.0
+        if self.extractor is not None:
+            start = time.perf_counter()
+            tensor, scale = resize_longest_side(image, self.extractor.max_size)
+            pyramid = self.extractor.extract(tensor[None])
+            timings["cnn_ms"] = 1000 * (time.perf_counter() - start)
+            row = {"scale": scale, "strides": np.array([level.stride for level in pyramid])}
+            for index, level in enumerate(pyramid):
+                # (h, w, C): channel-last, as the alignment reads it; one copy with the conversion
+                row[f"features_{index}"] = level.features[0].permute(1, 2, 0).to(
+                    "cpu", torch.float16, memory_format=torch.contiguous_format).numpy()
+                row[f"confidence_{index}"] = level.confidence[0].cpu().half().numpy()  # (h, w)
 
         row.update(sparse_qvec=np.full(4, np.nan), sparse_tvec=np.full(3, np.nan), sparse_inliers=0, sparse_error="")
         timings["sparse_ms"] = 0.0
@@ -124,9 +132,14 @@ class QueryFeaturizer:
     @staticmethod
     def failed(name: str, error: str) -> dict:
         """A row with the columns of a featurized one (Ray Data blocks share one schema), empty."""
-        row = {"name": name, "error": error, "scale": np.nan, "strides": np.array(STRIDES),
-               "sparse_qvec": np.full(4, np.nan), "sparse_tvec": np.full(3, np.nan), "sparse_inliers": 0,
-               "sparse_error": "", "read_ms": np.nan, "cnn_ms": np.nan, "sparse_ms": np.nan}
+        return {"name": name, "error": error, **QueryFeaturizer.empty_features(),
+                "sparse_qvec": np.full(4, np.nan), "sparse_tvec": np.full(3, np.nan), "sparse_inliers": 0,
+                "sparse_error": "", "read_ms": np.nan, "cnn_ms": np.nan, "sparse_ms": np.nan}
+
+    @staticmethod
+    def empty_features() -> dict:
+        """The feature columns of a row without dense features."""
+        row = {"scale": np.nan, "strides": np.array(STRIDES)}
         for index in range(len(STRIDES)):
             row[f"features_{index}"] = np.zeros((0, 0, 0), np.float16)
             row[f"confidence_{index}"] = np.zeros((0, 0), np.float16)
@@ -147,17 +160,46 @@ class QueryFeaturizer:
 
 
 class References:
-    """The map's reference images: ids, names and world-to-camera poses (R,)."""
+    """The map's reference images: ids, names and world-to-camera poses (R,), and what they look at."""
+
+    # The median depth of an image's points is estimated from at most this many of them.
+    max_depth_samples = 256
 
     def __init__(self, scene: SceneMap):
+        self.reconstruction = scene.reconstruction
         self.image_ids = sorted(scene.reconstruction.images)
         images = [scene.reconstruction.images[i] for i in self.image_ids]
         self.names = [image.name for image in images]
         self.poses = Pose.stack([Pose.from_colmap(image.cam_from_world()) for image in images])
         self.id_of = dict(zip(self.names, self.image_ids))
+        self._median_depths: dict[int, float] = {}  # index -> depth, computed when first needed
 
     def ids(self, names: list[str]) -> list[int]:
         return [self.id_of[name] for name in names if name in self.id_of]
+
+    def hypotheses(self, prior_xyz: np.ndarray, k: int) -> tuple[Pose, list[str]]:
+        """The poses (K,) that `dense` starts from: the k references nearest to the prior (3,),
+        moved there and turned towards what each looked at; and their labels "ref:<name>"."""
+        moved, nearest = reference_hypotheses(prior_xyz, self.poses, k)
+        return turned_towards(moved, self.viewed_points(nearest)), [f"ref:{self.names[i]}" for i in nearest]
+
+    def viewed_points(self, indices: np.ndarray) -> torch.Tensor:
+        """(K, 3) the points that the references `indices` (K,) look at (NaN: an image without 3D points)."""
+        for index in indices.tolist():
+            if index not in self._median_depths:
+                self._median_depths[index] = self._median_depth(index)
+        depths = torch.tensor([self._median_depths[index] for index in indices.tolist()], dtype=torch.float64)
+        return viewed_points(self.poses[torch.from_numpy(indices)], depths)
+
+    def _median_depth(self, index: int) -> float:
+        image = self.reconstruction.images[self.image_ids[index]]
+        observations = image.get_observation_point2D_idxs()
+        if len(observations) == 0:
+            return math.nan
+        samples = np.linspace(0, len(observations) - 1, min(len(observations), self.max_depth_samples)).round()
+        xyz = np.array([self.reconstruction.points3D[image.points2D[observations[i]].point3D_id].xyz
+                        for i in samples.astype(int)])  # (S, 3)
+        return float(self.poses[index].transform(torch.from_numpy(xyz))[:, 2].median())
 
 
 def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None,
@@ -208,8 +250,7 @@ def plan_localization(scene: SceneMap, references: References, router: Router, p
             plan.sigma_m = prior.sigma_m
             plan.cells = router.cells(plan.prior_xyz, prior.sigma_m)
             plan.reference_image_ids = references.ids(router.reference_images(plan.prior_xyz, prior.sigma_m))
-            plan.hypotheses, nearest = reference_hypotheses(plan.prior_xyz, references.poses, num_hypotheses)
-            plan.labels = [f"ref:{references.names[i]}" for i in nearest]
+            plan.hypotheses, plan.labels = references.hypotheses(plan.prior_xyz, num_hypotheses)
         except (ValueError, OSError, UnsupportedCameraModel, PriorOutsideMap) as error:
             plan.error = str(error)
         plans.append(plan)
@@ -383,10 +424,12 @@ def execute(plans: list[QueryPlan], writer: ResultsWriter, map_dir: Path, store:
 
             workers = conf["workers"]
             with_sparse = conf["method"] in ("sparse", "sparse+dense")
+            with_dense = conf["method"] != "sparse"  # also `pixloc refine`, whose method is "refine"
             items = featurizer_items(list(runnable.values()), conf["router"].default_sigma_m)
             dataset = ray.data.from_items(items).map_batches(
                 QueryFeaturizer,
-                fn_constructor_kwargs={"extractor_name": conf["extractor"], "sparse_conf": conf["sparse"],
+                fn_constructor_kwargs={"extractor_name": conf["extractor"] if with_dense else None,
+                                       "sparse_conf": conf["sparse"],
                                        "map_dir": str(Path(map_dir).resolve()) if with_sparse else None},
                 batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
                 num_gpus=gpus_per_worker({"gpus_per_worker": None, "workers": workers}))

@@ -16,7 +16,8 @@ g = sum w_i rho' J_i^T r_i. Because J_i factors through the 2D projection, H and
 accumulated from per-point 2x2 / 2-vector image-space terms: the (N, C, 6) Jacobian is never built.
 
 All M pose hypotheses of one query are refined together, each with its own early stop and
-failure flag. A failed hypothesis keeps its (finite) initial pose; nothing non-finite ever leaves.
+failure flag; optionally only those of lowest cost after the coarsest level go on (`num_kept`).
+A failed hypothesis keeps its (finite) initial pose; nothing non-finite ever leaves.
 """
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .extractors.base import FeatureLevel, Pyramid, sample_feature_map, sample_level
+from .extractors.base import FeatureLevel, Pyramid, sample_level
 from .geometry import Camera, Pose
 
 # Failure codes, kept as a tensor in the loop and turned into AlignResult.failure_reason strings
 # once at the end. Level-specific messages are formatted with the level's stride.
-_OK, _BAD_INIT, _BAD_CAMERA, _NO_POINTS, _TOO_FEW_POINTS, _DEGENERATE = range(6)
+_OK, _BAD_INIT, _BAD_CAMERA, _NO_POINTS, _TOO_FEW_POINTS, _DEGENERATE, _PRUNED = range(7)
 _REASONS = {
     _OK: "",
     _BAD_INIT: "initial pose is not finite",
@@ -39,6 +40,7 @@ _REASONS = {
     _NO_POINTS: "no reference points at stride {stride}",
     _TOO_FEW_POINTS: "fewer than {min_points} valid points at stride {stride}",
     _DEGENERATE: "degenerate Hessian at stride {stride}",
+    _PRUNED: "not among the {num_kept} lowest costs at stride {stride}",
 }
 
 
@@ -80,11 +82,14 @@ class AlignConf:
     pad: float = 2.0  # projections closer than this (feature pixels) to the border are invalid
     min_points: int = 10  # fewer valid points at a level -> failure
     damping: tuple[float, float] = (1e-2, 1e-2)  # initial lambda for translation, rotation
-    # Early stop when a step is below these at the finest level, and below stride x these at
-    # coarser ones (steps that small are noise at their resolution).
-    stop_translation: float = 1e-4  # metres
-    stop_rotation: float = 1e-3  # degrees
+    # A hypothesis stops at a level when a step moves its points by less than this (root mean
+    # square, in the level's feature pixels): unlike a step in metres, this does not depend on
+    # how far the scene is.
+    stop_motion: float = 0.01
     damping_floor: float = 1e-6  # absolute lower bound of the damping, keeps H invertible
+    # After the coarsest level only this many hypotheses, those of lowest cost, go on to the finer
+    # levels, where each costs the most (0: all go on).
+    num_kept: int = 0
 
 
 # lambda = 10 ** (LOG_MIN + (LOG_MAX - LOG_MIN) * sigmoid(raw)): PixLoc's parametrisation.
@@ -109,13 +114,15 @@ def barron_cauchy(squared: torch.Tensor, scale: float) -> tuple[torch.Tensor, to
     return 2 * scale**2 * torch.log1p(scaled), 1 / (1 + scaled)
 
 
-def central_differences(feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """d/dx, d/dy of a (C, h, w) map in feature pixels, both (C, h, w). The border rows and
-    columns get half a one-sided difference; projections there are invalid (conf.pad) anyway."""
-    padded = F.pad(feature_map[None], (1, 1, 1, 1), mode="replicate")[0]
-    d_dx = (padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]) / 2
-    d_dy = (padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]) / 2
-    return d_dx, d_dy
+def interpolation_weights(fraction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (..., 4) of the samples at offsets -1, 0, 1, 2 from floor(x), for x = floor(x) +
+    fraction (...,): linear interpolation of the values, and linear interpolation of the central
+    differences (F[i + 1] - F[i - 1]) / 2 at the two neighbours (the map's gradient, interpolated)."""
+    rest = 1 - fraction
+    zero = torch.zeros_like(fraction)
+    value = torch.stack([zero, rest, fraction, zero], -1)
+    difference = torch.stack([-rest, -fraction, rest, fraction], -1) / 2
+    return value, difference
 
 
 def _as_single_image(tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -129,10 +136,15 @@ def _as_single_image(tensor: torch.Tensor, what: str) -> torch.Tensor:
 
 @dataclass
 class _QueryLevel:
-    """A query level prepared once: features, their image-space gradients and the confidence
-    stacked into one map so that a single bilinear lookup serves all of them."""
+    """A query level prepared once, channel-last so that the pixels around a projection are a
+    few contiguous rows: each lookup gathers the 4 x 4 pixels around it and interpolates the
+    features, their central differences and the confidence from them. Nothing is computed for
+    the pixels no point lands on, which at stride 1 are nearly all of them."""
 
-    maps: torch.Tensor  # (3C + 1, h, w): F, dF/dx, dF/dy, confidence
+    features: torch.Tensor  # (h * w, C), as stored (float16 features are converted after the lookup)
+    confidence: torch.Tensor  # (h * w,)
+    width: int
+    height: int
     camera: Camera  # scaled to the level's resolution
     stride: int
 
@@ -143,14 +155,38 @@ class _QueryLevel:
         if confidence.shape[-2:] != features.shape[-2:]:
             raise ValueError(f"query level at stride {level.stride}: confidence {tuple(confidence.shape[-2:])} "
                              f"and features {tuple(features.shape[-2:])} differ in size")
-        d_dx, d_dy = central_differences(features)
-        feature_size = camera.size.new_tensor(features.shape[:-3:-1])  # (w, h)
+        channels, height, width = features.shape
+        feature_size = camera.size.new_tensor([width, height])
         scales = (feature_size / camera.size).tolist()
-        return cls(torch.cat([features, d_dx, d_dy, confidence]), camera.scale(tuple(scales)), level.stride)
+        # A copy unless the level is stored channel-last already (as cluster.shard_actor sends it).
+        rows = features.permute(1, 2, 0).contiguous().view(height * width, channels)
+        return cls(rows, confidence.reshape(-1), width, height, camera.scale(tuple(scales)), level.stride)
 
     @property
-    def num_channels(self) -> int:
-        return (self.maps.shape[0] - 1) // 3
+    def dtype(self) -> torch.dtype:
+        """What the features are computed in: at least float32."""
+        return torch.promote_types(self.features.dtype, torch.float32)
+
+    def sample(self, p2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bilinear lookup at feature pixels p2d (M, N, 2), COLMAP convention as
+        `sample_feature_map`, the border extended: features (M, N, C), their derivatives
+        d/dx, d/dy (M, N, 2, C) in feature pixels, confidence (M, N), all in p2d's dtype."""
+        corner = p2d - 0.5  # pixel centres at integer coordinates
+        base = corner.floor()
+        value_x, difference_x = interpolation_weights(corner[..., 0] - base[..., 0])  # (M, N, 4)
+        value_y, difference_y = interpolation_weights(corner[..., 1] - base[..., 1])
+        offsets = torch.arange(-1, 3, device=p2d.device)
+        columns = (base[..., 0, None].long() + offsets).clamp(0, self.width - 1)  # (M, N, 4)
+        rows = (base[..., 1, None].long() + offsets).clamp(0, self.height - 1)
+        index = (rows[..., :, None] * self.width + columns[..., None, :]).flatten(-2)  # (M, N, 16), row-major
+        patch = self.features.index_select(0, index.flatten()).view(*index.shape, -1).to(p2d)  # (M, N, 16, C)
+        # (M, N, 3, 16): the 4 x 4 weights of the value, d/dx and d/dy; interpolation is separable.
+        value = (value_y[..., :, None] * value_x[..., None, :]).flatten(-2)
+        weights = torch.stack([value, (value_y[..., :, None] * difference_x[..., None, :]).flatten(-2),
+                               (difference_y[..., :, None] * value_x[..., None, :]).flatten(-2)], -2)
+        sampled = weights @ patch  # (M, N, 3, C)
+        confidence = (value * self.confidence.index_select(0, index.flatten()).view(index.shape).to(p2d)).sum(-1)
+        return sampled[..., 0, :], sampled[..., 1:, :], confidence
 
 
 @dataclass
@@ -161,13 +197,15 @@ class _System:
     hessian: torch.Tensor  # (M, 6, 6)
     cost: torch.Tensor  # (M,) robust mean cost
     num_valid: torch.Tensor  # (M,) int64
+    motion: torch.Tensor  # (M, 6, 6) mean J^T J of the valid points: delta^T motion delta = their mean squared shift
 
     @classmethod
     def failed(cls, num_hypotheses: int, like: torch.Tensor) -> _System:
         """What is reported when no hypothesis reached the end."""
         return cls(like.new_zeros(num_hypotheses, 6), like.new_zeros(num_hypotheses, 6, 6),
                    like.new_full((num_hypotheses,), math.inf),
-                   torch.zeros(num_hypotheses, dtype=torch.long, device=like.device))
+                   torch.zeros(num_hypotheses, dtype=torch.long, device=like.device),
+                   like.new_zeros(num_hypotheses, 6, 6))
 
 
 class _Failures:
@@ -242,9 +280,11 @@ class FeaturemetricAligner(torch.nn.Module):
                 iterations.append(0)
                 continue
             query_level = _QueryLevel.prepare(level, camera)
-            T, num_run = self._align_level(T, query_level, reference, self.dampings[level_index],
-                                           self.conf.num_iterations[level_index], failures)
+            T, num_run, cost = self._align_level(T, query_level, reference, self.dampings[level_index],
+                                                 self.conf.num_iterations[level_index], failures)
             iterations.append(num_run)
+            if level_index == 0 and self.conf.num_kept > 0:
+                failures.add(~_lowest(cost.where(failures.ok, math.inf), self.conf.num_kept), _PRUNED, level.stride)
 
         # The cost, point count and Hessian reported are those of the returned pose; when some
         # hypothesis is still fine, the finest level ran and query_level is the finest.
@@ -260,33 +300,35 @@ class FeaturemetricAligner(torch.nn.Module):
             num_points=system.num_valid.where(success, 0),
             success=success,
             hessian=system.hessian.double().where(success[:, None, None], 0.0),
-            failure_reason=failures.messages(min_points=self.conf.min_points),
+            failure_reason=failures.messages(min_points=self.conf.min_points, num_kept=self.conf.num_kept),
             iterations=iterations,
         )
 
     def _align_level(self, T: Pose, level: _QueryLevel, reference: ReferenceLevel, damping: torch.Tensor,
-                     num_iterations: int, failures: _Failures) -> tuple[Pose, int]:
-        """Up to num_iterations LM steps at one level. A hypothesis stops when its step is small
-        for the level's resolution, or when it fails; only the running ones are computed."""
+                     num_iterations: int, failures: _Failures) -> tuple[Pose, int, torch.Tensor]:
+        """Up to num_iterations LM steps at one level. A hypothesis stops when its step moves its
+        points by less than conf.stop_motion, or when it fails; only the running ones are computed.
+        Returns the poses, the iterations run and the cost (M,) of each hypothesis where it was
+        last linearised (inf if never)."""
         num_hypotheses = T.shape[0]
         converged = torch.zeros_like(failures.ok)
-        stop_translation, stop_rotation = (level.stride * threshold
-                                           for threshold in (self.conf.stop_translation, self.conf.stop_rotation))
+        cost = T.t.new_full((num_hypotheses,), math.inf)
         num_run = 0
         while num_run < num_iterations:
             running = (failures.ok & ~converged).nonzero()[:, 0]  # (K,), a host sync like any early stop
             if len(running) == 0:
                 break
             system = self._build_system(T[running], level, reference)
+            cost = cost.index_put((running,), system.cost.to(cost))
             too_few = system.num_valid < self.conf.min_points  # (K,)
             delta, solved = self._solve(system, damping, active=~too_few)  # (K, 6)
             failures.add(_scatter(running, too_few, num_hypotheses), _TOO_FEW_POINTS, level.stride)
             failures.add(_scatter(running, ~solved, num_hypotheses), _DEGENERATE, level.stride)
             T = Pose.exp(_scatter(running, delta, num_hypotheses)) @ T  # exp(0) = I for the others
-            converged |= _scatter(running, (delta[:, :3].norm(dim=-1) < stop_translation)
-                                  & (torch.rad2deg(delta[:, 3:].norm(dim=-1)) < stop_rotation), num_hypotheses)
+            squared_motion = (delta[:, None, :] @ system.motion.to(delta) @ delta[:, :, None])[:, 0, 0]  # (K,)
+            converged |= _scatter(running, squared_motion < self.conf.stop_motion**2, num_hypotheses)
             num_run += 1
-        return T, num_run
+        return T, num_run, cost
 
     def _build_system(self, T_cam_world: Pose, level: _QueryLevel, reference: ReferenceLevel) -> _System:
         """Residuals, robust weights, gradient and Gauss-Newton Hessian of all hypotheses."""
@@ -298,39 +340,41 @@ class FeaturemetricAligner(torch.nn.Module):
         # Invalid projections may be inf or NaN: park them on the map before sampling.
         p2d = torch.where(valid[..., None], p2d, torch.zeros_like(p2d))
 
-        channels = level.num_channels
-        sampled = sample_feature_map(level.maps, p2d.to(level.maps))  # (M, N, 3C + 1)
-        features_raw = sampled[..., :channels]  # (M, N, C)
-        # (M, N, C, 2): dF/dx and dF/dy side by side
-        d_features_raw = sampled[..., channels:3 * channels].unflatten(-1, (2, channels)).transpose(-1, -2)
-        query_confidence = sampled[..., -1]  # (M, N)
-
+        features_raw, d_features_raw, query_confidence = level.sample(p2d.to(level.dtype))
         # Interpolation breaks the unit norm: renormalise, f = F / |F|, and chain the Jacobian of
-        # the normalisation into the image gradient: J_f = (I - f f^T) dF / |F| = (dF - f a^T) / |F|
-        # with a = dF^T f. Then J_f^T J_f = (dF^T dF - a a^T) / |F|^2 and J_f^T r = (dF^T r - a f.r) / |F|:
-        # all channel sums are entries of the Gram matrix of [dF/dx, dF/dy, f, r], one batched product.
-        norm = features_raw.norm(dim=-1).clamp(min=1e-6)[..., None, None]  # (M, N, 1, 1)
-        features = features_raw / norm[..., 0]
+        # the normalisation into the image gradient dF (2, C): J_f = (I - f f^T) dF^T / |F|, so
+        # J_f^T J_f = (dF dF^T - a a^T) / |F|^2 and J_f^T r = (dF r - a f.r) / |F| with a = dF f.
+        # All are sums over the channels of products, written out: batches of 2 x C matrices
+        # make slow matmuls on the CPU.
+        norm = features_raw.norm(dim=-1).clamp(min=1e-6)[..., None]  # (M, N, 1)
+        features = features_raw / norm
         residuals = features - F.normalize(reference.features.to(features), dim=-1)  # (M, N, C)
-        stacked = torch.cat([d_features_raw, features[..., None], residuals[..., None]], -1)  # (M, N, C, 4)
-        gram = stacked.transpose(-1, -2) @ stacked  # (M, N, 4, 4)
-        a = gram[..., :2, 2:3]  # (M, N, 2, 1)
-        H_p2d = (gram[..., :2, :2] - a @ a.transpose(-1, -2)) / norm**2  # (M, N, 2, 2) = J_f^T J_f
-        g_p2d = (gram[..., :2, 3:4] - a * gram[..., 2:3, 3:4]) / norm  # (M, N, 2, 1) = J_f^T r
+        a = (d_features_raw * features[..., None, :]).sum(-1)  # (M, N, 2)
+        dF_r = (d_features_raw * residuals[..., None, :]).sum(-1)  # (M, N, 2)
+        dF_dF = (d_features_raw[..., :, None, :] * d_features_raw[..., None, :, :]).sum(-1)  # (M, N, 2, 2)
+        f_r = (features * residuals).sum(-1, keepdim=True)  # (M, N, 1)
+        H_p2d = (dF_dF - a[..., :, None] * a[..., None, :]) / norm[..., None] ** 2  # (M, N, 2, 2) = J_f^T J_f
+        g_p2d = (dF_r - a * f_r) / norm  # (M, N, 2) = J_f^T r
 
-        cost, robust_weight = barron_cauchy(gram[..., 3, 3], self.conf.loss_scale)  # (M, N)
+        cost, robust_weight = barron_cauchy(residuals.pow(2).sum(-1), self.conf.loss_scale)  # (M, N)
         confidence = torch.where(valid, reference.confidence.to(features) * query_confidence,
                                  torch.zeros_like(query_confidence))
         weights = confidence * robust_weight  # (M, N)
 
-        J_p2d_pose = level.camera.J_project(p3d_cam) @ T_cam_world.J_transform(p3d_cam)  # (M, N, 2, 6)
+        # d p2d / d delta = J_project [I | -[p]x]: row j of the rotation block is p x (row j of J_project).
+        J_project = level.camera.J_project(p3d_cam)  # (M, N, 2, 3)
+        J_p2d_pose = torch.cat([J_project, torch.linalg.cross(p3d_cam[..., None, :], J_project)], -1)  # (M, N, 2, 6)
         J_p2d_pose = torch.where(valid[..., None, None], J_p2d_pose, torch.zeros_like(J_p2d_pose))
         weighted_J = weights.to(J_p2d_pose)[..., None, None] * J_p2d_pose  # (M, N, 2, 6)
-        weighted_J_T = weighted_J.flatten(1, 2).transpose(1, 2)  # (M, 6, 2N)
-        gradient = (weighted_J_T @ g_p2d.to(J_p2d_pose).flatten(1, 2))[..., 0]  # (M, 6)
-        hessian = weighted_J_T @ (H_p2d.to(J_p2d_pose) @ J_p2d_pose).flatten(1, 2)  # (M, 6, 6)
+        gradient = (weighted_J * g_p2d.to(J_p2d_pose)[..., None]).sum((1, 2))  # (M, 6)
+        H_p2d = H_p2d.to(J_p2d_pose)
+        H_J = H_p2d[..., :, :1] * J_p2d_pose[..., :1, :] + H_p2d[..., :, 1:] * J_p2d_pose[..., 1:, :]  # (M, N, 2, 6)
+        hessian = weighted_J.flatten(1, 2).transpose(1, 2) @ H_J.flatten(1, 2)  # (M, 6, 6)
         mean_cost = (confidence * cost).sum(-1) / confidence.sum(-1).clamp(min=1e-12)
-        return _System(gradient, hessian, mean_cost, valid.sum(-1))
+        num_valid = valid.sum(-1)
+        J_flat = J_p2d_pose.flatten(1, 2)  # (M, 2N, 6), zero where invalid
+        motion = J_flat.transpose(1, 2) @ J_flat / num_valid.clamp(min=1)[:, None, None]  # (M, 6, 6)
+        return _System(gradient, hessian, mean_cost, num_valid, motion)
 
     def _solve(self, system: _System, damping: torch.Tensor, active: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,6 +417,13 @@ class FeaturemetricAligner(torch.nn.Module):
 def _scatter(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
     """values (K, ...) of the hypotheses index (K,) placed into a zero/False tensor (size, ...)."""
     return values.new_zeros(size, *values.shape[1:]).index_put((index,), values)
+
+
+def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """(M,) bool: the k smallest finite values."""
+    lowest = torch.zeros_like(values, dtype=torch.bool)
+    lowest[torch.topk(values, min(k, len(values)), largest=False).indices] = True
+    return lowest & torch.isfinite(values)
 
 
 def _where(mask: torch.Tensor, a: Pose, b: Pose) -> Pose:

@@ -3,10 +3,12 @@
     prior -> pose hypotheses -> featuremetric alignment -> the lowest final cost, checked
 
 Hypotheses are the poses of the reference images nearest to the prior, moved to the prior's
-position (their rotation kept: a nearby photo of the same street looks roughly the same way, and
-the GPS says nothing about heading), or a SIFT + PnP pose, which a geometric check (its inliers)
-already verified. All hypotheses of one alignment are refined together, coarse to fine against
-the reference points; the lowest final cost wins, and its Hessian gives the pose's uncertainty.
+position and turned to look at what the reference looked at (a nearby photo shows roughly the
+same scene, and the GPS says nothing about heading), or a SIFT + PnP pose, which a geometric
+check (its inliers) already verified. All hypotheses of one alignment are refined together against
+the reference points, coarse to fine (the finer levels only for those of lowest cost at the
+coarsest, see AlignConf.num_kept); the lowest final cost wins, and its Hessian gives the pose's
+uncertainty.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from .align import AlignResult, FeaturemetricAligner, ReferenceLevel
 from .extractors.base import Pyramid
-from .geometry import Camera, Pose
+from .geometry import Camera, Pose, so3_exp
 
 METHODS = ("dense", "sparse", "sparse+dense")
 
@@ -34,7 +36,11 @@ class LocalizeConf:
     min_points: int = 100
     max_cost: float = 0.09
     max_position_std_m: float = 0.05
-    max_points: int = 2000  # per level, seen by some hypothesis: bounds the alignment time
+    # Points per level seen by some hypothesis, coarse to fine (an alignment on the fine levels
+    # only takes the last ones): they bound the alignment time. The coarsest level aligns every
+    # hypothesis and for the most iterations, while its features, blurred over 16 pixels and
+    # more, make near points redundant: there, fewer do.
+    max_points: tuple[int, ...] = (1000, 2000, 2000)
     max_depth_m: float = 60.0  # farther points are too coarse to help
 
 
@@ -81,6 +87,35 @@ def reference_hypotheses(prior_xyz: np.ndarray, reference_poses: Pose, k: int) -
     R = reference_poses.R.double()[nearest]  # (K, 3, 3)
     t = -(R @ new_centers[..., None])[..., 0]  # t = -R c
     return Pose.from_Rt(R, t), nearest.numpy()
+
+
+def viewed_points(poses: Pose, depths: torch.Tensor) -> torch.Tensor:
+    """The points (R, 3) that reference images (R,) look at: on their optical axis, at the given
+    depths (R,), e.g. the median depth of the 3D points each observes (NaN: unknown)."""
+    axis = poses.R[..., 2, :]  # (R, 3): the camera's z axis in the world frame, R^T e_z
+    return poses.center() + depths[:, None].to(axis) * axis
+
+
+def turned_towards(hypotheses: Pose, targets: torch.Tensor) -> Pose:
+    """Each hypothesis (M,) turned by the smallest rotation that points its optical axis at its
+    target (M, 3), keeping its centre; unchanged where the target is unknown (NaN) or not in
+    front of it (a turn of 90 degrees or more would be needed).
+
+    A reference hypothesis moved to the prior keeps looking the reference's way, which misses the
+    scene when the prior is beside the reference and the scene near (photos taken around an
+    object); turned towards what the reference looked at, it sees that scene in the middle of
+    the image again, as the reference did. In a street the turn is small, and it compensates the
+    parallax of the prior's sideways error at the scene's typical depth."""
+    centers = hypotheses.center()  # (M, 3)
+    axis = hypotheses.R[..., 2, :]  # (M, 3)
+    direction = torch.nn.functional.normalize(targets.to(centers) - centers, dim=-1)
+    cosine = (axis * direction).sum(-1)
+    possible = torch.isfinite(direction).all(-1) & (cosine > 0)
+    normal = torch.linalg.cross(axis, direction)  # (M, 3), |normal| = sine of the turn
+    angle = torch.atan2(normal.norm(dim=-1), cosine).where(possible, 0.0)
+    turn = so3_exp(torch.nn.functional.normalize(normal.where(possible[:, None], 0.0), dim=-1) * angle[:, None])
+    R = hypotheses.R @ turn.transpose(-1, -2)  # world-frame turn: the new axis R^T e_z is turn @ axis
+    return Pose.from_Rt(R, -(R @ centers[..., None])[..., 0])
 
 
 def visible_points(reference: ReferenceLevel, hypotheses: Pose, camera: Camera, max_points: int,
@@ -152,11 +187,11 @@ def align_hypotheses(aligner: FeaturemetricAligner, query: Pyramid, camera: Came
         raise ValueError(f"need one label per hypothesis, got {tuple(hypotheses.shape)} poses and {len(labels)} labels")
     if hypotheses.shape[0] == 0:
         return Localization.failure("no pose hypothesis")
-    dtype = query[0].features.dtype
+    dtype = torch.promote_types(query[0].features.dtype, torch.float32)  # float16 features are storage only
     hypotheses = hypotheses.to(dtype)
     camera = camera.to(dtype)
-    references = [visible_points(reference, hypotheses, camera, conf.max_points, conf.max_depth_m)
-                  for reference in references]
+    references = [visible_points(reference, hypotheses, camera, max_points, conf.max_depth_m)
+                  for reference, max_points in zip(references, conf.max_points[-len(references):])]
     result = aligner(query, references, camera, hypotheses)
     return best_of([checked(result, index, label, verified, conf) for index, label in enumerate(labels)])
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bench.align import AlignmentProblem, align_trials, synthetic_problem
-from pixloc_core.align import (AlignConf, FeaturemetricAligner, ReferenceLevel, barron_cauchy, damping_to_raw,
-                               raw_to_damping)
-from pixloc_core.extractors.base import sample_feature_map
+from pixloc_core.align import (AlignConf, FeaturemetricAligner, ReferenceLevel, _QueryLevel, barron_cauchy,
+                               damping_to_raw, raw_to_damping)
+from pixloc_core.extractors.base import FeatureLevel, sample_feature_map
 from pixloc_core.geometry import Camera, Pose, perturb_poses
 
 
@@ -45,6 +45,24 @@ def test_converges_from_30cm_3deg(problem, aligner):
     eigenvalues = torch.linalg.eigvalsh(hessian)
     assert (eigenvalues > -1e-6 * eigenvalues.abs().amax(-1, keepdim=True)).all()
     assert (eigenvalues[:, -1] > 0).all()
+
+
+def test_steps_stop_below_a_fraction_of_a_feature_pixel(problem, aligner):
+    # From 5 cm and 0.5 deg every level converges well before its iteration limit.
+    T_init = perturb_poses(problem.T_true, 0.05, 0.5, torch.Generator().manual_seed(7), num=4)
+    result, error_R, error_t = align_trials(aligner, problem, T_init)
+    assert result.success.all() and (error_t < 0.02).all() and (error_R < 0.2).all()
+    assert all(run < limit for run, limit in zip(result.iterations, aligner.conf.num_iterations)), result.iterations
+
+
+def test_only_the_lowest_costs_go_past_the_coarsest_level(problem):
+    aligner = FeaturemetricAligner(AlignConf(num_kept=1))
+    T_init = Pose.stack([perturb_poses(problem.T_true, 3.0, 10.0, torch.Generator().manual_seed(0), num=1)[0],
+                         perturb_poses(problem.T_true, 0.1, 1.0, torch.Generator().manual_seed(0), num=1)[0]])
+    result, _, error_t = align_trials(aligner, problem, T_init)
+    assert result.success.tolist() == [False, True] and error_t[1] < 0.02
+    assert result.failure_reason[0] == "not among the 1 lowest costs at stride 16"
+    assert torch.equal(result.poses.t[0], T_init.t[0]) and torch.isinf(result.cost[0])
 
 
 def test_batched_equals_one_by_one(problem):
@@ -129,6 +147,22 @@ def test_dampings_are_learnable_and_loaded_finest_first(problem):
     aligner.load_dampings(damping_to_raw(lambdas))
     assert torch.allclose(aligner.dampings, lambdas.flip(0), rtol=1e-4)
     assert torch.allclose(raw_to_damping(damping_to_raw(lambdas)), lambdas, rtol=1e-4)
+
+
+def test_query_level_lookup_interpolates_features_and_central_differences():
+    generator = torch.Generator().manual_seed(9)
+    features, confidence = torch.rand(5, 7, 9, generator=generator), torch.rand(7, 9, generator=generator)
+    camera = Camera("PINHOLE", 18.0, 14.0, torch.tensor([10.0, 10.0, 9.0, 7.0]))  # the level is half its size
+    level = _QueryLevel.prepare(FeatureLevel(features, confidence, 2), camera)
+    assert level.camera.size.tolist() == [9.0, 7.0]
+    # inside the map by more than a pixel, where central differences need no padding
+    p2d = torch.rand(2, 20, 2, generator=generator) * torch.tensor([6.0, 4.0]) + 1.5  # (M, N, 2)
+    sampled, gradient, sampled_confidence = level.sample(p2d)
+    d_dy, d_dx = torch.gradient(features, dim=(1, 2))
+    assert torch.allclose(sampled, sample_feature_map(features, p2d), atol=1e-5)
+    assert torch.allclose(gradient[..., 0, :], sample_feature_map(d_dx, p2d), atol=1e-5)
+    assert torch.allclose(gradient[..., 1, :], sample_feature_map(d_dy, p2d), atol=1e-5)
+    assert torch.allclose(sampled_confidence, sample_feature_map(confidence[None], p2d)[..., 0], atol=1e-5)
 
 
 def test_building_blocks():

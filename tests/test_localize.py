@@ -24,7 +24,8 @@ from pixloc_core.evaluate import pose_errors
 from pixloc_core.geometry import Pose
 from pixloc_core.io import (Prior, QueryIntrinsics, read_poses, read_priors, read_query_list, write_poses,
                             write_priors, write_query_list)
-from pixloc_core.localize import pose_uncertainty, reference_hypotheses, visible_points
+from pixloc_core.localize import (pose_uncertainty, reference_hypotheses, turned_towards, viewed_points,
+                                  visible_points)
 from pixloc_core.synthetic import dataset
 
 CONF = {"workers": 2, "flush_every": 1}
@@ -98,6 +99,15 @@ def test_every_query_gets_one_row_and_good_ones_are_accurate(scene, faulty_queri
         assert row["num_points"] > 0 and math.isfinite(row["cost"]) and row["cell"]
         assert row["prior_distance_m"] > 0 and row["position_std_m"] >= 0
         assert row["cnn_ms"] > 0 and row["align_ms"] > 0
+
+
+def test_the_sparse_method_computes_no_dense_features(scene, faulty_queries, tmp_path):
+    results = run_localize(scene, faulty_queries, tmp_path / "out", conf={"method": "sparse"})
+    rows = {row["name"]: row for row in pq.read_table(results).to_pylist()}
+    good = [rows[name] for name in faulty_queries["good"]]
+    assert all(row["cnn_ms"] == 0 and row["sparse_ms"] > 0 and row["method"] == "sparse" for row in good)
+    assert any(row["success"] for row in good)
+    assert all(row["hypothesis"] == "sparse" for row in good if row["success"])
 
 
 def test_resume_after_a_driver_crash_answers_each_query_once(scene, faulty_queries, tmp_path):
@@ -201,6 +211,27 @@ def test_reference_hypotheses_keep_rotation_and_move_to_the_prior():
     assert nearest.tolist() == [1, 0]
     assert torch.allclose(hypotheses.center(), torch.tensor([[9.0, 2.0, 1.6], [9.0, 2.0, 1.5]], dtype=torch.float64))
     assert torch.allclose(hypotheses.R, R[[1, 0]])
+
+
+def test_hypotheses_turn_towards_what_their_reference_looked_at():
+    # A reference at the origin looking along +x (camera y down = world -z), 10 m from its scene.
+    R = torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    reference = Pose.from_Rt(R, torch.zeros(3, dtype=torch.float64))[None]
+    target = viewed_points(reference, torch.tensor([10.0], dtype=torch.float64))
+    assert torch.allclose(target, torch.tensor([[10.0, 0.0, 0.0]], dtype=torch.float64))
+
+    moved, _ = reference_hypotheses(np.array([0.0, 3.0, 0.0]), reference, 1)
+    turned = turned_towards(moved, target)
+    assert torch.allclose(turned.center(), moved.center())
+    expected_axis = torch.nn.functional.normalize(torch.tensor([10.0, -3.0, 0.0], dtype=torch.float64), dim=0)
+    assert torch.allclose(turned.R[0, 2], expected_axis)
+    assert torch.allclose(turned.R[0, 1], R[1])  # a turn about the vertical keeps the camera upright
+
+    # Unknown, or behind the moved camera: nothing to turn towards.
+    beyond, _ = reference_hypotheses(np.array([12.0, 3.0, 0.0]), reference, 1)
+    for hypothesis, unusable in ((moved, torch.full((1, 3), math.nan, dtype=torch.float64)), (beyond, target)):
+        kept = turned_towards(hypothesis, unusable)
+        assert torch.allclose(kept.R, hypothesis.R) and torch.allclose(kept.t, hypothesis.t)
 
 
 def test_visible_points_keeps_what_some_hypothesis_sees():
