@@ -5,16 +5,20 @@ Every step is the user's command (`pixloc map`, `features`, `localize`), run per
 * fountain-P11 (Strecha 2008, true poses): map from the known poses of all images but every third
   (`--reference-model`), queries 0001/0004/0007/0010 with priors = true centre + 2 m.
 * lund (OpenSfM): map by SfM + GPS georegistration from all images but every fourth; the held-out
-  images are queries with their own EXIF GPS as prior. Pseudo ground truth: an SfM of all 29
-  images (`pixloc map` again, same settings), aligned to the map by the Sim3 between the centres
-  of the mapping images it shares with it (RANSAC, 0.5 m inlier threshold).
+  images are queries with their own EXIF GPS as prior. Pseudo ground truth in the map's own
+  frame: the queries registered into the map by COLMAP's incremental mapper with the map's poses
+  and cameras fixed, from all their SIFT matches to their GPS-nearest mapping images, with new
+  tracks triangulated and all new poses and points bundle-adjusted (pixloc_core.datasets.
+  register_pseudo_ground_truth). It shares the map's intrinsics and frame, so it measures
+  localization against the map, not the map against the world; a query that does not register
+  has no pseudo ground truth and counts as a failure.
 * sacre_coeur (hloc demo): map by SfM of the 10 photos (no GPS: a local frame without scale), the
   night query with a prior covering the whole map; no ground truth, so we report whether it
   localizes and save an overlay of the map points reprojected with its pose.
 
 Methods: `sparse` (SIFT + PnP), `dense` (featuremetric alignment from the prior's hypotheses),
 `sparse+dense`, and `prior`: the prior position with the rotation of the nearest reference image
-(the pose `dense` starts from). Each set runs again with the queries downscaled to 480 px
+turned towards what that image looked at (the first pose `dense` starts from). Each set runs again with the queries downscaled to 480 px
 (`SET@480px`), on the same map and store. s_per_query is the mean per-query compute (read, CNN,
 SIFT, store load, matching, alignment) from results.parquet; Ray start-up is not included.
 """
@@ -36,11 +40,10 @@ from cluster.runtime import init_ray
 from jobs.cli import main as pixloc
 from jobs.localize import References, query_intrinsics
 from jobs.results import STAGES, read_results, successful_poses
-from pixloc_core.datasets import LUND, PREPARERS, PreparedSet, align_pseudo_ground_truth
+from pixloc_core.datasets import LUND, PREPARERS, PreparedSet, register_pseudo_ground_truth
 from pixloc_core.evaluate import RECALL_THRESHOLDS, evaluate, pose_errors, recall_key
 from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import Prior, read_poses, write_poses, write_priors
-from pixloc_core.localize import reference_hypotheses
 from pixloc_core.map_io import SceneMap
 
 logger = logging.getLogger(__name__)
@@ -75,14 +78,14 @@ def seconds_per_query(table: pa.Table) -> float:
 
 
 def prior_poses(table: pa.Table, scene: SceneMap) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The prior as a pose: its position, with the rotation of the nearest reference image (the
-    rotation `dense` starts from; a GPS prior has none)."""
-    references = References(scene).poses
+    """The prior as a pose: its position, with the rotation of the first hypothesis `dense` starts
+    from (a GPS prior has none: the nearest reference's, turned towards what it looked at)."""
+    references = References(scene)
     poses = {}
     for name, prior_xyz in zip(table.column("name").to_pylist(), table.column("prior_xyz").to_pylist()):
         if prior_xyz is not None:
             center = torch.tensor(prior_xyz, dtype=torch.float64)
-            R = reference_hypotheses(center.numpy(), references, 1)[0].R[0].double()
+            R = references.hypotheses(center.numpy(), 1)[0].R[0].double()
             pose = Pose.from_Rt(R, -R @ center)
             poses[name] = (pose.qvec().numpy(), pose.t.numpy())
     return poses
@@ -155,11 +158,9 @@ def build(prepared: PreparedSet, work: Path, conf: dict, map_args: list) -> tupl
 
 
 def lund_pseudo_ground_truth(prepared: PreparedSet, map_dir: Path, work: Path, conf: dict) -> Path:
-    """SfM of all images (the same `pixloc map`), aligned to the map on the common images."""
-    full_dir = work / "map_all_images"
-    run_pixloc("map", "--images", Path(conf["data_root"]) / LUND / "images", "--out", full_dir, "--gps-from-exif")
-    poses, _ = align_pseudo_ground_truth(SceneMap.load(full_dir).reconstruction,
-                                         SceneMap.load(map_dir).reconstruction, prepared.query_names)
+    """The queries registered into the map with its poses and cameras fixed."""
+    poses = register_pseudo_ground_truth(map_dir, Path(conf["data_root"]) / LUND / "images", prepared.query_names,
+                                         work / "pseudo_ground_truth")
     gt_path = work / "gt_queries.txt"
     write_poses(gt_path, poses)
     return gt_path
@@ -269,8 +270,9 @@ def main(out: Path | None = None, **conf) -> dict:
     if not data_root.is_dir():
         raise FileNotFoundError(f"{data_root}: real data not found (see DEVELOPERS.md)")
     report = {"sets": {}, "goals": {}, "machine": machine(),
-              "pseudo_ground_truth": {"lund": "SfM of all 29 images (pixloc map), Sim3-aligned to the map on "
-                                              "the centres of the common mapping images"}}
+              "pseudo_ground_truth": {"lund": "held-out images registered into the map (COLMAP incremental "
+                                              "mapper, map poses and cameras fixed, SIFT matches to the 10 "
+                                              "GPS-nearest images, new tracks, bundle adjustment)"}}
     with init_ray(num_cpus=conf["workers"]):
         for name in conf["sets"]:
             sets, set_goals = bench_set(name, conf)

@@ -8,8 +8,8 @@ model with known poses, ground-truth query poses, a priors CSV and a query list 
   rotation and the camera centre, so world-to-camera is (R^T, -R^T C). Images are downscaled for
   speed; COLMAP puts the pixel corner at 0, so the intrinsics scale exactly as c' = s c.
 * Lund (OpenSfM): 29 street photos with EXIF GPS and focal length, no ground truth; copies keep
-  their EXIF byte for byte. Pseudo ground truth comes later from an SfM of all images aligned to
-  the map (`align_pseudo_ground_truth`).
+  their EXIF byte for byte. Pseudo ground truth comes once the map exists: the queries registered
+  into it with its poses and cameras fixed (`register_pseudo_ground_truth`).
 * Sacre-Coeur (hloc demo): 10 internet photos without EXIF and one night query.
 """
 from __future__ import annotations
@@ -24,10 +24,12 @@ import pycolmap
 import torch
 from PIL import Image
 
-from .exif import read_exif_gps
+from .exif import read_exif_focal_px, read_exif_gps
 from .geometry import Pose
 from .io import Prior, QueryIntrinsics, write_poses, write_priors, write_query_list
 from .images import list_images
+from .map_io import SceneMap, exif_camera_key
+from .mapping import matching, pairs, sfm, sift
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,12 @@ default_conf = {
     },
     "sacre_coeur": {
         "query_max_image_size": 1024,  # the night query is 2816 x 2112; the mapping photos ~1000 px
+    },
+    "pseudo_ground_truth": {
+        "sift": sift.default_conf,  # those of `pixloc map`: the map's 2D points must be reproduced
+        "pairs": pairs.default_conf,
+        "matching": matching.default_conf,
+        "sfm": sfm.default_conf,
     },
 }
 
@@ -173,7 +181,7 @@ def prepare_fountain(data_root: Path, out_dir: Path, conf: dict | None = None) -
 
 def prepare_lund(data_root: Path, out_dir: Path, conf: dict | None = None) -> PreparedSet:
     """Lund: mapping and query copies (EXIF kept) and the queries' own EXIF GPS as WGS84 priors.
-    No ground truth here: see `align_pseudo_ground_truth`."""
+    No ground truth here: see `register_pseudo_ground_truth`."""
     conf = {**default_conf["lund"], **(conf or {})}
     root, out_dir = Path(data_root) / LUND / "images", Path(out_dir)
     names = list_images(root)
@@ -219,35 +227,50 @@ PREPARERS = {
 }
 
 
-def align_pseudo_ground_truth(full_model: pycolmap.Reconstruction, map_model: pycolmap.Reconstruction,
-                              query_names: list[str], max_error_m: float = 0.5
-                              ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], pycolmap.Sim3d]:
-    """Pseudo ground truth for queries without true poses: an SfM of all images (`full_model`)
-    brought into the map frame by the Sim3 that best aligns its centres of the images common to
-    both models to the map's centres (RANSAC, inliers within `max_error_m`). Returns the queries'
-    poses in the map frame (those registered in `full_model`) and the Sim3 (map from full)."""
-    common = [image.name for image in map_model.images.values()
-              if image.has_pose and (full := full_model.find_image_with_name(image.name)) is not None
-              and full.has_pose]
-    if len(common) < 3:
-        raise ValueError(f"only {len(common)} images common to the full and the map model: need 3 to align them")
-    centers = np.stack([map_model.find_image_with_name(n).projection_center() for n in common])  # (N, 3)
-    ransac = pycolmap.RANSACOptions()
-    ransac.max_error = max_error_m
-    map_from_full = pycolmap.align_reconstruction_to_locations(full_model, common, centers, 3, ransac)
-    if map_from_full is None:
-        raise ValueError(f"no Sim3 aligns the full model to the map within {max_error_m} m on {len(common)} images")
-    aligned = pycolmap.Reconstruction(full_model)
-    aligned.transform(map_from_full)
+def register_pseudo_ground_truth(map_dir: Path, image_dir: Path, query_names: list[str], work_dir: Path,
+                                 conf: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Pseudo ground truth for queries without true poses, in the map's own frame: the queries
+    are registered into the map by COLMAP's incremental mapper with the map's poses and cameras
+    fixed (`sfm.register_into`), so that no similarity between two SfM models (each bent its own
+    way by its self-calibration) enters the reference. It uses more evidence than `sparse`
+    localization: every SIFT keypoint of each query matched to its nearest mapping images (not one
+    mean descriptor per map point), new tracks triangulated through the queries, and a bundle
+    adjustment of all query poses and points over all their observations.
+
+    image_dir holds the mapping images and the queries (original resolution, EXIF focal length
+    and GPS); a query gets the map camera of its EXIF (size and focal length): the same device.
+    Returns the poses of the queries that register, world-to-camera (qvec, tvec)."""
+    conf = {**default_conf["pseudo_ground_truth"], **(conf or {})}
+    scene = SceneMap.load(map_dir, with_descriptors=False)
+    image_dir = Path(image_dir)
+    centers = scene.image_centers()
+    camera_ids, positions = {}, dict(centers)
+    for name in query_names:
+        with Image.open(image_dir / name) as image:
+            width, height = image.size
+        focal = read_exif_focal_px(image_dir / name, width, height)
+        camera_id = scene.exif_cameras.get(exif_camera_key(width, height, focal)) if focal else None
+        gps = read_exif_gps(image_dir / name)
+        if camera_id is None or gps is None:
+            raise ValueError(f"{image_dir / name}: needs EXIF GPS and the EXIF focal length of a map camera")
+        lat, lon, alt = gps
+        camera_ids[name] = camera_id
+        positions[name] = scene.prior_to_map(Prior((lat, lon, alt or 0.0), True, has_altitude=alt is not None))
+    names = sorted(positions)
+    features, skipped = sift.main(image_dir, names, conf["sift"])
+    if skipped:
+        raise ValueError(f"{image_dir}: unreadable images {[entry['name'] for entry in skipped]}")
+    image_pairs = [pair for pair in pairs.from_positions(names, np.stack([positions[n] for n in names]), conf["pairs"])
+                   if pair[0] in camera_ids or pair[1] in camera_ids]
+    matches = matching.main(features, image_pairs, conf["matching"])
+    extended = sfm.register_into(scene.reconstruction, features, matches, camera_ids, image_dir, Path(work_dir),
+                                 conf["sfm"])
     poses = {}
     for name in query_names:
-        image = aligned.find_image_with_name(name)
+        image = extended.find_image_with_name(name)
         if image is not None and image.has_pose:
             pose = Pose.from_colmap(image.cam_from_world())
             poses[name] = (pose.qvec().numpy(), pose.t.numpy())
-    residuals = np.linalg.norm(np.stack([aligned.find_image_with_name(n).projection_center() for n in common])
-                               - centers, axis=1)
-    logger.info("pseudo GT: Sim3 scale %.4f on %d common images, centre residuals median %.3f m, max %.3f m; "
-                "%d/%d queries registered", map_from_full.scale, len(common), np.median(residuals),
-                residuals.max(), len(poses), len(query_names))
-    return poses, map_from_full
+    logger.info("pseudo GT: %d/%d queries registered into the map (poses and cameras fixed)",
+                len(poses), len(query_names))
+    return poses

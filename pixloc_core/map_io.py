@@ -11,7 +11,8 @@
                                             frame, or null (provenance only)}
     MAP/shards.json       the shard index (pixloc_core/shards.py)
     MAP/manifest.json     {"fingerprint", "source", "images_dir", "num_images", "num_points3D",
-                           "skipped": [{"name", "reason"}], "created_utc"}
+                           "skipped": [{"name", "reason"}], "exif_cameras": {"WxH@F": camera_id},
+                           "created_utc"}
 
 SfM maps are transformed into the ENU frame of their GPS priors (metric, z up), so for them
 map_to_enu is the identity and GPS priors in ENU are map positions; imported and reference-model
@@ -19,8 +20,10 @@ maps keep the user's frame (their poses are the user's ground truth) and store m
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,6 +113,13 @@ def exif_camera_key(width: int, height: int, exif_focal_px: float) -> str:
     return f"{width}x{height}@{exif_focal_px:.1f}"
 
 
+def parse_exif_camera_key(key: str) -> tuple[int, int, float]:
+    """Inverse of `exif_camera_key`: (width, height, EXIF focal px)."""
+    size, focal = key.split("@")
+    width, height = size.split("x")
+    return int(width), int(height), float(focal)
+
+
 @dataclass
 class SceneMap:
     reconstruction: pycolmap.Reconstruction
@@ -168,9 +178,27 @@ class SceneMap:
     def camera_for_exif(self, width: int, height: int, exif_focal_px: float) -> pycolmap.Camera | None:
         """The map's self-calibrated camera of the device that wrote this EXIF focal length at this
         image size: SfM gives all mapping images of one (size, EXIF focal) one shared camera, whose
-        refined intrinsics fit the map better than the EXIF value does."""
+        refined intrinsics fit the map better than the EXIF value does.
+
+        A resized photo of that device (same aspect ratio up to the rounding of its size, same
+        focal length per pixel of diagonal: a 35 mm equivalent keeps its value under resizing) gets
+        that camera rescaled to its size (pixel corner at 0: focal and principal point times the
+        scale, distortion unchanged)."""
         camera_id = self.exif_cameras.get(exif_camera_key(width, height, exif_focal_px))
-        return None if camera_id is None else self.reconstruction.cameras[camera_id]
+        if camera_id is not None:
+            return self.reconstruction.cameras[camera_id]
+        diagonal = math.hypot(width, height)
+        for key, camera_id in self.exif_cameras.items():
+            map_width, map_height, map_focal_px = parse_exif_camera_key(key)
+            map_diagonal = math.hypot(map_width, map_height)
+            same_aspect = abs(height - map_height * width / map_width) <= 1.0  # sizes are rounded to pixels
+            # The key keeps 0.1 px of the map's focal: allow that, scaled, and float noise.
+            same_focal = abs(exif_focal_px / diagonal - map_focal_px / map_diagonal) <= 0.06 / map_diagonal
+            if same_aspect and same_focal:
+                camera = copy.copy(self.reconstruction.cameras[camera_id])
+                camera.rescale(width, height)
+                return camera
+        return None
 
     def image_centers(self) -> dict[str, np.ndarray]:
         return {image.name: image.projection_center() for image in self.reconstruction.images.values()

@@ -1,18 +1,19 @@
 """Dataset adapters on the real data: conventions checked against the pixels, not only the files."""
 from __future__ import annotations
 
-
 import numpy as np
 import pycolmap
 import pytest
 import torch
 from PIL import Image
 
-from pixloc_core.datasets import (LUND, align_pseudo_ground_truth, prepare_fountain, prepare_lund,
-                                  prepare_sacre_coeur, read_strecha_camera)
+from jobs.map import build_map, exif_priors
+from pixloc_core.datasets import (LUND, copy_image, prepare_fountain, prepare_lund, prepare_sacre_coeur,
+                                  read_strecha_camera, register_pseudo_ground_truth)
 from pixloc_core.exif import read_exif_focal_px, read_exif_gps
 from pixloc_core.geometry import Pose, skew
 from pixloc_core.io import read_poses, read_priors, read_query_list
+from pixloc_core.map_io import SceneMap
 from pixloc_core.mapping.matching import match_descriptors, normalize_descriptors
 from pixloc_core.images import read_image
 from pixloc_core.mapping.sift import SiftExtractor
@@ -118,27 +119,34 @@ def test_sacre_coeur(shared_data, tmp_path):
     assert read_exif_focal_px(sacre_coeur.query_dir / "night.jpg", 1024, 768) is not None
 
 
-def _model_with_centers(centers: dict[str, np.ndarray]) -> pycolmap.Reconstruction:
-    model = pycolmap.Reconstruction()
-    model.add_camera_with_trivial_rig(pycolmap.Camera(camera_id=1, model="SIMPLE_PINHOLE", width=100, height=100,
-                                                      params=[100.0, 50.0, 50.0]))
-    for image_id, (name, center) in enumerate(centers.items(), start=1):
-        R = torch.eye(3, dtype=torch.float64)
-        model.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=1, image_id=image_id),
-                                           Pose.from_Rt(R, -R @ torch.from_numpy(center)).to_colmap())
-    return model
+@pytest.mark.slow
+def test_lund_queries_register_into_the_map_as_pseudo_ground_truth(shared_data, tmp_path):
+    """Held-out photos of the street join the SfM map with its poses fixed: each lands between the
+    photos taken just before and after it along the walk, and the map itself does not move."""
+    source = shared_data / LUND / "images"
+    names = [f"{i:02d}.jpg" for i in range(1, 13)]
+    queries = ["04.jpg", "08.jpg"]
+    for name in names:
+        copy_image(source / name, tmp_path / "all" / name, None)
+        if name not in queries:
+            copy_image(source / name, tmp_path / "mapping" / name, None)
+    mapping = [name for name in names if name not in queries]
+    scene = build_map(tmp_path / "mapping", tmp_path / "map", priors=exif_priors(tmp_path / "mapping", mapping))
+    before = scene.image_centers()
 
+    poses = register_pseudo_ground_truth(tmp_path / "map", tmp_path / "all", queries, tmp_path / "work")
 
-def test_pseudo_ground_truth_alignment():
-    """An SfM of all images in its own frame (scaled, rotated, shifted) comes back into the map frame
-    through the mapping images it shares with the map; the query, absent from the map, follows."""
-    rng = np.random.default_rng(0)
-    truth = {f"{i:02d}.jpg": rng.normal(size=3) * 10 for i in range(8)}
-    angle = np.radians(30)
-    R = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    full = _model_with_centers({name: 0.5 * R @ c + [1, 2, 3] for name, c in truth.items()})
-    map_model = _model_with_centers({name: c for name, c in truth.items() if name != "07.jpg"})
-    poses, map_from_full = align_pseudo_ground_truth(full, map_model, ["07.jpg"])
-    assert map_from_full.scale == pytest.approx(2.0)
-    center = Pose.from_qvec_tvec(torch.from_numpy(poses["07.jpg"][0]), torch.from_numpy(poses["07.jpg"][1])).center()
-    np.testing.assert_allclose(center.numpy(), truth["07.jpg"], atol=1e-6)
+    assert sorted(poses) == queries
+    after = SceneMap.load(tmp_path / "map").image_centers()
+    assert all(np.allclose(after[name], before[name]) for name in before)
+    for query in queries:
+        index = names.index(query)
+        previous, following = before.get(names[index - 1]), before.get(names[index + 1])
+        if previous is None or following is None:
+            continue  # a neighbour the map did not register
+        qvec, tvec = poses[query]
+        center = Pose.from_qvec_tvec(torch.from_numpy(qvec), torch.from_numpy(tvec)).center().numpy()
+        step = following - previous
+        along = float((center - previous) @ step / (step @ step))
+        across = np.linalg.norm(center - previous - along * step)
+        assert 0.0 < along < 1.0 and across < 1.0, (query, along, across)

@@ -17,6 +17,7 @@ from pixloc_core import exif
 from pixloc_core.io import read_poses, read_priors
 from pixloc_core.map_io import SceneMap, model_fingerprint
 from pixloc_core.images import list_images
+from pixloc_core.mapping import sfm, sift
 from pixloc_core.synthetic import PinholeIntrinsics, SceneConfig, build_scene, raycast
 from pixloc_core.synthetic import dataset
 
@@ -168,3 +169,9 @@ def test_sfm_and_georegistration_on_lund(shared_data, tmp_path):
     camera = reloaded.camera_for_exif(1024, 768, exif_focal)
     assert camera is not None and camera.camera_id == reloaded.reconstruction.find_image_with_name("01.jpg").camera_id
     assert reloaded.camera_for_exif(1024, 768, exif_focal + 50) is None
+
+
+def test_register_into_needs_the_model_keypoints(triangulated, scene, tmp_path):
+    features, _ = sift.main(scene / "mapping", list_images(scene / "mapping"), {"max_num_features": 100})
+    with pytest.raises(ValueError, match="not those of the model"):
+        sfm.register_into(triangulated.reconstruction, features, {}, {}, scene / "mapping", tmp_path)

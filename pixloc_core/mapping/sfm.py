@@ -59,6 +59,59 @@ def mapper_options(conf: dict) -> pycolmap.IncrementalPipelineOptions:
     return options
 
 
+def check_keypoints_reproduce(reconstruction: pycolmap.Reconstruction, features: dict[str, Features],
+                              max_distance_px: float = 1e-3) -> None:
+    """Extending a model needs the keypoints its 2D points were made from: same count, same place."""
+    for image in reconstruction.images.values():
+        if image.name not in features:
+            raise ValueError(f"{image.name}: no features for an image of the model to extend")
+        model_xy = np.array([point.xy for point in image.points2D]).reshape(-1, 2)  # (N, 2)
+        xy = features[image.name].xy
+        if len(xy) != len(model_xy) or (len(xy) and np.abs(xy - model_xy).max() > max_distance_px):
+            raise ValueError(f"{image.name}: its features ({len(xy)} keypoints) are not those of the model "
+                             f"({len(model_xy)} 2D points): extract them with the model's SIFT settings")
+
+
+def register_into(reconstruction: pycolmap.Reconstruction, features: dict[str, Features],
+                  matches: dict[tuple[str, str], np.ndarray], camera_ids: dict[str, int], image_dir: Path,
+                  work_dir: Path, conf: dict | None = None) -> pycolmap.Reconstruction:
+    """Registers new images (`camera_ids`: name -> id of a camera of `reconstruction`) into a copy of
+    `reconstruction`, whose frames and cameras stay fixed: COLMAP's incremental mapper continues the
+    model (2D-3D registration, triangulation of new tracks, bundle adjustment of every new pose and
+    of all points over all observations). `features` covers the model's images too, with the
+    keypoints the model was made from; `matches` pair new images with model images or each other."""
+    conf = {**default_conf, **(conf or {})}
+    work_dir = Path(work_dir)
+    (work_dir / "input").mkdir(parents=True, exist_ok=True)
+    check_keypoints_reproduce(reconstruction, features)
+    missing = set(camera_ids.values()) - set(reconstruction.cameras)
+    if missing:
+        raise ValueError(f"cameras {sorted(missing)} are not in the model to extend")
+    skeleton = pycolmap.Reconstruction(reconstruction)
+    next_id = max(reconstruction.images, default=0) + 1
+    for image_id, (name, camera_id) in enumerate(sorted(camera_ids.items()), start=next_id):
+        skeleton.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=camera_id, image_id=image_id))
+    database, pairs_path = work_dir / "database.db", work_dir / "pairs.txt"
+    write_database(database, skeleton, features, matches)
+    write_pairs(pairs_path, list(matches))
+    pycolmap.verify_matches(database, pairs_path)
+    reconstruction.write(work_dir / "input")
+    options = mapper_options(conf)
+    options.fix_existing_frames = True
+    options.constant_cameras = set(reconstruction.cameras)
+    options.multiple_models = False
+    models = pycolmap.incremental_mapping(database, image_dir, work_dir / "models", options,
+                                          input_path=work_dir / "input")
+    if not models:
+        raise ValueError(f"no model came back from extending {reconstruction.num_reg_images()} images")
+    extended = max(models.values(), key=lambda model: model.num_reg_images())
+    registered = sum((image := extended.find_image_with_name(name)) is not None and image.has_pose
+                     for name in camera_ids)
+    logger.info("registered %d/%d new images into a model of %d images", registered, len(camera_ids),
+                reconstruction.num_reg_images())
+    return extended
+
+
 def main(features: dict[str, Features], matches: dict[tuple[str, str], np.ndarray], image_dir: Path,
          work_dir: Path, focal_px: dict[str, float] | None = None, conf: dict | None = None
          ) -> pycolmap.Reconstruction:
