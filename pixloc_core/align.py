@@ -280,8 +280,9 @@ class FeaturemetricAligner(torch.nn.Module):
                 iterations.append(0)
                 continue
             query_level = _QueryLevel.prepare(level, camera)
+            num_kept = self.conf.num_kept if level_index == 0 else 0
             T, num_run, cost = self._align_level(T, query_level, reference, self.dampings[level_index],
-                                                 self.conf.num_iterations[level_index], failures)
+                                                 self.conf.num_iterations[level_index], failures, num_kept)
             iterations.append(num_run)
             if level_index == 0 and self.conf.num_kept > 0:
                 failures.add(~_lowest(cost.where(failures.ok, math.inf), self.conf.num_kept), _PRUNED, level.stride)
@@ -305,9 +306,13 @@ class FeaturemetricAligner(torch.nn.Module):
         )
 
     def _align_level(self, T: Pose, level: _QueryLevel, reference: ReferenceLevel, damping: torch.Tensor,
-                     num_iterations: int, failures: _Failures) -> tuple[Pose, int, torch.Tensor]:
+                     num_iterations: int, failures: _Failures, num_kept: int = 0
+                     ) -> tuple[Pose, int, torch.Tensor]:
         """Up to num_iterations LM steps at one level. A hypothesis stops when its step moves its
         points by less than conf.stop_motion, or when it fails; only the running ones are computed.
+        With num_kept > 0 (only that many will go on), the level ends as soon as the num_kept of
+        lowest cost have stopped: the others, still moving, are already costlier, and finishing
+        them would only decide which of the discarded ones is least bad.
         Returns the poses, the iterations run and the cost (M,) of each hypothesis where it was
         last linearised (inf if never)."""
         num_hypotheses = T.shape[0]
@@ -328,6 +333,8 @@ class FeaturemetricAligner(torch.nn.Module):
             squared_motion = (delta[:, None, :] @ system.motion.to(delta) @ delta[:, :, None])[:, 0, 0]  # (K,)
             converged |= _scatter(running, squared_motion < self.conf.stop_motion**2, num_hypotheses)
             num_run += 1
+            if num_kept > 0 and not bool((_lowest(cost.where(failures.ok, math.inf), num_kept) & ~converged).any()):
+                break
         return T, num_run, cost
 
     def _build_system(self, T_cam_world: Pose, level: _QueryLevel, reference: ReferenceLevel) -> _System:

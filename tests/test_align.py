@@ -65,6 +65,19 @@ def test_only_the_lowest_costs_go_past_the_coarsest_level(problem):
     assert torch.equal(result.poses.t[0], T_init.t[0]) and torch.isinf(result.cost[0])
 
 
+def test_coarsest_level_ends_once_the_kept_hypotheses_have_stopped(problem):
+    """The far hypotheses, still moving and costlier, do not hold the coarse level open: it ends
+    with the near one's convergence, and the near one wins as it does when all run to the end."""
+    near = perturb_poses(problem.T_true, 0.1, 1.0, torch.Generator().manual_seed(1), num=1)
+    far = perturb_poses(problem.T_true, 3.0, 20.0, torch.Generator().manual_seed(2), num=3)
+    T_init = Pose.stack([*far, near[0]])
+    pruned, _, error_t = align_trials(FeaturemetricAligner(AlignConf(num_kept=1)), problem, T_init)
+    everything, _, _ = align_trials(FeaturemetricAligner(), problem, T_init)
+    assert pruned.success.tolist() == [False, False, False, True] and error_t[3] < 0.02
+    assert int(everything.cost.argmin()) == 3
+    assert pruned.iterations[0] < everything.iterations[0], (pruned.iterations, everything.iterations)
+
+
 def test_batched_equals_one_by_one(problem):
     # Few iterations, so that hypotheses are still moving: any cross-talk would show.
     aligner = FeaturemetricAligner(AlignConf(num_iterations=(4, 3, 2)))
