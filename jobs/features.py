@@ -30,7 +30,7 @@ from cluster.store import Commit, FeatureStore, PartFile, StoreInfo, batch_key, 
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level
 from pixloc_core.images import ImageReadError, read_image
-from pixloc_core.map_io import SceneMap
+from pixloc_core.map_io import SceneMap, observations
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +66,15 @@ def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, li
     for image_id in sorted(cells_of_image):
         image = reconstruction.images[image_id]
         camera = reconstruction.cameras[image.camera_id]
-        point2D_indices = np.asarray(image.get_observation_point2D_idxs(), dtype=np.int64)
-        points2D = [image.points2D[index] for index in point2D_indices]
-        point3D_ids = np.array([point.point3D_id for point in points2D], dtype=np.int64)
+        observed = observations(image)
         items.append({
             "image_id": image_id,
             "name": image.name,
             "camera_size": np.array([camera.width, camera.height], dtype=np.float64),
             "cells": sorted(cells_of_image[image_id]),
-            "point3D_ids": point3D_ids,  # (N,)
-            "points2D": np.array([point.xy for point in points2D], dtype=np.float64).reshape(-1, 2),  # (N, 2)
-            "xyz": np.array([reconstruction.points3D[i].xyz for i in point3D_ids]).reshape(-1, 3),  # (N, 3)
+            "point3D_ids": observed.point3D_ids,  # (N,)
+            "points2D": observed.xy,  # (N, 2)
+            "xyz": np.array([reconstruction.points3D[i].xyz for i in observed.point3D_ids.tolist()]).reshape(-1, 3),
         })
     return items
 

@@ -39,7 +39,7 @@ from pixloc_core.io import Prior, QueryIntrinsics, read_priors, read_query_list
 from pixloc_core.localize import (METHODS, Localization, best_of, reference_hypotheses, turned_towards,
                                   viewed_points)
 from pixloc_core.images import list_images, read_image
-from pixloc_core.map_io import SceneMap
+from pixloc_core.map_io import SceneMap, observations
 
 from .features import gpus_per_worker
 from .results import ResultsWriter
@@ -192,13 +192,12 @@ class References:
         return viewed_points(self.poses[torch.from_numpy(indices)], depths)
 
     def _median_depth(self, index: int) -> float:
-        image = self.reconstruction.images[self.image_ids[index]]
-        observations = image.get_observation_point2D_idxs()
-        if len(observations) == 0:
+        point3D_ids = observations(self.reconstruction.images[self.image_ids[index]]).point3D_ids
+        if len(point3D_ids) == 0:
             return math.nan
-        samples = np.linspace(0, len(observations) - 1, min(len(observations), self.max_depth_samples)).round()
-        xyz = np.array([self.reconstruction.points3D[image.points2D[observations[i]].point3D_id].xyz
-                        for i in samples.astype(int)])  # (S, 3)
+        samples = np.linspace(0, len(point3D_ids) - 1, min(len(point3D_ids), self.max_depth_samples)).round()
+        sampled_ids = point3D_ids[samples.astype(int)].tolist()
+        xyz = np.array([self.reconstruction.points3D[point3D_id].xyz for point3D_id in sampled_ids])  # (S, 3)
         return float(self.poses[index].transform(torch.from_numpy(xyz))[:, 2].median())
 
 

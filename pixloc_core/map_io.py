@@ -98,6 +98,22 @@ class GeoInfo:
                    data.get("registration"), Similarity.from_dict(data.get("source_to_map")))
 
 
+@dataclass
+class Observations:
+    """The 2D points of one image that observe a 3D point."""
+
+    point2D_indices: np.ndarray  # (N,) int64, indices into image.points2D (= keypoints for SfM maps)
+    xy: np.ndarray  # (N, 2) float64 pixels, COLMAP convention
+    point3D_ids: np.ndarray  # (N,) int64
+
+
+def observations(image: pycolmap.Image) -> Observations:
+    indices = np.asarray(image.get_observation_point2D_idxs(), dtype=np.int64)
+    points2D = [image.points2D[index] for index in indices.tolist()]
+    return Observations(indices, np.array([point.xy for point in points2D], dtype=np.float64).reshape(-1, 2),
+                        np.array([point.point3D_id for point in points2D], dtype=np.int64))
+
+
 def model_fingerprint(model_dir: Path) -> str:
     """sha256 over the names and bytes of the model files, in name order."""
     digest = hashlib.sha256()

@@ -11,7 +11,7 @@ import numpy as np
 import pycolmap
 import torch
 
-from .map_io import SceneMap
+from .map_io import SceneMap, observations
 from .mapping import matching
 from .mapping.sift import SiftExtractor
 
@@ -54,8 +54,7 @@ class SparseLocalizer:
         for name in names:
             if name not in self._image_rows:
                 image = self.scene_map.reconstruction.find_image_with_name(name)
-                ids = np.array([image.points2D[i].point3D_id for i in image.get_observation_point2D_idxs()],
-                               dtype=np.int64)
+                ids = observations(image).point3D_ids
                 rows = np.searchsorted(self.point_ids, ids).clip(0, max(len(self.point_ids) - 1, 0))
                 self._image_rows[name] = rows[self.point_ids[rows] == ids]
         return np.unique(np.concatenate([self._image_rows[name] for name in names] or [np.empty(0, np.int64)]))

@@ -11,6 +11,7 @@ import numpy as np
 import pycolmap
 import torch
 
+from ..map_io import observations
 from .matching import normalize_descriptors
 from .sift import Features
 
@@ -49,15 +50,13 @@ def main(reconstruction: pycolmap.Reconstruction, features: dict[str, Features],
     for image in reconstruction.images.values():
         if not image.has_pose or image.name not in features:
             continue
-        observed = np.asarray(image.get_observation_point2D_idxs(), dtype=np.int64)  # (M,) 2D points with a 3D point
+        observed = observations(image)  # (M,) 2D points with a 3D point
         if keypoints_are_features:
-            keypoint_index = observed
+            keypoint_index = observed.point2D_indices
         else:
-            points = np.array([image.points2D[i].xy for i in observed.tolist()]).reshape(-1, 2)
-            keypoint_index = nearest_keypoints(points, features[image.name], conf["max_keypoint_distance_px"])
-        observed_point_ids = np.array([image.points2D[i].point3D_id for i in observed.tolist()], dtype=np.int64)
+            keypoint_index = nearest_keypoints(observed.xy, features[image.name], conf["max_keypoint_distance_px"])
         valid = keypoint_index >= 0
-        rows = torch.from_numpy(np.searchsorted(point_ids, observed_point_ids[valid]))
+        rows = torch.from_numpy(np.searchsorted(point_ids, observed.point3D_ids[valid]))
         descriptors = normalize_descriptors(features[image.name].descriptors[keypoint_index[valid]])  # (M', 128)
         sums.index_add_(0, rows, descriptors)
     described = sums.norm(dim=1) > 0
