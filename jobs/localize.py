@@ -31,7 +31,7 @@ from cluster.runtime import init_ray, set_torch_threads
 from cluster.shard_actor import QueryRequest, ShardConf
 from cluster.store import FeatureStore
 from pixloc_core import sparse
-from pixloc_core.exif import read_exif_focal_px, read_exif_gps
+from pixloc_core.exif import read_exif_focal_px, read_exif_prior
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import STRIDES, resize_longest_side
 from pixloc_core.geometry import Camera, Pose, UnsupportedCameraModel
@@ -225,14 +225,6 @@ def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None,
     return intrinsics
 
 
-def exif_prior(path: Path) -> Prior | None:
-    gps = read_exif_gps(path)
-    if gps is None:
-        return None
-    lat, lon, alt = gps
-    return Prior((lat, lon, 0.0 if alt is None else alt), geodetic=True, has_altitude=alt is not None)
-
-
 def plan_localization(scene: SceneMap, references: References, router: Router, paths: list[Path],
                       query_list: dict[str, QueryIntrinsics] | None, priors: dict[str, Prior] | None,
                       num_hypotheses: int) -> list[QueryPlan]:
@@ -242,7 +234,7 @@ def plan_localization(scene: SceneMap, references: References, router: Router, p
         plan = QueryPlan(path.name, path)
         try:
             plan.intrinsics = query_intrinsics(path, query_list, scene)
-            prior = priors.get(path.name) if priors is not None else exif_prior(path)
+            prior = priors.get(path.name) if priors is not None else read_exif_prior(path)
             if prior is None:
                 raise ValueError("no prior: not in the priors file" if priors is not None else "no prior: no EXIF GPS")
             plan.prior_xyz = np.asarray(scene.prior_to_map(prior), np.float64)

@@ -54,13 +54,12 @@ def exif_priors(image_dir: Path, names: list[str]) -> dict[str, Prior]:
     priors = {}
     for name in names:
         try:
-            gps = exif.read_exif_gps(Path(image_dir) / name)
+            prior = exif.read_exif_prior(Path(image_dir) / name)
         except (ValueError, OSError) as error:
             logger.debug("no EXIF GPS: %s", error)
             continue
-        if gps is not None:
-            lat, lon, alt = gps
-            priors[name] = Prior((lat, lon, 0.0 if alt is None else alt), True, has_altitude=alt is not None)
+        if prior is not None:
+            priors[name] = prior
     logger.info("EXIF GPS found in %d of %d images", len(priors), len(names))
     return priors
 

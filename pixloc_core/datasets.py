@@ -24,7 +24,7 @@ import pycolmap
 import torch
 from PIL import Image
 
-from .exif import read_exif_focal_px, read_exif_gps
+from .exif import read_exif_focal_px, read_exif_prior
 from .geometry import Pose
 from .io import Prior, QueryIntrinsics, write_poses, write_priors, write_query_list
 from .images import list_images
@@ -193,11 +193,9 @@ def prepare_lund(data_root: Path, out_dir: Path, conf: dict | None = None) -> Pr
     priors = {}
     for name in query_names:
         copy_image(root / name, out_dir / "queries" / name, conf["query_max_image_size"])
-        gps = read_exif_gps(root / name)
-        if gps is None:
+        priors[name] = read_exif_prior(root / name)
+        if priors[name] is None:
             raise ValueError(f"{root / name}: no EXIF GPS, but every Lund query needs one as its prior")
-        lat, lon, alt = gps
-        priors[name] = Prior((lat, lon, alt or 0.0), geodetic=True, has_altitude=alt is not None)
     prepared = PreparedSet("lund", out_dir / "mapping", out_dir / "queries", mapping_names, query_names,
                            priors=out_dir / "priors.csv")
     write_priors(prepared.priors, priors)
@@ -250,12 +248,11 @@ def register_pseudo_ground_truth(map_dir: Path, image_dir: Path, query_names: li
             width, height = image.size
         focal = read_exif_focal_px(image_dir / name, width, height)
         camera_id = scene.exif_cameras.get(exif_camera_key(width, height, focal)) if focal else None
-        gps = read_exif_gps(image_dir / name)
-        if camera_id is None or gps is None:
+        prior = read_exif_prior(image_dir / name)
+        if camera_id is None or prior is None:
             raise ValueError(f"{image_dir / name}: needs EXIF GPS and the EXIF focal length of a map camera")
-        lat, lon, alt = gps
         camera_ids[name] = camera_id
-        positions[name] = scene.prior_to_map(Prior((lat, lon, alt or 0.0), True, has_altitude=alt is not None))
+        positions[name] = scene.prior_to_map(prior)
     names = sorted(positions)
     features, skipped = sift.main(image_dir, names, conf["sift"])
     if skipped:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import piexif
 
+from .io import Prior
+
 FILM_DIAGONAL_MM = 43.27  # COLMAP's 35 mm film diagonal
 _SECONDS_DENOMINATOR = 1_000_000  # 1e-6 arc second, about 3e-8 m
 
@@ -67,6 +69,15 @@ def read_exif_gps(path: Path) -> tuple[float, float, float | None] | None:
         if gps.get(piexif.GPSIFD.GPSAltitudeRef, 0) == 1:  # below sea level
             alt = -alt
     return lat, lon, alt
+
+
+def read_exif_prior(path: Path) -> Prior | None:
+    """The EXIF GPS as a WGS84 prior (altitude 0 and flagged absent when EXIF has none), or None."""
+    gps = read_exif_gps(path)
+    if gps is None:
+        return None
+    lat, lon, alt = gps
+    return Prior((lat, lon, 0.0 if alt is None else alt), geodetic=True, has_altitude=alt is not None)
 
 
 def read_exif_focal_px(path: Path, width: int, height: int) -> float | None:
