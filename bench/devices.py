@@ -23,7 +23,7 @@ import torch
 
 from bench import write_report
 from bench.align import AlignmentProblem, align_trials, synthetic_problem
-from pixloc_core.align import FeaturemetricAligner, ReferenceLevel
+from pixloc_core.align import FeaturemetricAligner
 from pixloc_core.extractors import available_extractors, build_unet, load_extractor
 from pixloc_core.extractors.base import Extractor
 from pixloc_core.geometry import perturb_poses
@@ -94,9 +94,8 @@ def time_extractors(extractors: dict[str, Extractor], device: torch.device, conf
 
 
 def problem_on(problem: AlignmentProblem, device: torch.device) -> AlignmentProblem:
-    references = [ReferenceLevel(r.points3D.to(device), r.features.to(device), r.confidence.to(device))
-                  for r in problem.references]
-    return AlignmentProblem([level.to(device) for level in problem.query], references,
+    return AlignmentProblem([level.to(device) for level in problem.query],
+                            [reference.to(device) for reference in problem.references],
                             problem.camera.to(device), problem.T_true.to(device))
 
 

@@ -130,9 +130,7 @@ class ShardActor:
             if mask.sum() < self.conf.min_selected_points:
                 selected.append(reference)
                 continue
-            index = torch.from_numpy(np.flatnonzero(mask))
-            selected.append(ReferenceLevel(reference.points3D[index], reference.features[index],
-                                           reference.confidence[index]))
+            selected.append(reference[torch.from_numpy(np.flatnonzero(mask))])
         return selected
 
     def localize(self, request: QueryRequest) -> dict:

@@ -63,6 +63,14 @@ class ReferenceLevel:
                                                             p2d, image_size)
         return cls(points3D, sampled_features, sampled_confidence)
 
+    def __getitem__(self, index: torch.Tensor) -> ReferenceLevel:
+        """The points selected by index (K,) (indices or a mask)."""
+        return ReferenceLevel(self.points3D[index], self.features[index], self.confidence[index])
+
+    def to(self, *args, **kwargs) -> ReferenceLevel:
+        return ReferenceLevel(self.points3D.to(*args, **kwargs), self.features.to(*args, **kwargs),
+                              self.confidence.to(*args, **kwargs))
+
 
 @dataclass
 class AlignResult:

@@ -131,7 +131,7 @@ def visible_points(reference: ReferenceLevel, hypotheses: Pose, camera: Camera, 
     index = torch.nonzero(seen)[:, 0]
     if len(index) > max_points:
         index = index[torch.linspace(0, len(index) - 1, max_points).round().long()]
-    return ReferenceLevel(reference.points3D[index], reference.features[index], reference.confidence[index])
+    return reference[index]
 
 
 def pose_uncertainty(hessian: torch.Tensor, cost: float, pose: Pose) -> tuple[float, float]:
