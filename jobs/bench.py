@@ -39,7 +39,9 @@ def benchmark_module(name: str, conf: dict) -> ModuleType:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}, expected one of {sorted(BENCHMARKS)}")
     module = importlib.import_module(BENCHMARKS[name])
-    known = (set(module.default_conf) | set(inspect.signature(module.main).parameters)) - {"out", "conf", "overrides"}
+    keywords = [name for name, parameter in inspect.signature(module.main).parameters.items()
+                if parameter.kind is not inspect.Parameter.VAR_KEYWORD and name != "out"]  # e.g. basin's quick
+    known = set(module.default_conf) | set(keywords)
     unknown = set(conf) - known
     if unknown:
         raise ValueError(f"bench {name}: unknown conf keys {sorted(unknown)}, expected some of {sorted(known)}")

@@ -70,6 +70,19 @@ def mapper_options(conf: dict) -> pycolmap.IncrementalPipelineOptions:
     return options
 
 
+def verified_database(skeleton: pycolmap.Reconstruction, features: dict[str, Features],
+                      matches: dict[tuple[str, str], np.ndarray], work_dir: Path, conf: dict) -> Path:
+    """work_dir/database.db with the skeleton's cameras and images, their keypoints, and the matches
+    after COLMAP's geometric verification: what the incremental mapper reads."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    database, pairs_path = work_dir / "database.db", work_dir / "pairs.txt"
+    write_database(database, skeleton, features, matches)
+    write_pairs(pairs_path, list(matches))
+    logger.info("geometric verification of %d pairs", len(matches))
+    pycolmap.verify_matches(database, pairs_path, verification_options(conf))
+    return database
+
+
 def check_keypoints_reproduce(reconstruction: pycolmap.Reconstruction, features: dict[str, Features],
                               max_distance_px: float = 1e-3) -> None:
     """Extending a model needs the keypoints its 2D points were made from: same count, same place."""
@@ -102,10 +115,7 @@ def register_into(reconstruction: pycolmap.Reconstruction, features: dict[str, F
     next_id = max(reconstruction.images, default=0) + 1
     for image_id, (name, camera_id) in enumerate(sorted(camera_ids.items()), start=next_id):
         skeleton.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=camera_id, image_id=image_id))
-    database, pairs_path = work_dir / "database.db", work_dir / "pairs.txt"
-    write_database(database, skeleton, features, matches)
-    write_pairs(pairs_path, list(matches))
-    pycolmap.verify_matches(database, pairs_path, verification_options(conf))
+    database = verified_database(skeleton, features, matches, work_dir, conf)
     reconstruction.write(work_dir / "input")
     options = mapper_options(conf)
     options.fix_existing_frames = True
@@ -129,12 +139,7 @@ def main(features: dict[str, Features], matches: dict[tuple[str, str], np.ndarra
     """Returns the largest reconstructed model. Raises ValueError when nothing is reconstructed."""
     conf = {**default_conf, **(conf or {})}
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    database, pairs_path = work_dir / "database.db", work_dir / "pairs.txt"
-    write_database(database, make_skeleton(features, focal_px, conf), features, matches)
-    write_pairs(pairs_path, list(matches))
-    logger.info("geometric verification of %d pairs", len(matches))
-    pycolmap.verify_matches(database, pairs_path, verification_options(conf))
+    database = verified_database(make_skeleton(features, focal_px, conf), features, matches, work_dir, conf)
     logger.info("incremental mapping of %d images", len(features))
     models = pycolmap.incremental_mapping(database, image_dir, work_dir / "models", mapper_options(conf))
     if not models:
