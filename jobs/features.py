@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,9 +26,11 @@ from tqdm import tqdm
 from cluster.filesystem import StorageError
 from cluster.runtime import init_ray, set_torch_threads
 from cluster.store import Commit, FeatureStore, PartFile, StoreInfo, batch_key, observation_table
+from pixloc_core import files
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level
-from pixloc_core.images import ImageReadError, read_image
+from pixloc_core.files import Location
+from pixloc_core.images import ImageReadError, list_images, read_image
 from pixloc_core.map_io import SceneMap, observations
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, li
     return items
 
 
-def sample_reference_image(extractor: Extractor, path: Path, item: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def sample_reference_image(extractor: Extractor, path: Location, item: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per level (coarse to fine): features (N, C) and confidences (N,) of a reference image at
     the pixels where it observes its 3D points (`item` as made by `reference_items`)."""
     image, _ = resize_longest_side(read_image(path), extractor.max_size)
@@ -98,7 +99,7 @@ class ReferenceFeatureWriter:
         set_torch_threads()
         self.extractor = load_extractor(extractor_name)
         self.store = FeatureStore.open(store_url, extractor_id=self.extractor.extractor_id)
-        self.images_dir = Path(images_dir)
+        self.images_dir = files.location(images_dir)
 
     def extract(self, item: dict) -> dict[tuple[str, int], pa.Table]:
         """The observation rows of one image, per partition (cell, level)."""
@@ -189,14 +190,15 @@ class PartitionPublisher:
                 self.publish(cell)
 
 
-def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = None,
+def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | None = None,
          address: str | None = None) -> dict:
     """Fill the store for every reference image in a cell of the map; returns counts and timings."""
     conf = {**default_conf, **(conf or {})}
     scene = SceneMap.load(map_dir, with_descriptors=False)
     cells = map_cells(scene)
     items = reference_items(scene.reconstruction, cells)
-    missing = [item["name"] for item in items if not (Path(images_dir) / item["name"]).is_file()]
+    available = set(list_images(images_dir))  # one listing, not one request per image
+    missing = [item["name"] for item in items if item["name"] not in available]
     if missing:
         raise FileNotFoundError(f"{images_dir}: {len(missing)} reference images of {map_dir} not found, "
                                 f"e.g. {', '.join(missing[:3])}")
@@ -224,7 +226,7 @@ def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = No
             start = time.perf_counter()
             dataset = ray.data.from_items(pending).map_batches(
                 ReferenceFeatureWriter,
-                fn_constructor_kwargs={"store_url": store.url, "images_dir": str(Path(images_dir).resolve()),
+                fn_constructor_kwargs={"store_url": store.url, "images_dir": files.absolute(images_dir),
                                        "extractor_name": conf["extractor"]},
                 batch_size=conf["batch_size"],
                 compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
@@ -252,8 +254,10 @@ def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--map", type=Path, required=True, help="map directory written by `pixloc map`")
-    parser.add_argument("--images", type=Path, required=True, help="folder of the reference images")
+    parser.add_argument("--map", type=files.location, required=True,
+                        help="map directory written by `pixloc map` (a local path or s3://bucket/prefix)")
+    parser.add_argument("--images", type=files.location, required=True,
+                        help="folder of the reference images (a local path or s3://bucket/prefix)")
     parser.add_argument("--store", required=True, help="store URL: a local path or s3://bucket/prefix")
     parser.add_argument("--extractor", default=default_conf["extractor"], help="feature extractor name")
     parser.add_argument("--workers", type=int, default=default_conf["workers"], help="extraction workers")

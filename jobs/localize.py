@@ -38,7 +38,9 @@ from pixloc_core.geometry import Camera, Pose, UnsupportedCameraModel
 from pixloc_core.io import Prior, QueryIntrinsics, read_priors, read_query_list
 from pixloc_core.localize import (METHODS, Localization, best_of, reference_hypotheses, turned_towards,
                                   viewed_points)
-from pixloc_core.images import list_images, read_image
+from pixloc_core import files
+from pixloc_core.files import Location
+from pixloc_core.images import image_size, list_images, read_image
 from pixloc_core.map_io import SceneMap, observations
 
 from .features import gpus_per_worker
@@ -66,7 +68,7 @@ class QueryPlan:
     """What the driver decides for one query before any pixel is read."""
 
     name: str
-    path: Path
+    path: Location
     intrinsics: QueryIntrinsics | None = None
     prior_xyz: np.ndarray | None = None  # (3,) map frame
     sigma_m: float | None = None
@@ -95,7 +97,7 @@ class QueryFeaturizer:
     def featurize(self, item: dict) -> dict:
         timings = {}
         start = time.perf_counter()
-        image = read_image(Path(item["path"]))
+        image = read_image(files.location(item["path"]))
         timings["read_ms"] = 1000 * (time.perf_counter() - start)
 
         row = self.empty_features()
@@ -201,7 +203,7 @@ class References:
         return float(self.poses[index].transform(torch.from_numpy(xyz))[:, 2].median())
 
 
-def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None,
+def query_intrinsics(path: Location, query_list: dict[str, QueryIntrinsics] | None,
                      scene: SceneMap | None = None) -> QueryIntrinsics:
     """From the query list, else from the EXIF focal length: the map's calibrated camera of the same
     device (same size and EXIF focal) when it has one, a pinhole camera otherwise; checked."""
@@ -210,8 +212,7 @@ def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None,
             raise ValueError(f"{path.name}: not in the query list")
         intrinsics = query_list[path.name]
     else:
-        with Image.open(path) as image:
-            width, height = image.size
+        width, height = image_size(path)
         focal = read_exif_focal_px(path, width, height)
         if focal is None:
             raise ValueError(f"{path}: no intrinsics (no --query-list and no EXIF focal length)")
@@ -225,7 +226,7 @@ def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None,
     return intrinsics
 
 
-def plan_localization(scene: SceneMap, references: References, router: Router, paths: list[Path],
+def plan_localization(scene: SceneMap, references: References, router: Router, paths: list[Location],
                       query_list: dict[str, QueryIntrinsics] | None, priors: dict[str, Prior] | None,
                       num_hypotheses: int) -> list[QueryPlan]:
     """One plan per query; priors None means EXIF GPS."""
@@ -248,7 +249,7 @@ def plan_localization(scene: SceneMap, references: References, router: Router, p
     return plans
 
 
-def query_paths(queries_dir: Path, query_list: dict[str, QueryIntrinsics] | None) -> list[Path]:
+def query_paths(queries_dir: Location, query_list: dict[str, QueryIntrinsics] | None) -> list[Location]:
     """The queries: those of the query list when given, else every image of the folder."""
     if query_list is not None:
         return [queries_dir / name for name in query_list]
@@ -264,7 +265,7 @@ def featurizer_items(plans: list[QueryPlan], default_sigma_m: float) -> list[dic
     items = []
     for plan in plans:
         intrinsics = plan.intrinsics
-        items.append({"name": plan.name, "path": str(plan.path.resolve()), "camera_model": intrinsics.model,
+        items.append({"name": plan.name, "path": files.absolute(plan.path), "camera_model": intrinsics.model,
                       "camera_size": [float(intrinsics.width), float(intrinsics.height)],
                       "camera_params": list(intrinsics.params), "prior_xyz": plan.prior_xyz.tolist(),
                       "sigma_m": default_sigma_m if plan.sigma_m is None else plan.sigma_m})
@@ -398,7 +399,7 @@ class LocalizationRun:
         self.pool.shutdown()
 
 
-def execute(plans: list[QueryPlan], writer: ResultsWriter, map_dir: Path, store: FeatureStore, conf: dict,
+def execute(plans: list[QueryPlan], writer: ResultsWriter, map_dir: Location, store: FeatureStore, conf: dict,
             on_result: Callable[[dict], None] | None = None) -> None:
     """Run the planned queries through Ray Data and the shard actors, one row each into `writer`.
     Needs an initialised Ray."""
@@ -421,7 +422,7 @@ def execute(plans: list[QueryPlan], writer: ResultsWriter, map_dir: Path, store:
                 QueryFeaturizer,
                 fn_constructor_kwargs={"extractor_name": conf["extractor"] if with_dense else None,
                                        "sparse_conf": conf["sparse"],
-                                       "map_dir": str(Path(map_dir).resolve()) if with_sparse else None},
+                                       "map_dir": files.absolute(map_dir) if with_sparse else None},
                 batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
                 num_gpus=gpus_per_worker({"gpus_per_worker": None, "workers": workers}))
             max_in_flight = conf["in_flight_per_worker"] * workers
@@ -444,10 +445,10 @@ def open_store(store_url: str, extractor_name: str, scene: SceneMap) -> FeatureS
     return FeatureStore.open(store_url, load_extractor(extractor_name).extractor_id, scene.fingerprint)
 
 
-def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_list: Path | None = None,
-         priors: Path | None = None, gps_from_exif: bool = False, resume: bool = False,
+def main(map_dir: Location, store_url: str, queries_dir: Location, out_dir: Location,
+         query_list: Location | None = None, priors: Location | None = None, gps_from_exif: bool = False, resume: bool = False,
          address: str | None = None, conf: dict | None = None,
-         on_result: Callable[[dict], None] | None = None) -> Path:
+         on_result: Callable[[dict], None] | None = None) -> Location:
     """Localize the queries of `queries_dir` into `out_dir`; returns the path of results.parquet."""
     conf = {**default_conf, **(conf or {})}
     if conf["method"] not in METHODS:
@@ -457,7 +458,7 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_
     scene = SceneMap.load(map_dir)
     store = open_store(store_url, conf["extractor"], scene)
     intrinsics = read_query_list(query_list) if query_list is not None else None
-    paths = query_paths(Path(queries_dir), intrinsics)
+    paths = query_paths(files.location(queries_dir), intrinsics)
     writer = ResultsWriter(out_dir, conf["flush_every"], resume=resume)
     done = writer.completed() if resume else set()
     paths = [path for path in paths if path.name not in done]
@@ -467,7 +468,7 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_
                               read_priors(priors) if priors else None,
                               conf["shard"].localize.num_reference_hypotheses)
     with init_ray(address, num_cpus=None if address else conf["workers"]):
-        execute(plans, writer, Path(map_dir), store, conf, on_result)
+        execute(plans, writer, files.location(map_dir), store, conf, on_result)
     table = writer.close()
     num_success = sum(table.column("success").to_pylist())
     logger.info("%d/%d queries localized -> %s", num_success, table.num_rows, writer.out_dir)
@@ -476,11 +477,14 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_
 
 def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None:
     """The flags `pixloc localize` and `pixloc refine` share; defaults from the job's conf."""
-    parser.add_argument("--map", type=Path, required=True, help="map directory written by `pixloc map`")
+    parser.add_argument("--map", type=files.location, required=True,
+                        help="map directory written by `pixloc map` (a local path or s3://bucket/prefix)")
     parser.add_argument("--store", required=True, help="feature store URL: a local path or s3://bucket/prefix")
-    parser.add_argument("--queries", type=Path, required=True, help="folder of query images")
-    parser.add_argument("--out", type=Path, required=True, help="results directory")
-    parser.add_argument("--query-list", type=Path, help="queries with intrinsics (name MODEL W H PARAMS...)")
+    parser.add_argument("--queries", type=files.location, required=True,
+                        help="folder of query images (a local path or s3://bucket/prefix)")
+    parser.add_argument("--out", type=files.location, required=True, help="results directory (or s3:// prefix)")
+    parser.add_argument("--query-list", type=files.location,
+                        help="queries with intrinsics (name MODEL W H PARAMS...)")
     parser.add_argument("--extractor", default=conf["extractor"], help="feature extractor of the store")
     parser.add_argument("--workers", type=int, default=conf["workers"], help="query CNN workers")
     parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
@@ -489,7 +493,7 @@ def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_query_job_arguments(parser, default_conf)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--priors", type=Path, help="CSV name,lat,lon[,alt][,sigma_m] or name,x,y,z[,sigma_m]")
+    source.add_argument("--priors", type=files.location, help="CSV name,lat,lon[,alt][,sigma_m] or name,x,y,z[,sigma_m]")
     source.add_argument("--gps-from-exif", action="store_true", help="priors from the images' EXIF GPS")
     parser.add_argument("--method", choices=METHODS, default=default_conf["method"])
     parser.add_argument("--resume", action="store_true", help="skip queries already in the results")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from cluster.router import PriorOutsideMap, Router
 from cluster.runtime import init_ray
+from pixloc_core import files
 from pixloc_core.align import AlignConf
+from pixloc_core.files import Location
 from pixloc_core.geometry import Pose, UnsupportedCameraModel
 from pixloc_core.io import QueryIntrinsics, read_poses, read_query_list
 from pixloc_core.map_io import SceneMap
@@ -38,7 +39,7 @@ default_conf = {
 }
 
 
-def plan_refinement(references: References, router: Router, paths: list[Path],
+def plan_refinement(references: References, router: Router, paths: list[Location],
                     query_list: dict[str, QueryIntrinsics] | None,
                     poses: dict[str, tuple[np.ndarray, np.ndarray]], sigma_m: float) -> list[QueryPlan]:
     plans = []
@@ -61,8 +62,8 @@ def plan_refinement(references: References, router: Router, paths: list[Path],
     return plans
 
 
-def main(map_dir: Path, store_url: str, queries_dir: Path, poses: Path, out_dir: Path,
-         query_list: Path | None = None, address: str | None = None, conf: dict | None = None) -> Path:
+def main(map_dir: Location, store_url: str, queries_dir: Location, poses: Location, out_dir: Location,
+         query_list: Location | None = None, address: str | None = None, conf: dict | None = None) -> Location:
     conf = {**default_conf, **(conf or {})}
     shard = conf["shard"]
     conf["shard"] = replace(shard, levels=tuple(conf["levels"]), sparse_levels=len(conf["levels"]),
@@ -71,11 +72,11 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, poses: Path, out_dir:
     store = open_store(store_url, conf["extractor"], scene)
     intrinsics = read_query_list(query_list) if query_list is not None else None
     plans = plan_refinement(References(scene), Router(scene.shards, conf["router"]),
-                            query_paths(Path(queries_dir), intrinsics),
+                            query_paths(files.location(queries_dir), intrinsics),
                             intrinsics, read_poses(poses), conf["pose_sigma_m"])
     writer = ResultsWriter(out_dir, conf["flush_every"])
     with init_ray(address, num_cpus=None if address else conf["workers"]):
-        execute(plans, writer, Path(map_dir), store, conf)
+        execute(plans, writer, files.location(map_dir), store, conf)
     table = writer.close()
     logger.info("%d/%d poses refined -> %s", sum(table.column("success").to_pylist()), table.num_rows, out_dir)
     return writer.out_dir / "results.parquet"
@@ -83,7 +84,7 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, poses: Path, out_dir:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_query_job_arguments(parser, default_conf)
-    parser.add_argument("--poses", type=Path, required=True, help="poses to refine (name qw qx qy qz tx ty tz)")
+    parser.add_argument("--poses", type=files.location, required=True, help="poses to refine (name qw qx qy qz tx ty tz)")
 
 
 def run(args: argparse.Namespace) -> int:

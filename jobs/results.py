@@ -8,10 +8,11 @@
 
 A rerun with `--resume` reads both (the parts of a crashed run, the table of a finished one) and
 skips the queries already answered; when it ends the parts are folded into results.parquet.
+OUT is a local folder or an s3:// prefix (`pixloc_core.files`).
 """
 from __future__ import annotations
 
-import os
+import io
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pixloc_core import files
+from pixloc_core.files import Location
 from pixloc_core.io import write_poses
 
 RESULTS_FILE = "results.parquet"
@@ -46,10 +49,23 @@ SCHEMA = pa.schema([
 ])
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, temporary, compression="zstd")
-    os.replace(temporary, path)
+def _write_atomically(table: pa.Table, path: Location) -> None:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd")
+    files.write_bytes(path, buffer.getvalue().to_pybytes())
+
+
+def _read_table(path: Location, schema: pa.Schema | None = SCHEMA) -> pa.Table:
+    return pq.read_table(io.BytesIO(files.read_bytes(path)), schema=schema)
+
+
+def _part_names(out_dir: Location) -> list[str]:
+    """Names of the flushed part files, in order."""
+    try:
+        names = files.list_files(out_dir / PARTS_DIR)
+    except FileNotFoundError:
+        return []
+    return [name for name in names if name.startswith("part-") and name.endswith(".parquet")]
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
@@ -57,19 +73,19 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
-def read_results(path: Path) -> pa.Table:
+def read_results(path: Location) -> pa.Table:
     """All rows of a results directory (results.parquet and unfolded parts) or of one Parquet
     file; when a query appears more than once the last row counts."""
-    path = Path(path)
-    if path.is_file():
-        return pq.read_table(path)
-    if not path.is_dir():
+    path = files.location(path)
+    if files.is_file(path):
+        return _read_table(path, schema=None)
+    if not files.exists(path):
         raise FileNotFoundError(f"{path}: no results (neither a results directory nor a Parquet file)")
-    files = [path / RESULTS_FILE] if (path / RESULTS_FILE).is_file() else []
-    files += sorted((path / PARTS_DIR).glob("part-*.parquet"))
-    if not files:
+    paths = [path / RESULTS_FILE] if files.is_file(path / RESULTS_FILE) else []
+    paths += [path / PARTS_DIR / name for name in _part_names(path)]
+    if not paths:
         return SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(file, schema=SCHEMA) for file in files])
+    table = pa.concat_tables([_read_table(part) for part in paths])
     # keep the last row of each name
     names = table.column("name").to_pylist()
     last = {name: index for index, name in enumerate(names)}
@@ -86,17 +102,25 @@ def successful_poses(table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]
 class ResultsWriter:
     """Collects rows and flushes them as part files; `close` folds everything into the final files."""
 
-    def __init__(self, out_dir: Path, flush_every: int = 8, resume: bool = False, flush_interval_s: float = 10.0):
-        self.out_dir = Path(out_dir)
+    def __init__(self, out_dir: Location, flush_every: int = 8, resume: bool = False, flush_interval_s: float = 10.0):
+        self.out_dir = files.location(out_dir)
         self.parts_dir = self.out_dir / PARTS_DIR
         self.flush_every, self.flush_interval_s = flush_every, flush_interval_s
         self.last_flush = time.monotonic()
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.out_dir, Path):
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+        parts = _part_names(self.out_dir)
         if not resume:
-            for stale in [self.out_dir / RESULTS_FILE, self.out_dir / POSES_FILE, *self.parts_dir.glob("*.parquet")]:
-                stale.unlink(missing_ok=True)
+            for stale in [self.out_dir / RESULTS_FILE, self.out_dir / POSES_FILE]:
+                if files.exists(stale):
+                    files.delete(stale)
+            for name in parts:
+                files.delete(self.parts_dir / name)
+            parts = []
         self.buffer: list[dict] = []
-        self.next_part = len(list(self.parts_dir.glob("part-*.parquet")))
+        # part numbers continue across resumed runs, so no file is ever overwritten
+        self.next_part = 1 + max((int(name.removeprefix("part-").removesuffix(".parquet")) for name in parts),
+                                 default=-1)
 
     def completed(self) -> set[str]:
         return set(read_results(self.out_dir).column("name").to_pylist())
@@ -110,10 +134,7 @@ class ResultsWriter:
         self.last_flush = time.monotonic()
         if not self.buffer:
             return
-        # part numbers continue across resumed runs, so no file is ever overwritten
-        while (path := self.parts_dir / f"part-{self.next_part:06d}.parquet").exists():
-            self.next_part += 1
-        _write_atomically(rows_to_table(self.buffer), path)
+        _write_atomically(rows_to_table(self.buffer), self.parts_dir / f"part-{self.next_part:06d}.parquet")
         self.next_part += 1
         self.buffer = []
 
@@ -123,8 +144,8 @@ class ResultsWriter:
         table = read_results(self.out_dir).sort_by("name")
         _write_atomically(table, self.out_dir / RESULTS_FILE)
         write_poses(self.out_dir / POSES_FILE, successful_poses(table))
-        for part in self.parts_dir.glob("part-*.parquet"):
-            part.unlink()
-        self.parts_dir.rmdir()
+        for name in _part_names(self.out_dir):
+            files.delete(self.parts_dir / name)
+        if isinstance(self.parts_dir, Path):
+            self.parts_dir.rmdir()
         return table
-

@@ -1,13 +1,19 @@
-"""Reading user images: one decoder and one error type for maps, features and queries.
+"""Reading user images: one decoder and one error type for maps, features and queries, from a
+local folder or straight from a bucket (`pixloc_core.files`).
 
 EXIF orientation is ignored, as COLMAP does, so that pixels match the cameras of the models.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import io
+from contextlib import contextmanager
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
+
+from . import files
+from .files import Location
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -16,21 +22,40 @@ class ImageReadError(ValueError):
     """An image that cannot be read; the message names the file and the reason."""
 
 
-def list_images(image_dir: Path) -> list[str]:
+def list_images(image_dir: Location) -> list[str]:
     """Image names relative to image_dir (subfolders included), sorted; other files are ignored."""
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir}: image directory does not exist")
-    return sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    try:
+        names = files.list_files(image_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{image_dir}: image directory does not exist") from None
+    return [name for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
 
 
-def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
+@contextmanager
+def _open(path: Location) -> Iterator[Image.Image]:
+    """The PIL image of a local file (opened lazily) or of a remote object (fetched whole)."""
+    source = io.BytesIO(files.read_bytes(path)) if files.is_remote(path) else path
+    with Image.open(source) as image:
+        yield image
+
+
+def read_image(path: Location, mode: str = "RGB") -> np.ndarray:
     """(H, W, 3) uint8 for mode "RGB", (H, W) for "L"; writable, as torch.from_numpy wants."""
     try:
-        with Image.open(path) as image:
+        with _open(path) as image:
             return np.array(image.convert(mode))
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"{path}: cannot decode image ({error})") from None
+
+
+def image_size(path: Location) -> tuple[int, int]:
+    """(width, height) from the image header."""
+    try:
+        with _open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: image not found") from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise ImageReadError(f"{path}: cannot decode image ({error})") from None

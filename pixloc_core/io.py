@@ -3,20 +3,25 @@
 * poses:      `name qw qx qy qz tx ty tz` (world-to-camera, COLMAP convention)
 * query list: `name MODEL WIDTH HEIGHT PARAMS...` (hloc's queries_with_intrinsics.txt)
 * priors CSV: header `name,lat,lon[,alt][,sigma_m]` (WGS84) or `name,x,y,z[,sigma_m]` (map frame)
+
+Each is read from and written to a local path or an s3:// URL (`pixloc_core.files`).
 """
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import files
+
 
 def read_poses(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Returns {name: (qvec wxyz (4,), tvec (3,))}."""
     poses = {}
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for lineno, line in enumerate(files.read_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -33,7 +38,7 @@ def write_poses(path: Path, poses: dict[str, tuple[np.ndarray, np.ndarray]]) -> 
     for name, (qvec, tvec) in poses.items():
         values = " ".join(f"{v:.10g}" for v in (*qvec, *tvec))
         lines.append(f"{name} {values}")
-    Path(path).write_text("\n".join(lines) + ("\n" if lines else ""))
+    files.write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class QueryIntrinsics:
 
 def read_query_list(path: Path) -> dict[str, QueryIntrinsics]:
     queries = {}
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for lineno, line in enumerate(files.read_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -63,7 +68,7 @@ def write_query_list(path: Path, queries: dict[str, QueryIntrinsics]) -> None:
         " ".join([name, q.model, str(q.width), str(q.height), *(f"{p:.10g}" for p in q.params)])
         for name, q in queries.items()
     ]
-    Path(path).write_text("\n".join(lines) + ("\n" if lines else ""))
+    files.write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class Prior:
 
 
 def read_priors(path: Path) -> dict[str, Prior]:
-    with open(path, newline="") as f:
+    with io.StringIO(files.read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or [])
         if {"name", "lat", "lon"} <= columns:
@@ -102,9 +107,10 @@ def write_priors(path: Path, priors: dict[str, Prior]) -> None:
     if len(geodetic) > 1:
         raise ValueError("cannot mix WGS84 and map-frame priors in one CSV")
     header = ["name", "lat", "lon", "alt"] if geodetic != {False} else ["name", "x", "y", "z"]
-    with open(path, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header + ["sigma_m"])
         for name, p in priors.items():
             writer.writerow([name, *(f"{v:.10f}" if p.geodetic else f"{v:.4f}" for v in p.position),
                              "" if p.sigma_m is None else f"{p.sigma_m:.3f}"])
+        files.write_text(path, f.getvalue())

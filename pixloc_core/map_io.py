@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
+from . import files
+from .files import Location
 from .geo import EnuOrigin, wgs84_to_enu
 from .io import Prior
 from .shards import ShardIndex
@@ -175,8 +177,9 @@ class SceneMap:
         self.path = path
 
     @classmethod
-    def load(cls, path: Path, with_descriptors: bool = True) -> SceneMap:
-        path = Path(path)
+    def load(cls, path: Location, with_descriptors: bool = True) -> SceneMap:
+        """A map directory, local or remote (copied into the local cache, as pycolmap reads files)."""
+        path = files.local_copy(path, skip=lambda name: name == DESCRIPTORS_FILE and not with_descriptors)
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{path}: not a map directory (no {MANIFEST_FILE}); build one with `pixloc map`")
