@@ -72,6 +72,7 @@ def ray_cluster(s3_server):
     environment so that workers inherit it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a new Ray even while a `ray start` or Cluster (tests/test_multinode.py) runs here.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
