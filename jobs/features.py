@@ -7,6 +7,10 @@ one part file per batch and partition (cell, level). An image belongs to every c
 core or halo, so its rows are written into each of them. The driver commits each returned batch
 and publishes a cell's partitions once all its images are committed; a rerun skips committed
 images (see cluster/store.py for the layout and the commit protocol).
+
+A rerun also repairs: published partitions whose files are missing or of the wrong size (with
+`--repair`: whose checksums differ too) are recomputed from their cell's images and republished;
+no other partition is rewritten.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,10 +30,11 @@ from tqdm import tqdm
 
 from cluster.filesystem import StorageError
 from cluster.runtime import init_ray, set_torch_threads
-from cluster.store import Commit, FeatureStore, PartFile, StoreInfo, batch_key, observation_table
+from cluster.store import (Commit, FeatureStore, PartFile, StoreInfo, batch_key, observation_table, parse_partition_dir,
+                           partition_dir)
 from pixloc_core import files
 from pixloc_core.extractors import load_extractor
-from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level
+from pixloc_core.extractors.base import STRIDES, Extractor, resize_longest_side, sample_level
 from pixloc_core.files import Location
 from pixloc_core.images import ImageReadError, list_images, read_image
 from pixloc_core.map_io import SceneMap, observations
@@ -42,6 +48,7 @@ default_conf = {
     "cpus_per_worker": 1,
     "gpus_per_worker": None,  # None: the cluster's GPUs shared among the workers, if it has any
     "aggregate": False,  # one row per 3D point and cell instead of one per observation
+    "repair": False,  # also read every published file to find damaged ones (sizes are always checked)
 }
 
 
@@ -57,14 +64,22 @@ def map_cells(scene: SceneMap) -> dict[str, list[int]]:
     return {cell: sorted(image_ids[name] for name in scene.shards.images_of(cell)) for cell in scene.shards.cell_ids}
 
 
-def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, list[int]]) -> list[dict]:
-    """One Ray Data row per reference image in some cell: its observations and its cells."""
-    cells_of_image = defaultdict(list)
-    for cell_id, image_ids in cells.items():
+def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, list[int]],
+                    num_levels: int = len(STRIDES)) -> list[dict]:
+    """One Ray Data row per reference image in some cell: its observations and the partitions
+    (`partition_dir` strings: every level of each of its cells) it writes into."""
+    return partition_items(reconstruction, {(cell, level): image_ids for cell, image_ids in cells.items()
+                                            for level in range(num_levels)})
+
+
+def partition_items(reconstruction: pycolmap.Reconstruction, partitions: dict[tuple[str, int], list[int]]) -> list[dict]:
+    """One Ray Data row per reference image of some partition (cell, level) -> image ids."""
+    partitions_of_image = defaultdict(list)
+    for (cell_id, level), image_ids in sorted(partitions.items()):
         for image_id in image_ids:
-            cells_of_image[image_id].append(cell_id)
+            partitions_of_image[image_id].append(partition_dir(cell_id, level))
     items = []
-    for image_id in sorted(cells_of_image):
+    for image_id in sorted(partitions_of_image):
         image = reconstruction.images[image_id]
         camera = reconstruction.cameras[image.camera_id]
         observed = observations(image)
@@ -72,7 +87,7 @@ def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, li
             "image_id": image_id,
             "name": image.name,
             "camera_size": np.array([camera.width, camera.height], dtype=np.float64),
-            "cells": sorted(cells_of_image[image_id]),
+            "partitions": partitions_of_image[image_id],
             "point3D_ids": observed.point3D_ids,  # (N,)
             "points2D": observed.xy,  # (N, 2)
             "xyz": np.array([reconstruction.points3D[i].xyz for i in observed.point3D_ids.tolist()]).reshape(-1, 3),
@@ -102,14 +117,15 @@ class ReferenceFeatureWriter:
         self.images_dir = files.location(images_dir)
 
     def extract(self, item: dict) -> dict[tuple[str, int], pa.Table]:
-        """The observation rows of one image, per partition (cell, level)."""
-        tables = {}
+        """The observation rows of one image, per partition (cell, level) it writes into."""
         levels = sample_reference_image(self.extractor, self.images_dir / item["name"], item)
-        for level_index, (features, confidence) in enumerate(levels):
-            table = observation_table(item["point3D_ids"], np.full(len(features), item["image_id"], np.int32),
-                                      item["xyz"], features.numpy(), confidence.numpy())
-            for cell in item["cells"]:
-                tables[cell, level_index] = table
+        tables = {}
+        for partition in item["partitions"]:
+            cell, level = parse_partition_dir(str(partition))
+            features, confidence = levels[level]
+            tables[cell, level] = observation_table(
+                item["point3D_ids"], np.full(len(features), item["image_id"], np.int32), item["xyz"],
+                features.numpy(), confidence.numpy())
         return tables
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -190,21 +206,67 @@ class PartitionPublisher:
                 self.publish(cell)
 
 
+def extract(store: FeatureStore, items: list[dict], images_dir: Location, conf: dict, description: str,
+            on_commit: Callable[[Commit], None]) -> list[str]:
+    """Run the workers over `items` (Ray initialised); each returned batch goes to `on_commit`.
+    Returns the unreadable images' errors."""
+    dataset = ray.data.from_items(items).map_batches(
+        ReferenceFeatureWriter,
+        fn_constructor_kwargs={"store_url": store.url, "images_dir": files.absolute(images_dir),
+                               "extractor_name": conf["extractor"]},
+        batch_size=conf["batch_size"],
+        compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
+        num_cpus=conf["cpus_per_worker"], num_gpus=gpus_per_worker(conf))
+    failures: list[str] = []
+    with tqdm(total=len(items), desc=description, unit="img") as progress:
+        for row in dataset.iter_rows():
+            batch_failures = json.loads(row["failures"])
+            failures += batch_failures
+            progress.update(len(batch_failures))
+            if row["commit"]:
+                commit = Commit.from_json(json.loads(row["commit"]))
+                on_commit(commit)
+                progress.update(len(commit.image_ids))
+    return failures
+
+
+def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], images_dir: Location, conf: dict,
+           damaged: dict[tuple[str, int], str]) -> list[str]:
+    """Recompute the damaged partitions from all images of their cells and republish them (Ray
+    initialised); nothing is committed, so a failed repair leaves them damaged for the next rerun.
+    Returns the unreadable images' errors."""
+    for (cell, level), reason in sorted(damaged.items()):
+        logger.warning("repairing cell %s level %d: %s", cell, level, reason)
+    parts: dict[tuple[str, int], list[PartFile]] = defaultdict(list)
+
+    def collect(commit: Commit) -> None:
+        for part in commit.parts:
+            parts[part.cell, part.level].append(part)
+
+    items = partition_items(scene.reconstruction, {partition: cells[partition[0]] for partition in damaged})
+    failures = extract(store, items, images_dir, conf, "repair reference features", collect)
+    if not failures:
+        for cell, level in damaged:
+            store.publish(cell, level, parts[cell, level])
+    return failures
+
+
 def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | None = None,
          address: str | None = None) -> dict:
-    """Fill the store for every reference image in a cell of the map; returns counts and timings."""
+    """Fill the store for every reference image in a cell of the map, and recompute damaged
+    partitions; returns counts and timings."""
     conf = {**default_conf, **(conf or {})}
     scene = SceneMap.load(map_dir, with_descriptors=False)
     cells = map_cells(scene)
-    items = reference_items(scene.reconstruction, cells)
+    extractor = load_extractor(conf["extractor"])
+    strides, channels = pyramid_shape(extractor)
+    items = reference_items(scene.reconstruction, cells, len(strides))
     available = set(list_images(images_dir))  # one listing, not one request per image
     missing = [item["name"] for item in items if item["name"] not in available]
     if missing:
         raise FileNotFoundError(f"{images_dir}: {len(missing)} reference images of {map_dir} not found, "
                                 f"e.g. {', '.join(missing[:3])}")
 
-    extractor = load_extractor(conf["extractor"])
-    strides, channels = pyramid_shape(extractor)
     store = FeatureStore.create(store_url, StoreInfo(extractor.extractor_id, scene.fingerprint, strides,
                                                      channels, conf["aggregate"]))
     publisher = PartitionPublisher(store, cells)
@@ -214,6 +276,8 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
     logger.info("%s: %d reference images, %d already committed, %d to extract with %s",
                 store.url, len(items), len(items) - len(pending), len(pending), extractor.extractor_id)
     publisher.publish_unpublished()
+    damaged = store.damaged_partitions([(cell, level) for cell in cells for level in range(len(strides))],
+                                       checksums=conf["repair"])
     if address is not None and store.storage.is_local:
         logger.warning("%s: a local store on a Ray cluster only works if every node mounts it at this path "
                        "(use s3://bucket/prefix otherwise)", store.url)
@@ -221,36 +285,29 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
     extracted = 0  # counted from what the workers return, not from what was asked of them
     failures: list[str] = []
     seconds = first_commit_s = 0.0
-    if pending:
+    if pending or damaged:
         with init_ray(address, num_cpus=None if address else conf["workers"] * conf["cpus_per_worker"]):
             start = time.perf_counter()
-            dataset = ray.data.from_items(pending).map_batches(
-                ReferenceFeatureWriter,
-                fn_constructor_kwargs={"store_url": store.url, "images_dir": files.absolute(images_dir),
-                                       "extractor_name": conf["extractor"]},
-                batch_size=conf["batch_size"],
-                compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
-                num_cpus=conf["cpus_per_worker"], num_gpus=gpus_per_worker(conf))
-            with tqdm(total=len(pending), desc="reference features", unit="img") as progress:
-                for row in dataset.iter_rows():
-                    batch_failures = json.loads(row["failures"])
-                    failures += batch_failures
-                    progress.update(len(batch_failures))
-                    if not row["commit"]:
-                        continue
-                    commit = Commit.from_json(json.loads(row["commit"]))
-                    store.commit(commit)
-                    publisher.add(commit)
-                    first_commit_s = first_commit_s or time.perf_counter() - start
-                    extracted += len(commit.image_ids)
-                    progress.update(len(commit.image_ids))
+            if damaged:
+                failures += repair(store, scene, cells, images_dir, conf, damaged)
+
+            def commit_batch(commit: Commit) -> None:
+                nonlocal extracted, first_commit_s
+                store.commit(commit)
+                publisher.add(commit)
+                first_commit_s = first_commit_s or time.perf_counter() - start
+                extracted += len(commit.image_ids)
+
+            if pending:
+                failures += extract(store, pending, images_dir, conf, "reference features", commit_batch)
             seconds = time.perf_counter() - start
     if failures:
         raise ReferenceImageError(f"{len(failures)} reference image(s) unreadable, their cells are not "
                                   f"published (fix them and rerun to resume): {'; '.join(failures[:3])}")
-    # seconds: the Ray Data job, worker start-up included; first_commit_s: until the first batch.
+    # seconds: the Ray Data job(s), worker start-up included; first_commit_s: until the first batch.
     return {"images": len(items), "skipped": len(items) - len(pending), "extracted": extracted,
-            "cells_published": publisher.published, "seconds": seconds, "first_commit_s": first_commit_s}
+            "cells_published": publisher.published, "partitions_repaired": len(damaged), "seconds": seconds,
+            "first_commit_s": first_commit_s}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -264,6 +321,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
     parser.add_argument("--aggregate", action="store_true",
                         help="store one confidence-weighted mean feature per 3D point and cell")
+    parser.add_argument("--repair", action="store_true",
+                        help="verify the checksum of every published file and recompute damaged partitions "
+                             "(missing files and wrong sizes are always repaired)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,9 +331,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"pixloc features: --workers must be positive, got {args.workers}")
     try:
         stats = main(args.map, args.images, args.store, address=args.address,
-                     conf={"extractor": args.extractor, "workers": args.workers, "aggregate": args.aggregate})
+                     conf={"extractor": args.extractor, "workers": args.workers, "aggregate": args.aggregate,
+                           "repair": args.repair})
     except (ValueError, FileNotFoundError, StorageError) as error:
         raise SystemExit(f"pixloc features: {error}") from None
-    logger.info("%d images (%d extracted, %d already stored), %d cells published in %.1f s",
-                stats["images"], stats["extracted"], stats["skipped"], stats["cells_published"], stats["seconds"])
+    logger.info("%d images (%d extracted, %d already stored), %d cells published, %d partitions repaired in %.1f s",
+                stats["images"], stats["extracted"], stats["skipped"], stats["cells_published"],
+                stats["partitions_repaired"], stats["seconds"])
     return 0
