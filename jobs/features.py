@@ -3,10 +3,12 @@
 A Ray Data job over the reference images. A pool of stateful workers (a callable class holding the
 extractor) loads each image, extracts its pyramid and samples every level at the observations of
 the 3D points the image sees (the model's 2D keypoints: exact, no reprojection error), then writes
-one part file per batch and partition (cell, level). An image belongs to every cell that lists it,
+one part file per batch and partition (cell, level), and the sparse partition: the map's descriptor
+of each observed point, with its position, for SIFT + PnP inside the cell's shard actor. An image belongs to every cell that lists it,
 core or halo, so its rows are written into each of them. The driver commits each returned batch
 and publishes a cell's partitions once all its images are committed; a rerun skips committed
-images (see cluster/store.py for the layout and the commit protocol).
+images (see cluster/store.py for the layout and the commit protocol). It also writes the map's
+compact reference table (MAP/references.parquet) that localization plans from.
 """
 from __future__ import annotations
 
@@ -25,12 +27,13 @@ import torch
 from tqdm import tqdm
 
 from cluster.filesystem import StorageError
-from cluster.runtime import init_ray, set_torch_threads
-from cluster.store import Commit, FeatureStore, PartFile, StoreInfo, batch_key, observation_table
+from cluster.runtime import gpus_per_worker, init_ray, set_torch_threads
+from cluster.store import (SPARSE_LEVEL, Commit, FeatureStore, PartitionPublisher, StoreInfo, batch_key,
+                           observation_table, sparse_table)
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level
 from pixloc_core.images import ImageReadError, read_image
-from pixloc_core.map_io import SceneMap, observations
+from pixloc_core.map_io import SceneMap, observations, write_reference_table
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +59,10 @@ def map_cells(scene: SceneMap) -> dict[str, list[int]]:
     return {cell: sorted(image_ids[name] for name in scene.shards.images_of(cell)) for cell in scene.shards.cell_ids}
 
 
-def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, list[int]]) -> list[dict]:
-    """One Ray Data row per reference image in some cell: its observations and its cells."""
+def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, list[int]],
+                    descriptors: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+    """One Ray Data row per reference image in some cell: its observations and its cells, and with
+    the map's descriptors (point3D_ids (P,) ascending, descriptors (P, D)) those of its points."""
     cells_of_image = defaultdict(list)
     for cell_id, image_ids in cells.items():
         for image_id in image_ids:
@@ -67,6 +72,12 @@ def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, li
         image = reconstruction.images[image_id]
         camera = reconstruction.cameras[image.camera_id]
         observed = observations(image)
+        sparse = {}
+        if descriptors is not None:
+            point3D_ids, point_descriptors = descriptors
+            rows = np.searchsorted(point3D_ids, observed.point3D_ids).clip(0, max(len(point3D_ids) - 1, 0))
+            described = np.flatnonzero(point3D_ids[rows] == observed.point3D_ids) if len(point3D_ids) else rows[:0]
+            sparse = {"sparse_observations": described, "descriptors": point_descriptors[rows[described]]}
         items.append({
             "image_id": image_id,
             "name": image.name,
@@ -75,6 +86,7 @@ def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, li
             "point3D_ids": observed.point3D_ids,  # (N,)
             "points2D": observed.xy,  # (N, 2)
             "xyz": np.array([reconstruction.points3D[i].xyz for i in observed.point3D_ids.tolist()]).reshape(-1, 3),
+            **sparse,
         })
     return items
 
@@ -109,6 +121,12 @@ class ReferenceFeatureWriter:
                                       item["xyz"], features.numpy(), confidence.numpy())
             for cell in item["cells"]:
                 tables[cell, level_index] = table
+        if self.store.info.sparse_keypoints:
+            rows = item["sparse_observations"]
+            table = sparse_table(item["point3D_ids"][rows], np.full(len(rows), item["image_id"], np.int32),
+                                 item["xyz"][rows], item["descriptors"])
+            for cell in item["cells"]:
+                tables[cell, SPARSE_LEVEL] = table
         return tables
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -129,7 +147,7 @@ class ReferenceFeatureWriter:
         if image_ids:
             key = batch_key(image_ids)
             parts = [self.store.write_part(cell, level, key, pa.concat_tables(tables))
-                     for (cell, level), tables in sorted(partitions.items())]
+                     for (cell, level), tables in sorted(partitions.items(), key=lambda item: str(item[0]))]
             commit = json.dumps(Commit(key, image_ids, parts).to_json())
         return {"commit": np.array([commit]), "failures": np.array([json.dumps(failures)])}
 
@@ -140,62 +158,16 @@ def pyramid_shape(extractor: Extractor) -> tuple[tuple[int, ...], tuple[int, ...
     return tuple(level.stride for level in pyramid), tuple(level.features.shape[1] for level in pyramid)
 
 
-def gpus_per_worker(conf: dict) -> float:
-    if conf["gpus_per_worker"] is not None:
-        return conf["gpus_per_worker"]
-    return min(1.0, ray.cluster_resources().get("GPU", 0) / conf["workers"])
-
-
-class PartitionPublisher:
-    """Tracks which images of each cell are still missing and publishes a cell's partitions once
-    none is."""
-
-    def __init__(self, store: FeatureStore, cells: dict[str, list[int]]):
-        self.store = store
-        self.missing = {cell: set(image_ids) for cell, image_ids in cells.items()}
-        self.parts: dict[tuple[str, int], list[PartFile]] = defaultdict(list)
-        self.committed: set[int] = set()
-        self.published = 0
-
-    def record(self, commit: Commit) -> list[str]:
-        """Note a committed batch; returns the cells that it completed."""
-        for part in commit.parts:
-            self.parts[part.cell, part.level].append(part)
-        committed = set(commit.image_ids)
-        self.committed |= committed
-        completed = []
-        for cell, missing in self.missing.items():
-            if missing & committed:
-                missing -= committed
-                if not missing:
-                    completed.append(cell)
-        return completed
-
-    def add(self, commit: Commit) -> None:
-        """A batch just committed: publish the cells it completed."""
-        for cell in self.record(commit):
-            self.publish(cell)
-
-    def publish(self, cell: str) -> None:
-        for level in range(len(self.store.info.strides)):
-            self.store.publish(cell, level, self.parts[cell, level])
-        self.published += 1
-
-    def publish_unpublished(self) -> None:
-        """Complete cells of an earlier run that was stopped before publishing them."""
-        for cell, missing in self.missing.items():
-            levels = range(len(self.store.info.strides))
-            if not missing and not all(self.store.is_published(cell, level) for level in levels):
-                self.publish(cell)
-
-
 def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = None,
          address: str | None = None) -> dict:
     """Fill the store for every reference image in a cell of the map; returns counts and timings."""
     conf = {**default_conf, **(conf or {})}
-    scene = SceneMap.load(map_dir, with_descriptors=False)
+    scene = SceneMap.load(map_dir)  # the one process besides the map builder that reads the whole map
+    write_reference_table(scene, map_dir)
     cells = map_cells(scene)
-    items = reference_items(scene.reconstruction, cells)
+    has_descriptors = scene.descriptors is not None and len(scene.descriptors) > 0
+    items = reference_items(scene.reconstruction, cells,
+                            (scene.point3D_ids, scene.descriptors) if has_descriptors else None)
     missing = [item["name"] for item in items if not (Path(images_dir) / item["name"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{images_dir}: {len(missing)} reference images of {map_dir} not found, "
@@ -203,8 +175,9 @@ def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = No
 
     extractor = load_extractor(conf["extractor"])
     strides, channels = pyramid_shape(extractor)
-    store = FeatureStore.create(store_url, StoreInfo(extractor.extractor_id, scene.fingerprint, strides,
-                                                     channels, conf["aggregate"]))
+    store = FeatureStore.create(store_url, StoreInfo(
+        extractor.extractor_id, scene.fingerprint, strides, channels, conf["aggregate"],
+        sparse_keypoints="sift" if has_descriptors else "", sparse_dim=scene.descriptors.shape[1] if has_descriptors else 0))
     publisher = PartitionPublisher(store, cells)
     for commit in store.commits():
         publisher.record(commit)
