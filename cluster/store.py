@@ -4,7 +4,7 @@ Layout under the store URL (a local directory or `s3://bucket/prefix`):
 
     store.json                                   extractor id, map fingerprint, strides, channels
     cell=<cell>/level=<level>/part-<key>.parquet one file per written batch of images and partition
-    _commits/<key>.json                          the batch's images and files (rows, bytes, sha256)
+    _commits/<key>.json                          the batch's images and files (rows, bytes, crc32, sha256)
     cell=<cell>/level=<level>/_manifest.json     the partition's committed files: makes it visible
     cell=<cell>/level=sparse/...                 the cell's sparse points, same commit protocol
 
@@ -13,6 +13,11 @@ then records each returned batch in `_commits/` (one new object: no read-modify-
 S3 and, by rename, on a local disk) and publishes a partition's manifest once every image of its
 cell is committed. Readers read only the files that a manifest lists, so the files of a killed job
 stay invisible, and a rerun skips the images of committed batches.
+
+Integrity: every load checks each file's size and CRC32 (cheap, recorded at write time) against
+the manifest and refuses a damaged or missing file by name (`DamagedPartition`); `verify` also
+checks the sha256 and the row count. `damaged_partitions` finds the partitions a features rerun
+must recompute (sizes only, from listings; with checksums, reading every file).
 
 Rows (zstd Parquet): point3D_id int64, image_id int32 (the observing reference image),
 xyz fixed_size_list<float64>[3], feature fixed_size_list<float16>[C] (L2-normalised),
@@ -32,6 +37,7 @@ import io
 import json
 import logging
 import warnings
+import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
@@ -58,6 +64,10 @@ SPARSE_LEVEL = "sparse"  # the partition "level" of a cell's sparse points
 
 class StoreMismatchError(ValueError):
     """The store holds features of another extractor or map than the caller expects."""
+
+
+class DamagedPartition(ValueError):
+    """A published partition whose file is missing or differs from its manifest."""
 
 
 class PartitionNotFound(KeyError):
@@ -100,6 +110,7 @@ class PartFile:
     rows: int
     bytes: int
     sha256: str
+    crc32: str = ""  # zlib.crc32, 8 hex digits; empty in stores written before it was recorded
 
 
 @dataclass
@@ -126,6 +137,17 @@ def batch_key(image_ids: list[int]) -> str:
 
 def partition_dir(cell: str, level: int | str) -> str:
     return f"cell={cell}/level={level}"
+
+
+def parse_partition_dir(path: str) -> tuple[str, int | str]:
+    """partition_dir's inverse: "cell=<cell>/level=<level>" -> (cell, level)."""
+    cell, level = path.split("/")
+    level = level.removeprefix("level=")
+    return cell.removeprefix("cell="), level if level == SPARSE_LEVEL else int(level)
+
+
+def crc32_hex(data: bytes) -> str:
+    return f"{zlib.crc32(data):08x}"
 
 
 def observation_schema(channels: int) -> pa.Schema:
@@ -279,13 +301,14 @@ class FeatureStore:
 
     # Writing: workers write part files, the driver commits batches and publishes partitions.
 
-    def write_part(self, cell: str, level: int, key: str, table: pa.Table) -> PartFile:
+    def write_part(self, cell: str, level: int | str, key: str, table: pa.Table) -> PartFile:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression=COMPRESSION)
         data = buffer.getvalue()
         path = f"{partition_dir(cell, level)}/part-{key}.parquet"
         self.storage.put_bytes(path, data)
-        return PartFile(path, cell, level, table.num_rows, len(data), hashlib.sha256(data).hexdigest())
+        return PartFile(path, cell, level, table.num_rows, len(data), hashlib.sha256(data).hexdigest(),
+                        crc32_hex(data))
 
     def commit(self, commit: Commit) -> None:
         self.storage.write_json(f"{COMMITS_DIR}/{commit.key}.json", commit.to_json())
@@ -325,11 +348,11 @@ class FeatureStore:
 
     def load_table(self, cell: str, level: int | str, columns: list[str] | None = None,
                    image_ids: list[int] | None = None) -> pa.Table:
-        """The committed rows of a partition, in one dataset read; optionally only the
-        observations of some reference images."""
-        files = [part["path"] for part in self.manifest(cell, level)["files"]]
+        """The committed rows of a partition, each file checked against the manifest (size, CRC32)
+        before it is parsed; optionally only the observations of some reference images."""
+        parts = self.manifest(cell, level)["files"]
         aggregated = self.info.aggregated and level != SPARSE_LEVEL
-        if not files:
+        if not parts:
             if level == SPARSE_LEVEL:
                 table = sparse_schema(self.info.sparse_dim).empty_table()
             else:
@@ -340,7 +363,53 @@ class FeatureStore:
             if aggregated:
                 raise ValueError(f"{self.url}: an aggregated store has no per-image rows to select")
             row_filter = pc.field("image_id").isin(pa.array(image_ids, pa.int32()))
-        return self.storage.read_parquet(files, columns, row_filter)
+        contents = self._checked_contents(parts)
+        return pa.concat_tables([pq.read_table(pa.BufferReader(contents[part["path"]]), columns=columns,
+                                               filters=row_filter) for part in parts])
+
+    def _checked_contents(self, parts: list[dict]) -> dict[str, bytes]:
+        """The bytes of a partition's files (one concurrent read), refused unless each matches its
+        manifest entry in size and CRC32."""
+        paths = [part["path"] for part in parts]
+        try:
+            contents = self.storage.get_many(paths)
+        except FileNotFoundError:
+            missing = next(path for path in paths if not self.storage.exists(path))
+            raise self._damaged(missing, "file missing") from None
+        for part in parts:
+            data = contents[part["path"]]
+            if len(data) != part["bytes"]:
+                raise self._damaged(part["path"], f"{len(data)} bytes, the manifest says {part['bytes']}")
+            if part.get("crc32") and crc32_hex(data) != part["crc32"]:
+                raise self._damaged(part["path"], "checksum differs from the manifest")
+        return contents
+
+    def _damaged(self, path: str, reason: str) -> DamagedPartition:
+        return DamagedPartition(f"store damaged: {self.url}/{path}: {reason} (rerun `pixloc features` to repair)")
+
+    def damaged_partitions(self, partitions: list[tuple[str, int | str]], checksums: bool = False
+                           ) -> dict[tuple[str, int | str], str]:
+        """(cell, level) -> why, for the published partitions among `partitions` whose manifest is
+        unreadable or whose files are missing or of another size (one listing per partition);
+        with `checksums`, also those whose files' CRC32 differs (every file read)."""
+        damaged = {}
+        for cell, level in partitions:
+            if not self.is_published(cell, level):
+                continue
+            try:
+                parts = self.manifest(cell, level)["files"]
+                if checksums:
+                    self._checked_contents(parts)
+                    continue
+                sizes = self.storage.file_sizes(partition_dir(cell, level))
+                for part in parts:
+                    if part["path"] not in sizes:
+                        raise self._damaged(part["path"], "file missing")
+                    if sizes[part["path"]] != part["bytes"]:
+                        raise self._damaged(part["path"], f"{sizes[part['path']]} bytes, the manifest says {part['bytes']}")
+            except (DamagedPartition, json.JSONDecodeError, KeyError, TypeError) as error:
+                damaged[cell, level] = str(error)
+        return damaged
 
     def load_cell(self, cell: str, level: int, image_ids: list[int] | None = None) -> ReferenceLevel:
         """Points (N, 3) float64, features (N, C) float32 and confidence (N,) of one partition;
@@ -368,9 +437,9 @@ class FeatureStore:
     def verify(self, cell: str, level: int | str) -> None:
         """Check that a partition's files have the row counts and checksums its manifest records."""
         for part in self.manifest(cell, level)["files"]:
-            data = self.storage.get_bytes(part["path"])
+            data = self._checked_contents([part])[part["path"]]
             if hashlib.sha256(data).hexdigest() != part["sha256"]:
-                raise ValueError(f"{self.url}/{part['path']}: checksum differs from the manifest")
+                raise self._damaged(part["path"], "checksum differs from the manifest")
             rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
             if rows != part["rows"]:
                 raise ValueError(f"{self.url}/{part['path']}: {rows} rows, the manifest says {part['rows']}")

@@ -1,7 +1,10 @@
 """`pixloc map`: build, import or triangulate a map, georegister it and shard it by location.
 
 Three ways in, one map format out (pixloc_core/map_io.py):
-  --reference-model DIR  known cameras and poses: SIFT, pairs by pose, torch matching, triangulation
+  --reference-model DIR  known cameras and poses: SIFT, pairs by pose, torch matching, triangulation;
+                         distributed on Ray (features per image, matches per chunk, one triangulation
+                         per shard cell plus halo, merged by shared observations; resumable, see
+                         build_map_in_cells), or in one process with --single-process
   (images only)          SIFT, pairs by GPS (else exhaustive), incremental SfM, georegistration;
                          the model is then transformed into the ENU frame of the priors
   --import-model DIR     an existing COLMAP model (text or binary), kept as is
@@ -10,8 +13,10 @@ With priors (--priors CSV or --gps-from-exif), the similarity map->ENU and its r
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +25,14 @@ import pycolmap
 from pixloc_core.shards import ShardIndex
 from pixloc_core.shards import default_conf as shards_conf
 from pixloc_core import exif
+from pixloc_core.geo import EnuOrigin
 from pixloc_core.io import Prior, read_priors
 from pixloc_core.images import list_images
 from pixloc_core.map_io import GeoInfo, SceneMap, Similarity, exif_camera_key
-from pixloc_core.mapping import descriptors, georegister, matching, pairs, sfm, sift, triangulation
+from cluster import mapping as distributed
+from cluster.runtime import init_ray
+from pixloc_core.mapping import cells, descriptors, georegister, matching, merge, pairs, sfm, sift, triangulation
+from pixloc_core.mapping.feature_files import FeatureFiles, group_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +44,11 @@ default_conf = {
     "sfm": sfm.default_conf,
     "georegister": georegister.default_conf,
     "shards": shards_conf,
+    "merge": merge.default_conf,
     "min_registered_images": 3,
 }
+
+WORK_DIR = "mapping"  # MAP/mapping: per-image features, matches and per-cell results of a distributed build
 
 
 def read_model(path: Path) -> pycolmap.Reconstruction:
@@ -125,6 +137,14 @@ def build_map(images: Path, out: Path, reference_model: Path | None = None, impo
         else:
             focal_px = exif_focal_lengths(images, features)
             source, reconstruction = "sfm", reconstruct(features, positions, images, Path(work_dir), focal_px, conf)
+    return finish_map(reconstruction, features, positions, origin, source, images, out, skipped, focal_px, conf)
+
+
+def finish_map(reconstruction: pycolmap.Reconstruction, features: Mapping[str, sift.Features],
+               positions: dict[str, np.ndarray], origin: EnuOrigin | None, source: str, images: Path, out: Path,
+               skipped: list[dict], focal_px: dict[str, float], conf: dict,
+               manifest_extra: dict | None = None) -> SceneMap:
+    """Point descriptors, georegistration, shards; writes the map directory `out`."""
     check_not_degenerate(reconstruction, conf["min_registered_images"])
     point_ids, point_descriptors = descriptors.main(reconstruction, features, keypoints_are_features=source != "import")
 
@@ -148,10 +168,71 @@ def build_map(images: Path, out: Path, reference_model: Path | None = None, impo
     scene_map = SceneMap(reconstruction, geo, manifest={}, point3D_ids=point_ids, descriptors=point_descriptors,
                          exif_cameras=exif_cameras)
     scene_map.shards = ShardIndex.build(scene_map.image_centers(), conf["shards"])
-    scene_map.save(out, source, images, skipped)
+    scene_map.save(out, source, images, skipped, manifest_extra)
     logger.info("map %s: %d images, %d points, %d cells (%s)", out, reconstruction.num_reg_images(),
                 reconstruction.num_points3D(), len(scene_map.shards.cell_ids), source)
     return scene_map
+
+
+def check_work_settings(root: Path, settings: dict) -> None:
+    """MAP/mapping/settings.json: the work files of a rerun must come from the same settings."""
+    path = root / "settings.json"
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != settings:
+            raise ValueError(f"{root}: work files of a run with other settings ({found} vs {settings}); "
+                             "remove that folder to start over")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))
+
+
+def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: dict[str, Prior] | None = None,
+                       conf: dict | None = None, workers: int = 2, address: str | None = None) -> SceneMap:
+    """`build_map` with known poses, distributed: features per image, matches per chunk of pairs and
+    one triangulation per shard cell (core plus halo) as Ray tasks, all written under MAP/mapping
+    (a rerun resumes), then the cells' points merged by their shared observations."""
+    conf = {**default_conf, **(conf or {})}
+    images, out = Path(images), Path(out)
+    root = out / WORK_DIR
+    reference = read_model(reference_model)
+    names = posed_image_names(reference)
+    if not names:
+        raise ValueError(f"{reference_model}: no posed images to map")
+    check_work_settings(root, {"reference_model": str(Path(reference_model).resolve()),
+                               "sift": {**sift.default_conf, **conf["sift"]},
+                               "matching": {**matching.default_conf, **conf["matching"]}})
+    features = FeatureFiles(root)
+    with init_ray(address, num_cpus=None if address else workers):
+        skipped = distributed.extract_features(images, names, root, conf["sift"], workers)
+        present = [name for name in names if features.has(name)]
+        if len(present) < conf["min_registered_images"]:
+            raise ValueError(f"{images}: only {len(present)} readable images, a map needs "
+                             f"{conf['min_registered_images']}")
+        posed = [reference.find_image_with_name(name) for name in present]
+        image_pairs = pairs.from_poses(present, np.array([image.projection_center() for image in posed]),
+                                       np.array([image.viewing_direction() for image in posed]), conf["pairs"])
+        distributed.match_pairs(root, group_pairs(image_pairs), conf["matching"])
+
+        cell_index = ShardIndex.build({image.name: image.projection_center() for image in posed}, conf["shards"])
+        for cell in cell_index.cell_ids:
+            if not cells.is_done(root, cell):
+                cells.write_skeleton(root, cell, reference, cell_index.images_of(cell))
+        results = distributed.triangulate_cells(root, cell_index.cell_ids, images,
+                                                {"triangulation": conf["triangulation"]})
+    failed = [{"cell": result.cell, "reason": result.failure} for result in results if result.failure]
+    for failure in failed:
+        logger.warning("%s", failure["reason"])
+
+    keypoints = {image.image_id: features.keypoints(image.name) for image in posed}
+    skeleton = merge.skeleton_with_keypoints(reference, keypoints)
+    reconstruction = merge.main(skeleton, [merge.CellPoints.load(cells.cell_dir(root, result.cell) / cells.POINTS_FILE)
+                                           for result in results if not result.failure],
+                                keypoints, conf["merge"])
+    positions, origin = georegister.priors_to_positions(
+        {name: prior for name, prior in (priors or {}).items() if name in set(present)})
+    return finish_map(reconstruction, features, positions, origin, "reference-model", images, out, skipped, {},
+                      conf, {"failed_cells": failed})
 
 
 def check_not_degenerate(reconstruction: pycolmap.Reconstruction, min_images: int) -> None:
@@ -175,22 +256,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--halo", type=float, default=shards_conf["halo_m"], help="shard halo (m)")
     parser.add_argument("--max-image-size", type=int, default=sift.default_conf["max_image_size"],
                         help="longest image side for SIFT (px)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers of a distributed build")
+    parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
+    parser.add_argument("--single-process", action="store_true",
+                        help="with --reference-model: triangulate all images in this process instead of cell by "
+                        "cell on Ray (the same map, for comparison)")
 
 
 def run(args: argparse.Namespace) -> int:
     pycolmap.logging.minloglevel = 2
-    if args.cell_size <= 0 or args.halo < 0 or args.max_image_size <= 0:
-        raise SystemExit("pixloc map: --cell-size and --max-image-size must be positive, --halo non-negative")
+    if args.cell_size <= 0 or args.halo < 0 or args.max_image_size <= 0 or args.workers < 1:
+        raise SystemExit("pixloc map: --cell-size, --max-image-size and --workers must be positive, "
+                         "--halo non-negative")
     try:
         priors = None
         if args.priors:
             priors = read_priors(args.priors)
         elif args.gps_from_exif:
             priors = exif_priors(args.images, list_images(args.images))
-        build_map(args.images, args.out, args.reference_model, args.import_model, priors, {
-            "sift": {"max_image_size": args.max_image_size},
-            "shards": {"cell_size_m": args.cell_size, "halo_m": args.halo},
-        })
+        conf = {"sift": {"max_image_size": args.max_image_size},
+                "shards": {"cell_size_m": args.cell_size, "halo_m": args.halo}}
+        if args.reference_model and not args.single_process:
+            build_map_in_cells(args.images, args.out, args.reference_model, priors, conf, args.workers, args.address)
+        else:
+            build_map(args.images, args.out, args.reference_model, args.import_model, priors, conf)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"pixloc map: {error}") from None
     return 0

@@ -12,7 +12,8 @@
     MAP/shards.json       the shard index (pixloc_core/shards.py)
     MAP/manifest.json     {"fingerprint", "source", "images_dir", "num_images", "num_points3D",
                            "skipped": [{"name", "reason"}], "exif_cameras": {"WxH@F": camera_id},
-                           "created_utc"}
+                           "cell_fingerprints": {cell: sha256 of what its store partitions hold},
+                           "failed_cells": [{"cell", "reason"}], "updates": [...], "created_utc"}
 
 SfM maps are transformed into the ENU frame of their GPS priors (metric, z up), so for them
 map_to_enu is the identity and GPS priors in ENU are map positions; imported and reference-model
@@ -124,6 +125,31 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def image_digests(reconstruction: pycolmap.Reconstruction) -> dict[str, str]:
+    """Per posed image: sha256 of what a feature store partition holds about it (its id, camera,
+    pose, and per observation the keypoint, the 3D point id and position)."""
+    xyz = {point_id: point.xyz for point_id, point in reconstruction.points3D.items()}
+    digests = {}
+    for image_id, image in reconstruction.images.items():
+        if not image.has_pose:
+            continue
+        observed = observations(image)
+        digest = hashlib.sha256(f"{image.name}:{image_id}:{reconstruction.cameras[image.camera_id].model}".encode())
+        for array in (reconstruction.cameras[image.camera_id].params, image.cam_from_world().matrix(), observed.xy,
+                      observed.point3D_ids, np.array([xyz[i] for i in observed.point3D_ids.tolist()])):
+            digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+        digests[image.name] = digest.hexdigest()
+    return digests
+
+
+def cell_fingerprints(reconstruction: pycolmap.Reconstruction, shards: ShardIndex) -> dict[str, str]:
+    """Per cell: sha256 over its images' digests (core and halo), so that a cell changes its
+    fingerprint exactly when the content of its store partitions would change."""
+    digests = image_digests(reconstruction)
+    return {cell: hashlib.sha256(",".join(f"{name}={digests[name]}" for name in sorted(shards.images_of(cell))
+                                          ).encode()).hexdigest() for cell in shards.cell_ids}
+
+
 def exif_camera_key(width: int, height: int, exif_focal_px: float) -> str:
     """How SfM groups images into cameras: image size and EXIF focal length (0.1 px)."""
     return f"{width}x{height}@{exif_focal_px:.1f}"
@@ -151,8 +177,10 @@ class SceneMap:
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
-    def save(self, path: Path, source: str, images_dir: Path, skipped: list[dict]) -> None:
-        """Writes every file of the map; the manifest last, with the fingerprint of the model."""
+    def save(self, path: Path, source: str, images_dir: Path, skipped: list[dict],
+             manifest_extra: dict | None = None) -> None:
+        """Writes every file of the map; the manifest last, with the fingerprint of the model and
+        of each cell. `manifest_extra`: more manifest entries (failed cells, update history)."""
         path = Path(path)
         (path / MODEL_DIR).mkdir(parents=True, exist_ok=True)
         self.reconstruction.write(path / MODEL_DIR)
@@ -169,7 +197,9 @@ class SceneMap:
             "num_points3D": self.reconstruction.num_points3D(),
             "skipped": skipped,
             "exif_cameras": self.exif_cameras,
+            "cell_fingerprints": cell_fingerprints(self.reconstruction, self.shards) if self.shards else {},
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(manifest_extra or {}),
         }
         (path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
         self.path = path

@@ -1,6 +1,8 @@
 """The synthetic street scene: renderer geometry and conventions, determinism, dataset files."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pycolmap
 import pytest
@@ -189,3 +191,52 @@ def test_same_seed_same_bytes(tiny_dataset, tmp_path):
 def test_cli_rejects_bad_counts(tmp_path):
     with pytest.raises(SystemExit, match="--refs"):
         cli_main(["synth", "--out", str(tmp_path), "--refs", "0"])
+
+
+def test_city_blocks_keep_the_reference_density(tmp_path):
+    """--blocks WxH: a bigger street grid with as many references per metre of street as the default
+    street, along the streets (within the lateral range of a centre line), deterministic per seed."""
+    small, city = tmp_path / "street", tmp_path / "city"
+    tiny = ["--queries", "2", "--width", "160", "--height", "120", "--seed", "5"]
+    assert cli_main(["synth", "--out", str(small), "--blocks", "1x1", *tiny]) == 0
+    assert cli_main(["synth", "--out", str(city), "--blocks", "2x1", *tiny]) == 0
+    summaries = [json.loads((out / "scene.json").read_text()) for out in (small, city)]
+    lengths = [np.linalg.norm(np.diff(np.array(s["streets"]), axis=1), axis=-1).sum() for s in summaries]
+    assert summaries[1]["num_refs"] > summaries[0]["num_refs"]
+    for summary, length in zip(summaries, lengths):
+        assert summary["num_refs"] == round(length / summary["conf"]["ref_spacing_m"])
+        assert summary["conf"]["blocks"] in ([1, 1], [2, 1])
+    streets = np.array(summaries[1]["streets"])
+    for gt_file in ("gt_mapping.txt", "gt_queries.txt"):
+        poses = read_poses(city / gt_file)
+        for qvec, tvec in poses.values():
+            rotation = pycolmap.Rotation3d(np.r_[qvec[1:], qvec[0]]).matrix()
+            center = -rotation.T @ tvec
+            assert min(_distance_to_segment(center[:2], *street) for street in streets) <= 3.0 + 1e-9
+    assert len(read_poses(city / "gt_mapping.txt")) == summaries[1]["num_refs"]
+    again = tmp_path / "again"
+    assert cli_main(["synth", "--out", str(again), "--blocks", "2x1", "--workers", "1", *tiny]) == 0
+    for relative in ("mapping/ref_0003.jpg", "queries/q_0001.jpg", "gt_mapping.txt", "priors.csv"):
+        assert (again / relative).read_bytes() == (city / relative).read_bytes(), relative
+
+
+def _distance_to_segment(point: np.ndarray, start, end) -> float:
+    start, end = np.asarray(start, float), np.asarray(end, float)
+    along = np.clip((point - start) @ (end - start) / ((end - start) @ (end - start)), 0.0, 1.0)
+    return float(np.linalg.norm(point - start - along * (end - start)))
+
+
+def test_culled_render_equals_brute_force_raycast(scene):
+    """Frustum and occlusion culling skip only faces that cannot be hit first: the same surfaces
+    and depths as testing every facing face."""
+    camera = PinholeIntrinsics.centered(160, 120, 140.0)
+    rotation, translation = _pose(80, 4, 2, (20, 1.5, 1.6))  # down the first street, many faces hidden
+    culled = raycast(scene, camera, rotation, translation)
+    everything = raycast(scene, camera, rotation, translation, cull=False)
+    np.testing.assert_array_equal(culled.surface, everything.surface)
+    np.testing.assert_array_equal(culled.depth, everything.depth)
+
+
+def test_cli_rejects_bad_blocks(tmp_path):
+    with pytest.raises(SystemExit):
+        cli_main(["synth", "--out", str(tmp_path), "--blocks", "0x3"])

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..exif import camera_exif, focal_px_from_35mm, gps_ifd
 from ..geo import enu_to_wgs84
 from ..io import Prior, QueryIntrinsics, write_poses, write_priors, write_query_list
-from .cameras import WalkConfig, query_arc_lengths, reference_arc_lengths, sample_walk_poses
+from .cameras import WalkConfig, query_arc_lengths, reference_arc_lengths, sample_walk_poses, street_length
 from .render import PinholeIntrinsics, render
 from .scene import Scene, SceneConfig, build_scene
 
@@ -36,7 +36,11 @@ EXIF_MAKE_MODEL = "pixloc-synth"
 default_conf = {
     "seed": 0,
     "origin": SceneConfig.origin,
-    "num_refs": 150,
+    "blocks": (2, 1),  # city blocks east-west, north-south; streets around and between them
+    # None: one reference per ref_spacing_m of street (constant density whatever the city's size;
+    # 150 on the default 2x1 blocks, 378 m of street).
+    "num_refs": None,
+    "ref_spacing_m": 2.52,
     "num_queries": 40,
     "gps_noise_m": 10.0,  # std dev of the query priors, per horizontal axis
     "mapping_gps_noise_m": 1.0,  # std dev of the mapping priors, per horizontal axis
@@ -142,13 +146,16 @@ def write_reference_model(path: Path, camera: PinholeIntrinsics, image_set: Imag
 def main(out_dir: Path, conf: dict | None = None) -> Path:
     conf = {**default_conf, **(conf or {})}
     out_dir = Path(out_dir)
-    scene = build_scene(SceneConfig(seed=conf["seed"], origin=tuple(conf["origin"])))
+    blocks_x, blocks_y = conf["blocks"]
+    scene = build_scene(SceneConfig(seed=conf["seed"], origin=tuple(conf["origin"]),
+                                    blocks_x=blocks_x, blocks_y=blocks_y))
+    num_refs = conf["num_refs"] or max(1, round(street_length(scene) / conf["ref_spacing_m"]))
     focal = focal_px_from_35mm(conf["focal_35mm"], conf["width"], conf["height"])
     camera = PinholeIntrinsics.centered(conf["width"], conf["height"], focal)
 
     rng = np.random.default_rng([conf["seed"], 1])
     walk = WalkConfig()
-    refs = sample_image_set(scene, "mapping", "ref", reference_arc_lengths(scene, conf["num_refs"], rng),
+    refs = sample_image_set(scene, "mapping", "ref", reference_arc_lengths(scene, num_refs, rng),
                             conf["mapping_gps_noise_m"], rng, walk)
     queries = sample_image_set(scene, "queries", "q", query_arc_lengths(scene, conf["num_queries"], rng),
                                conf["gps_noise_m"], rng, walk)
@@ -179,7 +186,8 @@ def main(out_dir: Path, conf: dict | None = None) -> Path:
         "scene_config": asdict(scene.config),
         "walk_config": asdict(walk),
         # Everything that determines the output bytes (the worker count does not).
-        "conf": {key: value for key, value in conf.items() if key not in ("origin", "workers")},
+        "conf": {**{key: value for key, value in conf.items() if key not in ("origin", "workers")},
+                 "blocks": [blocks_x, blocks_y], "num_refs": num_refs},
     }
     (out_dir / "scene.json").write_text(json.dumps(summary, indent=2))
     logger.info("Wrote the synthetic dataset to %s (%d refs, %d queries, focal %.2f px, horizontal fov %.1f deg).",

@@ -80,8 +80,32 @@ def _screen_bbox(corners_world: np.ndarray, camera: PinholeIntrinsics, rotation,
     return row0, row1, col0, col1
 
 
-def raycast(scene: Scene, camera: PinholeIntrinsics, rotation: np.ndarray, translation: np.ndarray) -> RayHits:
-    """First hits of the rays through all pixel centres. rotation (3, 3), translation (3,): world-to-camera."""
+def _visible_candidates(faces, camera: PinholeIntrinsics, rotation: np.ndarray,
+                        translation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the faces not entirely outside one side of the view frustum, nearest first, and
+    their nearest camera z (a city has thousands of faces and a view sees few of them)."""
+    corners = faces.corner[:, None] + np.stack([
+        np.zeros_like(faces.axis), faces.width[:, None] * faces.axis,
+        faces.width[:, None] * faces.axis + faces.height[:, None] * UP, faces.height[:, None] * UP], axis=1)
+    x, y, z = np.moveaxis(corners @ rotation.T + translation, -1, 0)  # (F, 4) each, camera frame
+    outside = [
+        z < NEAR,
+        camera.fx * x + camera.cx * z < 0,  # left of column 0
+        camera.fx * x + (camera.cx - camera.width) * z > 0,  # right of the last column
+        camera.fy * y + camera.cy * z < 0,  # above row 0
+        camera.fy * y + (camera.cy - camera.height) * z > 0,  # below the last row
+    ]
+    candidates = np.flatnonzero(~np.any([side.all(axis=1) for side in outside], axis=0))
+    nearest_z = np.maximum(z[candidates].min(axis=1), NEAR)
+    order = np.argsort(nearest_z, kind="stable")
+    return candidates[order], nearest_z[order]
+
+
+def raycast(scene: Scene, camera: PinholeIntrinsics, rotation: np.ndarray, translation: np.ndarray,
+            cull: bool = True) -> RayHits:
+    """First hits of the rays through all pixel centres. rotation (3, 3), translation (3,): world-to-camera.
+
+    cull=False tests every face (the reference the culling is tested against)."""
     rotation, translation = np.asarray(rotation, float), np.asarray(translation, float)
     center = -rotation.T @ translation
     directions = _pixel_rays(camera, rotation)
@@ -96,13 +120,19 @@ def raycast(scene: Scene, camera: PinholeIntrinsics, rotation: np.ndarray, trans
 
     # Only faces whose front side looks at the camera can be hit first (the boxes are closed).
     facing = np.einsum("fk,fk->f", center - faces.corner, faces.normal) > 0
-    for f in np.flatnonzero(facing):
+    candidates = (_visible_candidates(faces, camera, rotation, translation) if cull
+                  else (np.arange(len(faces)), np.full(len(faces), -np.inf)))
+    for f, nearest_z in zip(*candidates):
+        if not facing[f]:
+            continue
         corner, axis, width, height = faces.corner[f], faces.axis[f], faces.width[f], faces.height[f]
         quad = np.array([corner, corner + width * axis, corner + width * axis + height * UP, corner + height * UP])
         bbox = _screen_bbox(quad, camera, rotation, translation)
         if bbox is None:
             continue
         row0, row1, col0, col1 = bbox
+        if (depth[row0:row1, col0:col1] < nearest_z).all():
+            continue  # hidden behind nearer faces (visited first)
         d = directions[row0:row1, col0:col1]
         normal = faces.normal[f]
         with np.errstate(divide="ignore"):

@@ -1,4 +1,4 @@
-"""A seeded street scene: a grid of streets lined with box-shaped buildings, in an ENU map frame.
+"""A seeded street scene or city: a grid of streets lined with box-shaped buildings, in an ENU map frame.
 
 Every surface is a vertical rectangle (a building face) or the ground plane z = 0, so the renderer
 can intersect rays analytically. Faces carry the parameters of their procedural texture.

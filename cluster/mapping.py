@@ -1,0 +1,125 @@
+"""The distributed stages of `pixloc map`: features per image (Ray Data), matches per chunk of pairs
+(Ray tasks), one triangulation per cell (Ray tasks).
+
+Every stage writes one file per unit of work under MAP/mapping (pixloc_core/mapping/feature_files.py
+and cells.py) and returns only small records to the driver, so no process holds every image's
+features, and a rerun skips the units whose files exist: a killed job resumes where it stopped.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from pixloc_core.images import ImageReadError, read_image
+from pixloc_core.mapping import cells as cell_step
+from pixloc_core.mapping import matching, sift
+from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles
+
+from .runtime import set_torch_threads
+
+logger = logging.getLogger(__name__)
+
+
+class SiftFileWriter:
+    """Ray Data callable class: one SIFT extractor per worker, one feature file per image."""
+
+    def __init__(self, root: str, images_dir: str, sift_conf: dict):
+        self.files = FeatureFiles(Path(root))
+        self.images_dir = Path(images_dir)
+        self.extractor = sift.SiftExtractor(sift_conf)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Returns per image its name and why it was skipped ("" when written)."""
+        failures = []
+        for name in batch["name"].tolist():
+            try:
+                self.files.write(name, self.extractor(read_image(self.images_dir / name, "L")))
+                failures.append("")
+            except ImageReadError as error:
+                failures.append(str(error).split(": ", 1)[-1])
+        return {"name": batch["name"], "failure": np.array(failures, dtype=object)}
+
+
+def extract_features(images_dir: Path, names: list[str], root: Path, sift_conf: dict, workers: int
+                     ) -> list[dict[str, str]]:
+    """Feature files for the images of `names` that have none yet; returns one {"name", "reason"}
+    per unreadable image (no file is written for it, so that a rerun retries it)."""
+    files = FeatureFiles(root)
+    pending = [name for name in names if not files.has(name)]
+    logger.info("features: %d images, %d already extracted", len(names), len(names) - len(pending))
+    if not pending:
+        return []
+    dataset = ray.data.from_items([{"name": name} for name in pending]).map_batches(
+        SiftFileWriter, fn_constructor_kwargs={"root": str(root), "images_dir": str(Path(images_dir).resolve()),
+                                               "sift_conf": {**sift_conf, "num_threads": 1}},
+        batch_size=4, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+    skipped = []
+    for row in tqdm(dataset.iter_rows(), total=len(pending), desc="SIFT", unit="img"):
+        if row["failure"]:
+            logger.warning("skipping %s: %s", row["name"], row["failure"])
+            skipped.append({"name": row["name"], "reason": row["failure"]})
+    return skipped
+
+
+@ray.remote(num_cpus=1)
+def _match_chunk(root: str, chunk: list[tuple[str, list[str]]], conf: dict) -> int:
+    """Matches of every pair of `chunk` (name0, its partners), one file per name0; each image's
+    descriptors are read once per chunk, and only those of the chunk's images."""
+    set_torch_threads()
+    features, matches_files = FeatureFiles(Path(root)), MatchFiles(Path(root))
+    descriptors: dict[str, object] = {}
+
+    def normalized(name: str):
+        if name not in descriptors:
+            descriptors[name] = matching.normalize_descriptors(features[name].descriptors)
+        return descriptors[name]
+
+    for name0, partners in chunk:
+        matches_files.write(name0, {name1: matching.match_descriptors(normalized(name0), normalized(name1), **conf)
+                                    for name1 in partners})
+    return len(chunk)
+
+
+def match_pairs(root: Path, grouped_pairs: dict[str, list[str]], conf: dict, images_per_task: int = 32) -> None:
+    """grouped_pairs: name0 -> partners (feature_files.group_pairs), images with features only.
+    Consecutive names form a task, so that the images of a chunk lie near each other."""
+    conf = {**matching.default_conf, **conf}
+    files = MatchFiles(root)
+    pending = [(name0, partners) for name0, partners in grouped_pairs.items() if not files.has(name0)]
+    logger.info("matching: %d pairs of %d images, %d images already matched",
+                sum(map(len, grouped_pairs.values())), len(grouped_pairs), len(grouped_pairs) - len(pending))
+    tasks = [_match_chunk.remote(str(root), pending[start:start + images_per_task], conf)
+             for start in range(0, len(pending), images_per_task)]
+    with tqdm(total=len(pending), desc="matching", unit="img") as progress:
+        while tasks:
+            done, tasks = ray.wait(tasks)
+            progress.update(sum(ray.get(done)))
+
+
+@ray.remote(num_cpus=1)
+def _triangulate_cell(root: str, cell: str, images_dir: str, conf: dict) -> cell_step.CellResult:
+    set_torch_threads()
+    import pycolmap
+
+    pycolmap.logging.minloglevel = 2
+    return cell_step.main(Path(root), cell, Path(images_dir), conf)
+
+
+def triangulate_cells(root: Path, cells: list[str], images_dir: Path, conf: dict) -> list[cell_step.CellResult]:
+    """One Ray task per cell not done yet (its skeleton written by cells.write_skeleton); the
+    results of every cell, finished before or now."""
+    pending = [cell for cell in cells if not cell_step.is_done(root, cell)]
+    logger.info("triangulation: %d cells, %d already done", len(cells), len(cells) - len(pending))
+    tasks = [_triangulate_cell.remote(str(root), cell, str(Path(images_dir).resolve()), conf) for cell in pending]
+    results = {}
+    with tqdm(total=len(pending), desc="cells", unit="cell") as progress:
+        while tasks:
+            done, tasks = ray.wait(tasks)
+            for result in ray.get(done):
+                results[result.cell] = result
+            progress.update(len(done))
+    return [results.get(cell) or cell_step.read_result(root, cell) for cell in cells]

@@ -1,0 +1,140 @@
+"""Distributed mapping: a map triangulated cell by cell on Ray against the single-process map of
+the same synthetic scene, the per-image work files, and resuming a job stopped half-way."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+import pytest
+
+from jobs.map import WORK_DIR, build_map, build_map_in_cells
+from pixloc_core.io import read_priors
+from pixloc_core.map_io import SceneMap, cell_fingerprints
+from pixloc_core.mapping import cells, merge
+from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles
+from pixloc_core.mapping.sift import Features
+from pixloc_core.synthetic import dataset
+
+pycolmap.logging.minloglevel = 2
+
+# Small cells, so that the 30 references of the street spread over several cells and halos.
+CELLS = {"shards": {"cell_size_m": 30.0, "halo_m": 15.0}}
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    return dataset.main(tmp_path_factory.mktemp("cells") / "scene",
+                        {"num_refs": 30, "num_queries": 0, "width": 320, "height": 240})
+
+
+@pytest.fixture(scope="module")
+def single(scene, tmp_path_factory) -> SceneMap:
+    return build_map(scene / "mapping", tmp_path_factory.mktemp("cells") / "single",
+                     reference_model=scene / "reference_model", priors=read_priors(scene / "mapping_priors.csv"),
+                     conf=CELLS)
+
+
+@pytest.fixture(scope="module")
+def in_cells(scene, tmp_path_factory, ray_cluster) -> SceneMap:
+    return build_map_in_cells(scene / "mapping", tmp_path_factory.mktemp("cells") / "in_cells",
+                              scene / "reference_model", read_priors(scene / "mapping_priors.csv"), CELLS)
+
+
+def observation_points(reconstruction: pycolmap.Reconstruction) -> dict[tuple[int, int], np.ndarray]:
+    """(image id, keypoint index) -> xyz of the 3D point it observes."""
+    return {(element.image_id, element.point2D_idx): point.xyz
+            for point in reconstruction.points3D.values() for element in point.track.elements}
+
+
+def test_map_built_in_cells_equals_the_single_process_map(single, in_cells):
+    cell_map, one_map = in_cells.reconstruction, single.reconstruction
+    assert len(in_cells.shards.cell_ids) > 4
+    assert cell_map.num_reg_images() == one_map.num_reg_images() == 30
+    assert 0.85 * one_map.num_points3D() <= cell_map.num_points3D() <= 1.1 * one_map.num_points3D()
+    assert cell_map.compute_mean_reprojection_error() < 1.0
+    # One 3D point per track: no keypoint observes two points (pycolmap would refuse), and the
+    # points of the overlaps merged: tracks as long as those of one triangulation of everything.
+    assert cell_map.compute_mean_track_length() >= 0.95 * one_map.compute_mean_track_length()
+    cell_observations, one_observations = observation_points(cell_map), observation_points(one_map)
+    common = sorted(set(cell_observations) & set(one_observations))
+    assert len(common) > 0.8 * len(one_observations)
+    distances = np.array([np.linalg.norm(cell_observations[key] - one_observations[key]) for key in common])
+    assert np.median(distances) < 1e-3  # metres, in a street of 10 m depth
+    assert np.mean(distances < 0.05) > 0.95
+
+    # The same map format: descriptors, georegistration, shards, cell fingerprints.
+    loaded = SceneMap.load(in_cells.path)
+    assert loaded.manifest["source"] == "reference-model"
+    assert len(loaded.point3D_ids) == cell_map.num_points3D()
+    assert loaded.geo.registration["num_images"] == 30
+    assert loaded.manifest["cell_fingerprints"] == cell_fingerprints(loaded.reconstruction, loaded.shards)
+    assert set(loaded.manifest["cell_fingerprints"]) == set(loaded.shards.cell_ids)
+    # The merged points were triangulated from the same keypoints as the single-process map.
+    assert np.allclose(cell_map.images[1].points2D[0].xy, one_map.images[1].points2D[0].xy)
+
+
+def test_work_files_per_image(scene, in_cells):
+    root = in_cells.path / WORK_DIR
+    features = FeatureFiles(root)
+    assert len(features) == 30
+    name = "ref_0005.jpg"
+    stored = features[name]
+    assert stored.image_size == (320, 240) and len(stored.keypoints) > 100
+    assert stored.descriptors.dtype == np.uint8
+    # The map's 2D points are the stored keypoints: the model was made from these files.
+    image = in_cells.reconstruction.find_image_with_name(name)
+    np.testing.assert_allclose(np.array([p.xy for p in image.points2D]), stored.xy, atol=1e-4)
+    matches = MatchFiles(root).read("ref_0004.jpg")
+    assert name in matches and matches[name].shape[1] == 2 and len(matches[name]) > 5
+
+
+def test_feature_files_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    features = Features(rng.uniform(0, 300, (50, 4)).astype(np.float32),
+                        rng.integers(0, 256, (50, 128)).astype(np.uint8), (320, 240))
+    files = FeatureFiles(tmp_path)
+    files.write("sub/a.jpg", features)
+    loaded = files["sub/a.jpg"]
+    np.testing.assert_array_equal(loaded.keypoints, features.keypoints)
+    np.testing.assert_array_equal(loaded.descriptors, features.descriptors)  # exact through float16
+    assert list(files) == ["sub/a.jpg"] and "b.jpg" not in files and files.image_size("sub/a.jpg") == (320, 240)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_merge_joins_points_that_share_an_observation():
+    # Points 0 and 1 (two cells) share (image 1, keypoint 7); point 2 shares nothing; 3 links to 1.
+    point = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    key = np.array([10, 17, 17, 21, 30, 31, 21, 40])
+    label = merge.connected_tracks(point, key, 4)
+    assert label[0] == label[1] == label[3] and label[2] != label[0]
+
+
+def test_resume_skips_finished_cells(scene, in_cells, tmp_path, ray_cluster):
+    """A job stopped during triangulation: the rerun redoes only the cells and files missing."""
+    out = tmp_path / "map"
+    shutil.copytree(in_cells.path / WORK_DIR, out / WORK_DIR)
+    root = out / WORK_DIR
+    cell_ids = sorted(path.name for path in (root / cells.CELLS_DIR).iterdir())
+    unfinished, finished = cell_ids[:2], cell_ids[2:]
+    for cell in unfinished:
+        (cells.cell_dir(root, cell) / cells.POINTS_FILE).unlink(missing_ok=True)
+        (cells.cell_dir(root, cell) / cells.FAILED_FILE).unlink(missing_ok=True)
+    (root / "matches" / "ref_0010.jpg.parquet").unlink()
+    (root / "features" / "ref_0020.jpg.parquet").unlink()
+    before = {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()}
+
+    resumed = build_map_in_cells(scene / "mapping", out, scene / "reference_model",
+                                 read_priors(scene / "mapping_priors.csv"), CELLS)
+    after = {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()}
+    rewritten = {path for path in before if after[path] != before[path]}
+    # Nothing finished was redone; only the unfinished cells' inputs were written again.
+    assert all(path.parent.parent.name in unfinished and path.parent.name == cells.SKELETON_DIR
+               for path in rewritten)
+    for cell in unfinished:
+        assert cells.is_done(root, cell)
+    assert (root / "matches" / "ref_0010.jpg.parquet").is_file()
+    assert (root / "features" / "ref_0020.jpg.parquet").is_file()
+    assert resumed.reconstruction.num_points3D() == in_cells.reconstruction.num_points3D()
+    assert resumed.manifest["cell_fingerprints"] == in_cells.manifest["cell_fingerprints"]
