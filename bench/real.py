@@ -38,13 +38,13 @@ from PIL import Image, ImageDraw
 from bench import write_report
 from cluster.runtime import init_ray
 from jobs.cli import main as pixloc
-from jobs.localize import References, query_intrinsics
 from jobs.results import STAGES, read_results, successful_poses
 from pixloc_core.datasets import LUND, PREPARERS, PreparedSet, register_pseudo_ground_truth
 from pixloc_core.evaluate import RECALL_THRESHOLDS, evaluate, pose_errors, recall_key
 from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import Prior, read_poses, write_poses, write_priors
-from pixloc_core.map_io import SceneMap
+from pixloc_core.localize import ReferencePoses, query_intrinsics
+from pixloc_core.map_io import ReferenceImages, SceneMap
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def seconds_per_query(table: pa.Table) -> float:
 def prior_poses(table: pa.Table, scene: SceneMap) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The prior as a pose: its position, with the rotation of the first hypothesis `dense` starts
     from (a GPS prior has none: the nearest reference's, turned towards what it looked at)."""
-    references = References(scene)
+    references = ReferencePoses(ReferenceImages.from_scene(scene))
     poses = {}
     for name, prior_xyz in zip(table.column("name").to_pylist(), table.column("prior_xyz").to_pylist()):
         if prior_xyz is not None:
@@ -189,7 +189,7 @@ def lund_pseudo_ground_truth(prepared: PreparedSet, map_dir: Path, work: Path, c
 def whole_map_prior(prepared: PreparedSet, map_dir: Path) -> Path:
     """A map-frame prior for queries without GPS: the centroid of the reference cameras, with a
     sigma that reaches every one of them."""
-    centers = References(SceneMap.load(map_dir)).poses.center().numpy()  # (R, 3)
+    centers = ReferenceImages.from_scene(SceneMap.load(map_dir, with_descriptors=False)).centers()  # (R, 3)
     centroid = centers.mean(0)
     radius = float(np.linalg.norm(centers - centroid, axis=1).max())
     path = prepared.query_dir.parent / "priors.csv"
