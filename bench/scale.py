@@ -308,8 +308,7 @@ def measure_size(blocks: tuple[int, int], conf: dict, work: Path) -> dict:
         "actor_processes": run.tree["processes"].get("shard_actor", 0),
         # Without a job summary every shard actor process loaded its one cell once.
         "cell_loads": summary.get("cell_loads", run.tree["processes"].get("shard_actor", 0)),
-        "driver_bytes_per_query": (summary["driver_bytes"] / table.num_rows if "driver_bytes" in summary
-                                   else None),
+        "driver_bytes_per_query": summary.get("driver_bytes_per_query"),  # counted by the job, when it does
         "recall": evaluate(successful_poses(table), ground_truth)["recall"],
         "details": {"job_s": run.seconds, "cpu_s": run.tree["cpu_s"], "processes": run.tree["processes"],
                     "peak_rss_mb_all": peak, "build": build, "job_summary": summary},
