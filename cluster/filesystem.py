@@ -146,15 +146,19 @@ class Storage:
 
     def list_files(self, relative_dir: str) -> list[str]:
         """Relative paths of the files directly in a folder; empty when it does not exist."""
-        def list_folder() -> list[str]:
+        return sorted(self.file_sizes(relative_dir))
+
+    def file_sizes(self, relative_dir: str) -> dict[str, int]:
+        """Relative path -> size in bytes of the files directly in a folder (one listing)."""
+        def list_folder() -> list[dict]:
             try:
                 entries = self.filesystem.ls(self.path(relative_dir), detail=True)
             except FileNotFoundError:
                 return []
-            return [entry["name"] for entry in entries if entry["type"] == "file"]
+            return [entry for entry in entries if entry["type"] == "file"]
 
-        names = self._retried("list", relative_dir, list_folder)
-        return sorted(f"{relative_dir}/{name.rsplit('/', 1)[-1]}" for name in names)
+        entries = self._retried("list", relative_dir, list_folder)
+        return {f"{relative_dir}/{entry['name'].rsplit('/', 1)[-1]}": int(entry["size"]) for entry in entries}
 
     def delete(self, relative: str) -> None:
         self._retried("delete", relative, lambda: self.filesystem.rm_file(self.path(relative)))

@@ -4,8 +4,9 @@ Layout under the store URL (a local directory or `s3://bucket/prefix`):
 
     store.json                                   extractor id, map fingerprint, strides, channels
     cell=<cell>/level=<level>/part-<key>.parquet one file per written batch of images and partition
-    _commits/<key>.json                          the batch's images and files (rows, bytes, sha256)
+    _commits/<key>.json                          the batch's images and files (rows, bytes, crc32, sha256)
     cell=<cell>/level=<level>/_manifest.json     the partition's committed files: makes it visible
+    cell=<cell>/level=sparse/...                 the cell's sparse points, same commit protocol
 
 Writers (Ray workers) only create part files, each under a name no other batch uses. The driver
 then records each returned batch in `_commits/` (one new object: no read-modify-write, atomic on
@@ -13,10 +14,21 @@ S3 and, by rename, on a local disk) and publishes a partition's manifest once ev
 cell is committed. Readers read only the files that a manifest lists, so the files of a killed job
 stay invisible, and a rerun skips the images of committed batches.
 
+Integrity: every load checks each file's size and CRC32 (cheap, recorded at write time) against
+the manifest and refuses a damaged or missing file by name (`DamagedPartition`); `verify` also
+checks the sha256 and the row count. `damaged_partitions` finds the partitions a features rerun
+must recompute (sizes only, from listings; with checksums, reading every file).
+
 Rows (zstd Parquet): point3D_id int64, image_id int32 (the observing reference image),
 xyz fixed_size_list<float64>[3], feature fixed_size_list<float16>[C] (L2-normalised),
 confidence float32. An aggregated partition has one row per point (the confidence-weighted mean
 feature over its observations, re-normalised) and num_observations int32 instead of image_id.
+
+Sparse rows (level=sparse, when store.json names a keypoint type): per observation of a 3D point in
+a reference image, point3D_id int64, image_id int32, xyz fixed_size_list<float64>[3] and
+descriptor fixed_size_list<float16>[D] (the map's unit-norm descriptor of the point): what the
+shard actor of the cell matches query keypoints against and solves PnP with, so that no query
+process needs the whole map's descriptors.
 """
 from __future__ import annotations
 
@@ -25,6 +37,8 @@ import io
 import json
 import logging
 import warnings
+import zlib
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,6 +48,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pixloc_core.align import ReferenceLevel
+from pixloc_core.sparse import SparsePoints
 
 from .filesystem import RetryPolicy, Storage
 
@@ -44,10 +59,15 @@ INFO_FILE = "store.json"
 COMMITS_DIR = "_commits"
 MANIFEST_FILE = "_manifest.json"
 COMPRESSION = "zstd"
+SPARSE_LEVEL = "sparse"  # the partition "level" of a cell's sparse points
 
 
 class StoreMismatchError(ValueError):
     """The store holds features of another extractor or map than the caller expects."""
+
+
+class DamagedPartition(ValueError):
+    """A published partition whose file is missing or differs from its manifest."""
 
 
 class PartitionNotFound(KeyError):
@@ -67,6 +87,12 @@ class StoreInfo:
     channels: tuple[int, ...]  # feature channels per level
     aggregated: bool = False
     format_version: int = FORMAT_VERSION
+    sparse_keypoints: str = ""  # keypoint type of the sparse partitions ("sift"); "": none
+    sparse_dim: int = 0  # their descriptor size
+
+    def levels(self) -> list[int | str]:
+        """Every partition level of a cell: the dense ones, then the sparse one if any."""
+        return [*range(len(self.strides)), *([SPARSE_LEVEL] if self.sparse_keypoints else [])]
 
     @classmethod
     def from_json(cls, content: dict) -> StoreInfo:
@@ -80,10 +106,11 @@ class PartFile:
 
     path: str  # relative to the store root
     cell: str
-    level: int
+    level: int | str  # a dense level, or SPARSE_LEVEL
     rows: int
     bytes: int
     sha256: str
+    crc32: str = ""  # zlib.crc32, 8 hex digits; empty in stores written before it was recorded
 
 
 @dataclass
@@ -108,8 +135,19 @@ def batch_key(image_ids: list[int]) -> str:
     return hashlib.sha1(",".join(map(str, sorted(image_ids))).encode()).hexdigest()[:16]
 
 
-def partition_dir(cell: str, level: int) -> str:
+def partition_dir(cell: str, level: int | str) -> str:
     return f"cell={cell}/level={level}"
+
+
+def parse_partition_dir(path: str) -> tuple[str, int | str]:
+    """partition_dir's inverse: "cell=<cell>/level=<level>" -> (cell, level)."""
+    cell, level = path.split("/")
+    level = level.removeprefix("level=")
+    return cell.removeprefix("cell="), level if level == SPARSE_LEVEL else int(level)
+
+
+def crc32_hex(data: bytes) -> str:
+    return f"{zlib.crc32(data):08x}"
 
 
 def observation_schema(channels: int) -> pa.Schema:
@@ -129,6 +167,15 @@ def aggregated_schema(channels: int) -> pa.Schema:
         ("xyz", pa.list_(pa.float64(), 3)),
         ("feature", pa.list_(pa.float16(), channels)),
         ("confidence", pa.float32()),
+    ])
+
+
+def sparse_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        ("point3D_id", pa.int64()),
+        ("image_id", pa.int32()),
+        ("xyz", pa.list_(pa.float64(), 3)),
+        ("descriptor", pa.list_(pa.float16(), dim)),
     ])
 
 
@@ -155,6 +202,17 @@ def observation_table(point3D_ids: np.ndarray, image_ids: np.ndarray, xyz: np.nd
         _fixed_size_list(np.asarray(features, np.float16), pa.float16()),
         pa.array(np.asarray(confidence, np.float32), pa.float32()),
     ], schema=observation_schema(features.shape[1]))
+
+
+def sparse_table(point3D_ids: np.ndarray, image_ids: np.ndarray, xyz: np.ndarray,
+                 descriptors: np.ndarray) -> pa.Table:
+    """Sparse rows: ids (N,), xyz (N, 3) and point descriptors (N, D)."""
+    return pa.Table.from_arrays([
+        pa.array(point3D_ids, pa.int64()),
+        pa.array(image_ids, pa.int32()),
+        _fixed_size_list(np.asarray(xyz, np.float64).reshape(-1, 3), pa.float64()),
+        _fixed_size_list(np.asarray(descriptors, np.float16), pa.float16()),
+    ], schema=sparse_schema(descriptors.shape[1]))
 
 
 def aggregate_observations(table: pa.Table) -> pa.Table:
@@ -243,13 +301,14 @@ class FeatureStore:
 
     # Writing: workers write part files, the driver commits batches and publishes partitions.
 
-    def write_part(self, cell: str, level: int, key: str, table: pa.Table) -> PartFile:
+    def write_part(self, cell: str, level: int | str, key: str, table: pa.Table) -> PartFile:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression=COMPRESSION)
         data = buffer.getvalue()
         path = f"{partition_dir(cell, level)}/part-{key}.parquet"
         self.storage.put_bytes(path, data)
-        return PartFile(path, cell, level, table.num_rows, len(data), hashlib.sha256(data).hexdigest())
+        return PartFile(path, cell, level, table.num_rows, len(data), hashlib.sha256(data).hexdigest(),
+                        crc32_hex(data))
 
     def commit(self, commit: Commit) -> None:
         self.storage.write_json(f"{COMMITS_DIR}/{commit.key}.json", commit.to_json())
@@ -258,11 +317,11 @@ class FeatureStore:
         records = self.storage.get_many(self.storage.list_files(COMMITS_DIR))
         return [Commit.from_json(json.loads(content)) for content in records.values()]
 
-    def publish(self, cell: str, level: int, parts: list[PartFile]) -> None:
+    def publish(self, cell: str, level: int | str, parts: list[PartFile]) -> None:
         """Make a complete partition visible; an aggregated store first merges its observations."""
         observations = sorted(parts, key=lambda part: part.path)
         files = observations
-        if self.info.aggregated and observations:
+        if self.info.aggregated and observations and level != SPARSE_LEVEL:
             table = self.storage.read_parquet([part.path for part in observations], columns=None)
             # Named after its inputs: a republished partition rewrites the same file.
             digest = hashlib.sha256("".join(part.sha256 for part in observations).encode()).hexdigest()[:16]
@@ -276,10 +335,10 @@ class FeatureStore:
 
     # Reading.
 
-    def is_published(self, cell: str, level: int) -> bool:
+    def is_published(self, cell: str, level: int | str) -> bool:
         return self.storage.exists(f"{partition_dir(cell, level)}/{MANIFEST_FILE}")
 
-    def manifest(self, cell: str, level: int) -> dict:
+    def manifest(self, cell: str, level: int | str) -> dict:
         path = f"{partition_dir(cell, level)}/{MANIFEST_FILE}"
         try:
             return self.storage.read_json(path)
@@ -287,21 +346,70 @@ class FeatureStore:
             raise PartitionNotFound(f"{self.url}: no committed partition for cell {cell!r} level {level} "
                                     f"({path} not found)") from None
 
-    def load_table(self, cell: str, level: int, columns: list[str] | None = None,
+    def load_table(self, cell: str, level: int | str, columns: list[str] | None = None,
                    image_ids: list[int] | None = None) -> pa.Table:
-        """The committed rows of a partition, in one dataset read; optionally only the
-        observations of some reference images."""
-        files = [part["path"] for part in self.manifest(cell, level)["files"]]
-        if not files:
-            schema = aggregated_schema if self.info.aggregated else observation_schema
-            table = schema(self.info.channels[level]).empty_table()
+        """The committed rows of a partition, each file checked against the manifest (size, CRC32)
+        before it is parsed; optionally only the observations of some reference images."""
+        parts = self.manifest(cell, level)["files"]
+        aggregated = self.info.aggregated and level != SPARSE_LEVEL
+        if not parts:
+            if level == SPARSE_LEVEL:
+                table = sparse_schema(self.info.sparse_dim).empty_table()
+            else:
+                table = (aggregated_schema if aggregated else observation_schema)(self.info.channels[level]).empty_table()
             return table.select(columns) if columns else table
         row_filter = None
         if image_ids is not None:
-            if self.info.aggregated:
+            if aggregated:
                 raise ValueError(f"{self.url}: an aggregated store has no per-image rows to select")
             row_filter = pc.field("image_id").isin(pa.array(image_ids, pa.int32()))
-        return self.storage.read_parquet(files, columns, row_filter)
+        contents = self._checked_contents(parts)
+        return pa.concat_tables([pq.read_table(pa.BufferReader(contents[part["path"]]), columns=columns,
+                                               filters=row_filter) for part in parts])
+
+    def _checked_contents(self, parts: list[dict]) -> dict[str, bytes]:
+        """The bytes of a partition's files (one concurrent read), refused unless each matches its
+        manifest entry in size and CRC32."""
+        paths = [part["path"] for part in parts]
+        try:
+            contents = self.storage.get_many(paths)
+        except FileNotFoundError:
+            missing = next(path for path in paths if not self.storage.exists(path))
+            raise self._damaged(missing, "file missing") from None
+        for part in parts:
+            data = contents[part["path"]]
+            if len(data) != part["bytes"]:
+                raise self._damaged(part["path"], f"{len(data)} bytes, the manifest says {part['bytes']}")
+            if part.get("crc32") and crc32_hex(data) != part["crc32"]:
+                raise self._damaged(part["path"], "checksum differs from the manifest")
+        return contents
+
+    def _damaged(self, path: str, reason: str) -> DamagedPartition:
+        return DamagedPartition(f"store damaged: {self.url}/{path}: {reason} (rerun `pixloc features` to repair)")
+
+    def damaged_partitions(self, partitions: list[tuple[str, int | str]], checksums: bool = False
+                           ) -> dict[tuple[str, int | str], str]:
+        """(cell, level) -> why, for the published partitions among `partitions` whose manifest is
+        unreadable or whose files are missing or of another size (one listing per partition);
+        with `checksums`, also those whose files' CRC32 differs (every file read)."""
+        damaged = {}
+        for cell, level in partitions:
+            if not self.is_published(cell, level):
+                continue
+            try:
+                parts = self.manifest(cell, level)["files"]
+                if checksums:
+                    self._checked_contents(parts)
+                    continue
+                sizes = self.storage.file_sizes(partition_dir(cell, level))
+                for part in parts:
+                    if part["path"] not in sizes:
+                        raise self._damaged(part["path"], "file missing")
+                    if sizes[part["path"]] != part["bytes"]:
+                        raise self._damaged(part["path"], f"{sizes[part['path']]} bytes, the manifest says {part['bytes']}")
+            except (DamagedPartition, json.JSONDecodeError, KeyError, TypeError) as error:
+                damaged[cell, level] = str(error)
+        return damaged
 
     def load_cell(self, cell: str, level: int, image_ids: list[int] | None = None) -> ReferenceLevel:
         """Points (N, 3) float64, features (N, C) float32 and confidence (N,) of one partition;
@@ -316,12 +424,65 @@ class FeatureStore:
         table = self.load_table(cell, level, [*REFERENCE_COLUMNS, "image_id"])
         return _reference_level(table), table.column("image_id").to_numpy()
 
-    def verify(self, cell: str, level: int) -> None:
+    def load_sparse(self, cell: str) -> SparsePoints:
+        """The sparse points of a cell, one entry per 3D point with its observing images."""
+        if not self.info.sparse_keypoints:
+            raise PartitionNotFound(f"{self.url}: the store has no sparse partitions (written before they "
+                                    "existed: rerun `pixloc features` into a new store)")
+        table = self.load_table(cell, SPARSE_LEVEL)
+        return SparsePoints.from_observations(
+            table.column("point3D_id").to_numpy(), table.column("image_id").to_numpy(),
+            _fixed_size_list_to_numpy(table.column("xyz")), _fixed_size_list_to_numpy(table.column("descriptor")))
+
+    def verify(self, cell: str, level: int | str) -> None:
         """Check that a partition's files have the row counts and checksums its manifest records."""
         for part in self.manifest(cell, level)["files"]:
-            data = self.storage.get_bytes(part["path"])
+            data = self._checked_contents([part])[part["path"]]
             if hashlib.sha256(data).hexdigest() != part["sha256"]:
-                raise ValueError(f"{self.url}/{part['path']}: checksum differs from the manifest")
+                raise self._damaged(part["path"], "checksum differs from the manifest")
             rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
             if rows != part["rows"]:
                 raise ValueError(f"{self.url}/{part['path']}: {rows} rows, the manifest says {part['rows']}")
+
+
+class PartitionPublisher:
+    """Tracks which images of each cell are still missing and publishes a cell's partitions (every
+    level, dense and sparse) once none is."""
+
+    def __init__(self, store: FeatureStore, cells: dict[str, list[int]]):
+        self.store = store
+        self.missing = {cell: set(image_ids) for cell, image_ids in cells.items()}
+        self.parts: dict[tuple[str, int | str], list[PartFile]] = defaultdict(list)
+        self.committed: set[int] = set()
+        self.published = 0
+
+    def record(self, commit: Commit) -> list[str]:
+        """Note a committed batch; returns the cells that it completed."""
+        for part in commit.parts:
+            self.parts[part.cell, part.level].append(part)
+        committed = set(commit.image_ids)
+        self.committed |= committed
+        completed = []
+        for cell, missing in self.missing.items():
+            if missing & committed:
+                missing -= committed
+                if not missing:
+                    completed.append(cell)
+        return completed
+
+    def add(self, commit: Commit) -> None:
+        """A batch just committed: publish the cells it completed."""
+        for cell in self.record(commit):
+            self.publish(cell)
+
+    def publish(self, cell: str) -> None:
+        for level in self.store.info.levels():
+            self.store.publish(cell, level, self.parts[cell, level])
+        self.published += 1
+
+    def publish_unpublished(self) -> None:
+        """Complete cells of an earlier run that was stopped before publishing them."""
+        for cell, missing in self.missing.items():
+            levels = self.store.info.levels()
+            if not missing and not all(self.store.is_published(cell, level) for level in levels):
+                self.publish(cell)

@@ -3,10 +3,16 @@
 A Ray Data job over the reference images. A pool of stateful workers (a callable class holding the
 extractor) loads each image, extracts its pyramid and samples every level at the observations of
 the 3D points the image sees (the model's 2D keypoints: exact, no reprojection error), then writes
-one part file per batch and partition (cell, level). An image belongs to every cell that lists it,
+one part file per batch and partition (cell, level), and into the cell's sparse partition the map's
+descriptor of each observed point with its position, for SIFT + PnP inside the cell's shard actor. An image belongs to every cell that lists it,
 core or halo, so its rows are written into each of them. The driver commits each returned batch
 and publishes a cell's partitions once all its images are committed; a rerun skips committed
-images (see cluster/store.py for the layout and the commit protocol).
+images (see cluster/store.py for the layout and the commit protocol). It also writes the map's
+compact reference table (MAP/references.parquet) that localization plans from.
+
+A rerun also repairs: published partitions whose files are missing or of the wrong size (with
+`--repair`: whose checksums differ too) are recomputed from their cell's images and republished;
+no other partition is rewritten.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import logging
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,12 +32,13 @@ import torch
 from tqdm import tqdm
 
 from cluster.filesystem import StorageError
-from cluster.runtime import init_ray, set_torch_threads
-from cluster.store import Commit, FeatureStore, PartFile, StoreInfo, batch_key, observation_table
+from cluster.runtime import gpus_per_worker, init_ray, set_torch_threads
+from cluster.store import (SPARSE_LEVEL, Commit, FeatureStore, PartFile, PartitionPublisher, StoreInfo, batch_key,
+                           observation_table, parse_partition_dir, partition_dir, sparse_table)
 from pixloc_core.extractors import load_extractor
-from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level
+from pixloc_core.extractors.base import STRIDES, Extractor, resize_longest_side, sample_level
 from pixloc_core.images import ImageReadError, read_image
-from pixloc_core.map_io import SceneMap, observations
+from pixloc_core.map_io import SceneMap, observations, write_reference_table
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,7 @@ default_conf = {
     "cpus_per_worker": 1,
     "gpus_per_worker": None,  # None: the cluster's GPUs shared among the workers, if it has any
     "aggregate": False,  # one row per 3D point and cell instead of one per observation
+    "repair": False,  # also read every published file to find damaged ones (sizes are always checked)
 }
 
 
@@ -56,25 +65,44 @@ def map_cells(scene: SceneMap) -> dict[str, list[int]]:
     return {cell: sorted(image_ids[name] for name in scene.shards.images_of(cell)) for cell in scene.shards.cell_ids}
 
 
-def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, list[int]]) -> list[dict]:
-    """One Ray Data row per reference image in some cell: its observations and its cells."""
-    cells_of_image = defaultdict(list)
-    for cell_id, image_ids in cells.items():
+def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, list[int]],
+                    levels: tuple[int | str, ...] = tuple(range(len(STRIDES))),
+                    descriptors: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+    """One Ray Data row per reference image in some cell: its observations and the partitions
+    (`partition_dir` strings: every level of each of its cells) it writes into."""
+    return partition_items(reconstruction, {(cell, level): image_ids for cell, image_ids in cells.items()
+                                            for level in levels}, descriptors)
+
+
+def partition_items(reconstruction: pycolmap.Reconstruction, partitions: dict[tuple[str, int | str], list[int]],
+                    descriptors: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+    """One Ray Data row per reference image of some partition (cell, level) -> image ids; with the
+    map's descriptors (point3D_ids (P,) ascending, descriptors (P, D)), those of its points for
+    the sparse partitions."""
+    partitions_of_image = defaultdict(list)
+    for (cell_id, level), image_ids in sorted(partitions.items(), key=str):
         for image_id in image_ids:
-            cells_of_image[image_id].append(cell_id)
+            partitions_of_image[image_id].append(partition_dir(cell_id, level))
     items = []
-    for image_id in sorted(cells_of_image):
+    for image_id in sorted(partitions_of_image):
         image = reconstruction.images[image_id]
         camera = reconstruction.cameras[image.camera_id]
         observed = observations(image)
+        sparse = {}
+        if descriptors is not None:
+            point3D_ids, point_descriptors = descriptors
+            rows = np.searchsorted(point3D_ids, observed.point3D_ids).clip(0, max(len(point3D_ids) - 1, 0))
+            described = np.flatnonzero(point3D_ids[rows] == observed.point3D_ids) if len(point3D_ids) else rows[:0]
+            sparse = {"sparse_observations": described, "descriptors": point_descriptors[rows[described]]}
         items.append({
             "image_id": image_id,
             "name": image.name,
             "camera_size": np.array([camera.width, camera.height], dtype=np.float64),
-            "cells": sorted(cells_of_image[image_id]),
+            "partitions": partitions_of_image[image_id],
             "point3D_ids": observed.point3D_ids,  # (N,)
             "points2D": observed.xy,  # (N, 2)
             "xyz": np.array([reconstruction.points3D[i].xyz for i in observed.point3D_ids.tolist()]).reshape(-1, 3),
+            **sparse,
         })
     return items
 
@@ -100,15 +128,21 @@ class ReferenceFeatureWriter:
         self.store = FeatureStore.open(store_url, extractor_id=self.extractor.extractor_id)
         self.images_dir = Path(images_dir)
 
-    def extract(self, item: dict) -> dict[tuple[str, int], pa.Table]:
-        """The observation rows of one image, per partition (cell, level)."""
-        tables = {}
+    def extract(self, item: dict) -> dict[tuple[str, int | str], pa.Table]:
+        """The observation rows of one image, per partition (cell, level) it writes into."""
         levels = sample_reference_image(self.extractor, self.images_dir / item["name"], item)
-        for level_index, (features, confidence) in enumerate(levels):
-            table = observation_table(item["point3D_ids"], np.full(len(features), item["image_id"], np.int32),
-                                      item["xyz"], features.numpy(), confidence.numpy())
-            for cell in item["cells"]:
-                tables[cell, level_index] = table
+        tables = {}
+        for partition in item["partitions"]:
+            cell, level = parse_partition_dir(str(partition))
+            if level == SPARSE_LEVEL:
+                rows = item["sparse_observations"]
+                tables[cell, level] = sparse_table(item["point3D_ids"][rows], np.full(len(rows), item["image_id"], np.int32),
+                                                   item["xyz"][rows], item["descriptors"])
+                continue
+            features, confidence = levels[level]
+            tables[cell, level] = observation_table(
+                item["point3D_ids"], np.full(len(features), item["image_id"], np.int32), item["xyz"],
+                features.numpy(), confidence.numpy())
         return tables
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -129,7 +163,7 @@ class ReferenceFeatureWriter:
         if image_ids:
             key = batch_key(image_ids)
             parts = [self.store.write_part(cell, level, key, pa.concat_tables(tables))
-                     for (cell, level), tables in sorted(partitions.items())]
+                     for (cell, level), tables in sorted(partitions.items(), key=str)]
             commit = json.dumps(Commit(key, image_ids, parts).to_json())
         return {"commit": np.array([commit]), "failures": np.array([json.dumps(failures)])}
 
@@ -140,71 +174,79 @@ def pyramid_shape(extractor: Extractor) -> tuple[tuple[int, ...], tuple[int, ...
     return tuple(level.stride for level in pyramid), tuple(level.features.shape[1] for level in pyramid)
 
 
-def gpus_per_worker(conf: dict) -> float:
-    if conf["gpus_per_worker"] is not None:
-        return conf["gpus_per_worker"]
-    return min(1.0, ray.cluster_resources().get("GPU", 0) / conf["workers"])
+def map_descriptors(scene: SceneMap) -> tuple[np.ndarray, np.ndarray] | None:
+    """The map's (point3D_ids, descriptors) for the sparse partitions; None for a map without."""
+    if scene.descriptors is None or len(scene.descriptors) == 0:
+        return None
+    return scene.point3D_ids, scene.descriptors
 
 
-class PartitionPublisher:
-    """Tracks which images of each cell are still missing and publishes a cell's partitions once
-    none is."""
+def extract(store: FeatureStore, items: list[dict], images_dir: Path, conf: dict, description: str,
+            on_commit: Callable[[Commit], None]) -> list[str]:
+    """Run the workers over `items` (Ray initialised); each returned batch goes to `on_commit`.
+    Returns the unreadable images' errors."""
+    dataset = ray.data.from_items(items).map_batches(
+        ReferenceFeatureWriter,
+        fn_constructor_kwargs={"store_url": store.url, "images_dir": str(Path(images_dir).resolve()),
+                               "extractor_name": conf["extractor"]},
+        batch_size=conf["batch_size"],
+        compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
+        num_cpus=conf["cpus_per_worker"], num_gpus=gpus_per_worker(conf))
+    failures: list[str] = []
+    with tqdm(total=len(items), desc=description, unit="img") as progress:
+        for row in dataset.iter_rows():
+            batch_failures = json.loads(row["failures"])
+            failures += batch_failures
+            progress.update(len(batch_failures))
+            if row["commit"]:
+                commit = Commit.from_json(json.loads(row["commit"]))
+                on_commit(commit)
+                progress.update(len(commit.image_ids))
+    return failures
 
-    def __init__(self, store: FeatureStore, cells: dict[str, list[int]]):
-        self.store = store
-        self.missing = {cell: set(image_ids) for cell, image_ids in cells.items()}
-        self.parts: dict[tuple[str, int], list[PartFile]] = defaultdict(list)
-        self.committed: set[int] = set()
-        self.published = 0
 
-    def record(self, commit: Commit) -> list[str]:
-        """Note a committed batch; returns the cells that it completed."""
+def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], images_dir: Path, conf: dict,
+           damaged: dict[tuple[str, int], str]) -> list[str]:
+    """Recompute the damaged partitions from all images of their cells and republish them (Ray
+    initialised); nothing is committed, so a failed repair leaves them damaged for the next rerun.
+    Returns the unreadable images' errors."""
+    for (cell, level), reason in sorted(damaged.items()):
+        logger.warning("repairing cell %s level %s: %s", cell, level, reason)
+    parts: dict[tuple[str, int | str], list[PartFile]] = defaultdict(list)
+
+    def collect(commit: Commit) -> None:
         for part in commit.parts:
-            self.parts[part.cell, part.level].append(part)
-        committed = set(commit.image_ids)
-        self.committed |= committed
-        completed = []
-        for cell, missing in self.missing.items():
-            if missing & committed:
-                missing -= committed
-                if not missing:
-                    completed.append(cell)
-        return completed
+            parts[part.cell, part.level].append(part)
 
-    def add(self, commit: Commit) -> None:
-        """A batch just committed: publish the cells it completed."""
-        for cell in self.record(commit):
-            self.publish(cell)
-
-    def publish(self, cell: str) -> None:
-        for level in range(len(self.store.info.strides)):
-            self.store.publish(cell, level, self.parts[cell, level])
-        self.published += 1
-
-    def publish_unpublished(self) -> None:
-        """Complete cells of an earlier run that was stopped before publishing them."""
-        for cell, missing in self.missing.items():
-            levels = range(len(self.store.info.strides))
-            if not missing and not all(self.store.is_published(cell, level) for level in levels):
-                self.publish(cell)
+    items = partition_items(scene.reconstruction, {partition: cells[partition[0]] for partition in damaged},
+                            map_descriptors(scene))
+    failures = extract(store, items, images_dir, conf, "repair reference features", collect)
+    if not failures:
+        for cell, level in damaged:
+            store.publish(cell, level, parts[cell, level])
+    return failures
 
 
 def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = None,
          address: str | None = None) -> dict:
-    """Fill the store for every reference image in a cell of the map; returns counts and timings."""
+    """Fill the store for every reference image in a cell of the map, and recompute damaged
+    partitions; returns counts and timings."""
     conf = {**default_conf, **(conf or {})}
-    scene = SceneMap.load(map_dir, with_descriptors=False)
+    scene = SceneMap.load(map_dir)  # the one process besides the map builder that reads the whole map
+    write_reference_table(scene, map_dir)
     cells = map_cells(scene)
-    items = reference_items(scene.reconstruction, cells)
+    extractor = load_extractor(conf["extractor"])
+    strides, channels = pyramid_shape(extractor)
+    descriptors = map_descriptors(scene)
+    info = StoreInfo(extractor.extractor_id, scene.fingerprint, strides, channels, conf["aggregate"],
+                     sparse_keypoints="sift" if descriptors else "", sparse_dim=descriptors[1].shape[1] if descriptors else 0)
+    items = reference_items(scene.reconstruction, cells, info.levels(), descriptors)
     missing = [item["name"] for item in items if not (Path(images_dir) / item["name"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{images_dir}: {len(missing)} reference images of {map_dir} not found, "
                                 f"e.g. {', '.join(missing[:3])}")
 
-    extractor = load_extractor(conf["extractor"])
-    strides, channels = pyramid_shape(extractor)
-    store = FeatureStore.create(store_url, StoreInfo(extractor.extractor_id, scene.fingerprint, strides,
-                                                     channels, conf["aggregate"]))
+    store = FeatureStore.create(store_url, info)
     publisher = PartitionPublisher(store, cells)
     for commit in store.commits():
         publisher.record(commit)
@@ -212,6 +254,8 @@ def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = No
     logger.info("%s: %d reference images, %d already committed, %d to extract with %s",
                 store.url, len(items), len(items) - len(pending), len(pending), extractor.extractor_id)
     publisher.publish_unpublished()
+    damaged = store.damaged_partitions([(cell, level) for cell in cells for level in info.levels()],
+                                       checksums=conf["repair"])
     if address is not None and store.storage.is_local:
         logger.warning("%s: a local store on a Ray cluster only works if every node mounts it at this path "
                        "(use s3://bucket/prefix otherwise)", store.url)
@@ -219,36 +263,29 @@ def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = No
     extracted = 0  # counted from what the workers return, not from what was asked of them
     failures: list[str] = []
     seconds = first_commit_s = 0.0
-    if pending:
+    if pending or damaged:
         with init_ray(address, num_cpus=None if address else conf["workers"] * conf["cpus_per_worker"]):
             start = time.perf_counter()
-            dataset = ray.data.from_items(pending).map_batches(
-                ReferenceFeatureWriter,
-                fn_constructor_kwargs={"store_url": store.url, "images_dir": str(Path(images_dir).resolve()),
-                                       "extractor_name": conf["extractor"]},
-                batch_size=conf["batch_size"],
-                compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
-                num_cpus=conf["cpus_per_worker"], num_gpus=gpus_per_worker(conf))
-            with tqdm(total=len(pending), desc="reference features", unit="img") as progress:
-                for row in dataset.iter_rows():
-                    batch_failures = json.loads(row["failures"])
-                    failures += batch_failures
-                    progress.update(len(batch_failures))
-                    if not row["commit"]:
-                        continue
-                    commit = Commit.from_json(json.loads(row["commit"]))
-                    store.commit(commit)
-                    publisher.add(commit)
-                    first_commit_s = first_commit_s or time.perf_counter() - start
-                    extracted += len(commit.image_ids)
-                    progress.update(len(commit.image_ids))
+            if damaged:
+                failures += repair(store, scene, cells, images_dir, conf, damaged)
+
+            def commit_batch(commit: Commit) -> None:
+                nonlocal extracted, first_commit_s
+                store.commit(commit)
+                publisher.add(commit)
+                first_commit_s = first_commit_s or time.perf_counter() - start
+                extracted += len(commit.image_ids)
+
+            if pending:
+                failures += extract(store, pending, images_dir, conf, "reference features", commit_batch)
             seconds = time.perf_counter() - start
     if failures:
         raise ReferenceImageError(f"{len(failures)} reference image(s) unreadable, their cells are not "
                                   f"published (fix them and rerun to resume): {'; '.join(failures[:3])}")
-    # seconds: the Ray Data job, worker start-up included; first_commit_s: until the first batch.
+    # seconds: the Ray Data job(s), worker start-up included; first_commit_s: until the first batch.
     return {"images": len(items), "skipped": len(items) - len(pending), "extracted": extracted,
-            "cells_published": publisher.published, "seconds": seconds, "first_commit_s": first_commit_s}
+            "cells_published": publisher.published, "partitions_repaired": len(damaged), "seconds": seconds,
+            "first_commit_s": first_commit_s}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -260,6 +297,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
     parser.add_argument("--aggregate", action="store_true",
                         help="store one confidence-weighted mean feature per 3D point and cell")
+    parser.add_argument("--repair", action="store_true",
+                        help="verify the checksum of every published file and recompute damaged partitions "
+                             "(missing files and wrong sizes are always repaired)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -267,9 +307,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"pixloc features: --workers must be positive, got {args.workers}")
     try:
         stats = main(args.map, args.images, args.store, address=args.address,
-                     conf={"extractor": args.extractor, "workers": args.workers, "aggregate": args.aggregate})
+                     conf={"extractor": args.extractor, "workers": args.workers, "aggregate": args.aggregate,
+                           "repair": args.repair})
     except (ValueError, FileNotFoundError, StorageError) as error:
         raise SystemExit(f"pixloc features: {error}") from None
-    logger.info("%d images (%d extracted, %d already stored), %d cells published in %.1f s",
-                stats["images"], stats["extracted"], stats["skipped"], stats["cells_published"], stats["seconds"])
+    logger.info("%d images (%d extracted, %d already stored), %d cells published, %d partitions repaired in %.1f s",
+                stats["images"], stats["extracted"], stats["skipped"], stats["cells_published"],
+                stats["partitions_repaired"], stats["seconds"])
     return 0

@@ -43,6 +43,10 @@ SCHEMA = pa.schema([
     ("rotation_std_deg", pa.float64()),
     ("error", pa.string()),  # why it failed; empty on success
     *[(f"{stage}_ms", pa.float64()) for stage in STAGES],
+    # measured peak resident memory (ru_maxrss) so far of the query worker that made the row and
+    # of the shard actor that answered it, in MiB
+    ("worker_peak_rss_mb", pa.float64()),
+    ("shard_peak_rss_mb", pa.float64()),
 ])
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cluster.runtime import init_ray
 from pixloc_core.shards import ShardIndex
-from cluster.store import FeatureStore, PartitionNotFound, StoreMismatchError
+from cluster.store import MANIFEST_FILE, FeatureStore, PartitionNotFound, StoreMismatchError, partition_dir
 from jobs import cli, features
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import resize_longest_side, sample_level
@@ -190,3 +190,33 @@ def test_cli_reports_missing_reference_images_in_one_line(tiny_map, tmp_path):
     with pytest.raises(SystemExit, match=f"pixloc features: {tmp_path}: 6 reference images of {map_dir} not found, "
                                          "e.g. ref_1.png, ref_2.png, ref_3.png$"):
         cli.main(["features", "--map", str(map_dir), "--images", str(tmp_path), "--store", str(tmp_path / "store")])
+
+
+def test_a_rerun_recomputes_exactly_the_damaged_partitions(ray_cluster, tiny_map, tmp_path):
+    map_dir, images_dir = tiny_map
+    store_url = str(tmp_path / "store")
+    features.main(map_dir, images_dir, store_url, CONF)
+    store = FeatureStore.open(store_url)
+    expected = {(cell, level): store.load_table(cell, level).sort_by([("image_id", "ascending"),
+                                                                      ("point3D_id", "ascending")])
+                for cell in CELLS for level in range(3)}
+    manifests = {partition: store.manifest(*partition) for partition in expected}
+    manifest_files = {partition: tmp_path / "store" / partition_dir(*partition) / MANIFEST_FILE for partition in expected}
+    written = {partition: path.stat().st_mtime_ns for partition, path in manifest_files.items()}
+    deleted = tmp_path / "store" / manifests["x+0000_y+0000", 2]["files"][0]["path"]
+    deleted.unlink()
+    flipped = tmp_path / "store" / manifests["x+0001_y+0000", 1]["files"][0]["path"]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 1
+    flipped.write_bytes(bytes(data))
+
+    # Without --repair only the missing file is seen (a flipped bit keeps the size).
+    assert features.main(map_dir, images_dir, store_url, CONF)["partitions_repaired"] == 1
+    assert features.main(map_dir, images_dir, store_url, {**CONF, "repair": True})["partitions_repaired"] == 1
+    assert features.main(map_dir, images_dir, store_url, {**CONF, "repair": True})["partitions_repaired"] == 0
+    for partition, table in expected.items():
+        store.verify(*partition)
+        repaired = store.load_table(*partition).sort_by([("image_id", "ascending"), ("point3D_id", "ascending")])
+        assert repaired.equals(table)
+        rewritten = partition in (("x+0000_y+0000", 2), ("x+0001_y+0000", 1))
+        assert (manifest_files[partition].stat().st_mtime_ns != written[partition]) == rewritten
