@@ -54,8 +54,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         if address is None:
             for key, value in LOCAL_RAY_ENVIRONMENT.items():
                 os.environ.setdefault(key, value)
-            # "local": always a new Ray; without an address, ray.init joins any cluster that
-            # `ray start` or ray.cluster_utils.Cluster started on this machine.
+            # "local": a new Ray of our own, even where another job's Ray left /tmp/ray/ray_current_cluster.
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                      log_to_driver=False)
         else:

@@ -25,6 +25,7 @@ BENCHMARKS = {
     "localize": "bench.localize",
     "devices": "bench.devices",
     "scale": "bench.scale",
+    "mapping": "bench.mapping",
 }
 
 
