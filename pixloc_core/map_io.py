@@ -382,10 +382,14 @@ class MapIndex:
         return prior_to_map(self.geo, prior, lambda: float(np.median(self.references.centers()[:, 2])))
 
 
-def write_reference_table(scene: SceneMap, map_dir: Path) -> ReferenceImages:
-    """MAP/references.parquet from the model (done once, by whoever holds the model)."""
+def write_reference_table(scene: SceneMap, map_dir: Location) -> ReferenceImages:
+    """MAP/references.parquet from the model (done once, by whoever holds the model); written
+    beside the loaded model (the local cache of a remote map) and to a remote map as well."""
     references = ReferenceImages.from_scene(scene)
-    references.save(Path(map_dir) / REFERENCES_FILE)
+    local = Path(scene.path or map_dir) / REFERENCES_FILE
+    references.save(local)
+    if files.is_remote(map_dir):
+        files.write_bytes(files.location(map_dir) / REFERENCES_FILE, local.read_bytes())
     return references
 
 
