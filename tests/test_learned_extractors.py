@@ -153,3 +153,12 @@ def test_missing_or_corrupt_weights(tmp_path, name):
     if name != "alike-t":
         with pytest.raises(CheckpointError, match=r"other\.pth: checkpoint does not fit"):
             load_extractor(name, checkpoint=other)
+
+
+def test_basin_extractor_specs_take_config_overrides():
+    from bench.basin import _parse_extractor
+
+    label, extractor = _parse_extractor("alike-t:coarse=encoder,min_confidence=0.1")
+    assert label == "alike-t:coarse=encoder,min_confidence=0.1"
+    assert (extractor.conf.coarse, extractor.conf.min_confidence) == ("encoder", 0.1)
+    assert _parse_extractor("xfeat")[0] == "xfeat"
