@@ -24,6 +24,7 @@ BENCHMARKS = {
     "real": "bench.real",
     "localize": "bench.localize",
     "devices": "bench.devices",
+    "mapping": "bench.mapping",
 }
 
 
