@@ -105,8 +105,9 @@ def build_city(conf: dict, blocks: tuple[int, int]) -> Path:
         build_file.write_text(json.dumps(build, indent=1))
     if not (map_dir / "manifest.json").is_file():
         with _Timed(build, "map"):
-            map_job.build_map(scene_dir / "mapping", map_dir, reference_model=scene_dir / "reference_model",
-                              priors=read_priors(scene_dir / "mapping_priors.csv"), conf=conf["map"])
+            # Cell by cell on Ray, as a user maps a city: a build interrupted midway resumes.
+            map_job.build_map_in_cells(scene_dir / "mapping", map_dir, scene_dir / "reference_model",
+                                       read_priors(scene_dir / "mapping_priors.csv"), conf["map"], conf["workers"])
         build_file.write_text(json.dumps(build, indent=1))
     return root
 
