@@ -96,7 +96,7 @@ def localize_all(prepared: PreparedSet, map_dir: Path, store: Path, out_dir: Pat
     for method in conf["methods"]:
         args = ["localize", "--map", map_dir, "--store", store, "--queries", prepared.query_dir,
                 "--out", results_dir(out_dir, method), "--method", method, "--extractor", conf["extractor"],
-                "--workers", str(conf["workers"])]
+                "--workers", str(conf["workers"]), "--overwrite"]
         args += ["--priors", prepared.priors] if prepared.priors else []
         args += ["--query-list", prepared.query_list] if prepared.query_list else []
         run_pixloc(*args)
@@ -179,7 +179,7 @@ def whole_map_prior(prepared: PreparedSet, map_dir: Path) -> Path:
 
 def save_overlay(query_path: Path, pose: Pose, scene: SceneMap, out_path: Path) -> int:
     """Draws the map's 3D points reprojected with `pose` on the query; returns how many land in it."""
-    camera = Camera.from_query_intrinsics(query_intrinsics(query_path, None, scene))
+    camera = Camera.from_query_intrinsics(query_intrinsics(query_path, None, scene)[0])
     points = torch.from_numpy(np.stack([p.xyz for p in scene.reconstruction.points3D.values()]))  # (P, 3)
     p2d, valid = camera.project(pose.transform(points))  # (P, 2), (P,)
     valid &= camera.in_image(p2d)

@@ -10,6 +10,7 @@ S3 endpoints and credentials come from the usual AWS environment (`AWS_ENDPOINT_
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.dataset as pa_dataset
 import pyarrow.fs as pa_fs
 import s3fs
-from botocore.exceptions import BotoCoreError
+from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
 from fsspec.implementations.local import LocalFileSystem
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ class StorageError(RuntimeError):
     """A storage operation that still failed after all retries."""
 
 
+class StorageAccessDenied(StorageError, PermissionError):
+    """Credentials missing or refused: retrying cannot help, the message names the URL."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 5
@@ -47,9 +52,15 @@ class RetryPolicy:
     max_backoff_s: float = 5.0
 
 
+def is_access_denied(error: BaseException) -> bool:
+    return isinstance(error, (PermissionError, NoCredentialsError, PartialCredentialsError))
+
+
 def is_transient(error: BaseException) -> bool:
-    if isinstance(error, PERMANENT_ERRORS):
+    if isinstance(error, PERMANENT_ERRORS) or is_access_denied(error):
         return False
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return False  # a full disk stays full; the caller reports it with the path
     # s3fs turns throttling and 5xx answers into OSError; connection failures stay botocore errors.
     return isinstance(error, (OSError, TimeoutError, ConnectionError, BotoCoreError))
 
@@ -101,9 +112,12 @@ class Storage:
             try:
                 return call()
             except Exception as error:  # noqa: BLE001 - classified just below
+                cause = " ".join(f"{type(error).__name__}: {error}".split())
+                if is_access_denied(error):
+                    raise StorageAccessDenied(f"{self.url}/{relative}: {operation} refused, check the credentials "
+                                              f"(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...): {cause}") from error
                 if not is_transient(error):
                     raise
-                cause = " ".join(f"{type(error).__name__}: {error}".split())
                 if attempt == self.retry.attempts:
                     raise StorageError(f"{self.url}/{relative}: {operation} failed after "
                                        f"{attempt} attempts: {cause}") from error

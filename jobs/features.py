@@ -29,7 +29,6 @@ import ray
 import torch
 from tqdm import tqdm
 
-from cluster.filesystem import StorageError
 from cluster.runtime import init_ray, set_torch_threads
 from cluster.store import (Commit, FeatureStore, PartFile, StoreInfo, batch_key, observation_table, parse_partition_dir,
                            partition_dir)
@@ -37,6 +36,8 @@ from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import STRIDES, Extractor, resize_longest_side, sample_level
 from pixloc_core.images import ImageReadError, read_image
 from pixloc_core.map_io import SceneMap, observations
+
+from .config import merge_conf
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = No
          address: str | None = None) -> dict:
     """Fill the store for every reference image in a cell of the map, and recompute damaged
     partitions; returns counts and timings."""
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     scene = SceneMap.load(map_dir, with_descriptors=False)
     cells = map_cells(scene)
     extractor = load_extractor(conf["extractor"])
@@ -325,12 +326,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise SystemExit(f"pixloc features: --workers must be positive, got {args.workers}")
-    try:
-        stats = main(args.map, args.images, args.store, address=args.address,
-                     conf={"extractor": args.extractor, "workers": args.workers, "aggregate": args.aggregate,
-                           "repair": args.repair})
-    except (ValueError, FileNotFoundError, StorageError) as error:
-        raise SystemExit(f"pixloc features: {error}") from None
+    flags = {"extractor": args.extractor, "workers": args.workers, "aggregate": args.aggregate, "repair": args.repair}
+    stats = main(args.map, args.images, args.store, address=args.address, conf=merge_conf(default_conf, flags, args.conf))
     logger.info("%d images (%d extracted, %d already stored), %d cells published, %d partitions repaired in %.1f s",
                 stats["images"], stats["extracted"], stats["skipped"], stats["cells_published"],
                 stats["partitions_repaired"], stats["seconds"])

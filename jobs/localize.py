@@ -12,6 +12,7 @@ become `success=false` with the reason. `pixloc refine` runs the same pipeline f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import time
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from cluster.errors import Failure, classify
 from cluster.filesystem import StorageError
 from cluster.router import PriorOutsideMap, Router, RouterConf, ShardPool
 from cluster.runtime import init_ray, set_torch_threads
@@ -36,13 +38,15 @@ from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import STRIDES, resize_longest_side
 from pixloc_core.geometry import Camera, Pose, UnsupportedCameraModel
 from pixloc_core.io import Prior, QueryIntrinsics, read_priors, read_query_list
-from pixloc_core.localize import (METHODS, Localization, best_of, reference_hypotheses, turned_towards,
-                                  viewed_points)
+from pixloc_core.localize import (METHODS, TRUST_PRIOR, Checks, Localization, VerifyConf, best_of, measure,
+                                  reference_hypotheses, turned_towards, verify, viewed_points)
 from pixloc_core.images import list_images, read_image
 from pixloc_core.map_io import SceneMap, observations
 
 from .features import gpus_per_worker
-from .results import ResultsWriter
+from .cli import Interrupted
+from .config import merge_conf
+from .results import ResultsWriter, check_output, completed_queries
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ default_conf = {
     "router": RouterConf(),
     "shard": ShardConf(),  # levels, alignment and the per-query logic (LocalizeConf)
     "sparse": None,  # overrides of pixloc_core.sparse.default_conf
+    "verify": VerifyConf(),  # the checks every successful pose passes
 }
 
 
@@ -76,6 +81,8 @@ class QueryPlan:
     verified: bool = False  # the hypotheses come from a geometric method (see LocalizeConf)
     reference_image_ids: list[int] | None = None
     error: str = ""
+    retryable: bool = False  # the error came from the infrastructure, not the input
+    note: str = ""  # what planning adjusted, e.g. a rescaled camera
 
 
 class QueryFeaturizer:
@@ -112,7 +119,8 @@ class QueryFeaturizer:
                     "cpu", torch.float16, memory_format=torch.contiguous_format).numpy()
                 row[f"confidence_{index}"] = level.confidence[0].cpu().half().numpy()  # (h, w)
 
-        row.update(sparse_qvec=np.full(4, np.nan), sparse_tvec=np.full(3, np.nan), sparse_inliers=0, sparse_error="")
+        row.update(sparse_qvec=np.full(4, np.nan), sparse_tvec=np.full(3, np.nan), sparse_inliers=0, sparse_matches=0,
+                   sparse_position_std_m=np.nan, sparse_error="")
         timings["sparse_ms"] = 0.0
         if self.sparse is not None:
             start = time.perf_counter()
@@ -123,18 +131,20 @@ class QueryFeaturizer:
             if result.success:
                 pose = Pose.from_colmap(result.cam_from_world)
                 row.update(sparse_qvec=pose.qvec().numpy(), sparse_tvec=pose.t.numpy(),
-                           sparse_inliers=result.num_inliers)
+                           sparse_inliers=result.num_inliers, sparse_matches=result.num_matches,
+                           sparse_position_std_m=result.position_std_m)
             else:
                 row["sparse_error"] = f"sparse: {result.message}"
             timings["sparse_ms"] = 1000 * (time.perf_counter() - start)
         return {**row, **timings}
 
     @staticmethod
-    def failed(name: str, error: str) -> dict:
+    def failed(name: str, failure: Failure) -> dict:
         """A row with the columns of a featurized one (Ray Data blocks share one schema), empty."""
-        return {"name": name, "error": error, **QueryFeaturizer.empty_features(),
+        return {"name": name, "error": failure.message, "retryable": failure.retryable, **QueryFeaturizer.empty_features(),
                 "sparse_qvec": np.full(4, np.nan), "sparse_tvec": np.full(3, np.nan), "sparse_inliers": 0,
-                "sparse_error": "", "read_ms": np.nan, "cnn_ms": np.nan, "sparse_ms": np.nan}
+                "sparse_matches": 0, "sparse_position_std_m": np.nan, "sparse_error": "", "read_ms": np.nan,
+                "cnn_ms": np.nan, "sparse_ms": np.nan}
 
     @staticmethod
     def empty_features() -> dict:
@@ -150,9 +160,9 @@ class QueryFeaturizer:
         for index, name in enumerate(batch["name"]):
             item = {key: values[index] for key, values in batch.items()}
             try:
-                outputs.append({"name": name, "error": "", **self.featurize(item)})
+                outputs.append({"name": name, "error": "", "retryable": False, **self.featurize(item)})
             except Exception as error:  # noqa: BLE001 - any failure of one query is its result, not the job's
-                outputs.append(self.failed(name, str(error) or type(error).__name__))
+                outputs.append(self.failed(name, classify(error)))
         return {key: [output[key] for output in outputs] for key in outputs[0]}
 
 
@@ -202,16 +212,28 @@ class References:
 
 
 def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None,
-                     scene: SceneMap | None = None) -> QueryIntrinsics:
-    """From the query list, else from the EXIF focal length: the map's calibrated camera of the same
-    device (same size and EXIF focal) when it has one, a pinhole camera otherwise; checked."""
+                     scene: SceneMap | None = None, name: str | None = None) -> tuple[QueryIntrinsics, str]:
+    """From the query list (checked against the image's size: a camera of another size with the
+    same aspect ratio is rescaled, and the note says so), else from the EXIF focal length: the map's
+    calibrated camera of the same device (same size and EXIF focal) when it has one, a pinhole
+    camera otherwise; checked. Returns the intrinsics and a note (empty when nothing was changed)."""
+    name = path.name if name is None else name
+    note = ""
+    with Image.open(path) as image:
+        width, height = image.size
     if query_list is not None:
-        if path.name not in query_list:
-            raise ValueError(f"{path.name}: not in the query list")
-        intrinsics = query_list[path.name]
+        if name not in query_list:
+            raise ValueError(f"{name}: not in the query list")
+        intrinsics = query_list[name]
+        if (intrinsics.width, intrinsics.height) != (width, height):
+            scale = width / intrinsics.width
+            if abs(height - scale * intrinsics.height) > 1.0:
+                raise ValueError(f"{name}: the image is {width}x{height}, the query list says "
+                                 f"{intrinsics.width}x{intrinsics.height}")
+            camera = Camera.from_query_intrinsics(intrinsics).scale(scale)
+            intrinsics = QueryIntrinsics(intrinsics.model, width, height, tuple(camera.params.tolist()))
+            note = f"camera rescaled by {scale:.4g}: the query list says {query_list[name].width}x{query_list[name].height}"
     else:
-        with Image.open(path) as image:
-            width, height = image.size
         focal = read_exif_focal_px(path, width, height)
         if focal is None:
             raise ValueError(f"{path}: no intrinsics (no --query-list and no EXIF focal length)")
@@ -221,20 +243,24 @@ def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None,
         else:
             intrinsics = QueryIntrinsics("SIMPLE_PINHOLE", width, height, (focal, width / 2, height / 2))
     if not bool(Camera.from_query_intrinsics(intrinsics).is_valid()):
-        raise ValueError(f"{path.name}: invalid camera {intrinsics}")
-    return intrinsics
+        raise ValueError(f"{name}: invalid camera {intrinsics}")
+    return intrinsics, note
 
 
 def plan_localization(scene: SceneMap, references: References, router: Router, paths: list[Path],
                       query_list: dict[str, QueryIntrinsics] | None, priors: dict[str, Prior] | None,
-                      num_hypotheses: int) -> list[QueryPlan]:
-    """One plan per query; priors None means EXIF GPS."""
+                      num_hypotheses: int, queries_dir: Path | None = None) -> list[QueryPlan]:
+    """One plan per query, named by its path relative to `queries_dir` (hloc style; the file name
+    without it); priors None means EXIF GPS. Anything wrong with one query is that query's error."""
     plans = []
     for path in paths:
-        plan = QueryPlan(path.name, path)
+        plan = QueryPlan(query_name(path, queries_dir), path)
         try:
-            plan.intrinsics = query_intrinsics(path, query_list, scene)
-            prior = priors.get(path.name) if priors is not None else read_exif_prior(path)
+            if any(character.isspace() for character in plan.name):
+                raise ValueError(f"{plan.name!r}: the name contains whitespace, which the space-separated "
+                                 "poses and query-list formats cannot hold; rename the file")
+            plan.intrinsics, plan.note = query_intrinsics(path, query_list, scene, plan.name)
+            prior = priors.get(plan.name) if priors is not None else read_exif_prior(path)
             if prior is None:
                 raise ValueError("no prior: not in the priors file" if priors is not None else "no prior: no EXIF GPS")
             plan.prior_xyz = np.asarray(scene.prior_to_map(prior), np.float64)
@@ -242,10 +268,16 @@ def plan_localization(scene: SceneMap, references: References, router: Router, p
             plan.cells = router.cells(plan.prior_xyz, prior.sigma_m)
             plan.reference_image_ids = references.ids(router.reference_images(plan.prior_xyz, prior.sigma_m))
             plan.hypotheses, plan.labels = references.hypotheses(plan.prior_xyz, num_hypotheses)
-        except (ValueError, OSError, UnsupportedCameraModel, PriorOutsideMap) as error:
-            plan.error = str(error)
+        except Exception as error:  # noqa: BLE001 - e.g. a decompression bomb or unreadable EXIF: this query's row
+            plan.error, plan.retryable = dataclasses.astuple(classify(error))
         plans.append(plan)
     return plans
+
+
+def query_name(path: Path, queries_dir: Path | None) -> str:
+    """The name a query has in rows, poses.txt and the input lists: its path relative to the
+    queries folder, with forward slashes."""
+    return path.name if queries_dir is None else path.relative_to(queries_dir).as_posix()
 
 
 def query_paths(queries_dir: Path, query_list: dict[str, QueryIntrinsics] | None) -> list[Path]:
@@ -301,12 +333,22 @@ def shard_request(plan: QueryPlan, row: dict, levels: tuple[int, ...]) -> QueryR
     )
 
 
-def result_row(plan: QueryPlan, method: str, localization: Localization, timings: dict, cell: str = "") -> dict:
-    row = {"name": plan.name, "method": method, "cell": cell, **localization.to_dict(), **timings}
+def pnp_evidence(row: dict) -> dict:
+    """What SIFT + PnP found for a featurized row: the `measure` arguments beyond the result."""
+    if not np.isfinite(row["sparse_qvec"]).all():
+        return {}
+    pose = Pose.from_qvec_tvec(torch.from_numpy(np.asarray(row["sparse_qvec"], np.float64)),
+                               torch.from_numpy(np.asarray(row["sparse_tvec"], np.float64)))
+    return {"pnp_pose": pose, "inliers": int(row["sparse_inliers"]), "matches": int(row["sparse_matches"]),
+            "pnp_position_std_m": float(row["sparse_position_std_m"])}
+
+
+def result_row(plan: QueryPlan, method: str, localization: Localization, timings: dict, cell: str = "",
+               checks: Checks | None = None) -> dict:
+    row = {"name": plan.name, "method": method, "cell": cell, **localization.to_dict(), **timings,
+           **(checks or Checks()).to_dict()}
     row["prior_xyz"] = None if plan.prior_xyz is None else plan.prior_xyz.tolist()
-    pose = localization.pose()
-    row["prior_distance_m"] = (float(np.linalg.norm(pose.center().numpy() - plan.prior_xyz))
-                               if pose is not None and plan.prior_xyz is not None else float("nan"))
+    row["note"] = plan.note
     return row
 
 
@@ -318,6 +360,7 @@ class _InFlight:
     timings: dict
     remaining: int
     sparse_error: str = ""  # why there is no SIFT + PnP hypothesis, reported if all else fails too
+    evidence: dict = field(default_factory=dict)  # pnp_evidence of the featurized row
     answers: list[tuple[str, Localization]] = field(default_factory=list)  # (cell, result)
 
 
@@ -334,8 +377,12 @@ class LocalizationRun:
         self.calls: dict[ray.ObjectRef, tuple[str, str]] = {}  # call -> (query, cell)
         self.in_flight: dict[str, _InFlight] = {}
 
-    def emit(self, plan: QueryPlan, localization: Localization, timings: dict, cell: str = "") -> None:
-        row = result_row(plan, self.method, localization, timings, cell)
+    def emit(self, plan: QueryPlan, localization: Localization, timings: dict, cell: str = "",
+             evidence: dict | None = None) -> None:
+        """Verify the result (every method, the same checks) and write its row."""
+        sigma = self.conf["router"].default_sigma_m if plan.sigma_m is None else plan.sigma_m
+        checks = measure(localization, plan.prior_xyz, sigma, **(evidence or {}))
+        row = result_row(plan, self.method, verify(localization, checks, self.conf["verify"]), timings, cell, checks)
         self.writer.add(row)
         self.progress.update(1)
         if self.on_result is not None:
@@ -346,14 +393,14 @@ class LocalizationRun:
         the query goes to the shard actor of each of its cells."""
         timings = {key: float(row[key]) for key in ("read_ms", "cnn_ms", "sparse_ms")}
         if row["error"]:
-            self.emit(plan, Localization.failure(str(row["error"])), timings)
+            self.emit(plan, Localization.failure(str(row["error"]), bool(row["retryable"])), timings)
             return
         if self.method == "sparse":
-            self.emit(plan, sparse_result(row), timings, plan.cells[0])
+            self.emit(plan, sparse_result(row), timings, plan.cells[0], pnp_evidence(row))
             return
         request = shard_request(plan, row, self.conf["shard"].levels)
         self.in_flight[plan.name] = _InFlight(plan, {**timings, "load_ms": 0.0, "align_ms": 0.0}, len(plan.cells),
-                                              str(row["sparse_error"]))
+                                              str(row["sparse_error"]), pnp_evidence(row))
         for cell in plan.cells:
             self.calls[self.pool.submit(cell, request)] = (plan.name, cell)
 
@@ -375,7 +422,8 @@ class LocalizationRun:
                     query.timings[key] += answer.pop(key)
                 localization = Localization(**answer)
             except ray.exceptions.RayError as error:
-                localization = Localization.failure(f"shard {cell}: {str(error).splitlines()[0]}")
+                failure = classify(error)
+                localization = Localization.failure(failure.message, failure.retryable)
             self.pool.finished(cell, memory)
             query.answers.append((cell, localization))
             query.remaining -= 1
@@ -385,7 +433,7 @@ class LocalizationRun:
                 best_cell = next(cell for cell, localization in query.answers if localization is best)
                 if not best.success and query.sparse_error:
                     best.error = f"{best.error}; {query.sparse_error}"
-                self.emit(query.plan, best, query.timings, best_cell)
+                self.emit(query.plan, best, query.timings, best_cell, query.evidence)
 
     def drain(self) -> None:
         while self.calls:
@@ -407,7 +455,7 @@ def execute(plans: list[QueryPlan], writer: ResultsWriter, map_dir: Path, store:
         runnable = {}
         for plan in plans:
             if plan.error:
-                run.emit(plan, Localization.failure(plan.error), {})
+                run.emit(plan, Localization.failure(plan.error, plan.retryable), {})
             else:
                 runnable[plan.name] = plan
         if runnable:
@@ -447,31 +495,50 @@ def open_store(store_url: str, extractor_name: str, scene: SceneMap) -> FeatureS
 def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_list: Path | None = None,
          priors: Path | None = None, gps_from_exif: bool = False, resume: bool = False,
          address: str | None = None, conf: dict | None = None,
-         on_result: Callable[[dict], None] | None = None) -> Path:
-    """Localize the queries of `queries_dir` into `out_dir`; returns the path of results.parquet."""
-    conf = {**default_conf, **(conf or {})}
+         on_result: Callable[[dict], None] | None = None, overwrite: bool = False) -> Path:
+    """Localize the queries of `queries_dir` into `out_dir`; returns the path of results.parquet.
+    Every input is read and checked before anything is written."""
+    conf = merge_conf(default_conf, conf)
     if conf["method"] not in METHODS:
         raise ValueError(f"unknown method {conf['method']!r}, expected one of {METHODS}")
     if priors is None and not gps_from_exif:
         raise ValueError("priors needed: pass --priors CSV or --gps-from-exif")
+    check_output(out_dir, resume, overwrite)
+    intrinsics = read_query_list(query_list) if query_list is not None else None
+    prior_table = read_priors(priors) if priors else None
+    paths = query_paths(Path(queries_dir), intrinsics)
     scene = SceneMap.load(map_dir)
     store = open_store(store_url, conf["extractor"], scene)
-    intrinsics = read_query_list(query_list) if query_list is not None else None
-    paths = query_paths(Path(queries_dir), intrinsics)
-    writer = ResultsWriter(out_dir, conf["flush_every"], resume=resume)
-    done = writer.completed() if resume else set()
-    paths = [path for path in paths if path.name not in done]
+    done = completed_queries(out_dir) if resume else set()
+    paths = [path for path in paths if query_name(path, Path(queries_dir)) not in done]
     logger.info("%d queries to localize (%d already done), method %s", len(paths), len(done), conf["method"])
     router = Router(scene.shards, conf["router"])
-    plans = plan_localization(scene, References(scene), router, paths, intrinsics,
-                              read_priors(priors) if priors else None,
-                              conf["shard"].localize.num_reference_hypotheses)
-    with init_ray(address, num_cpus=None if address else conf["workers"]):
-        execute(plans, writer, Path(map_dir), store, conf, on_result)
+    plans = plan_localization(scene, References(scene), router, paths, intrinsics, prior_table,
+                              conf["shard"].localize.num_reference_hypotheses, Path(queries_dir))
+    writer = ResultsWriter(out_dir, conf["flush_every"], resume=resume, overwrite=overwrite)
+    try:
+        with init_ray(address, num_cpus=None if address else conf["workers"]):
+            execute(plans, writer, Path(map_dir), store, conf, on_result)
+    except KeyboardInterrupt:  # execute has flushed every row it got
+        raise Interrupted(f"interrupted: {len(completed_queries(out_dir))} rows saved in {out_dir}, "
+                          "rerun with --resume") from None
     table = writer.close()
     num_success = sum(table.column("success").to_pylist())
     logger.info("%d/%d queries localized -> %s", num_success, table.num_rows, writer.out_dir)
+    raise_if_retryable(table, out_dir)
     return writer.out_dir / "results.parquet"
+
+
+class RetryableFailures(RuntimeError):
+    """Some queries failed because of the infrastructure: the job did not finish its work."""
+
+
+def raise_if_retryable(table, out_dir: Path) -> None:
+    retryable = [row for row in table.select(["name", "retryable", "error"]).to_pylist() if row["retryable"]]
+    if retryable:
+        raise RetryableFailures(f"{len(retryable)} of {table.num_rows} queries failed for reasons outside their "
+                                f"input, e.g. {retryable[0]['name']}: {retryable[0]['error']}; fix the cause and "
+                                f"rerun with --resume (results so far in {out_dir})")
 
 
 def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None:
@@ -493,14 +560,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--gps-from-exif", action="store_true", help="priors from the images' EXIF GPS")
     parser.add_argument("--method", choices=METHODS, default=default_conf["method"])
     parser.add_argument("--resume", action="store_true", help="skip queries already in the results")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    parser.add_argument("--trust-prior", choices=TRUST_PRIOR, default=default_conf["verify"].trust_prior,
+                        help="low: the priors may be wrong (stale GPS), poses far from them may still succeed")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise SystemExit(f"pixloc localize: --workers must be positive, got {args.workers}")
-    try:
-        main(args.map, args.store, args.queries, args.out, args.query_list, args.priors, args.gps_from_exif,
-             args.resume, args.address, {"method": args.method, "extractor": args.extractor, "workers": args.workers})
-    except USER_ERRORS as error:
-        raise SystemExit(f"pixloc localize: {error}") from None
+    flags = {"method": args.method, "extractor": args.extractor, "workers": args.workers,
+             "verify": {"trust_prior": args.trust_prior}}
+    main(args.map, args.store, args.queries, args.out, args.query_list, args.priors, args.gps_from_exif,
+         args.resume, args.address, merge_conf(default_conf, flags, args.conf), overwrite=args.overwrite)
     return 0

@@ -34,6 +34,8 @@ from cluster.runtime import init_ray
 from pixloc_core.mapping import cells, descriptors, georegister, matching, merge, pairs, sfm, sift, triangulation
 from pixloc_core.mapping.feature_files import FeatureFiles, group_pairs
 
+from .config import merge_conf
+
 logger = logging.getLogger(__name__)
 
 default_conf = {
@@ -115,7 +117,7 @@ def reconstruct(features: dict[str, sift.Features], positions: dict[str, np.ndar
 def build_map(images: Path, out: Path, reference_model: Path | None = None, import_model: Path | None = None,
               priors: dict[str, Prior] | None = None, conf: dict | None = None) -> SceneMap:
     """Builds and writes the map directory `out`. Raises ValueError for a degenerate result."""
-    conf = {**default_conf, **(conf or {})}  # each step completes its own conf with its defaults
+    conf = merge_conf(default_conf, conf)  # each step completes its own conf with its defaults
     images = Path(images)
     source_model = read_model(reference_model or import_model) if (reference_model or import_model) else None
     names = posed_image_names(source_model) if source_model else list_images(images)
@@ -192,7 +194,7 @@ def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: d
     """`build_map` with known poses, distributed: features per image, matches per chunk of pairs and
     one triangulation per shard cell (core plus halo) as Ray tasks, all written under MAP/mapping
     (a rerun resumes), then the cells' points merged by their shared observations."""
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     images, out = Path(images), Path(out)
     root = out / WORK_DIR
     reference = read_model(reference_model)
@@ -274,8 +276,8 @@ def run(args: argparse.Namespace) -> int:
             priors = read_priors(args.priors)
         elif args.gps_from_exif:
             priors = exif_priors(args.images, list_images(args.images))
-        conf = {"sift": {"max_image_size": args.max_image_size},
-                "shards": {"cell_size_m": args.cell_size, "halo_m": args.halo}}
+        conf = merge_conf(default_conf, {"sift": {"max_image_size": args.max_image_size},
+                                         "shards": {"cell_size_m": args.cell_size, "halo_m": args.halo}}, args.conf)
         if args.reference_model and not args.single_process:
             build_map_in_cells(args.images, args.out, args.reference_model, priors, conf, args.workers, args.address)
         else:

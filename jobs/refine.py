@@ -25,6 +25,7 @@ from pixloc_core.map_io import SceneMap
 from .localize import (USER_ERRORS, QueryPlan, References, add_query_job_arguments, execute, open_store,
                        query_intrinsics, query_paths)
 from .localize import default_conf as localize_conf
+from .config import merge_conf
 from .results import ResultsWriter
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def plan_refinement(references: References, router: Router, paths: list[Path],
     for path in paths:
         plan = QueryPlan(path.name, path)
         try:
-            plan.intrinsics = query_intrinsics(path, query_list)
+            plan.intrinsics, plan.note = query_intrinsics(path, query_list)
             if path.name not in poses:
                 raise ValueError("no input pose: not in the poses file")
             qvec, tvec = poses[path.name]
@@ -63,7 +64,7 @@ def plan_refinement(references: References, router: Router, paths: list[Path],
 
 def main(map_dir: Path, store_url: str, queries_dir: Path, poses: Path, out_dir: Path,
          query_list: Path | None = None, address: str | None = None, conf: dict | None = None) -> Path:
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     shard = conf["shard"]
     conf["shard"] = replace(shard, levels=tuple(conf["levels"]), sparse_levels=len(conf["levels"]),
                             align=AlignConf(num_iterations=tuple(conf["num_iterations"])))
@@ -89,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         main(args.map, args.store, args.queries, args.poses, args.out, args.query_list, args.address,
-             {"extractor": args.extractor, "workers": args.workers})
+             merge_conf(default_conf, {"extractor": args.extractor, "workers": args.workers}, args.conf))
     except USER_ERRORS as error:
         raise SystemExit(f"pixloc refine: {error}") from None
     return 0

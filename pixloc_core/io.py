@@ -7,6 +7,10 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
+from contextlib import contextmanager
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +32,36 @@ def read_poses(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return poses
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Written beside the target and renamed: a reader never sees half a file, and a failed write
+    (a full disk) leaves the previous file in place."""
+    path = Path(path)
+    with written_as(path) as temporary:
+        temporary.write_text(text)
+
+
+@contextmanager
+def written_as(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to, renamed to `path` when the block succeeds and
+    removed when it fails; an OSError (a full disk) then names `path`, which some writers omit."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, os.strerror(error.errno), str(path)) from None
+        raise
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_poses(path: Path, poses: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     lines = []
     for name, (qvec, tvec) in poses.items():
         values = " ".join(f"{v:.10g}" for v in (*qvec, *tvec))
         lines.append(f"{name} {values}")
-    Path(path).write_text("\n".join(lines) + ("\n" if lines else ""))
+    write_text_atomically(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 @dataclass(frozen=True)
@@ -45,7 +73,7 @@ class QueryIntrinsics:
 
 
 def read_query_list(path: Path) -> dict[str, QueryIntrinsics]:
-    queries = {}
+    queries, first_line = {}, {}
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -54,8 +82,19 @@ def read_query_list(path: Path) -> dict[str, QueryIntrinsics]:
         if len(fields) < 5:
             raise ValueError(f"{path}:{lineno}: expected 'name MODEL WIDTH HEIGHT PARAMS...'")
         name, model, width, height, *params = fields
-        queries[name] = QueryIntrinsics(model, int(width), int(height), tuple(float(p) for p in params))
+        _refuse_duplicate(path, name, lineno, first_line)
+        try:
+            queries[name] = QueryIntrinsics(model, int(width), int(height), tuple(float(p) for p in params))
+        except ValueError as error:
+            raise ValueError(f"{path}:{lineno}: {error}") from None
     return queries
+
+
+def _refuse_duplicate(path: Path, name: str, lineno: int, first_line: dict[str, int]) -> None:
+    """A name listed twice is an error, not "the last line wins": the two lines may disagree."""
+    if name in first_line:
+        raise ValueError(f"{path}:{lineno}: {name!r} is listed twice (first on line {first_line[name]})")
+    first_line[name] = lineno
 
 
 def write_query_list(path: Path, queries: dict[str, QueryIntrinsics]) -> None:
@@ -76,6 +115,8 @@ class Prior:
 
 
 def read_priors(path: Path) -> dict[str, Prior]:
+    """Every line checked, naming file:line: required values present and finite, latitude in
+    [-90, 90] and longitude in [-180, 180], sigma positive, each name once."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or [])
@@ -85,16 +126,41 @@ def read_priors(path: Path) -> dict[str, Prior]:
             keys, geodetic = ("x", "y", "z"), False
         else:
             raise ValueError(f"{path}: header must be 'name,lat,lon[,alt][,sigma_m]' or 'name,x,y,z[,sigma_m]', got {reader.fieldnames}")
-        priors = {}
+        priors, first_line = {}, {}
         for lineno, row in enumerate(reader, 2):
             try:
-                has_alt = bool(row.get(keys[2]))
-                pos = tuple(float(row[k]) if row.get(k) else 0.0 for k in keys)
-                sigma = float(row["sigma_m"]) if row.get("sigma_m") else None
+                name = (row.get("name") or "").strip()
+                if not name:
+                    raise ValueError("empty name")
+                _refuse_duplicate(path, name, lineno, first_line)
+                # The altitude may be left empty (GPS altitude is often missing); nothing else.
+                position = (_number(row, keys[0]), _number(row, keys[1]),
+                            _number(row, keys[2]) if row.get(keys[2]) else 0.0)
+                sigma = _number(row, "sigma_m") if row.get("sigma_m") else None
+                if geodetic and not -90 <= position[0] <= 90:
+                    raise ValueError(f"lat {position[0]} outside [-90, 90]")
+                if geodetic and not -180 <= position[1] <= 180:
+                    raise ValueError(f"lon {position[1]} outside [-180, 180]")
+                if sigma is not None and not sigma > 0:
+                    raise ValueError(f"sigma_m must be positive, got {sigma}")
             except ValueError as error:
-                raise ValueError(f"{path}:{lineno}: {error}") from None
-            priors[row["name"]] = Prior(pos, geodetic, sigma, has_alt)
+                message = str(error)
+                raise ValueError(message if message.startswith(f"{path}:") else f"{path}:{lineno}: {message}") from None
+            priors[name] = Prior(position, geodetic, sigma, bool(row.get(keys[2])))
     return priors
+
+
+def _number(row: dict, key: str) -> float:
+    text = (row.get(key) or "").strip()
+    if not text:
+        raise ValueError(f"{key} is empty")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{key} is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{key} is not finite: {text!r}")
+    return value
 
 
 def write_priors(path: Path, priors: dict[str, Prior]) -> None:

@@ -13,7 +13,7 @@ uncertainty.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ class Localization:
     position_std_m: float = math.nan
     rotation_std_deg: float = math.nan
     error: str = ""
+    retryable: bool = False  # failed because of the infrastructure (store, process, disk): --resume retries it
 
     def pose(self) -> Pose | None:
         if self.qvec is None:
@@ -68,8 +69,8 @@ class Localization:
         return asdict(self)
 
     @classmethod
-    def failure(cls, error: str) -> Localization:
-        return cls(success=False, error=error)
+    def failure(cls, error: str, retryable: bool = False) -> Localization:
+        return cls(success=False, error=error, retryable=retryable)
 
 
 def reference_hypotheses(prior_xyz: np.ndarray, reference_poses: Pose, k: int) -> tuple[Pose, np.ndarray]:
@@ -204,4 +205,107 @@ def best_of(localizations: list[Localization]) -> Localization:
     successful = [loc for loc in localizations if loc.success]
     if successful:
         return min(successful, key=lambda loc: loc.cost)
-    return min(localizations, key=lambda loc: loc.cost)
+    # A failure is final only if no part of it failed for a reason a retry could remove.
+    best = min(localizations, key=lambda loc: loc.cost)
+    return replace(best, retryable=any(loc.retryable for loc in localizations))
+
+
+# ----- verification: the checks every pose marked successful passes, whatever method made it
+
+TRUST_PRIOR = ("normal", "low")
+
+
+@dataclass(frozen=True)
+class VerifyConf:
+    """Thresholds of the final checks, chosen with `pixloc bench precision` (README)."""
+
+    # A PnP pose: enough inliers, and enough of the 2D-3D matches agreeing (a wrong pose found
+    # among many random matches has a low ratio), and a plausible covariance.
+    min_inliers: int = 30
+    min_inlier_ratio: float = 0.15
+    max_pnp_position_std_m: float = 1.0
+    # The pose must lie within prior_sigmas * sigma + prior_margin_m of its prior (horizontally:
+    # GPS altitude is poor), unless the priors may be wrong (trust_prior "low").
+    prior_sigmas: float = 3.0
+    prior_margin_m: float = 5.0
+    trust_prior: str = "normal"
+    # A refined PnP pose must stay near its PnP start: a refinement that wanders off found another
+    # minimum, and one of the two is wrong.
+    max_refinement_shift_m: float = 1.0
+    max_refinement_turn_deg: float = 5.0
+
+
+@dataclass
+class Checks:
+    """The values a pose is verified on (NaN / 0: not applicable to how the pose was found)."""
+
+    inliers: int = 0  # PnP inliers
+    matches: int = 0  # 2D-3D matches given to PnP
+    pnp_position_std_m: float = math.nan  # from PnP's covariance
+    prior_distance_m: float = math.nan  # horizontal, between the prior and the camera centre
+    prior_sigma_m: float = math.nan
+    refinement_shift_m: float = math.nan  # between the PnP pose and its featuremetric refinement
+    refinement_turn_deg: float = math.nan
+
+    @property
+    def inlier_ratio(self) -> float:
+        return self.inliers / self.matches if self.matches else math.nan
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "inlier_ratio": self.inlier_ratio}
+
+
+def pose_difference(first: Pose, second: Pose) -> tuple[float, float]:
+    """Distance (m) between the camera centres and angle (deg) between the rotations."""
+    shift = float(torch.linalg.norm(first.center() - second.center()))
+    relative = first.R @ second.R.transpose(-1, -2)
+    cosine = ((torch.diagonal(relative, dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+    return shift, math.degrees(float(torch.arccos(cosine)))
+
+
+def measure(localization: Localization, prior_xyz: np.ndarray | None, prior_sigma_m: float | None,
+            pnp_pose: Pose | None = None, inliers: int = 0, matches: int = 0,
+            pnp_position_std_m: float = math.nan) -> Checks:
+    """The check values of a result: PnP statistics when its pose comes from PnP (hypothesis
+    "sparse..."), the distance to the prior, and how far the refinement moved the PnP pose."""
+    checks = Checks(prior_sigma_m=math.nan if prior_sigma_m is None else float(prior_sigma_m))
+    pose = localization.pose()
+    if pose is None:
+        return checks
+    if prior_xyz is not None:
+        checks.prior_distance_m = float(np.linalg.norm(pose.center().numpy()[:2] - np.asarray(prior_xyz)[:2]))
+    if localization.hypothesis.startswith("sparse"):
+        checks.inliers, checks.matches, checks.pnp_position_std_m = inliers, matches, pnp_position_std_m
+        if pnp_pose is not None and localization.hypothesis == "sparse":
+            checks.refinement_shift_m, checks.refinement_turn_deg = pose_difference(pose.double(), pnp_pose.double())
+    return checks
+
+
+def verdict(checks: Checks, conf: VerifyConf) -> str:
+    """Why a pose with these check values is not trusted; empty when every check passes."""
+    if checks.matches:  # a PnP pose
+        if checks.inliers < conf.min_inliers:
+            return f"too few PnP inliers: {checks.inliers} < {conf.min_inliers}"
+        if checks.inlier_ratio < conf.min_inlier_ratio:
+            return (f"too few matches agree with the pose: {checks.inliers}/{checks.matches} inliers "
+                    f"({checks.inlier_ratio:.2f} < {conf.min_inlier_ratio})")
+        if not checks.pnp_position_std_m <= conf.max_pnp_position_std_m:
+            return f"PnP pose too uncertain: std {checks.pnp_position_std_m:.2f} m > {conf.max_pnp_position_std_m} m"
+    if checks.refinement_shift_m > conf.max_refinement_shift_m or checks.refinement_turn_deg > conf.max_refinement_turn_deg:
+        return (f"refinement disagrees with PnP: moved {checks.refinement_shift_m:.2f} m, "
+                f"{checks.refinement_turn_deg:.1f} deg")
+    if conf.trust_prior != "low" and math.isfinite(checks.prior_distance_m) and math.isfinite(checks.prior_sigma_m):
+        if checks.prior_distance_m > conf.prior_sigmas * checks.prior_sigma_m + conf.prior_margin_m:
+            return (f"inconsistent with the prior: {checks.prior_distance_m:.1f} m from it, "
+                    f"sigma {checks.prior_sigma_m:.1f} m")
+    return ""
+
+
+def verify(localization: Localization, checks: Checks, conf: VerifyConf) -> Localization:
+    """The result, no longer successful (pose kept, reason given) when a check fails."""
+    if not localization.success:
+        return localization
+    reason = verdict(checks, conf)
+    if reason:
+        return replace(localization, success=False, error=reason)
+    return localization
