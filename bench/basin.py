@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -48,7 +49,7 @@ default_conf = {
     "success_t_m": 0.05,
     "success_R_deg": 0.5,
     "seed": 0,
-    "extractors": None,  # names, or "name=checkpoint"; None: available_extractors()
+    "extractors": None,  # names, "name=checkpoint" or "name:key=value,..."; None: available_extractors()
     "synthetic": {"scene_seed": 0, "num_pairs": 6, "width": 640, "height": 480, "num_points": 512,
                   "max_baseline_m": 3.0, "max_rotation_deg": 10.0},
     "fountain": {"data_root": SHARED_DATA, "max_size": 640, "num_pairs": 10, "num_points": 512,
@@ -132,6 +133,12 @@ def fountain_pairs(conf: dict) -> list[PosedPair]:
 
 
 def _parse_extractor(spec: str) -> tuple[str, Extractor]:
+    """"name", "name=CHECKPOINT" or "name:key=value,key=value" (config overrides, e.g.
+    "alike-n:coarse=encoder"); the spec is the extractor's label in the report."""
+    name, _, options = spec.partition(":")
+    if options:
+        conf = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in options.split(","))}
+        return spec, load_extractor(name, **conf)
     name, _, checkpoint = spec.partition("=")
     return name, load_extractor(name, checkpoint=Path(checkpoint) if checkpoint else None)
 

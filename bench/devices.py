@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 default_conf = {
     "seed": 0,
     "image_size": (1024, 768),  # (w, h) before each extractor's own max_size applies
+    "cap_to_max_size": True,  # False: every extractor at image_size (e.g. ALIKE above its 640 px)
     "speed_only_extractors": ("unet-vgg16",),  # random weights: their time, not their features
     "hypotheses": (1, 16, 64, 256),
     "init_t_m": 0.3,
@@ -83,7 +84,7 @@ def time_extractors(extractors: dict[str, Extractor], device: torch.device, conf
     width, height = conf["image_size"]
     rows = {}
     for name, extractor in extractors.items():
-        scale = min(1.0, extractor.max_size / max(width, height))
+        scale = min(1.0, extractor.max_size / max(width, height)) if conf["cap_to_max_size"] else 1.0
         size = (round(height * scale), round(width * scale))
         image = torch.rand(1, 3, *size, generator=generator).to(device)  # (1, 3, h, w)
         extractor = extractor.to(device)

@@ -6,6 +6,8 @@ On a synthetic scene (built here, with its map and feature store), on a local Ra
   2 workers (Ray Data start-up and the shard actors' first loads included);
 * stage_ms: mean milliseconds per query of each stage (read, CNN, sparse = SIFT + matching + PnP,
   alignment, store I/O = loading cells, amortised over the queries);
+* actor_processes, cell_loads, evictions, driver_bytes_per_query, peak_rss_mb (driver, query
+  worker, shard actor: measured ru_maxrss) of the timed 2-worker job (its summary.json);
 * cached_over_recompute: per query, localization time when the reference features of its nearby
   reference images are recomputed (read, CNN, sampling: what the reference PixLoc does for every
   query) divided by the time with the cached store; both in-process, same alignment;
@@ -25,7 +27,6 @@ import ray
 import torch
 
 from bench import write_report
-from cluster.router import Router
 from cluster.runtime import init_ray
 from cluster.shard_actor import ShardActor, ShardConf
 from jobs import features as features_job
@@ -36,8 +37,8 @@ from pixloc_core.align import ReferenceLevel
 from pixloc_core.evaluate import evaluate, format_summary
 from pixloc_core.extractors import load_extractor
 from pixloc_core.io import read_poses, read_priors, read_query_list
-from pixloc_core.localize import METHODS
-from pixloc_core.map_io import SceneMap
+from pixloc_core.localize import METHODS, CellData, Planner, QueryInput, localize_in_cell
+from pixloc_core.map_io import SceneMap, load_map_index
 from pixloc_core.synthetic import dataset
 
 logger = logging.getLogger(__name__)
@@ -71,12 +72,13 @@ def build_inputs(work_dir: Path, conf: dict) -> tuple[Path, Path, str]:
 
 
 def run_job(scene_dir: Path, map_dir: Path, store_url: str, out: Path, method: str, workers: int
-            ) -> tuple[float, pa.Table]:
+            ) -> tuple[float, pa.Table, dict]:
+    """Seconds of the whole job, its results and its summary."""
     start = time.perf_counter()
     localize_job.main(map_dir, store_url, scene_dir / "queries", out,
                       query_list=scene_dir / "queries_with_intrinsics.txt",
                       priors=scene_dir / "priors.csv", conf={"method": method, "workers": workers})
-    return time.perf_counter() - start, read_results(out)
+    return time.perf_counter() - start, read_results(out), localize_job.read_summary(out)
 
 
 def stage_ms(table: pa.Table) -> dict[str, float]:
@@ -85,65 +87,53 @@ def stage_ms(table: pa.Table) -> dict[str, float]:
             for stage in STAGES}
 
 
-class RecomputingShard(ShardActor):
-    """A shard that, like the reference PixLoc, computes the reference features of the query's
-    nearest reference images for every query instead of reading them from the store."""
-
-    def __init__(self, images_dir: Path, items: dict[int, dict], extractor_name: str, neighbours: int, **kwargs):
-        super().__init__(**kwargs)
-        self.images_dir, self.items, self.neighbours = images_dir, items, neighbours
-        self.extractor = load_extractor(extractor_name)
-
-    def _load(self) -> float:
-        self._references = []  # nothing cached: see _selected_references
-        return 0.0
-
-    def _selected_references(self, image_ids: list[int] | None) -> list[ReferenceLevel]:
-        levels = []
-        for image_id in image_ids[:self.neighbours]:
-            item = self.items[image_id]
-            sampled = features_job.sample_reference_image(self.extractor, self.images_dir / item["name"], item)
-            levels.append([ReferenceLevel(torch.from_numpy(item["xyz"]), features, confidence)
-                           for features, confidence in sampled])
-        return [ReferenceLevel(*(torch.cat([getattr(level[i], field) for level in levels])
-                                 for field in ("points3D", "features", "confidence")))
-                for i in range(len(levels[0]))]
+def recomputed_cell(cell: str, image_ids: list[int], items: dict[int, dict], extractor, images_dir: Path
+                    ) -> CellData:
+    """What the reference PixLoc does for every query: the reference features of the query's
+    nearest reference images computed from their images, instead of read from the store."""
+    levels = []
+    for image_id in image_ids:
+        item = items[image_id]
+        sampled = features_job.sample_reference_image(extractor, images_dir / item["name"], item)
+        levels.append([ReferenceLevel(torch.from_numpy(item["xyz"]), features, confidence)
+                       for features, confidence in sampled])
+    references = [ReferenceLevel(*(torch.cat([getattr(level[i], name) for level in levels])
+                                   for name in ("points3D", "features", "confidence")))
+                  for i in range(len(levels[0]))]
+    return CellData(cell, references, [None] * len(references))
 
 
 def cached_vs_recomputed(scene_dir: Path, map_dir: Path, store_url: str, conf: dict) -> dict:
     """Milliseconds per query of the shard's work with cached and with recomputed reference
-    features; runs inside a Ray worker (the shard and query-worker classes expect one)."""
-    scene = SceneMap.load(map_dir)
-    store = localize_job.open_store(store_url, conf["extractor"], scene)
-    references = localize_job.References(scene)
+    features (`dense`, same alignment); runs inside a Ray worker (the shard class expects one)."""
+    map_index = load_map_index(map_dir)
+    store = localize_job.open_store(store_url, conf["extractor"], map_index.fingerprint)
+    planner = Planner(map_index)
     intrinsics = read_query_list(scene_dir / "queries_with_intrinsics.txt")
+    priors = read_priors(scene_dir / "priors.csv")
     paths = localize_job.query_paths(scene_dir / "queries", intrinsics)[:conf["recompute_queries"]]
-    plans = localize_job.plan_localization(scene, references, Router(scene.shards), paths, intrinsics,
-                                           read_priors(scene_dir / "priors.csv"),
-                                           ShardConf().localize.num_reference_hypotheses)
-    featurizer = localize_job.QueryFeaturizer(conf["extractor"], None, None)
+    extractor = load_extractor(conf["extractor"]).eval()
+    shard_conf = ShardConf(with_sparse=False)
+    cached = ShardActor(store.url, store.info.extractor_id, store.info.map_fingerprint, shard_conf)
+    scene = SceneMap.load(map_dir, with_descriptors=False)
     items = {item["image_id"]: item for item in features_job.reference_items(
-        scene.reconstruction, {cell: [references.id_of[name] for name in scene.shards.images_of(cell)]
-                               for cell in scene.shards.cell_ids})}
-    identity = {"store_url": store.url, "extractor_id": store.info.extractor_id,
-                "map_fingerprint": store.info.map_fingerprint, "conf": ShardConf()}
+        scene.reconstruction, features_job.map_cells(scene))}
     timings = {"cached": [], "recompute": []}
-    for plan in plans:
+    for path in paths:
+        plan = planner.plan(QueryInput(path.name, str(path), intrinsics[path.name], priors.get(path.name)))
         if plan.error:
             continue
-        item = localize_job.featurizer_items([plan], localize_job.default_conf["router"].default_sigma_m)[0]
-        row = featurizer({key: [value] for key, value in item.items()})
-        row = {key: values[0] for key, values in row.items()}
-        request = localize_job.shard_request(plan, row, ShardConf().levels)
+        request, _ = localize_job.query_request(plan, "dense", shard_conf.levels, extractor)
         cell = plan.cells[0]
-        cached = ShardActor(cell=cell, **identity)
-        cached.localize(request)  # the first call loads the cell; later queries find it in memory
-        recompute = RecomputingShard(scene_dir / "mapping", items, conf["extractor"], conf["recompute_neighbours"],
-                                     cell=cell, **identity)
-        for name, shard in (("cached", cached), ("recompute", recompute)):
-            start = time.perf_counter()
-            shard.localize(request)
-            timings[name].append(1000 * (time.perf_counter() - start))
+        cached.localize(cell, request)  # the first call loads the cell; later queries find it in memory
+        start = time.perf_counter()
+        cached.localize(cell, request)
+        timings["cached"].append(1000 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        data = recomputed_cell(cell, plan.reference_image_ids[:conf["recompute_neighbours"]], items, extractor,
+                               scene_dir / "mapping")
+        localize_in_cell(request, data, cached.aligners, shard_conf.localize, cached.sparse_conf)
+        timings["recompute"].append(1000 * (time.perf_counter() - start))
     return {name: statistics.mean(values) for name, values in timings.items()}
 
 
@@ -154,21 +144,30 @@ def main(out: Path | None = None, work_dir: Path | None = None, **conf) -> dict:
         with init_ray(None, num_cpus=2):
             scene_dir, map_dir, store_url = build_inputs(work_dir, conf)
             ground_truth = read_poses(scene_dir / "gt_queries.txt")
-            seconds, methods, tables = {}, {}, {}
+            seconds, methods, tables, summaries = {}, {}, {}, {}
             for method in METHODS:
                 out_dir = work_dir / method.replace("+", "_")
-                seconds[method], tables[method] = run_job(scene_dir, map_dir, store_url, out_dir, method, 2)
+                seconds[method], tables[method], summaries[method] = run_job(scene_dir, map_dir, store_url, out_dir,
+                                                                             method, 2)
                 methods[method] = evaluate(successful_poses(tables[method]), ground_truth)
-            one_worker_s, _ = run_job(scene_dir, map_dir, store_url, work_dir / "one_worker", conf["method"], 1)
+            one_worker_s, _, _ = run_job(scene_dir, map_dir, store_url, work_dir / "one_worker", conf["method"], 1)
             # in a Ray worker with one CPU, as the shard actors and query workers run
             measure = ray.remote(num_cpus=1)(cached_vs_recomputed)
             per_query = ray.get(measure.remote(scene_dir, map_dir, store_url, conf))
     num_queries = len(ground_truth)
+    timed = summaries[conf["method"]]
     report = {
         "qps_1_worker": num_queries / one_worker_s,
         "qps_2_workers": num_queries / seconds[conf["method"]],
         "stage_ms": stage_ms(tables[conf["method"]]),
         "cached_over_recompute": per_query["recompute"] / per_query["cached"],
+        "actor_processes": timed["actor_processes"],
+        "cell_loads": timed["cell_loads"],
+        "evictions": timed["evictions"],
+        "cells": len(SceneMap.load(map_dir, with_descriptors=False).shards.cell_ids),
+        "driver_bytes_per_query": timed["driver_bytes_per_query"],
+        "peak_rss_mb": {"driver": timed["driver_peak_rss_mb"], "query_worker": timed["query_worker_peak_rss_mb"],
+                        "shard_actor": timed["shard_peak_rss_mb"]},
         "methods": methods,
         "details": {"queries": num_queries, "references": conf["num_refs"],
                     "image_size": [conf["width"], conf["height"]], "method_timed": conf["method"],
@@ -186,6 +185,9 @@ def print_table(report: dict) -> None:
     print(f"queries/s: 1 worker {report['qps_1_worker']:.2f}, 2 workers {report['qps_2_workers']:.2f} "
           f"(x{report['qps_2_workers'] / report['qps_1_worker']:.2f})")
     print("ms per query: " + ", ".join(f"{stage} {ms:.0f}" for stage, ms in report["stage_ms"].items()))
+    print(f"{report['actor_processes']} shard actors, {report['cell_loads']} cell loads of {report['cells']} cells, "
+          f"{report['evictions']} evictions, {report['driver_bytes_per_query']:.0f} driver bytes per query; peak RSS MB "
+          + ", ".join(f"{kind} {mb:.0f}" for kind, mb in report["peak_rss_mb"].items()))
     print(f"per query, cached store {details['cached_ms_per_query']:.0f} ms vs recomputing reference features "
           f"{details['recompute_ms_per_query']:.0f} ms: x{report['cached_over_recompute']:.1f}")
     for method, summary in report["methods"].items():

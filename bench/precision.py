@@ -84,7 +84,7 @@ def noisy_map_priors(gt: dict, sigma: float, seed: int, path: Path) -> Path:
 def localize(map_dir: Path, store: Path, queries: Path, priors: Path, out: Path, method: str, conf: dict,
              query_list: Path | None = None) -> Path:
     localize_job.main(map_dir, str(store), queries, out, query_list=query_list, priors=priors, overwrite=True,
-                      conf={"method": method, "workers": conf["workers"], "verify": {"trust_prior": "low"}})
+                      conf={"method": method, "workers": conf["workers"], "shard": {"localize": {"verify": {"trust_prior": "low"}}}})
     return out
 
 

@@ -38,13 +38,13 @@ from PIL import Image, ImageDraw
 from bench import write_report
 from cluster.runtime import init_ray
 from jobs.cli import main as pixloc
-from jobs.localize import References, query_intrinsics
 from jobs.results import STAGES, read_results, successful_poses
 from pixloc_core.datasets import LUND, PREPARERS, PreparedSet, register_pseudo_ground_truth
 from pixloc_core.evaluate import RECALL_THRESHOLDS, evaluate, pose_errors, recall_key
 from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import Prior, read_poses, write_poses, write_priors
-from pixloc_core.map_io import SceneMap
+from pixloc_core.localize import ReferencePoses, query_intrinsics
+from pixloc_core.map_io import ReferenceImages, SceneMap
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ default_conf = {
     "sets": ("fountain-P11", "lund", "sacre_coeur"),
     "methods": ("sparse", "dense", "sparse+dense"),
     "small_query_size": 480,  # the second run of every set, where SIFT thins out
-    "extractor": "classic",
+    "extractors": ("classic",),  # every dense method runs with each: a store per extractor, one map
     "workers": 2,
     "prepare": {},  # per-set overrides of pixloc_core.datasets.default_conf
 }
@@ -80,7 +80,7 @@ def seconds_per_query(table: pa.Table) -> float:
 def prior_poses(table: pa.Table, scene: SceneMap) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The prior as a pose: its position, with the rotation of the first hypothesis `dense` starts
     from (a GPS prior has none: the nearest reference's, turned towards what it looked at)."""
-    references = References(scene)
+    references = ReferencePoses(ReferenceImages.from_scene(scene))
     poses = {}
     for name, prior_xyz in zip(table.column("name").to_pylist(), table.column("prior_xyz").to_pylist()):
         if prior_xyz is not None:
@@ -91,37 +91,54 @@ def prior_poses(table: pa.Table, scene: SceneMap) -> dict[str, tuple[np.ndarray,
     return poses
 
 
-def localize_all(prepared: PreparedSet, map_dir: Path, store: Path, out_dir: Path, conf: dict) -> None:
-    """`pixloc localize` with every method on the prepared queries, into out_dir/<method>."""
-    for method in conf["methods"]:
-        args = ["localize", "--map", map_dir, "--store", store, "--queries", prepared.query_dir,
-                "--out", results_dir(out_dir, method), "--method", method, "--extractor", conf["extractor"],
-                "--workers", str(conf["workers"]), "--overwrite"]
+def runs(conf: dict) -> list[tuple[str, str]]:
+    """(method, extractor) pairs: `sparse` runs no CNN, so once, with the first extractor's store."""
+    return [(method, extractor) for method in conf["methods"]
+            for extractor in (conf["extractors"][:1] if method == "sparse" else conf["extractors"])]
+
+
+def run_label(method: str, extractor: str) -> str:
+    """The method's key in the report: `sparse`, or e.g. `dense alike-n`."""
+    return method if method == "sparse" else f"{method} {extractor}"
+
+
+def localize_all(prepared: PreparedSet, map_dir: Path, stores: dict[str, Path], out_dir: Path, conf: dict) -> None:
+    """`pixloc localize` with every method and extractor on the prepared queries."""
+    for method, extractor in runs(conf):
+        args = ["localize", "--map", map_dir, "--store", stores[extractor], "--queries", prepared.query_dir,
+                "--out", results_dir(out_dir, run_label(method, extractor)), "--method", method,
+                "--extractor", extractor, "--workers", str(conf["workers"]), "--overwrite"]
         args += ["--priors", prepared.priors] if prepared.priors else []
         args += ["--query-list", prepared.query_list] if prepared.query_list else []
         run_pixloc(*args)
 
 
-def results_dir(out_dir: Path, method: str) -> Path:
-    return out_dir / method.replace("+", "_")
+def results_dir(out_dir: Path, label: str) -> Path:
+    return out_dir / label.replace("+", "_").replace(" ", "_")
 
 
-def evaluate_set(out_dir: Path, methods: tuple[str, ...], map_dir: Path, gt: dict | None
-                 ) -> tuple[dict[str, dict], dict]:
-    """{method: eval dict (or {"n"} without ground truth) + s_per_query + localized}, with the
-    prior as one more method when there is ground truth; and the issue's goals for the set."""
+def evaluate_set(out_dir: Path, conf: dict, map_dir: Path, gt: dict | None) -> tuple[dict[str, dict], dict]:
+    """{run label: eval dict (or {"n"} without ground truth) + s_per_query + localized}, with the
+    prior as one more entry when there is ground truth; and the issue's goals per extractor."""
     entries, errors = {}, {}
     table = None
-    for method in methods:
-        table = read_results(results_dir(out_dir, method))
+    for method, extractor in runs(conf):
+        label = run_label(method, extractor)
+        table = read_results(results_dir(out_dir, label))
         estimates = successful_poses(table)
-        entries[method] = evaluate(estimates, gt) if gt else {"n": table.num_rows}
-        entries[method] |= {"s_per_query": seconds_per_query(table), "localized": len(estimates)}
+        entries[label] = evaluate(estimates, gt) if gt else {"n": table.num_rows}
+        entries[label] |= {"s_per_query": seconds_per_query(table), "localized": len(estimates)}
         if gt:
-            errors[method] = pose_errors(estimates, gt)
+            errors[label] = pose_errors(estimates, gt)
     if gt and table is not None:
         entries["prior"] = evaluate(prior_poses(table, SceneMap.load(map_dir)), gt) | {"s_per_query": 0.0}
-    return entries, goals(entries, errors)
+    per_extractor = {}
+    for extractor in conf["extractors"]:
+        # goals() compares the methods by name: this extractor's runs under their method names.
+        labels = {run_label(method, extractor): method for method in conf["methods"]}
+        per_extractor[extractor] = goals({labels.get(k, k): v for k, v in entries.items() if k in labels},
+                                         {labels[k]: v for k, v in errors.items() if k in labels})
+    return entries, per_extractor
 
 
 def goals(entries: dict[str, dict], errors: dict[str, dict[str, tuple[float, float]]]) -> dict:
@@ -148,13 +165,16 @@ def goals(entries: dict[str, dict], errors: dict[str, dict[str, tuple[float, flo
     return report
 
 
-def build(prepared: PreparedSet, work: Path, conf: dict, map_args: list) -> tuple[Path, Path]:
-    """`pixloc map` then `pixloc features` on the mapping images."""
-    map_dir, store = work / "map", work / "store"
+def build(prepared: PreparedSet, work: Path, conf: dict, map_args: list) -> tuple[Path, dict[str, Path]]:
+    """`pixloc map`, then `pixloc features` on the mapping images once per extractor."""
+    map_dir = work / "map"
     run_pixloc("map", "--images", prepared.mapping_dir, "--out", map_dir, *map_args)
-    run_pixloc("features", "--map", map_dir, "--images", prepared.mapping_dir, "--store", store,
-               "--extractor", conf["extractor"], "--workers", str(conf["workers"]))
-    return map_dir, store
+    stores = {}
+    for extractor in conf["extractors"]:
+        stores[extractor] = work / ("store" if extractor == "classic" else f"store-{extractor}")
+        run_pixloc("features", "--map", map_dir, "--images", prepared.mapping_dir, "--store", stores[extractor],
+                   "--extractor", extractor, "--workers", str(conf["workers"]))
+    return map_dir, stores
 
 
 def lund_pseudo_ground_truth(prepared: PreparedSet, map_dir: Path, work: Path, conf: dict) -> Path:
@@ -169,7 +189,7 @@ def lund_pseudo_ground_truth(prepared: PreparedSet, map_dir: Path, work: Path, c
 def whole_map_prior(prepared: PreparedSet, map_dir: Path) -> Path:
     """A map-frame prior for queries without GPS: the centroid of the reference cameras, with a
     sigma that reaches every one of them."""
-    centers = References(SceneMap.load(map_dir)).poses.center().numpy()  # (R, 3)
+    centers = ReferenceImages.from_scene(SceneMap.load(map_dir, with_descriptors=False)).centers()  # (R, 3)
     centroid = centers.mean(0)
     radius = float(np.linalg.norm(centers - centroid, axis=1).max())
     path = prepared.query_dir.parent / "priors.csv"
@@ -200,22 +220,23 @@ def bench_set(name: str, conf: dict) -> tuple[dict[str, dict], dict[str, dict]]:
     small = prepare(conf["data_root"], work / f"data@{conf['small_query_size']}px",
                     {**conf["prepare"].get(name, {}), "query_max_image_size": conf["small_query_size"]})
     if name == "fountain-P11":
-        map_dir, store = build(prepared, work, conf, ["--reference-model", prepared.reference_model])
+        map_dir, stores = build(prepared, work, conf, ["--reference-model", prepared.reference_model])
         gt = read_poses(prepared.gt_poses)
     elif name == "lund":
-        map_dir, store = build(prepared, work, conf, ["--gps-from-exif"])
+        map_dir, stores = build(prepared, work, conf, ["--gps-from-exif"])
         gt = read_poses(lund_pseudo_ground_truth(prepared, map_dir, work, conf))
     else:
-        map_dir, store = build(prepared, work, conf, [])
+        map_dir, stores = build(prepared, work, conf, [])
         gt = None
         prepared = replace(prepared, priors=whole_map_prior(prepared, map_dir))
         small = replace(small, priors=whole_map_prior(small, map_dir))
     small_name = f"{name}@{conf['small_query_size']}px"
-    runs = {name: (prepared, work / "results"), small_name: (small, work / "results_small")}
+    query_sets = {name: (prepared, work / "results"), small_name: (small, work / "results_small")}
     report, set_goals = {}, {}
-    for run_name, (queries, out_dir) in runs.items():
-        localize_all(queries, map_dir, store, out_dir, conf)
-        report[run_name], set_goals[run_name] = evaluate_set(out_dir, conf["methods"], map_dir, gt)
+    for run_name, (queries, out_dir) in query_sets.items():
+        localize_all(queries, map_dir, stores, out_dir, conf)
+        report[run_name], per_extractor = evaluate_set(out_dir, conf, map_dir, gt)
+        set_goals |= {f"{run_name} {extractor}": goals for extractor, goals in per_extractor.items()}
     if name == "sacre_coeur":
         add_overlays(report[name], prepared, map_dir, work)
     return report, set_goals
@@ -234,19 +255,19 @@ def add_overlays(methods: dict[str, dict], prepared: PreparedSet, map_dir: Path,
 
 
 def print_table(report: dict) -> None:
-    header = f"{'set':<22}{'method':<14}{'n':>3}{'med t (m)':>11}{'med R (deg)':>12}" \
+    header = f"{'set':<22}{'method':<26}{'n':>3}{'med t (m)':>11}{'med R (deg)':>12}" \
              f"{'.25m/2d':>9}{'.5m/5d':>8}{'5m/10d':>8}{'s/query':>9}"
     print(header)
     print("-" * len(header))
     for set_name, methods in report["sets"].items():
         for method, entry in methods.items():
             if "recall" not in entry:
-                print(f"{set_name:<22}{method:<14}{entry['n']:>3}  localized {entry['localized']}/{entry['n']}"
+                print(f"{set_name:<22}{method:<26}{entry['n']:>3}  localized {entry['localized']}/{entry['n']}"
                       f"{'':>31}{entry['s_per_query']:>9.2f}")
                 continue
             t, R = entry["median_t_m"], entry["median_R_deg"]
             recalls = [100 * v for v in entry["recall"].values()]
-            print(f"{set_name:<22}{method:<14}{entry['n']:>3}"
+            print(f"{set_name:<22}{method:<26}{entry['n']:>3}"
                   f"{'inf' if t is None else f'{t:.4f}':>11}{'inf' if R is None else f'{R:.3f}':>12}"
                   f"{recalls[0]:>8.0f}%{recalls[1]:>7.0f}%{recalls[2]:>7.0f}%{entry['s_per_query']:>9.2f}")
     for set_name, set_goals in report["goals"].items():

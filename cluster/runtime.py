@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 
 import ray
 
@@ -73,3 +74,21 @@ def set_torch_threads() -> int:
     threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(threads)
     return threads
+
+
+def gpus_per_worker(conf: dict) -> float:
+    """conf["gpus_per_worker"], or None: the cluster's GPUs shared among conf["workers"]."""
+    if conf.get("gpus_per_worker") is not None:
+        return conf["gpus_per_worker"]
+    return min(1.0, ray.cluster_resources().get("GPU", 0) / conf["workers"])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss, KiB on Linux), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (from /proc/self/statm), in MiB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -6,6 +6,7 @@ Layout under the store URL (a local directory or `s3://bucket/prefix`):
     cell=<cell>/level=<level>/part-<key>.parquet one file per written batch of images and partition
     _commits/<key>.json                          the batch's images and files (rows, bytes, crc32, sha256)
     cell=<cell>/level=<level>/_manifest.json     the partition's committed files: makes it visible
+    cell=<cell>/level=sparse/...                 the cell's sparse points, same commit protocol
 
 Writers (Ray workers) only create part files, each under a name no other batch uses. The driver
 then records each returned batch in `_commits/` (one new object: no read-modify-write, atomic on
@@ -22,6 +23,12 @@ Rows (zstd Parquet): point3D_id int64, image_id int32 (the observing reference i
 xyz fixed_size_list<float64>[3], feature fixed_size_list<float16>[C] (L2-normalised),
 confidence float32. An aggregated partition has one row per point (the confidence-weighted mean
 feature over its observations, re-normalised) and num_observations int32 instead of image_id.
+
+Sparse rows (level=sparse, when store.json names a keypoint type): per observation of a 3D point in
+a reference image, point3D_id int64, image_id int32, xyz fixed_size_list<float64>[3] and
+descriptor fixed_size_list<float16>[D] (the map's unit-norm descriptor of the point): what the
+shard actor of the cell matches query keypoints against and solves PnP with, so that no query
+process needs the whole map's descriptors.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import json
 import logging
 import warnings
 import zlib
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -40,6 +48,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pixloc_core.align import ReferenceLevel
+from pixloc_core.sparse import SparsePoints
 
 from .filesystem import RetryPolicy, Storage
 
@@ -50,6 +59,7 @@ INFO_FILE = "store.json"
 COMMITS_DIR = "_commits"
 MANIFEST_FILE = "_manifest.json"
 COMPRESSION = "zstd"
+SPARSE_LEVEL = "sparse"  # the partition "level" of a cell's sparse points
 
 
 class StoreMismatchError(ValueError):
@@ -77,6 +87,12 @@ class StoreInfo:
     channels: tuple[int, ...]  # feature channels per level
     aggregated: bool = False
     format_version: int = FORMAT_VERSION
+    sparse_keypoints: str = ""  # keypoint type of the sparse partitions ("sift"); "": none
+    sparse_dim: int = 0  # their descriptor size
+
+    def levels(self) -> list[int | str]:
+        """Every partition level of a cell: the dense ones, then the sparse one if any."""
+        return [*range(len(self.strides)), *([SPARSE_LEVEL] if self.sparse_keypoints else [])]
 
     @classmethod
     def from_json(cls, content: dict) -> StoreInfo:
@@ -90,7 +106,7 @@ class PartFile:
 
     path: str  # relative to the store root
     cell: str
-    level: int
+    level: int | str  # a dense level, or SPARSE_LEVEL
     rows: int
     bytes: int
     sha256: str
@@ -119,14 +135,15 @@ def batch_key(image_ids: list[int]) -> str:
     return hashlib.sha1(",".join(map(str, sorted(image_ids))).encode()).hexdigest()[:16]
 
 
-def partition_dir(cell: str, level: int) -> str:
+def partition_dir(cell: str, level: int | str) -> str:
     return f"cell={cell}/level={level}"
 
 
-def parse_partition_dir(path: str) -> tuple[str, int]:
+def parse_partition_dir(path: str) -> tuple[str, int | str]:
     """partition_dir's inverse: "cell=<cell>/level=<level>" -> (cell, level)."""
     cell, level = path.split("/")
-    return cell.removeprefix("cell="), int(level.removeprefix("level="))
+    level = level.removeprefix("level=")
+    return cell.removeprefix("cell="), level if level == SPARSE_LEVEL else int(level)
 
 
 def crc32_hex(data: bytes) -> str:
@@ -153,6 +170,15 @@ def aggregated_schema(channels: int) -> pa.Schema:
     ])
 
 
+def sparse_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        ("point3D_id", pa.int64()),
+        ("image_id", pa.int32()),
+        ("xyz", pa.list_(pa.float64(), 3)),
+        ("descriptor", pa.list_(pa.float16(), dim)),
+    ])
+
+
 def _fixed_size_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeListArray:
     """(N, K) array -> fixed-size list column of K values per row."""
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=arrow_type)
@@ -176,6 +202,17 @@ def observation_table(point3D_ids: np.ndarray, image_ids: np.ndarray, xyz: np.nd
         _fixed_size_list(np.asarray(features, np.float16), pa.float16()),
         pa.array(np.asarray(confidence, np.float32), pa.float32()),
     ], schema=observation_schema(features.shape[1]))
+
+
+def sparse_table(point3D_ids: np.ndarray, image_ids: np.ndarray, xyz: np.ndarray,
+                 descriptors: np.ndarray) -> pa.Table:
+    """Sparse rows: ids (N,), xyz (N, 3) and point descriptors (N, D)."""
+    return pa.Table.from_arrays([
+        pa.array(point3D_ids, pa.int64()),
+        pa.array(image_ids, pa.int32()),
+        _fixed_size_list(np.asarray(xyz, np.float64).reshape(-1, 3), pa.float64()),
+        _fixed_size_list(np.asarray(descriptors, np.float16), pa.float16()),
+    ], schema=sparse_schema(descriptors.shape[1]))
 
 
 def aggregate_observations(table: pa.Table) -> pa.Table:
@@ -264,7 +301,7 @@ class FeatureStore:
 
     # Writing: workers write part files, the driver commits batches and publishes partitions.
 
-    def write_part(self, cell: str, level: int, key: str, table: pa.Table) -> PartFile:
+    def write_part(self, cell: str, level: int | str, key: str, table: pa.Table) -> PartFile:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression=COMPRESSION)
         data = buffer.getvalue()
@@ -280,11 +317,11 @@ class FeatureStore:
         records = self.storage.get_many(self.storage.list_files(COMMITS_DIR))
         return [Commit.from_json(json.loads(content)) for content in records.values()]
 
-    def publish(self, cell: str, level: int, parts: list[PartFile]) -> None:
+    def publish(self, cell: str, level: int | str, parts: list[PartFile]) -> None:
         """Make a complete partition visible; an aggregated store first merges its observations."""
         observations = sorted(parts, key=lambda part: part.path)
         files = observations
-        if self.info.aggregated and observations:
+        if self.info.aggregated and observations and level != SPARSE_LEVEL:
             table = self.storage.read_parquet([part.path for part in observations], columns=None)
             # Named after its inputs: a republished partition rewrites the same file.
             digest = hashlib.sha256("".join(part.sha256 for part in observations).encode()).hexdigest()[:16]
@@ -298,10 +335,10 @@ class FeatureStore:
 
     # Reading.
 
-    def is_published(self, cell: str, level: int) -> bool:
+    def is_published(self, cell: str, level: int | str) -> bool:
         return self.storage.exists(f"{partition_dir(cell, level)}/{MANIFEST_FILE}")
 
-    def manifest(self, cell: str, level: int) -> dict:
+    def manifest(self, cell: str, level: int | str) -> dict:
         path = f"{partition_dir(cell, level)}/{MANIFEST_FILE}"
         try:
             return self.storage.read_json(path)
@@ -309,18 +346,21 @@ class FeatureStore:
             raise PartitionNotFound(f"{self.url}: no committed partition for cell {cell!r} level {level} "
                                     f"({path} not found)") from None
 
-    def load_table(self, cell: str, level: int, columns: list[str] | None = None,
+    def load_table(self, cell: str, level: int | str, columns: list[str] | None = None,
                    image_ids: list[int] | None = None) -> pa.Table:
         """The committed rows of a partition, each file checked against the manifest (size, CRC32)
         before it is parsed; optionally only the observations of some reference images."""
         parts = self.manifest(cell, level)["files"]
+        aggregated = self.info.aggregated and level != SPARSE_LEVEL
         if not parts:
-            schema = aggregated_schema if self.info.aggregated else observation_schema
-            table = schema(self.info.channels[level]).empty_table()
+            if level == SPARSE_LEVEL:
+                table = sparse_schema(self.info.sparse_dim).empty_table()
+            else:
+                table = (aggregated_schema if aggregated else observation_schema)(self.info.channels[level]).empty_table()
             return table.select(columns) if columns else table
         row_filter = None
         if image_ids is not None:
-            if self.info.aggregated:
+            if aggregated:
                 raise ValueError(f"{self.url}: an aggregated store has no per-image rows to select")
             row_filter = pc.field("image_id").isin(pa.array(image_ids, pa.int32()))
         contents = self._checked_contents(parts)
@@ -347,7 +387,8 @@ class FeatureStore:
     def _damaged(self, path: str, reason: str) -> DamagedPartition:
         return DamagedPartition(f"store damaged: {self.url}/{path}: {reason} (rerun `pixloc features` to repair)")
 
-    def damaged_partitions(self, partitions: list[tuple[str, int]], checksums: bool = False) -> dict[tuple[str, int], str]:
+    def damaged_partitions(self, partitions: list[tuple[str, int | str]], checksums: bool = False
+                           ) -> dict[tuple[str, int | str], str]:
         """(cell, level) -> why, for the published partitions among `partitions` whose manifest is
         unreadable or whose files are missing or of another size (one listing per partition);
         with `checksums`, also those whose files' CRC32 differs (every file read)."""
@@ -383,7 +424,17 @@ class FeatureStore:
         table = self.load_table(cell, level, [*REFERENCE_COLUMNS, "image_id"])
         return _reference_level(table), table.column("image_id").to_numpy()
 
-    def verify(self, cell: str, level: int) -> None:
+    def load_sparse(self, cell: str) -> SparsePoints:
+        """The sparse points of a cell, one entry per 3D point with its observing images."""
+        if not self.info.sparse_keypoints:
+            raise PartitionNotFound(f"{self.url}: the store has no sparse partitions (written before they "
+                                    "existed: rerun `pixloc features` into a new store)")
+        table = self.load_table(cell, SPARSE_LEVEL)
+        return SparsePoints.from_observations(
+            table.column("point3D_id").to_numpy(), table.column("image_id").to_numpy(),
+            _fixed_size_list_to_numpy(table.column("xyz")), _fixed_size_list_to_numpy(table.column("descriptor")))
+
+    def verify(self, cell: str, level: int | str) -> None:
         """Check that a partition's files have the row counts and checksums its manifest records."""
         for part in self.manifest(cell, level)["files"]:
             data = self._checked_contents([part])[part["path"]]
@@ -392,3 +443,46 @@ class FeatureStore:
             rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
             if rows != part["rows"]:
                 raise ValueError(f"{self.url}/{part['path']}: {rows} rows, the manifest says {part['rows']}")
+
+
+class PartitionPublisher:
+    """Tracks which images of each cell are still missing and publishes a cell's partitions (every
+    level, dense and sparse) once none is."""
+
+    def __init__(self, store: FeatureStore, cells: dict[str, list[int]]):
+        self.store = store
+        self.missing = {cell: set(image_ids) for cell, image_ids in cells.items()}
+        self.parts: dict[tuple[str, int | str], list[PartFile]] = defaultdict(list)
+        self.committed: set[int] = set()
+        self.published = 0
+
+    def record(self, commit: Commit) -> list[str]:
+        """Note a committed batch; returns the cells that it completed."""
+        for part in commit.parts:
+            self.parts[part.cell, part.level].append(part)
+        committed = set(commit.image_ids)
+        self.committed |= committed
+        completed = []
+        for cell, missing in self.missing.items():
+            if missing & committed:
+                missing -= committed
+                if not missing:
+                    completed.append(cell)
+        return completed
+
+    def add(self, commit: Commit) -> None:
+        """A batch just committed: publish the cells it completed."""
+        for cell in self.record(commit):
+            self.publish(cell)
+
+    def publish(self, cell: str) -> None:
+        for level in self.store.info.levels():
+            self.store.publish(cell, level, self.parts[cell, level])
+        self.published += 1
+
+    def publish_unpublished(self) -> None:
+        """Complete cells of an earlier run that was stopped before publishing them."""
+        for cell, missing in self.missing.items():
+            levels = self.store.info.levels()
+            if not missing and not all(self.store.is_published(cell, level) for level in levels):
+                self.publish(cell)

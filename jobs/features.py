@@ -3,10 +3,12 @@
 A Ray Data job over the reference images. A pool of stateful workers (a callable class holding the
 extractor) loads each image, extracts its pyramid and samples every level at the observations of
 the 3D points the image sees (the model's 2D keypoints: exact, no reprojection error), then writes
-one part file per batch and partition (cell, level). An image belongs to every cell that lists it,
+one part file per batch and partition (cell, level), and into the cell's sparse partition the map's
+descriptor of each observed point with its position, for SIFT + PnP inside the cell's shard actor. An image belongs to every cell that lists it,
 core or halo, so its rows are written into each of them. The driver commits each returned batch
 and publishes a cell's partitions once all its images are committed; a rerun skips committed
-images (see cluster/store.py for the layout and the commit protocol).
+images (see cluster/store.py for the layout and the commit protocol). It also writes the map's
+compact reference table (MAP/references.parquet) that localization plans from.
 
 A rerun also repairs: published partitions whose files are missing or of the wrong size (with
 `--repair`: whose checksums differ too) are recomputed from their cell's images and republished;
@@ -29,13 +31,13 @@ import ray
 import torch
 from tqdm import tqdm
 
-from cluster.runtime import init_ray, set_torch_threads
-from cluster.store import (Commit, FeatureStore, PartFile, StoreInfo, batch_key, observation_table, parse_partition_dir,
-                           partition_dir)
+from cluster.runtime import gpus_per_worker, init_ray, set_torch_threads
+from cluster.store import (SPARSE_LEVEL, Commit, FeatureStore, PartFile, PartitionPublisher, StoreInfo, batch_key,
+                           observation_table, parse_partition_dir, partition_dir, sparse_table)
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import STRIDES, Extractor, resize_longest_side, sample_level
 from pixloc_core.images import ImageReadError, read_image
-from pixloc_core.map_io import SceneMap, observations
+from pixloc_core.map_io import SceneMap, observations, write_reference_table
 
 from .config import merge_conf
 
@@ -65,17 +67,21 @@ def map_cells(scene: SceneMap) -> dict[str, list[int]]:
 
 
 def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, list[int]],
-                    num_levels: int = len(STRIDES)) -> list[dict]:
+                    levels: tuple[int | str, ...] = tuple(range(len(STRIDES))),
+                    descriptors: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
     """One Ray Data row per reference image in some cell: its observations and the partitions
     (`partition_dir` strings: every level of each of its cells) it writes into."""
     return partition_items(reconstruction, {(cell, level): image_ids for cell, image_ids in cells.items()
-                                            for level in range(num_levels)})
+                                            for level in levels}, descriptors)
 
 
-def partition_items(reconstruction: pycolmap.Reconstruction, partitions: dict[tuple[str, int], list[int]]) -> list[dict]:
-    """One Ray Data row per reference image of some partition (cell, level) -> image ids."""
+def partition_items(reconstruction: pycolmap.Reconstruction, partitions: dict[tuple[str, int | str], list[int]],
+                    descriptors: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+    """One Ray Data row per reference image of some partition (cell, level) -> image ids; with the
+    map's descriptors (point3D_ids (P,) ascending, descriptors (P, D)), those of its points for
+    the sparse partitions."""
     partitions_of_image = defaultdict(list)
-    for (cell_id, level), image_ids in sorted(partitions.items()):
+    for (cell_id, level), image_ids in sorted(partitions.items(), key=str):
         for image_id in image_ids:
             partitions_of_image[image_id].append(partition_dir(cell_id, level))
     items = []
@@ -83,6 +89,12 @@ def partition_items(reconstruction: pycolmap.Reconstruction, partitions: dict[tu
         image = reconstruction.images[image_id]
         camera = reconstruction.cameras[image.camera_id]
         observed = observations(image)
+        sparse = {}
+        if descriptors is not None:
+            point3D_ids, point_descriptors = descriptors
+            rows = np.searchsorted(point3D_ids, observed.point3D_ids).clip(0, max(len(point3D_ids) - 1, 0))
+            described = np.flatnonzero(point3D_ids[rows] == observed.point3D_ids) if len(point3D_ids) else rows[:0]
+            sparse = {"sparse_observations": described, "descriptors": point_descriptors[rows[described]]}
         items.append({
             "image_id": image_id,
             "name": image.name,
@@ -91,6 +103,7 @@ def partition_items(reconstruction: pycolmap.Reconstruction, partitions: dict[tu
             "point3D_ids": observed.point3D_ids,  # (N,)
             "points2D": observed.xy,  # (N, 2)
             "xyz": np.array([reconstruction.points3D[i].xyz for i in observed.point3D_ids.tolist()]).reshape(-1, 3),
+            **sparse,
         })
     return items
 
@@ -116,12 +129,17 @@ class ReferenceFeatureWriter:
         self.store = FeatureStore.open(store_url, extractor_id=self.extractor.extractor_id)
         self.images_dir = Path(images_dir)
 
-    def extract(self, item: dict) -> dict[tuple[str, int], pa.Table]:
+    def extract(self, item: dict) -> dict[tuple[str, int | str], pa.Table]:
         """The observation rows of one image, per partition (cell, level) it writes into."""
         levels = sample_reference_image(self.extractor, self.images_dir / item["name"], item)
         tables = {}
         for partition in item["partitions"]:
             cell, level = parse_partition_dir(str(partition))
+            if level == SPARSE_LEVEL:
+                rows = item["sparse_observations"]
+                tables[cell, level] = sparse_table(item["point3D_ids"][rows], np.full(len(rows), item["image_id"], np.int32),
+                                                   item["xyz"][rows], item["descriptors"])
+                continue
             features, confidence = levels[level]
             tables[cell, level] = observation_table(
                 item["point3D_ids"], np.full(len(features), item["image_id"], np.int32), item["xyz"],
@@ -146,7 +164,7 @@ class ReferenceFeatureWriter:
         if image_ids:
             key = batch_key(image_ids)
             parts = [self.store.write_part(cell, level, key, pa.concat_tables(tables))
-                     for (cell, level), tables in sorted(partitions.items())]
+                     for (cell, level), tables in sorted(partitions.items(), key=str)]
             commit = json.dumps(Commit(key, image_ids, parts).to_json())
         return {"commit": np.array([commit]), "failures": np.array([json.dumps(failures)])}
 
@@ -157,53 +175,11 @@ def pyramid_shape(extractor: Extractor) -> tuple[tuple[int, ...], tuple[int, ...
     return tuple(level.stride for level in pyramid), tuple(level.features.shape[1] for level in pyramid)
 
 
-def gpus_per_worker(conf: dict) -> float:
-    if conf["gpus_per_worker"] is not None:
-        return conf["gpus_per_worker"]
-    return min(1.0, ray.cluster_resources().get("GPU", 0) / conf["workers"])
-
-
-class PartitionPublisher:
-    """Tracks which images of each cell are still missing and publishes a cell's partitions once
-    none is."""
-
-    def __init__(self, store: FeatureStore, cells: dict[str, list[int]]):
-        self.store = store
-        self.missing = {cell: set(image_ids) for cell, image_ids in cells.items()}
-        self.parts: dict[tuple[str, int], list[PartFile]] = defaultdict(list)
-        self.committed: set[int] = set()
-        self.published = 0
-
-    def record(self, commit: Commit) -> list[str]:
-        """Note a committed batch; returns the cells that it completed."""
-        for part in commit.parts:
-            self.parts[part.cell, part.level].append(part)
-        committed = set(commit.image_ids)
-        self.committed |= committed
-        completed = []
-        for cell, missing in self.missing.items():
-            if missing & committed:
-                missing -= committed
-                if not missing:
-                    completed.append(cell)
-        return completed
-
-    def add(self, commit: Commit) -> None:
-        """A batch just committed: publish the cells it completed."""
-        for cell in self.record(commit):
-            self.publish(cell)
-
-    def publish(self, cell: str) -> None:
-        for level in range(len(self.store.info.strides)):
-            self.store.publish(cell, level, self.parts[cell, level])
-        self.published += 1
-
-    def publish_unpublished(self) -> None:
-        """Complete cells of an earlier run that was stopped before publishing them."""
-        for cell, missing in self.missing.items():
-            levels = range(len(self.store.info.strides))
-            if not missing and not all(self.store.is_published(cell, level) for level in levels):
-                self.publish(cell)
+def map_descriptors(scene: SceneMap) -> tuple[np.ndarray, np.ndarray] | None:
+    """The map's (point3D_ids, descriptors) for the sparse partitions; None for a map without."""
+    if scene.descriptors is None or len(scene.descriptors) == 0:
+        return None
+    return scene.point3D_ids, scene.descriptors
 
 
 def extract(store: FeatureStore, items: list[dict], images_dir: Path, conf: dict, description: str,
@@ -236,14 +212,15 @@ def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], im
     initialised); nothing is committed, so a failed repair leaves them damaged for the next rerun.
     Returns the unreadable images' errors."""
     for (cell, level), reason in sorted(damaged.items()):
-        logger.warning("repairing cell %s level %d: %s", cell, level, reason)
-    parts: dict[tuple[str, int], list[PartFile]] = defaultdict(list)
+        logger.warning("repairing cell %s level %s: %s", cell, level, reason)
+    parts: dict[tuple[str, int | str], list[PartFile]] = defaultdict(list)
 
     def collect(commit: Commit) -> None:
         for part in commit.parts:
             parts[part.cell, part.level].append(part)
 
-    items = partition_items(scene.reconstruction, {partition: cells[partition[0]] for partition in damaged})
+    items = partition_items(scene.reconstruction, {partition: cells[partition[0]] for partition in damaged},
+                            map_descriptors(scene))
     failures = extract(store, items, images_dir, conf, "repair reference features", collect)
     if not failures:
         for cell, level in damaged:
@@ -256,18 +233,21 @@ def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = No
     """Fill the store for every reference image in a cell of the map, and recompute damaged
     partitions; returns counts and timings."""
     conf = merge_conf(default_conf, conf)
-    scene = SceneMap.load(map_dir, with_descriptors=False)
+    scene = SceneMap.load(map_dir)  # the one process besides the map builder that reads the whole map
+    write_reference_table(scene, map_dir)
     cells = map_cells(scene)
     extractor = load_extractor(conf["extractor"])
     strides, channels = pyramid_shape(extractor)
-    items = reference_items(scene.reconstruction, cells, len(strides))
+    descriptors = map_descriptors(scene)
+    info = StoreInfo(extractor.extractor_id, scene.fingerprint, strides, channels, conf["aggregate"],
+                     sparse_keypoints="sift" if descriptors else "", sparse_dim=descriptors[1].shape[1] if descriptors else 0)
+    items = reference_items(scene.reconstruction, cells, info.levels(), descriptors)
     missing = [item["name"] for item in items if not (Path(images_dir) / item["name"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{images_dir}: {len(missing)} reference images of {map_dir} not found, "
                                 f"e.g. {', '.join(missing[:3])}")
 
-    store = FeatureStore.create(store_url, StoreInfo(extractor.extractor_id, scene.fingerprint, strides,
-                                                     channels, conf["aggregate"]))
+    store = FeatureStore.create(store_url, info)
     publisher = PartitionPublisher(store, cells)
     for commit in store.commits():
         publisher.record(commit)
@@ -275,7 +255,7 @@ def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = No
     logger.info("%s: %d reference images, %d already committed, %d to extract with %s",
                 store.url, len(items), len(items) - len(pending), len(pending), extractor.extractor_id)
     publisher.publish_unpublished()
-    damaged = store.damaged_partitions([(cell, level) for cell in cells for level in range(len(strides))],
+    damaged = store.damaged_partitions([(cell, level) for cell in cells for level in info.levels()],
                                        checksums=conf["repair"])
     if address is not None and store.storage.is_local:
         logger.warning("%s: a local store on a Ray cluster only works if every node mounts it at this path "

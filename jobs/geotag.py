@@ -35,7 +35,7 @@ from pixloc_core.geometry import quaternion_to_matrix
 from pixloc_core.geotag import (ExifGeotag, Geotag, geotags_from_poses, heading_difference, horizontal_move_m,
                                 load_georegistration)
 from pixloc_core.io import Prior, write_priors, write_text_atomically
-from pixloc_core.localize import METHODS
+from pixloc_core.localize import METHODS, TRUST_PRIOR, VerifyConf
 from pixloc_core.map_io import GeoInfo
 from pixloc_core.images import list_images
 
@@ -331,11 +331,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the localization in --results (with --store) and write the corrections again")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results and corrections")
+    parser.add_argument("--trust-prior", choices=TRUST_PRIOR, default=VerifyConf.trust_prior,
+                        help="low: the EXIF GPS may be stale: a pose far from it may still succeed (with --store)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.radius <= 0:
         raise SystemExit(f"pixloc geotag: --radius must be positive, got {args.radius}")
     main(args.results, args.images, args.map, args.out, args.store, args.near, args.radius,
-         merge_conf(default_conf, {"localize": {"method": args.method}}, args.conf), args.resume, args.overwrite)
+         merge_conf(default_conf, {"localize": {
+             "method": args.method, "shard": {"localize": {"verify": {"trust_prior": args.trust_prior}}}}}, args.conf), args.resume, args.overwrite)
     return 0

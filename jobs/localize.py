@@ -1,22 +1,30 @@
 """`pixloc localize`: localize a folder of photos from their GPS priors, on Ray.
 
-    plan (driver)        intrinsics, prior -> map frame, cells, pose hypotheses; bad input -> failure row
-    featurize (Ray Data) read, query CNN pass for the dense methods, SIFT + PnP for the sparse
-                         ones, a pool of `workers` actors
-    align (ShardActors)  per cell: reference features held in memory, featuremetric alignment
-    write (driver)       one row per query, flushed as Parquet parts, folded into results.parquet
+    driver               what is known per query before reading it (QueryInput: name, path, prior
+                         or EXIF, listed intrinsics), in spatial order; results written as they come
+    query workers        Ray Data callable class, a pool of `workers`: plan (pixloc_core.localize.
+                         Planner: intrinsics, prior -> map frame, cells, hypotheses), read, query
+                         CNN pass (dense methods) and keypoints (sparse methods), then the query's
+                         request to the shard actor of each of its cells, by object reference
+    shard actors         a bounded pool (`--shard-actors`), each hosting several cells in memory:
+                         SIFT + PnP and featuremetric alignment in the cell (localize_in_cell)
+    back in the worker   the best of the cells' answers: one small row per query to the driver
 
-Every query gets exactly one row: bad input, a corrupt image, a failed alignment or a crashed call
-become `success=false` with the reason. `pixloc refine` runs the same pipeline from external poses.
+The feature pyramid of a query never goes through the driver, and no process but `pixloc
+features` reads the whole map's points or descriptors: the workers plan from the compact map
+(shard index and reference table), the actors read their cells from the store. Every query gets
+exactly one row: bad input, a corrupt image, a failed alignment or a crashed call become
+`success=false` with the reason. `pixloc refine` runs the same pipeline from external poses.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import logging
 import math
+import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,258 +34,152 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cluster.errors import Failure, classify
-from cluster.filesystem import StorageError
-from cluster.router import PriorOutsideMap, Router, RouterConf, ShardPool
-from cluster.runtime import init_ray, set_torch_threads
-from cluster.shard_actor import QueryRequest, ShardConf
+from cluster.errors import classify
+from cluster.router import PoolConf, ShardClient, ShardPool
+from cluster.runtime import gpus_per_worker, init_ray, peak_rss_mb, set_torch_threads
+from cluster.shard_actor import CellAnswer, ShardConf
 from cluster.store import FeatureStore
 from pixloc_core import sparse
-from pixloc_core.exif import read_exif_focal_px, read_exif_prior
 from pixloc_core.extractors import load_extractor
-from pixloc_core.extractors.base import STRIDES, resize_longest_side
-from pixloc_core.geometry import Camera, Pose, UnsupportedCameraModel
-from pixloc_core.io import Prior, QueryIntrinsics, read_priors, read_query_list
-from pixloc_core.localize import (METHODS, TRUST_PRIOR, Checks, Localization, VerifyConf, best_of, measure,
-                                  reference_hypotheses, turned_towards, verify, viewed_points)
+from pixloc_core.extractors.base import resize_longest_side
+from pixloc_core.geometry import Pose
 from pixloc_core.images import list_images, read_image
-from pixloc_core.map_io import SceneMap, observations
+from pixloc_core.io import QueryIntrinsics, read_priors, read_query_list
+from pixloc_core.localize import (DENSE_METHODS, METHODS, SPARSE_METHODS, TRUST_PRIOR, Localization, PlanConf, Planner,
+                                  QueryInput, QueryPlan, QueryRequest, SearchConf, VerifyConf, best_of,
+                                  spatial_order)
+from pixloc_core.map_io import MapIndex, load_map_index
 
-from .features import gpus_per_worker
 from .cli import Interrupted
 from .config import merge_conf
-from .results import ResultsWriter, check_output, completed_queries
+from .results import ResultsWriter, check_output, completed_queries, read_results
 
 logger = logging.getLogger(__name__)
 
-# Bad input or an unreachable store: a one-line message, not a traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, StorageError)
+SUMMARY_FILE = "summary.json"
 
 default_conf = {
     "extractor": "classic",
     "method": "sparse+dense",
     "workers": 2,
-    "in_flight_per_worker": 1,  # queries being aligned per worker: the alignment parallelism
+    # Queries per worker call: each is sent to its shards as soon as it is featurized, so the
+    # shards align up to this many queries per worker while the worker featurizes the next ones.
+    "queries_per_call": 4,
     "flush_every": 8,  # rows per results part file
-    "router": RouterConf(),
-    "shard": ShardConf(),  # levels, alignment and the per-query logic (LocalizeConf)
-    "sparse": None,  # overrides of pixloc_core.sparse.default_conf
-    "verify": VerifyConf(),  # the checks every successful pose passes
+    "search": SearchConf(),
+    "pool": PoolConf(),
+    "shard": ShardConf(),  # levels, alignment, memory budget and the per-query policy (LocalizeConf)
+    "sparse": {},  # overrides of pixloc_core.sparse.default_conf (keypoints in the worker, PnP in the shard)
 }
 
 
 @dataclass
-class QueryPlan:
-    """What the driver decides for one query before any pixel is read."""
+class _Started:
+    """A query whose shard calls are out."""
 
-    name: str
-    path: Path
-    intrinsics: QueryIntrinsics | None = None
-    prior_xyz: np.ndarray | None = None  # (3,) map frame
-    sigma_m: float | None = None
-    cells: list[str] = field(default_factory=list)
-    hypotheses: Pose | None = None  # (M,)
-    labels: list[str] = field(default_factory=list)
-    verified: bool = False  # the hypotheses come from a geometric method (see LocalizeConf)
-    reference_image_ids: list[int] | None = None
+    plan: QueryPlan
+    timings: dict = field(default_factory=dict)
+    calls: list[tuple[str, ray.ObjectRef]] = field(default_factory=list)  # (cell, future CellAnswer)
     error: str = ""
-    retryable: bool = False  # the error came from the infrastructure, not the input
-    note: str = ""  # what planning adjusted, e.g. a rescaled camera
+    retryable: bool = False  # the error came from the infrastructure
 
 
-class QueryFeaturizer:
-    """Ray Data callable class: the query-side work, with one extractor for the dense methods and
-    one SIFT + PnP localizer (holding the map's point descriptors) for the sparse ones, per worker."""
+def result_row(plan: QueryPlan, method: str, localization: Localization, timings: dict, cell: str = "") -> dict:
+    """One results row: the localization with its check values (verified in the shard), the prior
+    and what planning noted."""
+    row = {"name": plan.name, "method": method, "cell": cell, **localization.to_dict(), **timings}
+    row["prior_xyz"] = None if plan.prior_xyz is None else plan.prior_xyz.tolist()
+    row["note"] = plan.note
+    return row
 
-    def __init__(self, extractor_name: str | None, map_dir: str | None, sparse_conf: dict | None):
-        """extractor_name None: no dense features (the sparse method); map_dir None: no SIFT + PnP."""
-        threads = set_torch_threads()
-        self.extractor = load_extractor(extractor_name).eval() if extractor_name is not None else None
-        self.sparse = None
-        if map_dir is not None:
-            conf = {**sparse.default_conf, **(sparse_conf or {})}
-            conf["sift"] = {**conf["sift"], "num_threads": threads}
-            self.sparse = sparse.SparseLocalizer(SceneMap.load(map_dir), conf)
 
-    def featurize(self, item: dict) -> dict:
-        timings = {}
+def query_request(plan: QueryPlan, method: str, levels: tuple[int, ...], extractor=None,
+                  keypoint_extractor=None) -> tuple[QueryRequest, dict]:
+    """The query's pixels turned into what its shards need (the pyramid's `levels` when there is
+    an extractor, keypoints when there is a keypoint extractor), and the times that took."""
+    timings = {"cnn_ms": 0.0, "sparse_ms": 0.0}
+    start = time.perf_counter()
+    image = read_image(Path(plan.path))
+    timings["read_ms"] = 1000 * (time.perf_counter() - start)
+    pixels = {}
+    if extractor is not None:
         start = time.perf_counter()
-        image = read_image(Path(item["path"]))
-        timings["read_ms"] = 1000 * (time.perf_counter() - start)
+        tensor, scale = resize_longest_side(image, extractor.max_size)
+        pyramid = extractor.extract(tensor[None])
+        kept = [pyramid[index] for index in levels]
+        # (h, w, C): channel-last, as the alignment reads it; one copy with the conversion
+        pixels.update(pyramid_scale=float(scale), strides=[level.stride for level in kept],
+                      features=[level.features[0].permute(1, 2, 0).to(
+                          "cpu", torch.float16, memory_format=torch.contiguous_format).numpy() for level in kept],
+                      confidences=[level.confidence[0].cpu().half().numpy() for level in kept])
+        timings["cnn_ms"] = 1000 * (time.perf_counter() - start)
+    if keypoint_extractor is not None:
+        start = time.perf_counter()
+        gray = np.asarray(Image.fromarray(image).convert("L"))
+        pixels["keypoints"] = sparse.extract_query_keypoints(keypoint_extractor, gray)
+        timings["sparse_ms"] = 1000 * (time.perf_counter() - start)
+    return QueryRequest.from_plan(plan, method, **pixels), timings
 
-        row = self.empty_features()
-        timings["cnn_ms"] = 0.0
-        if self.extractor is not None:
-            start = time.perf_counter()
-            tensor, scale = resize_longest_side(image, self.extractor.max_size)
-            pyramid = self.extractor.extract(tensor[None])
-            timings["cnn_ms"] = 1000 * (time.perf_counter() - start)
-            row = {"scale": scale, "strides": np.array([level.stride for level in pyramid])}
-            for index, level in enumerate(pyramid):
-                # (h, w, C): channel-last, as the alignment reads it; one copy with the conversion
-                row[f"features_{index}"] = level.features[0].permute(1, 2, 0).to(
-                    "cpu", torch.float16, memory_format=torch.contiguous_format).numpy()
-                row[f"confidence_{index}"] = level.confidence[0].cpu().half().numpy()  # (h, w)
 
-        row.update(sparse_qvec=np.full(4, np.nan), sparse_tvec=np.full(3, np.nan), sparse_inliers=0, sparse_matches=0,
-                   sparse_position_std_m=np.nan, sparse_error="")
-        timings["sparse_ms"] = 0.0
-        if self.sparse is not None:
-            start = time.perf_counter()
-            camera = Camera(str(item["camera_model"]), *item["camera_size"], torch.tensor(item["camera_params"]))
-            prior = np.asarray(item["prior_xyz"], np.float64)
-            result = self.sparse.localize(np.asarray(Image.fromarray(image).convert("L")), camera.to_colmap(),
-                                          prior, float(item["sigma_m"]))
-            if result.success:
-                pose = Pose.from_colmap(result.cam_from_world)
-                row.update(sparse_qvec=pose.qvec().numpy(), sparse_tvec=pose.t.numpy(),
-                           sparse_inliers=result.num_inliers, sparse_matches=result.num_matches,
-                           sparse_position_std_m=result.position_std_m)
-            else:
-                row["sparse_error"] = f"sparse: {result.message}"
-            timings["sparse_ms"] = 1000 * (time.perf_counter() - start)
-        return {**row, **timings}
+class QueryWorker:
+    """Ray Data callable class: a batch of QueryInputs in, one result row each out. Holds the
+    planner (compact map), the query extractor or keypoint extractor, and handles on the shards."""
 
-    @staticmethod
-    def failed(name: str, failure: Failure) -> dict:
-        """A row with the columns of a featurized one (Ray Data blocks share one schema), empty."""
-        return {"name": name, "error": failure.message, "retryable": failure.retryable, **QueryFeaturizer.empty_features(),
-                "sparse_qvec": np.full(4, np.nan), "sparse_tvec": np.full(3, np.nan), "sparse_inliers": 0,
-                "sparse_matches": 0, "sparse_position_std_m": np.nan, "sparse_error": "", "read_ms": np.nan,
-                "cnn_ms": np.nan, "sparse_ms": np.nan}
+    def __init__(self, map_dir: str, plan_conf: PlanConf, method: str, extractor_name: str,
+                 levels: tuple[int, ...], sparse_conf: dict, shard_names: list[str]):
+        threads = set_torch_threads()
+        self.planner = Planner(load_map_index(Path(map_dir)), plan_conf)
+        self.method, self.levels = method, levels
+        self.extractor = load_extractor(extractor_name).eval() if method in DENSE_METHODS else None
+        self.keypoints = None
+        if method in SPARSE_METHODS:
+            conf = {**sparse.default_conf, **sparse_conf}
+            self.keypoints = sparse.keypoint_extractor({**conf, "sift": {**conf["sift"], "num_threads": threads}})
+        self.shards = ShardClient(shard_names)
 
-    @staticmethod
-    def empty_features() -> dict:
-        """The feature columns of a row without dense features."""
-        row = {"scale": np.nan, "strides": np.array(STRIDES)}
-        for index in range(len(STRIDES)):
-            row[f"features_{index}"] = np.zeros((0, 0, 0), np.float16)
-            row[f"confidence_{index}"] = np.zeros((0, 0), np.float16)
-        return row
+    def start(self, query: QueryInput) -> _Started:
+        started = _Started(self.planner.plan(query))
+        if started.plan.error:
+            started.error, started.retryable = started.plan.error, started.plan.retryable
+            return started
+        try:
+            request, started.timings = query_request(started.plan, self.method, self.levels, self.extractor,
+                                                     self.keypoints)
+        except Exception as error:  # noqa: BLE001 - any failure of one query is its result, not the job's
+            failure = classify(error)
+            started.error, started.retryable = failure.message, failure.retryable
+            return started
+        reference = ray.put(request)  # once: every cell's shard reads the same copy
+        started.calls = [(cell, self.shards.submit(cell, reference)) for cell in started.plan.cells]
+        return started
+
+    def finish(self, started: _Started) -> dict:
+        if started.error:
+            failure = Localization.failure(started.error, started.retryable)
+            return {**result_row(started.plan, self.method, failure, started.timings),
+                    "worker_peak_rss_mb": peak_rss_mb()}
+        answers = []
+        for cell, call in started.calls:
+            try:
+                answers.append(ray.get(call))
+            except ray.exceptions.RayError as error:
+                failure = classify(error)
+                answers.append(CellAnswer(cell, Localization.failure(failure.message, failure.retryable), {}, math.nan))
+        best = best_of([answer.localization for answer in answers])
+        cell = next(answer.cell for answer in answers if answer.localization is best)
+        timings = {**started.timings, "load_ms": 0.0, "align_ms": 0.0}
+        for answer in answers:
+            for stage, ms in answer.timings.items():
+                timings[stage] += ms
+        return {**result_row(started.plan, self.method, best, timings, cell), "worker_peak_rss_mb": peak_rss_mb(),
+                "shard_peak_rss_mb": max(answer.peak_rss_mb for answer in answers)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        outputs = []
-        for index, name in enumerate(batch["name"]):
-            item = {key: values[index] for key, values in batch.items()}
-            try:
-                outputs.append({"name": name, "error": "", "retryable": False, **self.featurize(item)})
-            except Exception as error:  # noqa: BLE001 - any failure of one query is its result, not the job's
-                outputs.append(self.failed(name, classify(error)))
-        return {key: [output[key] for output in outputs] for key in outputs[0]}
+        started = [self.start(query) for query in batch["query"]]
+        return {"row": [self.finish(query) for query in started]}
 
 
-# ----- planning
-
-
-class References:
-    """The map's reference images: ids, names and world-to-camera poses (R,), and what they look at."""
-
-    # The median depth of an image's points is estimated from at most this many of them.
-    max_depth_samples = 256
-
-    def __init__(self, scene: SceneMap):
-        self.reconstruction = scene.reconstruction
-        self.image_ids = sorted(scene.reconstruction.images)
-        images = [scene.reconstruction.images[i] for i in self.image_ids]
-        self.names = [image.name for image in images]
-        self.poses = Pose.stack([Pose.from_colmap(image.cam_from_world()) for image in images])
-        self.id_of = dict(zip(self.names, self.image_ids))
-        self._median_depths: dict[int, float] = {}  # index -> depth, computed when first needed
-
-    def ids(self, names: list[str]) -> list[int]:
-        return [self.id_of[name] for name in names if name in self.id_of]
-
-    def hypotheses(self, prior_xyz: np.ndarray, k: int) -> tuple[Pose, list[str]]:
-        """The poses (K,) that `dense` starts from: the k references nearest to the prior (3,),
-        moved there and turned towards what each looked at; and their labels "ref:<name>"."""
-        moved, nearest = reference_hypotheses(prior_xyz, self.poses, k)
-        return turned_towards(moved, self.viewed_points(nearest)), [f"ref:{self.names[i]}" for i in nearest]
-
-    def viewed_points(self, indices: np.ndarray) -> torch.Tensor:
-        """(K, 3) the points that the references `indices` (K,) look at (NaN: an image without 3D points)."""
-        for index in indices.tolist():
-            if index not in self._median_depths:
-                self._median_depths[index] = self._median_depth(index)
-        depths = torch.tensor([self._median_depths[index] for index in indices.tolist()], dtype=torch.float64)
-        return viewed_points(self.poses[torch.from_numpy(indices)], depths)
-
-    def _median_depth(self, index: int) -> float:
-        point3D_ids = observations(self.reconstruction.images[self.image_ids[index]]).point3D_ids
-        if len(point3D_ids) == 0:
-            return math.nan
-        samples = np.linspace(0, len(point3D_ids) - 1, min(len(point3D_ids), self.max_depth_samples)).round()
-        sampled_ids = point3D_ids[samples.astype(int)].tolist()
-        xyz = np.array([self.reconstruction.points3D[point3D_id].xyz for point3D_id in sampled_ids])  # (S, 3)
-        return float(self.poses[index].transform(torch.from_numpy(xyz))[:, 2].median())
-
-
-def query_intrinsics(path: Path, query_list: dict[str, QueryIntrinsics] | None,
-                     scene: SceneMap | None = None, name: str | None = None) -> tuple[QueryIntrinsics, str]:
-    """From the query list (checked against the image's size: a camera of another size with the
-    same aspect ratio is rescaled, and the note says so), else from the EXIF focal length: the map's
-    calibrated camera of the same device (same size and EXIF focal) when it has one, a pinhole
-    camera otherwise; checked. Returns the intrinsics and a note (empty when nothing was changed)."""
-    name = path.name if name is None else name
-    note = ""
-    with Image.open(path) as image:
-        width, height = image.size
-    if query_list is not None:
-        if name not in query_list:
-            raise ValueError(f"{name}: not in the query list")
-        intrinsics = query_list[name]
-        if (intrinsics.width, intrinsics.height) != (width, height):
-            scale = width / intrinsics.width
-            if abs(height - scale * intrinsics.height) > 1.0:
-                raise ValueError(f"{name}: the image is {width}x{height}, the query list says "
-                                 f"{intrinsics.width}x{intrinsics.height}")
-            camera = Camera.from_query_intrinsics(intrinsics).scale(scale)
-            intrinsics = QueryIntrinsics(intrinsics.model, width, height, tuple(camera.params.tolist()))
-            note = f"camera rescaled by {scale:.4g}: the query list says {query_list[name].width}x{query_list[name].height}"
-    else:
-        focal = read_exif_focal_px(path, width, height)
-        if focal is None:
-            raise ValueError(f"{path}: no intrinsics (no --query-list and no EXIF focal length)")
-        camera = scene.camera_for_exif(width, height, focal) if scene is not None else None
-        if camera is not None:
-            intrinsics = QueryIntrinsics(camera.model.name, width, height, tuple(float(v) for v in camera.params))
-        else:
-            intrinsics = QueryIntrinsics("SIMPLE_PINHOLE", width, height, (focal, width / 2, height / 2))
-    if not bool(Camera.from_query_intrinsics(intrinsics).is_valid()):
-        raise ValueError(f"{name}: invalid camera {intrinsics}")
-    return intrinsics, note
-
-
-def plan_localization(scene: SceneMap, references: References, router: Router, paths: list[Path],
-                      query_list: dict[str, QueryIntrinsics] | None, priors: dict[str, Prior] | None,
-                      num_hypotheses: int, queries_dir: Path | None = None) -> list[QueryPlan]:
-    """One plan per query, named by its path relative to `queries_dir` (hloc style; the file name
-    without it); priors None means EXIF GPS. Anything wrong with one query is that query's error."""
-    plans = []
-    for path in paths:
-        plan = QueryPlan(query_name(path, queries_dir), path)
-        try:
-            if any(character.isspace() for character in plan.name):
-                raise ValueError(f"{plan.name!r}: the name contains whitespace, which the space-separated "
-                                 "poses and query-list formats cannot hold; rename the file")
-            plan.intrinsics, plan.note = query_intrinsics(path, query_list, scene, plan.name)
-            prior = priors.get(plan.name) if priors is not None else read_exif_prior(path)
-            if prior is None:
-                raise ValueError("no prior: not in the priors file" if priors is not None else "no prior: no EXIF GPS")
-            plan.prior_xyz = np.asarray(scene.prior_to_map(prior), np.float64)
-            plan.sigma_m = prior.sigma_m
-            plan.cells = router.cells(plan.prior_xyz, prior.sigma_m)
-            plan.reference_image_ids = references.ids(router.reference_images(plan.prior_xyz, prior.sigma_m))
-            plan.hypotheses, plan.labels = references.hypotheses(plan.prior_xyz, num_hypotheses)
-        except Exception as error:  # noqa: BLE001 - e.g. a decompression bomb or unreadable EXIF: this query's row
-            plan.error, plan.retryable = dataclasses.astuple(classify(error))
-        plans.append(plan)
-    return plans
-
-
-def query_name(path: Path, queries_dir: Path | None) -> str:
-    """The name a query has in rows, poses.txt and the input lists: its path relative to the
-    queries folder, with forward slashes."""
-    return path.name if queries_dir is None else path.relative_to(queries_dir).as_posix()
+# ----- the driver
 
 
 def query_paths(queries_dir: Path, query_list: dict[str, QueryIntrinsics] | None) -> list[Path]:
@@ -287,209 +189,106 @@ def query_paths(queries_dir: Path, query_list: dict[str, QueryIntrinsics] | None
     return [queries_dir / name for name in list_images(queries_dir)]
 
 
-# ----- execution
+def spatial_schedule(queries: list[QueryInput], map_index: MapIndex) -> list[QueryInput]:
+    """The queries in spatial order of their priors (those known before reading the images: a
+    priors file or poses to refine; the others keep their order, at the end), so that each cell's
+    queries come together and a job loads each cell about once."""
+    positions = np.full((len(queries), 3), np.nan)
+    for index, query in enumerate(queries):
+        try:
+            if query.pose is not None:
+                qvec, tvec = (torch.tensor(v, dtype=torch.float64) for v in query.pose)
+                positions[index] = Pose.from_qvec_tvec(qvec, tvec).center().numpy()
+            elif query.prior is not None:
+                positions[index] = map_index.prior_to_map(query.prior)
+        except ValueError:
+            pass  # the worker's planning reports it
+    order = spatial_order(positions, map_index.shards.cell_size_m if map_index.shards else 50.0)
+    return [queries[index] for index in order.tolist()]
 
 
-def featurizer_items(plans: list[QueryPlan], default_sigma_m: float) -> list[dict]:
-    """Ray Data rows: what a worker needs to read, featurize and (sparse) localize a query. Paths
-    are absolute: workers do not share the driver's working directory."""
-    items = []
-    for plan in plans:
-        intrinsics = plan.intrinsics
-        items.append({"name": plan.name, "path": str(plan.path.resolve()), "camera_model": intrinsics.model,
-                      "camera_size": [float(intrinsics.width), float(intrinsics.height)],
-                      "camera_params": list(intrinsics.params), "prior_xyz": plan.prior_xyz.tolist(),
-                      "sigma_m": default_sigma_m if plan.sigma_m is None else plan.sigma_m})
-    return items
-
-
-def sparse_result(row: dict) -> Localization:
-    """The SIFT + PnP pose of a featurized row, as a result of its own (method `sparse`)."""
-    if not np.isfinite(row["sparse_qvec"]).all():
-        return Localization.failure(str(row["sparse_error"]) or "sparse: no pose")
-    return Localization(success=True, qvec=tuple(row["sparse_qvec"].tolist()), tvec=tuple(row["sparse_tvec"].tolist()),
-                        num_points=int(row["sparse_inliers"]), hypothesis="sparse")
-
-
-def shard_request(plan: QueryPlan, row: dict, levels: tuple[int, ...]) -> QueryRequest:
-    camera = Camera.from_query_intrinsics(plan.intrinsics).scale(float(row["scale"]))
-    has_sparse = bool(np.isfinite(row["sparse_qvec"]).all())
-    return QueryRequest(
-        name=plan.name,
-        features=[row[f"features_{i}"] for i in levels],
-        confidences=[row[f"confidence_{i}"] for i in levels],
-        strides=[int(row["strides"][i]) for i in levels],
-        camera_model=camera.model,
-        camera_size=tuple(camera.size.tolist()),
-        camera_params=tuple(camera.params.tolist()),
-        hypotheses_qvec=plan.hypotheses.qvec().numpy(),
-        hypotheses_tvec=plan.hypotheses.t.numpy(),
-        labels=plan.labels,
-        hypotheses_verified=plan.verified,
-        reference_image_ids=plan.reference_image_ids,
-        sparse_qvec=row["sparse_qvec"] if has_sparse else None,
-        sparse_tvec=row["sparse_tvec"] if has_sparse else None,
-        sparse_inliers=int(row["sparse_inliers"]),
-    )
-
-
-def pnp_evidence(row: dict) -> dict:
-    """What SIFT + PnP found for a featurized row: the `measure` arguments beyond the result."""
-    if not np.isfinite(row["sparse_qvec"]).all():
-        return {}
-    pose = Pose.from_qvec_tvec(torch.from_numpy(np.asarray(row["sparse_qvec"], np.float64)),
-                               torch.from_numpy(np.asarray(row["sparse_tvec"], np.float64)))
-    return {"pnp_pose": pose, "inliers": int(row["sparse_inliers"]), "matches": int(row["sparse_matches"]),
-            "pnp_position_std_m": float(row["sparse_position_std_m"])}
-
-
-def result_row(plan: QueryPlan, method: str, localization: Localization, timings: dict, cell: str = "",
-               checks: Checks | None = None) -> dict:
-    row = {"name": plan.name, "method": method, "cell": cell, **localization.to_dict(), **timings,
-           **(checks or Checks()).to_dict()}
-    row["prior_xyz"] = None if plan.prior_xyz is None else plan.prior_xyz.tolist()
-    row["note"] = plan.note
-    return row
-
-
-@dataclass
-class _InFlight:
-    """A query whose calls to shard actors have not all returned."""
-
-    plan: QueryPlan
-    timings: dict
-    remaining: int
-    sparse_error: str = ""  # why there is no SIFT + PnP hypothesis, reported if all else fails too
-    evidence: dict = field(default_factory=dict)  # pnp_evidence of the featurized row
-    answers: list[tuple[str, Localization]] = field(default_factory=list)  # (cell, result)
-
-
-class LocalizationRun:
-    """The driver loop: featurized rows in, calls to shard actors out, one result row per query."""
-
-    def __init__(self, writer: ResultsWriter, store: FeatureStore, conf: dict, total: int,
-                 on_result: Callable[[dict], None] | None = None):
-        self.writer, self.conf, self.on_result = writer, conf, on_result
-        self.method = conf["method"]
-        self.pool = ShardPool(store.url, store.info.extractor_id, store.info.map_fingerprint, conf["shard"],
-                              conf["router"])
-        self.progress = tqdm(total=total, desc=f"localize ({self.method})", unit="query", smoothing=0.1)
-        self.calls: dict[ray.ObjectRef, tuple[str, str]] = {}  # call -> (query, cell)
-        self.in_flight: dict[str, _InFlight] = {}
-
-    def emit(self, plan: QueryPlan, localization: Localization, timings: dict, cell: str = "",
-             evidence: dict | None = None) -> None:
-        """Verify the result (every method, the same checks) and write its row."""
-        sigma = self.conf["router"].default_sigma_m if plan.sigma_m is None else plan.sigma_m
-        checks = measure(localization, plan.prior_xyz, sigma, **(evidence or {}))
-        row = result_row(plan, self.method, verify(localization, checks, self.conf["verify"]), timings, cell, checks)
-        self.writer.add(row)
-        self.progress.update(1)
-        if self.on_result is not None:
-            self.on_result(row)
-
-    def submit(self, plan: QueryPlan, row: dict) -> None:
-        """Route one featurized query: a failure or a sparse-only result is final here, otherwise
-        the query goes to the shard actor of each of its cells."""
-        timings = {key: float(row[key]) for key in ("read_ms", "cnn_ms", "sparse_ms")}
-        if row["error"]:
-            self.emit(plan, Localization.failure(str(row["error"]), bool(row["retryable"])), timings)
-            return
-        if self.method == "sparse":
-            self.emit(plan, sparse_result(row), timings, plan.cells[0], pnp_evidence(row))
-            return
-        request = shard_request(plan, row, self.conf["shard"].levels)
-        self.in_flight[plan.name] = _InFlight(plan, {**timings, "load_ms": 0.0, "align_ms": 0.0}, len(plan.cells),
-                                              str(row["sparse_error"]), pnp_evidence(row))
-        for cell in plan.cells:
-            self.calls[self.pool.submit(cell, request)] = (plan.name, cell)
-
-    def collect(self, block: bool) -> None:
-        """Take the answers that are ready (waiting for one if `block`); emit completed queries."""
-        if not self.calls:
-            return
-        ready, _ = ray.wait(list(self.calls), num_returns=1 if block else len(self.calls),
-                            timeout=None if block else 0)
-        for call in ready:
-            name, cell = self.calls.pop(call)
-            query = self.in_flight[name]
-            memory = None
-            try:
-                answer = ray.get(call)
-                memory = answer.pop("memory_bytes")
-                answer.pop("cell")
-                for key in ("load_ms", "align_ms"):
-                    query.timings[key] += answer.pop(key)
-                localization = Localization(**answer)
-            except ray.exceptions.RayError as error:
-                failure = classify(error)
-                localization = Localization.failure(failure.message, failure.retryable)
-            self.pool.finished(cell, memory)
-            query.answers.append((cell, localization))
-            query.remaining -= 1
-            if query.remaining == 0:
-                del self.in_flight[name]
-                best = best_of([localization for _, localization in query.answers])
-                best_cell = next(cell for cell, localization in query.answers if localization is best)
-                if not best.success and query.sparse_error:
-                    best.error = f"{best.error}; {query.sparse_error}"
-                self.emit(query.plan, best, query.timings, best_cell, query.evidence)
-
-    def drain(self) -> None:
-        while self.calls:
-            self.collect(block=True)
-
-    def close(self) -> None:
-        """Flush the rows so far (also when the driver is failing) and release the actors."""
-        self.writer.flush()
-        self.progress.close()
-        self.pool.shutdown()
-
-
-def execute(plans: list[QueryPlan], writer: ResultsWriter, map_dir: Path, store: FeatureStore, conf: dict,
-            on_result: Callable[[dict], None] | None = None) -> None:
-    """Run the planned queries through Ray Data and the shard actors, one row each into `writer`.
-    Needs an initialised Ray."""
-    run = LocalizationRun(writer, store, conf, len(plans), on_result)
+def execute(queries: list[QueryInput], writer: ResultsWriter, map_dir: Path, store: FeatureStore, conf: dict,
+            plan_conf: PlanConf, on_result: Callable[[dict], None] | None = None) -> dict:
+    """Run the queries through the query workers and a pool of shard actors, one row each into
+    `writer`; returns the job summary. Needs an initialised Ray."""
+    method, workers = conf["method"], conf["workers"]
+    shard_conf = replace(conf["shard"], sparse=dict(conf["sparse"] or {}), with_sparse=method in SPARSE_METHODS)
+    pool = ShardPool(store.url, store.info.extractor_id, store.info.map_fingerprint, shard_conf, conf["pool"])
+    progress = tqdm(total=len(queries), desc=f"localize ({method})", unit="query", smoothing=0.1)
+    start = time.perf_counter()
+    sent = received = succeeded = 0
+    worker_rss = []
     try:
-        runnable = {}
-        for plan in plans:
-            if plan.error:
-                run.emit(plan, Localization.failure(plan.error, plan.retryable), {})
-            else:
-                runnable[plan.name] = plan
-        if runnable:
-            import ray.data
-
-            workers = conf["workers"]
-            with_sparse = conf["method"] in ("sparse", "sparse+dense")
-            with_dense = conf["method"] != "sparse"  # also `pixloc refine`, whose method is "refine"
-            items = featurizer_items(list(runnable.values()), conf["router"].default_sigma_m)
+        if queries:
+            items = [{"query": query} for query in queries]
+            sent = sum(len(pickle.dumps(query)) for query in queries)
             dataset = ray.data.from_items(items).map_batches(
-                QueryFeaturizer,
-                fn_constructor_kwargs={"extractor_name": conf["extractor"] if with_dense else None,
-                                       "sparse_conf": conf["sparse"],
-                                       "map_dir": str(Path(map_dir).resolve()) if with_sparse else None},
-                batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
-                num_gpus=gpus_per_worker({"gpus_per_worker": None, "workers": workers}))
-            max_in_flight = conf["in_flight_per_worker"] * workers
-            for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
-                row = {key: values[0] for key, values in batch.items()}
-                run.submit(runnable[str(row["name"])], row)
-                run.collect(block=False)
-                while len(run.in_flight) >= max_in_flight:
-                    run.collect(block=True)
-        run.drain()
+                QueryWorker,
+                fn_constructor_kwargs={"map_dir": str(Path(map_dir).resolve()), "plan_conf": plan_conf,
+                                       "method": method, "extractor_name": conf["extractor"],
+                                       "levels": tuple(shard_conf.levels), "sparse_conf": shard_conf.sparse,
+                                       "shard_names": pool.names},
+                batch_size=conf["queries_per_call"], compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+                num_gpus=gpus_per_worker({"workers": workers}))
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                for row in batch["row"]:
+                    received += len(pickle.dumps(row))
+                    succeeded += bool(row["success"])
+                    worker_rss.append(row["worker_peak_rss_mb"])
+                    writer.add(row)
+                    progress.update(1)
+                    if on_result is not None:
+                        on_result(row)
+        seconds = time.perf_counter() - start
+        summary = {"queries": len(queries), "succeeded": succeeded, "method": method, "workers": workers,
+                   "seconds": seconds, "queries_per_s": len(queries) / seconds if seconds > 0 else math.nan,
+                   "driver_bytes_per_query": (sent + received) / max(1, len(queries)),
+                   "driver_peak_rss_mb": peak_rss_mb(),
+                   "query_worker_peak_rss_mb": max(worker_rss, default=math.nan), **pool.summary()}
     finally:
-        run.close()
+        writer.flush()  # the rows so far, also when the driver is failing
+        progress.close()
+        pool.shutdown()
+    return summary
 
 
-def open_store(store_url: str, extractor_name: str, scene: SceneMap) -> FeatureStore:
+def open_store(store_url: str, extractor_name: str, map_fingerprint: str) -> FeatureStore:
     """The store of the map and extractor; a local path made absolute, since shard actors open
     it again from their own working directory."""
     if "://" not in store_url:
         store_url = str(Path(store_url).expanduser().resolve())
-    return FeatureStore.open(store_url, load_extractor(extractor_name).extractor_id, scene.fingerprint)
+    return FeatureStore.open(store_url, load_extractor(extractor_name).extractor_id, map_fingerprint)
+
+
+def run_queries(map_dir: Path, store_url: str, queries: list[QueryInput], writer: ResultsWriter, conf: dict,
+                plan_conf: PlanConf, address: str | None,
+                on_result: Callable[[dict], None] | None = None) -> dict:
+    """The job body shared by localize and refine: open the map and store, schedule, run; writes
+    and logs the summary (OUT/summary.json)."""
+    map_index = load_map_index(map_dir)
+    store = open_store(store_url, conf["extractor"], map_index.fingerprint)
+    if conf["method"] in SPARSE_METHODS and not store.info.sparse_keypoints:
+        raise ValueError(f"{store.url}: the store has no sparse partitions, which --method {conf['method']} needs "
+                         "(written before they existed, or from a map without descriptors: rerun `pixloc features` "
+                         "into a new store)")
+    queries = spatial_schedule(queries, map_index)
+    with init_ray(address, num_cpus=None if address else conf["workers"]):
+        summary = execute(queries, writer, map_dir, store, conf, plan_conf, on_result)
+    table = writer.close()
+    summary["results"] = table.num_rows
+    (writer.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("%d/%d queries localized in %.1f s (%.2f/s) -> %s; %d shard actors, %d cell loads, %d evictions, "
+                "%.0f driver bytes per query; peak RSS MB: driver %.0f, query worker %.0f, shard %.0f",
+                summary["succeeded"], summary["queries"], summary["seconds"], summary["queries_per_s"],
+                writer.out_dir, summary["actor_processes"], summary["cell_loads"], summary["evictions"],
+                summary["driver_bytes_per_query"], summary["driver_peak_rss_mb"],
+                summary["query_worker_peak_rss_mb"], summary["shard_peak_rss_mb"])
+    return summary
+
+
+def read_summary(out_dir: Path) -> dict:
+    """The summary of the last localize/refine run into `out_dir`."""
+    return json.loads((Path(out_dir) / SUMMARY_FILE).read_text())
 
 
 def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_list: Path | None = None,
@@ -497,7 +296,8 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_
          address: str | None = None, conf: dict | None = None,
          on_result: Callable[[dict], None] | None = None, overwrite: bool = False) -> Path:
     """Localize the queries of `queries_dir` into `out_dir`; returns the path of results.parquet.
-    Every input is read and checked before anything is written."""
+    Every input is read and checked before anything is written; RetryableFailures when some queries
+    failed because of the infrastructure (their rows say so, `--resume` retries them)."""
     conf = merge_conf(default_conf, conf)
     if conf["method"] not in METHODS:
         raise ValueError(f"unknown method {conf['method']!r}, expected one of {METHODS}")
@@ -506,26 +306,23 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_
     check_output(out_dir, resume, overwrite)
     intrinsics = read_query_list(query_list) if query_list is not None else None
     prior_table = read_priors(priors) if priors else None
-    paths = query_paths(Path(queries_dir), intrinsics)
-    scene = SceneMap.load(map_dir)
-    store = open_store(store_url, conf["extractor"], scene)
     done = completed_queries(out_dir) if resume else set()
-    paths = [path for path in paths if query_name(path, Path(queries_dir)) not in done]
-    logger.info("%d queries to localize (%d already done), method %s", len(paths), len(done), conf["method"])
-    router = Router(scene.shards, conf["router"])
-    plans = plan_localization(scene, References(scene), router, paths, intrinsics, prior_table,
-                              conf["shard"].localize.num_reference_hypotheses, Path(queries_dir))
+    queries = []
+    for path in query_paths(Path(queries_dir), intrinsics):
+        name = query_name(path, Path(queries_dir))
+        if name not in done:
+            queries.append(QueryInput(name, str(path.resolve()), intrinsics.get(name) if intrinsics else None,
+                                      prior_table.get(name) if prior_table is not None else None,
+                                      prior_from_exif=prior_table is None))
+    logger.info("%d queries to localize (%d already done), method %s", len(queries), len(done), conf["method"])
+    plan_conf = PlanConf(conf["search"], conf["shard"].localize.num_reference_hypotheses)
     writer = ResultsWriter(out_dir, conf["flush_every"], resume=resume, overwrite=overwrite)
     try:
-        with init_ray(address, num_cpus=None if address else conf["workers"]):
-            execute(plans, writer, Path(map_dir), store, conf, on_result)
+        run_queries(Path(map_dir), store_url, queries, writer, conf, plan_conf, address, on_result)
     except KeyboardInterrupt:  # execute has flushed every row it got
-        raise Interrupted(f"interrupted: {len(completed_queries(out_dir))} rows saved in {out_dir}, "
+        raise Interrupted(f"interrupted: {read_results(out_dir).num_rows} rows saved in {out_dir}, "
                           "rerun with --resume") from None
-    table = writer.close()
-    num_success = sum(table.column("success").to_pylist())
-    logger.info("%d/%d queries localized -> %s", num_success, table.num_rows, writer.out_dir)
-    raise_if_retryable(table, out_dir)
+    raise_if_retryable(read_results(out_dir), out_dir)
     return writer.out_dir / "results.parquet"
 
 
@@ -541,6 +338,12 @@ def raise_if_retryable(table, out_dir: Path) -> None:
                                 f"rerun with --resume (results so far in {out_dir})")
 
 
+def query_name(path: Path, queries_dir: Path) -> str:
+    """The name of a query in rows, poses.txt and the input lists: its path relative to the
+    queries folder (subfolders kept, hloc style), with forward slashes."""
+    return path.relative_to(queries_dir).as_posix()
+
+
 def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None:
     """The flags `pixloc localize` and `pixloc refine` share; defaults from the job's conf."""
     parser.add_argument("--map", type=Path, required=True, help="map directory written by `pixloc map`")
@@ -549,8 +352,20 @@ def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None
     parser.add_argument("--out", type=Path, required=True, help="results directory")
     parser.add_argument("--query-list", type=Path, help="queries with intrinsics (name MODEL W H PARAMS...)")
     parser.add_argument("--extractor", default=conf["extractor"], help="feature extractor of the store")
-    parser.add_argument("--workers", type=int, default=conf["workers"], help="query CNN workers")
+    parser.add_argument("--workers", type=int, default=conf["workers"], help="query workers (CNN, keypoints)")
+    parser.add_argument("--shard-actors", type=int, default=conf["pool"].shard_actors,
+                        help="shard actor processes, each hosting several cells (default: one per CPU)")
     parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
+
+
+def query_job_conf(args: argparse.Namespace, conf: dict) -> dict:
+    """The conf overrides of the shared flags."""
+    if args.workers < 1:
+        raise SystemExit(f"pixloc {args.command}: --workers must be positive, got {args.workers}")
+    if args.shard_actors is not None and args.shard_actors < 1:
+        raise SystemExit(f"pixloc {args.command}: --shard-actors must be positive, got {args.shard_actors}")
+    return {"extractor": args.extractor, "workers": args.workers,
+            "pool": replace(conf["pool"], shard_actors=args.shard_actors)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -559,17 +374,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--priors", type=Path, help="CSV name,lat,lon[,alt][,sigma_m] or name,x,y,z[,sigma_m]")
     source.add_argument("--gps-from-exif", action="store_true", help="priors from the images' EXIF GPS")
     parser.add_argument("--method", choices=METHODS, default=default_conf["method"])
-    parser.add_argument("--resume", action="store_true", help="skip queries already in the results")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip queries already answered (retrying those that failed for reasons outside their input)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
-    parser.add_argument("--trust-prior", choices=TRUST_PRIOR, default=default_conf["verify"].trust_prior,
-                        help="low: the priors may be wrong (stale GPS), poses far from them may still succeed")
+    parser.add_argument("--trust-prior", choices=TRUST_PRIOR, default=VerifyConf.trust_prior,
+                        help="low: the priors may be wrong (stale GPS): a pose far from its prior may still succeed")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        raise SystemExit(f"pixloc localize: --workers must be positive, got {args.workers}")
-    flags = {"method": args.method, "extractor": args.extractor, "workers": args.workers,
-             "verify": {"trust_prior": args.trust_prior}}
+    flags = {**query_job_conf(args, default_conf), "method": args.method,
+             "shard": {"localize": {"verify": {"trust_prior": args.trust_prior}}}}
     main(args.map, args.store, args.queries, args.out, args.query_list, args.priors, args.gps_from_exif,
          args.resume, args.address, merge_conf(default_conf, flags, args.conf), overwrite=args.overwrite)
     return 0

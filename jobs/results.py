@@ -58,6 +58,10 @@ SCHEMA = pa.schema([
     ("refinement_shift_m", pa.float64()),  # how far the featuremetric refinement moved the PnP pose
     ("refinement_turn_deg", pa.float64()),
     *[(f"{stage}_ms", pa.float64()) for stage in STAGES],
+    # measured peak resident memory (ru_maxrss) so far of the query worker that made the row and
+    # of the shard actor that answered it, in MiB
+    ("worker_peak_rss_mb", pa.float64()),
+    ("shard_peak_rss_mb", pa.float64()),
 ])
 
 

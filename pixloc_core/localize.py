@@ -1,6 +1,12 @@
-"""Localization of one query from its GPS prior, without Ray: the per-query logic of the batch job.
+"""Localization of one query from its GPS prior, without Ray: the per-query policy of the batch job.
 
-    prior -> pose hypotheses -> featuremetric alignment -> the lowest final cost, checked
+    QueryInput --Planner.plan--> QueryPlan (intrinsics, prior in the map frame, cells, hypotheses)
+    query worker: pixels -> QueryRequest (feature pyramid and/or keypoints), one per query
+    shard (per cell): localize_in_cell -> Localization (sparse, dense, refine and the fallbacks)
+    query worker: best_of the cells' answers
+
+Every decision of that chain is here; the Ray job (jobs/localize.py) and the shard actors
+(cluster/shard_actor.py) only move these messages and cache the cells.
 
 Hypotheses are the poses of the reference images nearest to the prior, moved to the prior's
 position and turned to look at what the reference looked at (a nearby photo shows roughly the
@@ -13,16 +19,67 @@ uncertainty.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+import time
+import zlib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .align import AlignResult, FeaturemetricAligner, ReferenceLevel
-from .extractors.base import Pyramid
+from .align import AlignConf, AlignResult, FeaturemetricAligner, ReferenceLevel
+from .extractors.base import FeatureLevel, Pyramid
 from .geometry import Camera, Pose, so3_exp
+from .io import Prior, QueryIntrinsics
 
 METHODS = ("dense", "sparse", "sparse+dense")
+SPARSE_METHODS = ("sparse", "sparse+dense")  # those that match keypoints and solve PnP
+DENSE_METHODS = ("dense", "sparse+dense", "refine")  # those that need the query's feature pyramid
+
+
+# ----- verification: the checks every pose marked successful passes, whatever method made it
+
+TRUST_PRIOR = ("normal", "low")
+
+
+@dataclass(frozen=True)
+class VerifyConf:
+    """Thresholds of the final checks, chosen with `pixloc bench precision` (README)."""
+
+    # A PnP pose: enough inliers, and enough of the 2D-3D matches agreeing (a wrong pose found
+    # among many random matches has a low ratio), and a plausible covariance.
+    min_inliers: int = 30
+    min_inlier_ratio: float = 0.15
+    max_pnp_position_std_m: float = 1.0
+    # The pose must lie within prior_sigmas * sigma + prior_margin_m of its prior (horizontally:
+    # GPS altitude is poor), unless the priors may be wrong (trust_prior "low").
+    prior_sigmas: float = 3.0
+    prior_margin_m: float = 5.0
+    trust_prior: str = "normal"
+    # A refined PnP pose must stay near its PnP start: a refinement that wanders off found another
+    # minimum, and one of the two is wrong.
+    max_refinement_shift_m: float = 1.0
+    max_refinement_turn_deg: float = 5.0
+
+
+@dataclass
+class Checks:
+    """The values a pose is verified on (NaN / 0: not applicable to how the pose was found)."""
+
+    inliers: int = 0  # PnP inliers
+    matches: int = 0  # 2D-3D matches given to PnP
+    pnp_position_std_m: float = math.nan  # from PnP's covariance
+    prior_distance_m: float = math.nan  # horizontal, between the prior and the camera centre
+    prior_sigma_m: float = math.nan
+    refinement_shift_m: float = math.nan  # between the PnP pose and its featuremetric refinement
+    refinement_turn_deg: float = math.nan
+
+    @property
+    def inlier_ratio(self) -> float:
+        return self.inliers / self.matches if self.matches else math.nan
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "inlier_ratio": self.inlier_ratio}
 
 
 @dataclass(frozen=True)
@@ -42,6 +99,9 @@ class LocalizeConf:
     # more, make near points redundant: there, fewer do.
     max_points: tuple[int, ...] = (1000, 2000, 2000)
     max_depth_m: float = 60.0  # farther points are too coarse to help
+    sparse_levels: int = 2  # a SIFT+PnP pose is already close: refine it on the finest levels only
+    min_selected_points: int = 200  # fewer points seen by the nearby references: use the whole cell
+    verify: VerifyConf = VerifyConf()  # the final checks of every pose, whatever method made it
 
 
 @dataclass
@@ -58,6 +118,7 @@ class Localization:
     rotation_std_deg: float = math.nan
     error: str = ""
     retryable: bool = False  # failed because of the infrastructure (store, process, disk): --resume retries it
+    checks: Checks = field(default_factory=Checks)  # the values it was verified on
 
     def pose(self) -> Pose | None:
         if self.qvec is None:
@@ -66,7 +127,10 @@ class Localization:
                                    torch.tensor(self.tvec, dtype=torch.float64))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain values, the checks' flattened beside the others (one column each in the results)."""
+        values = asdict(self)
+        del values["checks"]
+        return {**values, **self.checks.to_dict()}
 
     @classmethod
     def failure(cls, error: str, retryable: bool = False) -> Localization:
@@ -198,61 +262,413 @@ def align_hypotheses(aligner: FeaturemetricAligner, query: Pyramid, camera: Came
 
 
 def best_of(localizations: list[Localization]) -> Localization:
-    """The successful result of lowest cost, else the failure of lowest cost (the first one when
-    none got as far as a cost)."""
+    """The successful result of lowest cost (most points among equal costs: PnP-only poses have
+    none), else the failure of lowest cost (the first one when none got as far as a cost)."""
     if not localizations:
         return Localization.failure("no result")
     successful = [loc for loc in localizations if loc.success]
     if successful:
-        return min(successful, key=lambda loc: loc.cost)
+        return min(successful, key=lambda loc: (loc.cost, -loc.num_points))
     # A failure is final only if no part of it failed for a reason a retry could remove.
     best = min(localizations, key=lambda loc: loc.cost)
     return replace(best, retryable=any(loc.retryable for loc in localizations))
 
 
-# ----- verification: the checks every pose marked successful passes, whatever method made it
+# ----- planning: from what the driver knows of a query to what its shards need
 
-TRUST_PRIOR = ("normal", "low")
+
+class PriorOutsideMap(ValueError):
+    pass
 
 
 @dataclass(frozen=True)
-class VerifyConf:
-    """Thresholds of the final checks, chosen with `pixloc bench precision` (README)."""
+class SearchConf:
+    sigma_multiplier: float = 3.0  # search radius = multiplier * sigma + margin
+    margin_m: float = 5.0
+    default_sigma_m: float = 10.0  # for priors without a sigma
+    max_cells: int = 2  # at most this many cells searched per query (see CellSearch.cells)
 
-    # A PnP pose: enough inliers, and enough of the 2D-3D matches agreeing (a wrong pose found
-    # among many random matches has a low ratio), and a plausible covariance.
-    min_inliers: int = 30
-    min_inlier_ratio: float = 0.15
-    max_pnp_position_std_m: float = 1.0
-    # The pose must lie within prior_sigmas * sigma + prior_margin_m of its prior (horizontally:
-    # GPS altitude is poor), unless the priors may be wrong (trust_prior "low").
-    prior_sigmas: float = 3.0
-    prior_margin_m: float = 5.0
-    trust_prior: str = "normal"
-    # A refined PnP pose must stay near its PnP start: a refinement that wanders off found another
-    # minimum, and one of the two is wrong.
-    max_refinement_shift_m: float = 1.0
-    max_refinement_turn_deg: float = 5.0
+
+class CellSearch:
+    """From a prior (map-frame position and sigma) to the cells and reference images to search."""
+
+    def __init__(self, shards, conf: SearchConf = SearchConf()):
+        self.shards = shards  # pixloc_core.shards.ShardIndex
+        self.conf = conf
+
+    def sigma(self, sigma_m: float | None) -> float:
+        return self.conf.default_sigma_m if sigma_m is None or not np.isfinite(sigma_m) else float(sigma_m)
+
+    def search_radius(self, sigma_m: float | None) -> float:
+        return self.conf.sigma_multiplier * self.sigma(sigma_m) + self.conf.margin_m
+
+    def cells(self, position: np.ndarray, sigma_m: float | None) -> list[str]:
+        """The cells to search, best first: the cell holding most reference images within the
+        prior's radius (its own images or its halo), then others only while they add images the
+        chosen ones lack. PriorOutsideMap when no cell is within the radius."""
+        radius = self.search_radius(sigma_m)
+        candidates = self.shards.cells_within(position, radius)
+        if not candidates:
+            raise PriorOutsideMap(f"prior outside the map: no map cell within {radius:.0f} m of "
+                                  f"({position[0]:.1f}, {position[1]:.1f})")
+        nearby = set(self.shards.images_near(position, radius))
+        coverage = {cell: nearby & set(self.shards.images_of(cell)) for cell in candidates}
+        chosen, covered = [], set()
+        for cell in sorted(candidates, key=lambda cell: len(coverage[cell]), reverse=True):
+            if len(chosen) == self.conf.max_cells or (chosen and not coverage[cell] - covered):
+                continue
+            chosen.append(cell)
+            covered |= coverage[cell]
+        return chosen
+
+    def reference_images(self, position: np.ndarray, sigma_m: float | None) -> list[str]:
+        """Names of the reference images within the search radius, nearest first."""
+        return self.shards.images_near(position, self.search_radius(sigma_m))
+
+
+class ReferencePoses:
+    """The map's reference images as poses (R,), for hypotheses; from the compact reference table
+    (pixloc_core.map_io.ReferenceImages), not from the model."""
+
+    def __init__(self, table):
+        self.table = table
+        self.names = table.names
+        self.id_of = dict(zip(table.names, table.image_ids.tolist()))
+        self.poses = Pose.from_qvec_tvec(torch.from_numpy(table.qvecs), torch.from_numpy(table.tvecs))
+        self.median_depths = torch.from_numpy(np.asarray(table.median_depths, np.float64))
+
+    def ids(self, names: list[str]) -> list[int]:
+        return [self.id_of[name] for name in names if name in self.id_of]
+
+    def hypotheses(self, prior_xyz: np.ndarray, k: int) -> tuple[Pose, list[str]]:
+        """The poses (K,) that `dense` starts from: the k references nearest to the prior (3,),
+        moved there and turned towards what each looked at; and their labels "ref:<name>"."""
+        moved, nearest = reference_hypotheses(prior_xyz, self.poses, k)
+        index = torch.from_numpy(nearest)
+        targets = viewed_points(self.poses[index], self.median_depths[index])
+        return turned_towards(moved, targets), [f"ref:{self.names[i]}" for i in nearest]
+
+
+@dataclass(frozen=True)
+class QueryInput:
+    """What the driver knows of a query before any pixel or EXIF is read: small, O(1) per query."""
+
+    name: str
+    path: str  # absolute (or a URL): workers do not share the driver's working directory
+    intrinsics: QueryIntrinsics | None = None  # from the query list; None: from the EXIF focal length
+    prior: Prior | None = None  # from the priors file
+    prior_from_exif: bool = False  # no priors file: read the EXIF GPS
+    pose: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # `refine`: (qvec, tvec) to refine
 
 
 @dataclass
-class Checks:
-    """The values a pose is verified on (NaN / 0: not applicable to how the pose was found)."""
+class QueryPlan:
+    """What a query's shards need besides its pixels, decided before they are read."""
 
-    inliers: int = 0  # PnP inliers
-    matches: int = 0  # 2D-3D matches given to PnP
-    pnp_position_std_m: float = math.nan  # from PnP's covariance
-    prior_distance_m: float = math.nan  # horizontal, between the prior and the camera centre
-    prior_sigma_m: float = math.nan
-    refinement_shift_m: float = math.nan  # between the PnP pose and its featuremetric refinement
-    refinement_turn_deg: float = math.nan
+    name: str
+    path: str
+    intrinsics: QueryIntrinsics | None = None
+    prior_xyz: np.ndarray | None = None  # (3,) map frame
+    sigma_m: float | None = None
+    cells: list[str] = field(default_factory=list)
+    hypotheses: Pose | None = None  # (M,)
+    labels: list[str] = field(default_factory=list)
+    verified: bool = False  # the hypotheses come from a geometric method (see `checked`)
+    reference_image_ids: list[int] = field(default_factory=list)  # within the search radius
+    error: str = ""
+    retryable: bool = False  # the error came from the infrastructure (e.g. a network read), not the input
+    note: str = ""  # what planning adjusted, e.g. a rescaled camera
+
+
+def query_intrinsics(path: Path, listed: QueryIntrinsics | None, scene=None) -> tuple[QueryIntrinsics, str]:
+    """The query list's intrinsics when given (checked against the image's size: a camera listed at
+    another size with the same aspect ratio is rescaled, and the note says so), else from the EXIF
+    focal length: the map's calibrated camera of the same device (same size and EXIF focal,
+    `scene.camera_for_exif`) when it has one, a pinhole camera otherwise; checked. Returns the
+    intrinsics and the note (empty when nothing was adjusted)."""
+    from PIL import Image
+
+    from .exif import read_exif_focal_px
+
+    note = ""
+    with Image.open(path) as image:
+        width, height = image.size
+    if listed is not None:
+        intrinsics = listed
+        if (listed.width, listed.height) != (width, height):
+            scale = width / listed.width
+            if abs(height - scale * listed.height) > 1.0:
+                raise ValueError(f"{Path(path).name}: the image is {width}x{height}, the query list says "
+                                 f"{listed.width}x{listed.height}")
+            camera = Camera.from_query_intrinsics(listed).scale(scale)
+            intrinsics = QueryIntrinsics(listed.model, width, height, tuple(camera.params.tolist()))
+            note = f"camera rescaled by {scale:.4g}: the query list says {listed.width}x{listed.height}"
+    else:
+        focal = read_exif_focal_px(path, width, height)
+        if focal is None:
+            raise ValueError(f"{path}: no intrinsics (no --query-list and no EXIF focal length)")
+        camera = scene.camera_for_exif(width, height, focal) if scene is not None else None
+        if camera is not None:
+            intrinsics = QueryIntrinsics(camera.model.name, width, height, tuple(float(v) for v in camera.params))
+        else:
+            intrinsics = QueryIntrinsics("SIMPLE_PINHOLE", width, height, (focal, width / 2, height / 2))
+    if not bool(Camera.from_query_intrinsics(intrinsics).is_valid()):
+        raise ValueError(f"{Path(path).name}: invalid camera {intrinsics}")
+    return intrinsics, note
+
+
+@dataclass(frozen=True)
+class PlanConf:
+    search: SearchConf = SearchConf()
+    num_reference_hypotheses: int = 4  # K nearest reference images turned into hypotheses (dense)
+    refine: bool = False  # the queries carry poses to refine (`pixloc refine`)
+    pose_sigma_m: float = 2.0  # refine: how far the given poses may be off (sets the cells searched)
+
+
+class Planner:
+    """QueryInput -> QueryPlan from the compact map (pixloc_core.map_io.MapIndex): shard index,
+    georegistration, reference table. Cheap enough to run in every query worker."""
+
+    def __init__(self, map_index, conf: PlanConf = PlanConf()):
+        if map_index.shards is None:
+            raise FileNotFoundError(f"{map_index.path}: the map has no shard index (shards.json); "
+                                    "rebuild it with `pixloc map`")
+        self.map_index = map_index
+        self.conf = conf
+        self.search = CellSearch(map_index.shards, conf.search)
+        self.references = ReferencePoses(map_index.references)
+
+    def prior(self, query: QueryInput) -> tuple[np.ndarray, float | None, Pose | None]:
+        """(3,) map-frame prior position, its sigma, and the pose to refine (None unless refining)."""
+        if self.conf.refine:
+            if query.pose is None:
+                raise ValueError("no input pose: not in the poses file")
+            qvec, tvec = query.pose
+            pose = Pose.from_qvec_tvec(torch.tensor(qvec, dtype=torch.float64), torch.tensor(tvec, dtype=torch.float64))
+            return pose.center().numpy(), self.conf.pose_sigma_m, pose
+        if query.prior_from_exif:
+            from .exif import read_exif_prior
+
+            prior = read_exif_prior(Path(query.path))
+            if prior is None:
+                raise ValueError("no prior: no EXIF GPS")
+        elif query.prior is None:
+            raise ValueError("no prior: not in the priors file")
+        else:
+            prior = query.prior
+        return np.asarray(self.map_index.prior_to_map(prior), np.float64), prior.sigma_m, None
+
+    def plan(self, query: QueryInput) -> QueryPlan:
+        """A plan; bad input becomes its `error`, never an exception."""
+        plan = QueryPlan(query.name, query.path)
+        try:
+            if any(character.isspace() for character in query.name):
+                raise ValueError(f"{query.name!r}: the name contains whitespace, which the space-separated poses "
+                                 "and query-list formats cannot hold; rename the file")
+            plan.intrinsics, plan.note = query_intrinsics(Path(query.path), query.intrinsics, self.map_index)
+            plan.prior_xyz, sigma_m, pose = self.prior(query)
+            plan.sigma_m = self.search.sigma(sigma_m)
+            plan.cells = self.search.cells(plan.prior_xyz, plan.sigma_m)
+            plan.reference_image_ids = self.references.ids(self.search.reference_images(plan.prior_xyz, plan.sigma_m))
+            if pose is not None:
+                # external poses (e.g. hloc's PnP) count as verified, as in PixLoc's post-processing
+                plan.hypotheses, plan.labels, plan.verified = pose[None], ["input"], True
+            else:
+                plan.hypotheses, plan.labels = self.references.hypotheses(plan.prior_xyz,
+                                                                          self.conf.num_reference_hypotheses)
+        except Exception as error:  # noqa: BLE001 - e.g. a decompression bomb or unreadable EXIF: this query's row
+            plan.error = " ".join((str(error) or type(error).__name__).split())
+            plan.retryable = isinstance(error, (ConnectionError, TimeoutError))
+        return plan
+
+
+def morton_keys(cells: np.ndarray) -> np.ndarray:
+    """(N, 2) integer cell coordinates -> (N,) Z-order keys: sorting by them visits the plane
+    cell by cell with neighbours mostly close in the order (a space-filling curve)."""
+    offset = np.asarray(cells, np.int64) + (1 << 20)  # non-negative, 21 bits per axis
+    keys = np.zeros(len(offset), np.int64)
+    for bit in range(21):
+        keys |= ((offset[:, 0] >> bit) & 1) << (2 * bit)
+        keys |= ((offset[:, 1] >> bit) & 1) << (2 * bit + 1)
+    return keys
+
+
+def spatial_order(positions: np.ndarray, cell_size_m: float) -> np.ndarray:
+    """(N,) an order of the positions (N, 2|3) (NaN: unknown, kept at the end in input order) in
+    which each grid cell's queries come together and neighbouring cells follow each other, so a
+    job loads each cell about once."""
+    positions = np.asarray(positions, np.float64).reshape(len(positions), -1)[:, :2]
+    known = np.isfinite(positions).all(1)
+    keys = np.full(len(positions), np.iinfo(np.int64).max)
+    keys[known] = morton_keys(np.floor(positions[known] / cell_size_m).astype(np.int64))
+    return np.argsort(keys, kind="stable")
+
+
+def actor_for_cell(cell: str, num_actors: int) -> int:
+    """The shard that hosts a cell: a stable hash, the same in every process and run."""
+    return zlib.crc32(cell.encode()) % num_actors
+
+
+# ----- one query in one cell: the messages and the policy
+
+
+@dataclass
+class QueryRequest:
+    """What a shard needs to localize one query in one of its cells; numpy only, so it pickles
+    compactly. Made once per query by the query worker and passed to its cells by object reference."""
+
+    name: str
+    method: str  # dense, sparse, sparse+dense or refine
+    camera_model: str
+    camera_size: tuple[float, float]  # (w, h) of the query image
+    camera_params: tuple[float, ...]  # COLMAP parameters at that size
+    hypotheses_qvec: np.ndarray  # (M, 4) world-to-camera
+    hypotheses_tvec: np.ndarray  # (M, 3)
+    labels: list[str]  # (M,)
+    hypotheses_verified: bool
+    reference_image_ids: list[int]  # use the cell's points these images observe (see select_*)
+    prior_xyz: np.ndarray  # (3,) map frame
+    sigma_m: float
+    pyramid_scale: float = 1.0  # the pyramid was computed from the image resized by this factor
+    features: list[np.ndarray] | None = None  # per level, coarse to fine: (h, w, C) float16, channel-last
+    confidences: list[np.ndarray] | None = None  # per level: (h, w) float16
+    strides: list[int] | None = None
+    keypoints: object | None = None  # pixloc_core.sparse.QueryKeypoints for the sparse methods
+
+    @classmethod
+    def from_plan(cls, plan: QueryPlan, method: str, **pixels) -> QueryRequest:
+        intrinsics = plan.intrinsics
+        return cls(plan.name, method, intrinsics.model, (float(intrinsics.width), float(intrinsics.height)),
+                   tuple(intrinsics.params), plan.hypotheses.qvec().numpy(), plan.hypotheses.t.numpy(),
+                   list(plan.labels), plan.verified, list(plan.reference_image_ids), plan.prior_xyz,
+                   float(plan.sigma_m), **pixels)
+
+    def pyramid(self) -> list[FeatureLevel]:
+        """Levels whose features are (C, h, w) float16 views of the channel-last arrays: the
+        alignment reads them in place, converting only what it samples."""
+        return [FeatureLevel(torch.from_numpy(features).permute(2, 0, 1), torch.from_numpy(confidence).float(), stride)
+                for features, confidence, stride in zip(self.features, self.confidences, self.strides)]
+
+    def camera(self) -> Camera:
+        """The query camera at the resolution of the image."""
+        return Camera(self.camera_model, self.camera_size[0], self.camera_size[1],
+                      torch.tensor(self.camera_params, dtype=torch.float64))
+
+    def hypotheses(self) -> Pose:
+        return Pose.from_qvec_tvec(torch.from_numpy(np.asarray(self.hypotheses_qvec, np.float64)),
+                                   torch.from_numpy(np.asarray(self.hypotheses_tvec, np.float64)))
+
+
+@dataclass
+class CellData:
+    """What a shard holds of one cell: the dense levels and the sparse points (pixloc_core.sparse.SparsePoints)."""
+
+    cell: str
+    references: list[ReferenceLevel]  # per level held, coarse to fine
+    observers: list[np.ndarray | None]  # per level: (N,) the observing image of each row; None: aggregated
+    sparse: object | None = None
 
     @property
-    def inlier_ratio(self) -> float:
-        return self.inliers / self.matches if self.matches else math.nan
+    def nbytes(self) -> int:
+        dense = sum(tensor.nbytes for reference in self.references
+                    for tensor in (reference.points3D, reference.features, reference.confidence))
+        observers = sum(observer.nbytes for observer in self.observers if observer is not None)
+        return dense + observers + (self.sparse.nbytes if self.sparse is not None else 0)
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "inlier_ratio": self.inlier_ratio}
+    def selected_references(self, image_ids: list[int], min_points: int) -> list[ReferenceLevel]:
+        """The cell's points restricted to the observations of the given reference images (the
+        whole cell where they observe fewer than min_points)."""
+        selected = []
+        for reference, observer in zip(self.references, self.observers):
+            mask = None if observer is None else np.isin(observer, np.asarray(image_ids, observer.dtype))
+            if mask is None or mask.sum() < min_points:
+                selected.append(reference)
+            else:
+                selected.append(reference[torch.from_numpy(np.flatnonzero(mask))])
+        return selected
+
+    def sparse_candidates(self, image_ids: list[int], min_points: int) -> np.ndarray:
+        """(C,) rows of the sparse points seen by the given reference images (all where too few)."""
+        rows = self.sparse.seen_by(image_ids)
+        return rows if len(rows) >= min_points else np.arange(len(self.sparse))
+
+
+@dataclass
+class Aligners:
+    coarse_to_fine: FeaturemetricAligner  # every level the shard holds: from rough hypotheses
+    fine: FeaturemetricAligner  # the finest `sparse_levels`: from a SIFT + PnP pose
+
+    @classmethod
+    def from_conf(cls, align: AlignConf, sparse_levels: int) -> Aligners:
+        fine = replace(align, num_iterations=align.num_iterations[-sparse_levels:])
+        return cls(FeaturemetricAligner(align).eval(), FeaturemetricAligner(fine).eval())
+
+
+def sparse_localization(request: QueryRequest, cell: CellData, sparse_conf: dict,
+                        conf: LocalizeConf) -> Localization:
+    """SIFT + PnP of the query against the cell's points seen near the prior."""
+    from . import sparse
+
+    if cell.sparse is None:
+        return Localization.failure("sparse: the store has no sparse points (rerun `pixloc features`)")
+    rows = cell.sparse_candidates(request.reference_image_ids, conf.min_selected_points)
+    result = sparse.localize_against(request.keypoints, cell.sparse, rows, request.camera().to_colmap(),
+                                     sparse_conf, request.prior_xyz, request.sigma_m)
+    evidence = Checks(inliers=result.num_inliers, matches=result.num_matches,
+                      pnp_position_std_m=result.position_std_m)
+    if not result.success:
+        return replace(Localization.failure(f"sparse: {result.message}"), checks=evidence)
+    pose = Pose.from_colmap(result.cam_from_world)
+    return Localization(success=True, qvec=tuple(pose.qvec().double().tolist()), tvec=tuple(pose.t.double().tolist()),
+                        num_points=result.num_inliers, hypothesis="sparse", checks=evidence)
+
+
+def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, conf: LocalizeConf,
+                     sparse_conf: dict) -> tuple[Localization, dict[str, float]]:
+    """The per-query policy in one cell; returns the result and `sparse_ms`, `align_ms`.
+
+    `sparse`: SIFT + PnP. `sparse+dense`: a PnP pose is geometrically verified and already close,
+    so it is refined on the fine levels and kept as it is if that fails; only without one are the
+    reference hypotheses aligned coarse to fine (with weight-free features the cost alone does not
+    tell a right pose from a wrong one, so it never overrules a verified pose). `dense` and
+    `refine`: the plan's hypotheses aligned on every level the shard holds, the lowest final
+    cost winning."""
+    timings = {"sparse_ms": 0.0, "align_ms": 0.0}
+    pnp = None
+    if request.method in SPARSE_METHODS:
+        start = time.perf_counter()
+        pnp = sparse_localization(request, cell, sparse_conf, conf)
+        timings["sparse_ms"] = 1000 * (time.perf_counter() - start)
+        if request.method == "sparse":
+            return verified(pnp, request, None, pnp, conf), timings
+    start = time.perf_counter()
+    pyramid = request.pyramid()
+    camera = request.camera().scale(request.pyramid_scale)
+    references = cell.selected_references(request.reference_image_ids, conf.min_selected_points)
+    if pnp is not None and pnp.success:
+        levels = conf.sparse_levels
+        localization = align_hypotheses(aligners.fine, pyramid[-levels:], camera, references[-levels:],
+                                        pnp.pose()[None], ["sparse"], conf, verified=True)
+        if not localization.success:
+            localization = replace(pnp, hypothesis="sparse (PnP only)")
+    else:
+        localization = align_hypotheses(aligners.coarse_to_fine, pyramid, camera, references, request.hypotheses(),
+                                        request.labels, conf, request.hypotheses_verified)
+        if not localization.success and pnp is not None:
+            localization.error = f"{localization.error}; {pnp.error}"
+    timings["align_ms"] = 1000 * (time.perf_counter() - start)
+    return verified(localization, request, pnp if pnp is not None and pnp.success else None,
+                    pnp or Localization.failure(""), conf), timings
+
+
+def verified(localization: Localization, request: QueryRequest, refined_from: Localization | None,
+             pnp: Localization, conf: LocalizeConf) -> Localization:
+    """The result with its check values, and no longer successful if a check fails; `pnp` holds
+    the PnP statistics, `refined_from` the PnP pose the result may have been refined from."""
+    checks = measure(localization, request.prior_xyz, request.sigma_m,
+                     refined_from.pose() if refined_from is not None else None, pnp.checks.inliers,
+                     pnp.checks.matches, pnp.checks.pnp_position_std_m)
+    return verify(replace(localization, checks=checks), checks, conf.verify)
 
 
 def pose_difference(first: Pose, second: Pose) -> tuple[float, float]:

@@ -222,43 +222,181 @@ class SceneMap:
         return scene_map
 
     def camera_for_exif(self, width: int, height: int, exif_focal_px: float) -> pycolmap.Camera | None:
-        """The map's self-calibrated camera of the device that wrote this EXIF focal length at this
-        image size: SfM gives all mapping images of one (size, EXIF focal) one shared camera, whose
-        refined intrinsics fit the map better than the EXIF value does.
-
-        A resized photo of that device (same aspect ratio up to the rounding of its size, same
-        focal length per pixel of diagonal: a 35 mm equivalent keeps its value under resizing) gets
-        that camera rescaled to its size (pixel corner at 0: focal and principal point times the
-        scale, distortion unchanged)."""
-        camera_id = self.exif_cameras.get(exif_camera_key(width, height, exif_focal_px))
-        if camera_id is not None:
-            return self.reconstruction.cameras[camera_id]
-        diagonal = math.hypot(width, height)
-        for key, camera_id in self.exif_cameras.items():
-            map_width, map_height, map_focal_px = parse_exif_camera_key(key)
-            map_diagonal = math.hypot(map_width, map_height)
-            same_aspect = abs(height - map_height * width / map_width) <= 1.0  # sizes are rounded to pixels
-            # The key keeps 0.1 px of the map's focal: allow that, scaled, and float noise.
-            same_focal = abs(exif_focal_px / diagonal - map_focal_px / map_diagonal) <= 0.06 / map_diagonal
-            if same_aspect and same_focal:
-                camera = copy.copy(self.reconstruction.cameras[camera_id])
-                camera.rescale(width, height)
-                return camera
-        return None
+        """See `camera_for_exif`."""
+        return camera_for_exif(self.reconstruction.cameras, self.exif_cameras, width, height, exif_focal_px)
 
     def image_centers(self) -> dict[str, np.ndarray]:
         return {image.name: image.projection_center() for image in self.reconstruction.images.values()
                 if image.has_pose}
 
     def prior_to_map(self, prior: Prior) -> np.ndarray:
-        """(3,) map-frame position of a WGS84 or map-frame prior. A WGS84 prior without altitude
-        gets the median height of the reference cameras (photos are taken near the ground)."""
-        if not prior.geodetic:
-            return np.asarray(prior.position, dtype=np.float64)
-        if self.geo.origin_wgs84 is None or self.geo.map_to_enu is None:
-            raise ValueError("a WGS84 prior needs a georegistered map: rebuild it with --priors or --gps-from-exif")
-        lat, lon, alt = prior.position
-        position = self.geo.map_to_enu.apply_inverse(wgs84_to_enu(lat, lon, alt, self.geo.origin_wgs84))
-        if not prior.has_altitude:
-            position[2] = np.median([center[2] for center in self.image_centers().values()])
-        return position
+        """See `prior_to_map`."""
+        return prior_to_map(self.geo, prior, lambda: np.median([c[2] for c in self.image_centers().values()]))
+
+
+def camera_for_exif(cameras, exif_cameras: dict[str, int], width: int, height: int,
+                    exif_focal_px: float) -> pycolmap.Camera | None:
+    """The map's self-calibrated camera of the device that wrote this EXIF focal length at this
+    image size: SfM gives all mapping images of one (size, EXIF focal) one shared camera, whose
+    refined intrinsics fit the map better than the EXIF value does. `cameras`: camera_id -> camera.
+
+    A resized photo of that device (same aspect ratio up to the rounding of its size, same
+    focal length per pixel of diagonal: a 35 mm equivalent keeps its value under resizing) gets
+    that camera rescaled to its size (pixel corner at 0: focal and principal point times the
+    scale, distortion unchanged)."""
+    camera_id = exif_cameras.get(exif_camera_key(width, height, exif_focal_px))
+    if camera_id is not None:
+        return cameras[camera_id]
+    diagonal = math.hypot(width, height)
+    for key, camera_id in exif_cameras.items():
+        map_width, map_height, map_focal_px = parse_exif_camera_key(key)
+        map_diagonal = math.hypot(map_width, map_height)
+        same_aspect = abs(height - map_height * width / map_width) <= 1.0  # sizes are rounded to pixels
+        # The key keeps 0.1 px of the map's focal: allow that, scaled, and float noise.
+        same_focal = abs(exif_focal_px / diagonal - map_focal_px / map_diagonal) <= 0.06 / map_diagonal
+        if same_aspect and same_focal:
+            camera = copy.copy(cameras[camera_id])
+            camera.rescale(width, height)
+            return camera
+    return None
+
+
+def prior_to_map(geo: GeoInfo, prior: Prior, reference_height) -> np.ndarray:
+    """(3,) map-frame position of a WGS84 or map-frame prior. A WGS84 prior without altitude
+    gets `reference_height()`, the median height of the reference cameras (photos are taken near
+    the ground)."""
+    if not prior.geodetic:
+        return np.asarray(prior.position, dtype=np.float64)
+    if geo.origin_wgs84 is None or geo.map_to_enu is None:
+        raise ValueError("a WGS84 prior needs a georegistered map: rebuild it with --priors or --gps-from-exif")
+    lat, lon, alt = prior.position
+    position = geo.map_to_enu.apply_inverse(wgs84_to_enu(lat, lon, alt, geo.origin_wgs84))
+    if not prior.has_altitude:
+        position[2] = reference_height()
+    return position
+
+
+# ----- the compact map that localization plans from (no 3D points, no descriptors)
+
+REFERENCES_FILE = "references.parquet"
+
+
+@dataclass
+class ReferenceImages:
+    """One row per registered reference image: what planning needs of it, O(images) in size."""
+
+    image_ids: np.ndarray  # (R,) int64
+    names: list[str]
+    qvecs: np.ndarray  # (R, 4) world-to-camera (w, x, y, z)
+    tvecs: np.ndarray  # (R, 3)
+    median_depths: np.ndarray  # (R,) median depth of the points it observes along its axis; NaN: none
+    cameras: dict[int, pycolmap.Camera]  # camera_id -> camera, of the map
+    fingerprint: str  # of the map model it was derived from
+
+    # The median depth of an image's points is estimated from at most this many of them.
+    max_depth_samples = 256
+
+    @classmethod
+    def from_scene(cls, scene: SceneMap) -> ReferenceImages:
+        reconstruction = scene.reconstruction
+        image_ids = sorted(i for i, image in reconstruction.images.items() if image.has_pose)
+        names, qvecs, tvecs, depths = [], [], [], []
+        for image_id in image_ids:
+            image = reconstruction.images[image_id]
+            pose = image.cam_from_world()
+            quaternion = pose.rotation.quat  # (x, y, z, w)
+            names.append(image.name)
+            qvecs.append([quaternion[3], quaternion[0], quaternion[1], quaternion[2]])
+            tvecs.append(pose.translation)
+            point3D_ids = observations(image).point3D_ids
+            if len(point3D_ids) == 0:
+                depths.append(math.nan)
+                continue
+            samples = np.linspace(0, len(point3D_ids) - 1, min(len(point3D_ids), cls.max_depth_samples)).round()
+            xyz = np.array([reconstruction.points3D[i].xyz for i in point3D_ids[samples.astype(int)].tolist()])
+            depths.append(float(np.median((xyz @ pose.rotation.matrix().T + pose.translation)[:, 2])))
+        return cls(np.array(image_ids, np.int64), names, np.array(qvecs, np.float64).reshape(-1, 4),
+                   np.array(tvecs, np.float64).reshape(-1, 3), np.array(depths, np.float64),
+                   dict(reconstruction.cameras.items()), scene.fingerprint)
+
+    def save(self, path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cameras = {str(i): [camera.model.name, camera.width, camera.height, list(camera.params)]
+                   for i, camera in self.cameras.items()}
+        table = pa.table({"image_id": self.image_ids, "name": self.names, "qvec": list(self.qvecs),
+                          "tvec": list(self.tvecs), "median_depth": self.median_depths})
+        table = table.replace_schema_metadata({"fingerprint": self.fingerprint, "cameras": json.dumps(cameras)})
+        temporary = Path(path).with_name(f".{Path(path).name}.tmp")
+        pq.write_table(table, temporary)
+        temporary.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ReferenceImages:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        metadata = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
+        cameras = {int(i): pycolmap.Camera(camera_id=int(i), model=model, width=width, height=height, params=params)
+                   for i, (model, width, height, params) in json.loads(metadata["cameras"]).items()}
+        return cls(table.column("image_id").to_numpy(), table.column("name").to_pylist(),
+                   np.array(table.column("qvec").to_pylist(), np.float64).reshape(-1, 4),
+                   np.array(table.column("tvec").to_pylist(), np.float64).reshape(-1, 3),
+                   table.column("median_depth").to_numpy(), cameras, metadata["fingerprint"])
+
+    def centers(self) -> np.ndarray:
+        """(R, 3) camera centres, -R^T t."""
+        w, x, y, z = self.qvecs.T
+        R = np.stack([
+            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], -2)
+        return -np.einsum("rji,rj->ri", R, self.tvecs)
+
+
+@dataclass
+class MapIndex:
+    """What localization plans from: the shard index, the georegistration and the reference images'
+    table; unlike SceneMap, no 3D points and no descriptors (those are read per cell from the store)."""
+
+    geo: GeoInfo
+    shards: ShardIndex | None
+    manifest: dict
+    references: ReferenceImages
+    path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def camera_for_exif(self, width: int, height: int, exif_focal_px: float) -> pycolmap.Camera | None:
+        return camera_for_exif(self.references.cameras, self.manifest.get("exif_cameras", {}), width, height,
+                               exif_focal_px)
+
+    def prior_to_map(self, prior: Prior) -> np.ndarray:
+        return prior_to_map(self.geo, prior, lambda: float(np.median(self.references.centers()[:, 2])))
+
+
+def write_reference_table(scene: SceneMap, map_dir: Path) -> ReferenceImages:
+    """MAP/references.parquet from the model (done once, by whoever holds the model)."""
+    references = ReferenceImages.from_scene(scene)
+    references.save(Path(map_dir) / REFERENCES_FILE)
+    return references
+
+
+def load_map_index(map_dir: Path) -> MapIndex:
+    """The compact map; the reference table is derived from the model, once, when it is missing or
+    belongs to another model (a map written before the table existed, or rebuilt since)."""
+    map_dir = Path(map_dir)
+    manifest_path = map_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{map_dir}: not a map directory (no {MANIFEST_FILE}); build one with `pixloc map`")
+    manifest = json.loads(manifest_path.read_text())
+    table_path = map_dir / REFERENCES_FILE
+    references = ReferenceImages.load(table_path) if table_path.is_file() else None
+    if references is None or references.fingerprint != manifest["fingerprint"]:
+        references = write_reference_table(SceneMap.load(map_dir, with_descriptors=False), map_dir)
+    return MapIndex(GeoInfo.from_dict(json.loads((map_dir / GEO_FILE).read_text())),
+                    ShardIndex.load(map_dir / SHARDS_FILE) if (map_dir / SHARDS_FILE).is_file() else None,
+                    manifest, references, map_dir)

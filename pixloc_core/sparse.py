@@ -1,7 +1,11 @@
-"""The sparse baseline localizer: query SIFT matched to the map's per-point descriptors, then
-RANSAC PnP with pycolmap and a least-squares refinement, optionally pulled towards a GPS prior.
+"""The sparse baseline localizer: query keypoints matched to per-point map descriptors, then RANSAC
+PnP with pycolmap and a least-squares refinement, optionally pulled towards a GPS prior.
 
 It gives a pose hypothesis for featuremetric refinement, or a result on its own (`--method sparse`).
+The steps are separate functions because they run in different processes at scale: the query
+worker extracts the query's keypoints (`extract_query_keypoints`), and the shard actor that holds a
+cell's points (`SparsePoints`, read from the feature store) matches them and solves PnP
+(`localize_against`). `SparseLocalizer` chains them on a whole in-memory map.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from .mapping import matching
 from .mapping.sift import SiftExtractor
 
 default_conf = {
+    "keypoints": "sift",  # the query keypoint type; the map's point descriptors must be of the same kind
     "sift": {"max_image_size": 1600, "max_num_features": 8192},
     # No mutual check: a query keypoint is compared with one descriptor per 3D point, and several
     # points may legitimately look alike (repeated facades); the ratio test does the pruning.
     "matching": {"ratio_threshold": 0.8, "mutual": False},
-    # With a prior, only points seen by reference images within this distance are candidates.
+    # Without a shard index to select the points near the prior, SparseLocalizer takes those seen
+    # by reference images within this distance (the shard actors use the job's search radius).
     "search_radius_m": 150.0,
     "ransac_max_error_px": 12.0,
     "min_inliers": 15,
@@ -38,63 +44,131 @@ class SparseResult:
     position_std_m: float = float("nan")  # of the camera centre, from PnP's covariance (approximate)
 
 
+@dataclass
+class QueryKeypoints:
+    """What a query contributes to sparse matching; small enough to travel with the query."""
+
+    xy: np.ndarray  # (N, 2) float64 pixels of the query image, COLMAP convention
+    descriptors: np.ndarray  # (N, D) float16, unit norm
+
+
+@dataclass
+class SparsePoints:
+    """3D points with one descriptor each, and which reference images observe them (CSR)."""
+
+    point3D_ids: np.ndarray  # (P,) int64, ascending
+    xyz: np.ndarray  # (P, 3) float64
+    descriptors: np.ndarray  # (P, D) float16, unit norm
+    observer_starts: np.ndarray  # (P + 1,) the observers of point p are observer_ids[starts[p]:starts[p + 1]]
+    observer_ids: np.ndarray  # (O,) int32 reference image ids
+
+    @classmethod
+    def from_observations(cls, point3D_ids: np.ndarray, image_ids: np.ndarray, xyz: np.ndarray,
+                          descriptors: np.ndarray) -> SparsePoints:
+        """From per-observation rows (N,) (as a store partition holds them): one entry per point."""
+        order = np.lexsort((image_ids, point3D_ids))
+        sorted_ids = point3D_ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if len(order) else np.zeros(0, int)
+        first = order[starts]
+        return cls(sorted_ids[starts].astype(np.int64), np.asarray(xyz, np.float64)[first].reshape(-1, 3),
+                   np.asarray(descriptors)[first], np.r_[starts, len(order)].astype(np.int64),
+                   np.asarray(image_ids, np.int32)[order])
+
+    def __len__(self) -> int:
+        return len(self.point3D_ids)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in (self.point3D_ids, self.xyz, self.descriptors, self.observer_starts,
+                                              self.observer_ids))
+
+    def seen_by(self, image_ids: list[int] | np.ndarray) -> np.ndarray:
+        """(C,) indices of the points that any of the given reference images observes."""
+        observed = np.isin(self.observer_ids, np.asarray(image_ids, np.int32))
+        counts = np.add.reduceat(observed.astype(np.int64), self.observer_starts[:-1]) if len(self) else observed
+        return np.flatnonzero(counts > 0)
+
+
+def keypoint_extractor(conf: dict):
+    """The query keypoint extractor of a sparse conf; a callable (H, W) uint8 -> Features."""
+    if conf["keypoints"] != "sift":
+        raise ValueError(f"unknown keypoint type {conf['keypoints']!r}")
+    return SiftExtractor(conf["sift"])
+
+
+def extract_query_keypoints(extractor, image: np.ndarray) -> QueryKeypoints:
+    """image: (H, W) uint8 grayscale at the resolution of the query camera."""
+    features = extractor(image)
+    descriptors = matching.normalize_descriptors(features.descriptors).half().numpy()
+    return QueryKeypoints(features.xy, descriptors)
+
+
+def localize_against(query: QueryKeypoints, points: SparsePoints, rows: np.ndarray, camera: pycolmap.Camera,
+                     conf: dict, prior_position: np.ndarray | None = None,
+                     prior_sigma_m: float | None = None) -> SparseResult:
+    """2D-3D matching of the query keypoints against the candidate points `rows` (C,), then PnP.
+    prior_position: (3,) map frame, pulls the refinement towards the GPS within prior_sigma_m."""
+    if len(rows) < conf["min_inliers"]:
+        return SparseResult(False, None, len(query.xy), 0, 0, f"only {len(rows)} map points near the prior")
+    matches = matching.match_descriptors(torch.from_numpy(query.descriptors).float(),
+                                         torch.from_numpy(points.descriptors[rows]).float(), **conf["matching"])
+    if len(matches) < conf["min_inliers"]:
+        return SparseResult(False, None, len(query.xy), len(matches), 0,
+                            f"{len(matches)} 2D-3D matches, fewer than {conf['min_inliers']}")
+    estimation = pycolmap.AbsolutePoseEstimationOptions()
+    estimation.ransac.max_error = conf["ransac_max_error_px"]
+    refinement = pycolmap.AbsolutePoseRefinementOptions()
+    if prior_position is not None and prior_sigma_m:
+        refinement.use_position_prior = True
+        refinement.position_prior_in_world = np.asarray(prior_position, dtype=np.float64)
+        refinement.position_prior_covariance = np.eye(3) * prior_sigma_m ** 2
+    estimate = pycolmap.estimate_and_refine_absolute_pose(
+        query.xy[matches[:, 0]], points.xyz[rows[matches[:, 1]]], camera, estimation, refinement,
+        return_covariance=True)
+    num_inliers = 0 if estimate is None else int(estimate["num_inliers"])
+    if num_inliers < conf["min_inliers"]:
+        return SparseResult(False, None, len(query.xy), len(matches), num_inliers,
+                            f"PnP found {num_inliers} inliers, fewer than {conf['min_inliers']}")
+    # The covariance is over (rotation, translation); the translation block's trace stands for the
+    # centre's variance (equal up to the rotation's share, small next to the thresholds).
+    position_std = float(np.sqrt(max(np.trace(estimate["covariance"][3:, 3:]), 0.0)))
+    return SparseResult(True, estimate["cam_from_world"], len(query.xy), len(matches), num_inliers,
+                        position_std_m=position_std)
+
+
 class SparseLocalizer:
+    """SIFT + PnP against a whole in-memory map (small maps, tests; the batch job uses the cells)."""
+
     def __init__(self, scene_map: SceneMap, conf: dict | None = None):
         self.conf = {**default_conf, **(conf or {})}
         if scene_map.descriptors is None or len(scene_map.descriptors) == 0:
             raise ValueError(f"{scene_map.path}: the map has no point descriptors; sparse localization needs them")
         self.scene_map = scene_map
-        self.extractor = SiftExtractor(self.conf["sift"])
-        self.point_ids = scene_map.point3D_ids  # (P,)
-        points3D = scene_map.reconstruction.points3D
-        self.point_xyz = np.array([points3D[i].xyz for i in self.point_ids.tolist()]).reshape(-1, 3)  # (P, 3)
-        self.descriptors = torch.from_numpy(scene_map.descriptors.astype(np.float32))  # (P, 128)
-        self._image_rows: dict[str, np.ndarray] = {}  # per reference image: rows of the points it observes
-
-    def _rows_seen_from(self, names: list[str]) -> np.ndarray:
-        for name in names:
-            if name not in self._image_rows:
-                image = self.scene_map.reconstruction.find_image_with_name(name)
-                ids = observations(image).point3D_ids
-                rows = np.searchsorted(self.point_ids, ids).clip(0, max(len(self.point_ids) - 1, 0))
-                self._image_rows[name] = rows[self.point_ids[rows] == ids]
-        return np.unique(np.concatenate([self._image_rows[name] for name in names] or [np.empty(0, np.int64)]))
+        self.extractor = keypoint_extractor(self.conf)
+        reconstruction = scene_map.reconstruction
+        point_ids, image_ids = [], []
+        for image_id, image in reconstruction.images.items():
+            ids = observations(image).point3D_ids
+            point_ids.append(ids)
+            image_ids.append(np.full(len(ids), image_id, np.int32))
+        point_ids, image_ids = np.concatenate(point_ids), np.concatenate(image_ids)
+        rows = np.searchsorted(scene_map.point3D_ids, point_ids).clip(0, len(scene_map.point3D_ids) - 1)
+        described = scene_map.point3D_ids[rows] == point_ids
+        xyz = np.array([reconstruction.points3D[i].xyz for i in point_ids[described].tolist()]).reshape(-1, 3)
+        self.points = SparsePoints.from_observations(point_ids[described], image_ids[described], xyz,
+                                                     scene_map.descriptors[rows[described]])
 
     def candidate_rows(self, prior_position: np.ndarray | None) -> np.ndarray:
         """(C,) rows of the candidate points: near the prior when there is one and a shard index."""
         if prior_position is None or self.scene_map.shards is None:
-            return np.arange(len(self.point_ids))
-        return self._rows_seen_from(self.scene_map.shards.images_near(prior_position, self.conf["search_radius_m"]))
+            return np.arange(len(self.points))
+        names = self.scene_map.shards.images_near(prior_position, self.conf["search_radius_m"])
+        reconstruction = self.scene_map.reconstruction
+        return self.points.seen_by([reconstruction.find_image_with_name(name).image_id for name in names])
 
     def localize(self, image: np.ndarray, camera: pycolmap.Camera, prior_position: np.ndarray | None = None,
                  prior_sigma_m: float | None = None) -> SparseResult:
         """image: (H, W) uint8 grayscale at the resolution of `camera`. prior_position: (3,) map frame."""
-        features = self.extractor(image)
-        rows = self.candidate_rows(prior_position)
-        if len(rows) < self.conf["min_inliers"]:
-            return SparseResult(False, None, len(features.keypoints), 0, 0,
-                                f"only {len(rows)} map points near the prior")
-        query_descriptors = matching.normalize_descriptors(features.descriptors)  # (N, 128)
-        matches = matching.match_descriptors(query_descriptors, self.descriptors[rows], **self.conf["matching"])
-        if len(matches) < self.conf["min_inliers"]:
-            return SparseResult(False, None, len(features.keypoints), len(matches), 0,
-                                f"{len(matches)} 2D-3D matches, fewer than {self.conf['min_inliers']}")
-        estimation = pycolmap.AbsolutePoseEstimationOptions()
-        estimation.ransac.max_error = self.conf["ransac_max_error_px"]
-        refinement = pycolmap.AbsolutePoseRefinementOptions()
-        if prior_position is not None and prior_sigma_m:
-            refinement.use_position_prior = True
-            refinement.position_prior_in_world = np.asarray(prior_position, dtype=np.float64)
-            refinement.position_prior_covariance = np.eye(3) * prior_sigma_m ** 2
-        estimate = pycolmap.estimate_and_refine_absolute_pose(
-            features.xy[matches[:, 0]], self.point_xyz[rows[matches[:, 1]]], camera, estimation, refinement,
-            return_covariance=True)
-        num_inliers = 0 if estimate is None else int(estimate["num_inliers"])
-        if num_inliers < self.conf["min_inliers"]:
-            return SparseResult(False, None, len(features.keypoints), len(matches), num_inliers,
-                                f"PnP found {num_inliers} inliers, fewer than {self.conf['min_inliers']}")
-        # The covariance is over (rotation, translation); the translation block's trace stands for
-        # the centre's variance (equal up to the rotation's share, small next to the thresholds).
-        position_std = float(np.sqrt(max(np.trace(estimate["covariance"][3:, 3:]), 0.0)))
-        return SparseResult(True, estimate["cam_from_world"], len(features.keypoints), len(matches), num_inliers,
-                            position_std_m=position_std)
+        query = extract_query_keypoints(self.extractor, image)
+        return localize_against(query, self.points, self.candidate_rows(prior_position), camera, self.conf,
+                                prior_position, prior_sigma_m)

@@ -13,19 +13,24 @@ import pytest
 import ray
 import torch
 
-from cluster.router import RouterConf
+from cluster.router import PoolConf
+from cluster.shard_actor import ShardConf
 from jobs import cli
 from jobs import features as features_job
 from jobs import localize as localize_job
 from jobs import map as map_job
 from jobs import refine as refine_job
 from jobs.results import read_results
+from pixloc_core import sparse
 from pixloc_core.evaluate import pose_errors
+from pixloc_core.extractors import load_extractor
 from pixloc_core.geometry import Pose
 from pixloc_core.io import (Prior, QueryIntrinsics, read_poses, read_priors, read_query_list, write_poses,
                             write_priors, write_query_list)
-from pixloc_core.localize import (pose_uncertainty, reference_hypotheses, turned_towards, viewed_points,
-                                  visible_points)
+from pixloc_core.localize import (Aligners, CellData, Planner, QueryInput, actor_for_cell, localize_in_cell,
+                                  pose_uncertainty, reference_hypotheses, spatial_order, turned_towards,
+                                  viewed_points, visible_points)
+from pixloc_core.map_io import load_map_index
 from pixloc_core.synthetic import dataset
 
 CONF = {"workers": 2, "flush_every": 1}
@@ -99,6 +104,15 @@ def test_every_query_gets_one_row_and_good_ones_are_accurate(scene, faulty_queri
         assert row["num_points"] > 0 and math.isfinite(row["cost"]) and row["cell"]
         assert row["prior_distance_m"] > 0 and row["position_std_m"] >= 0
         assert row["cnn_ms"] > 0 and row["align_ms"] > 0
+        assert row["worker_peak_rss_mb"] > 0 and row["shard_peak_rss_mb"] > 0
+
+    # a bounded pool (one actor per CPU of the 2-CPU test cluster), each cell loaded once, and
+    # only metadata through the driver
+    summary = localize_job.read_summary(results.parent)
+    assert summary["actor_processes"] == 2 and summary["queries"] == len(rows)
+    touched = {row["cell"] for row in rows.values() if row["cell"]}
+    assert len(touched) <= summary["cell_loads"] <= len(touched) + 2 and summary["evictions"] == 0
+    assert 0 < summary["driver_bytes_per_query"] <= 10_000
 
 
 def test_the_sparse_method_computes_no_dense_features(scene, faulty_queries, tmp_path):
@@ -128,9 +142,11 @@ def test_resume_after_a_driver_crash_answers_each_query_once(scene, faulty_queri
     assert len(first) >= 3  # flushed as they came: the crash lost nothing already answered
 
     answered = []
-    # a zero memory budget also makes the pool evict every idle shard actor after each answer
+    # a zero memory budget also makes each shard actor evict every other cell at each load
     run_localize(scene, faulty_queries, out, resume=True, on_result=lambda row: answered.append(row["name"]),
-                 conf={"router": RouterConf(memory_budget_mb=0)})
+                 conf={"shard": ShardConf(memory_budget_mb=0), "pool": PoolConf(shard_actors=1)})
+    summary = localize_job.read_summary(out)
+    assert summary["actor_processes"] == 1 and summary["evictions"] == summary["cell_loads"] - 1
     names = read_results(out).column("name").to_pylist()
     assert sorted(names) == sorted(set(names))
     assert set(names) == first | set(answered) and not first & set(answered)
@@ -142,21 +158,23 @@ def test_resume_after_a_driver_crash_answers_each_query_once(scene, faulty_queri
 def test_a_killed_shard_actor_restarts_and_no_query_is_lost(scene, faulty_queries, tmp_path):
     killed, statuses = [], []
 
-    def kill_the_first_shard(row: dict) -> None:
-        """At the first answer of a shard, kill its actor (Ray restarts it and retries the calls
-        in flight); at the next answer, ask the restarted actor whether it was restarted."""
+    def kill_the_shards(row: dict) -> None:
+        """At the first answer of a shard, kill every shard actor (Ray restarts them and retries
+        the calls in flight); at the next answer, ask a restarted actor whether it was restarted."""
         if not row["cell"]:
             return
         if not killed:
-            (name,) = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-                       if actor["name"].startswith(f"shard-{row['cell']}-")]
-            killed.append(ray.get_actor(name, namespace="pixloc"))
-            ray.kill(killed[0], no_restart=False)
+            names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                     if actor["name"].startswith("shard-")]
+            assert names
+            for name in names:
+                killed.append(ray.get_actor(name, namespace="pixloc"))
+                ray.kill(killed[-1], no_restart=False)
         elif not statuses:
-            statuses.append(ray.get(killed[0].status.remote()))
+            statuses.append(ray.get(killed[0].stats.remote()))
 
-    results = run_localize(scene, faulty_queries, tmp_path / "out", on_result=kill_the_first_shard)
-    assert killed and statuses and statuses[0]["restarted"]
+    results = run_localize(scene, faulty_queries, tmp_path / "out", on_result=kill_the_shards)
+    assert killed and statuses and statuses[0].restarted
     table = pq.read_table(results)
     names = table.column("name").to_pylist()
     assert sorted(names) == sorted(set(names)) and len(names) == len(faulty_queries["good"]) + 4
@@ -199,6 +217,67 @@ def test_an_unreachable_store_is_a_one_line_error(scene, faulty_queries, tmp_pat
 
 
 # ----- the per-query logic, without Ray
+
+
+def test_plan_and_policy_run_without_ray(scene):
+    """Planner (from the compact map) and localize_in_cell (on a cell read straight from the store)
+    in this process: what the query workers and shard actors run, without them."""
+    map_index = load_map_index(scene["map"])
+    assert (scene["map"] / "references.parquet").is_file()  # written by `pixloc features`
+    store = localize_job.open_store(str(scene["store"]), "classic", map_index.fingerprint)
+    planner = Planner(map_index)
+    intrinsics = read_query_list(scene["scene"] / "queries_with_intrinsics.txt")
+    priors = read_priors(scene["scene"] / "priors.csv")
+    ground_truth = read_poses(scene["scene"] / "gt_queries.txt")
+    extractor = load_extractor("classic").eval()
+    keypoints = sparse.keypoint_extractor(sparse.default_conf)
+    conf = ShardConf()
+    aligners = Aligners.from_conf(conf.align, conf.localize.sparse_levels)
+    errors = {}
+    for name in sorted(ground_truth):
+        plan = planner.plan(QueryInput(name, str(scene["scene"] / "queries" / name), intrinsics[name], priors[name]))
+        assert not plan.error and plan.cells and plan.hypotheses.shape == (4,) and plan.reference_image_ids
+        request, _ = localize_job.query_request(plan, "sparse+dense", conf.levels, extractor, keypoints)
+        cell = plan.cells[0]
+        levels = [store.load_cell_with_image_ids(cell, level) for level in conf.levels]
+        data = CellData(cell, [reference for reference, _ in levels], [ids for _, ids in levels], store.load_sparse(cell))
+        # the sparse candidates are the cell's points near the prior, not the whole cell
+        assert len(data.sparse_candidates(plan.reference_image_ids, 0)) < len(data.sparse)
+        assert np.allclose(np.linalg.norm(data.sparse.descriptors.astype(np.float32), axis=1), 1, atol=1e-2)
+        localization, timings = localize_in_cell(request, data, aligners, conf.localize, sparse.default_conf)
+        assert timings["sparse_ms"] > 0
+        if localization.success:
+            errors[name] = pose_errors({name: (np.array(localization.qvec), np.array(localization.tvec))},
+                                       ground_truth)[name]
+    assert sum(t < 0.25 and R < 2.0 for t, R in errors.values()) >= 3, errors
+    assert all(t < 0.5 for t, _ in errors.values()), errors
+
+    # a query whose prior is far from the map is planned as a failure, not an exception
+    far = Prior((1e4, 0.0, 1.6), geodetic=False, sigma_m=5.0)
+    plan = planner.plan(QueryInput("far", str(scene["scene"] / "queries" / name), intrinsics[name], far))
+    assert "outside the map" in plan.error
+
+
+def test_spatial_order_groups_cells_and_keeps_unknown_positions_last():
+    rng = np.random.default_rng(0)
+    positions = rng.uniform(-500, 500, (400, 2))
+    positions[::50] = np.nan
+    order = spatial_order(positions, 50.0)
+    assert sorted(order.tolist()) == list(range(400))
+    known = order[:-8]
+    assert np.isfinite(positions[known]).all() and np.isnan(positions[order[-8:]]).all()
+    cells = [tuple(cell) for cell in np.floor(positions[known] / 50.0).astype(int).tolist()]
+    runs = 1 + sum(a != b for a, b in zip(cells, cells[1:]))
+    assert runs == len(set(cells))  # each cell's queries come together
+    # consecutive cells are mostly neighbours (a space-filling curve), not scattered
+    steps = np.abs(np.diff(np.array(list(dict.fromkeys(cells))), axis=0)).max(1)
+    assert np.median(steps) <= 1
+
+
+def test_cells_map_to_one_actor_stably():
+    cells = [f"x{x:+05d}_y{y:+05d}" for x in range(-5, 5) for y in range(-5, 5)]
+    hosts = [actor_for_cell(cell, 4) for cell in cells]
+    assert hosts == [actor_for_cell(cell, 4) for cell in cells] and set(hosts) == {0, 1, 2, 3}
 
 
 def test_reference_hypotheses_keep_rotation_and_move_to_the_prior():

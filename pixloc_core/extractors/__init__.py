@@ -7,6 +7,11 @@
 | `unet-vgg16` | PixLoc UNet, VGG16 encoder                             | a PixLoc checkpoint_best.tar |
 | `unet-vgg19` | PixLoc UNet, VGG19 encoder                             | a PixLoc checkpoint_best.tar |
 | `unet-small` | narrow UNet trained with `pixloc train`                | `--checkpoint`, or shipped   |
+| `alike-t/s/n/l` | ALIKE (dense descriptors at stride 1 + keypoints)   | shipped (authors' state dicts) |
+| `xfeat`      | XFeat (64-d descriptors at stride 8 + keypoints)       | shipped (converted ONNX export) |
+
+ALIKE and XFeat read their shipped weights from `pixloc_core/weights/`, or the file passed as
+`checkpoint`; they also give `extractor.keypoints(images)` for the sparse path.
 
 A UNet needs weights: the `checkpoint` argument, else `pixloc_core/weights/<name>.tar` when the
 repository ships one. Checkpoints may carry the alignment's learned dampings, exposed as
@@ -18,11 +23,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .alike import VARIANTS as ALIKE_VARIANTS
+from .alike import AlikeConf, load_alike
 from .base import Extractor, default_device
 from .checkpoint import CheckpointError, load_extractor_state, read_checkpoint, split_model_state
 from .classic import ClassicConf, ClassicExtractor
 from .intensity import IntensityConf, IntensityExtractor
 from .unet import UNetExtractor
+from .xfeat import XFeatConf, load_xfeat
 from .unet import default_conf as unet_default_conf
 
 logger = logging.getLogger(__name__)
@@ -37,6 +45,16 @@ UNETS = {
     "unet-small": {"encoder": "small", "decoder": (16, 16, 16, 16), "output_dim": (16, 16, 16), "max_size": 640},
 }
 WEIGHT_FREE = {"classic": (ClassicExtractor, ClassicConf), "intensity": (IntensityExtractor, IntensityConf)}
+# Pretrained third-party networks: name -> (loader(name, weights, conf), conf class, shipped weights).
+PRETRAINED = {name: (load_alike, AlikeConf, WEIGHTS_DIR / "alike" / f"{name}.pth") for name in ALIKE_VARIANTS}
+PRETRAINED["xfeat"] = (load_xfeat, XFeatConf, WEIGHTS_DIR / "xfeat" / "xfeat.pt")
+
+
+def _make_conf(name: str, conf_class: type, conf: dict):
+    unknown = set(conf) - set(conf_class.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"extractor {name!r}: unknown config keys {sorted(unknown)}")
+    return conf_class(**conf)
 
 
 def shipped_weights(name: str) -> Path | None:
@@ -46,7 +64,8 @@ def shipped_weights(name: str) -> Path | None:
 
 def available_extractors() -> list[str]:
     """Names that `load_extractor` can build right now without a checkpoint argument."""
-    return sorted(WEIGHT_FREE) + sorted(name for name in UNETS if shipped_weights(name))
+    return (sorted(WEIGHT_FREE) + sorted(name for name in UNETS if shipped_weights(name))
+            + sorted(name for name, (_, _, weights) in PRETRAINED.items() if weights.is_file()))
 
 
 def build_unet(name: str, **conf) -> UNetExtractor:
@@ -68,10 +87,12 @@ def load_extractor(name: str = DEFAULT, checkpoint: Path | None = None, **conf) 
         if checkpoint is not None:
             raise ValueError(f"extractor {name!r} has no weights, but a checkpoint was given: {checkpoint}")
         extractor_class, conf_class = WEIGHT_FREE[name]
-        unknown = set(conf) - set(conf_class.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"extractor {name!r}: unknown config keys {sorted(unknown)}")
-        extractor = extractor_class(conf_class(**conf))
+        extractor = extractor_class(_make_conf(name, conf_class, conf))
+    elif name in PRETRAINED:
+        loader, conf_class, weights = PRETRAINED[name]
+        weights = Path(checkpoint) if checkpoint is not None else weights
+        extractor = loader(name, weights, _make_conf(name, conf_class, conf))
+        logger.info("Loaded %s from %s", name, weights)
     elif name in UNETS:
         checkpoint = Path(checkpoint) if checkpoint is not None else shipped_weights(name)
         if checkpoint is None:
@@ -83,7 +104,8 @@ def load_extractor(name: str = DEFAULT, checkpoint: Path | None = None, **conf) 
         extractor.dampings = dampings
         logger.info("Loaded %s from %s%s", name, checkpoint, " with dampings" if dampings is not None else "")
     else:
-        raise ValueError(f"unknown extractor {name!r}, expected one of {sorted(WEIGHT_FREE) + sorted(UNETS)}")
+        raise ValueError(f"unknown extractor {name!r}, expected one of "
+                         f"{sorted(WEIGHT_FREE) + sorted(UNETS) + sorted(PRETRAINED)}")
     return extractor.eval().to(default_device())
 
 

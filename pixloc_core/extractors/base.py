@@ -123,3 +123,13 @@ def sample_level(level: FeatureLevel, p2d: torch.Tensor, image_size: torch.Tenso
     stacked = torch.cat([level.features, level.confidence[None]])  # (C+1, H, W)
     sampled = sample_feature_map(stacked, p2d * scale)  # (N, C+1)
     return F.normalize(sampled[..., :-1], dim=-1), sampled[..., -1]
+
+
+def pooled_confidence(scores: torch.Tensor, size: tuple[int, int], window: int, floor: float) -> torch.Tensor:
+    """A detector's score or reliability map (B, H, W) in [0, 1] as the confidence (B, h, w) of a
+    level of another size: box-blurred over `window` pixels (a keypoint-ness peak is a few pixels
+    wide, the points that are aligned are not exactly on it), area-averaged or bilinearly
+    resampled to the level, floored so that weak texture still counts a little."""
+    blurred = F.avg_pool2d(scores[:, None], window, stride=1, padding=window // 2, count_include_pad=False)
+    mode = {"mode": "area"} if size[0] <= scores.shape[-2] else {"mode": "bilinear", "align_corners": False}
+    return F.interpolate(blurred, size=size, **mode)[:, 0].clamp(min=floor, max=1.0)

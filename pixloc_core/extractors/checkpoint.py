@@ -37,6 +37,31 @@ def _damping_keys() -> list[str]:
     return [DAMPING_KEY.format(index) for index in range(len(STRIDES))]
 
 
+def _safe_load(path: Path, what: str):
+    """torch.load with weights_only=True; a missing or unreadable file raises a one-line
+    CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    numpy_types = [np.dtype, np.ndarray, type(np.dtype(np.float64)), type(np.dtype(np.float32)),
+                   np._core.multiarray.scalar, np._core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(numpy_types):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a loadable torch {what} with weights_only=True ({reason})"
+                              ) from error
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict file (ALIKE's .pth, the converted XFeat weights)."""
+    path = Path(path)
+    state = _safe_load(path, "weights file")
+    if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return state
+
+
 def read_checkpoint(path: Path) -> dict:
     """torch.load with weights_only=True (no code execution) and a check of the layout.
 
@@ -44,17 +69,7 @@ def read_checkpoint(path: Path) -> dict:
     allow-listed, nothing else is.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    numpy_types = [np.dtype, np.ndarray, type(np.dtype(np.float64)), type(np.dtype(np.float32)),
-                   np._core.multiarray.scalar, np._core.multiarray._reconstruct]
-    try:
-        with torch.serialization.safe_globals(numpy_types):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a loadable torch checkpoint with weights_only=True ({reason})"
-                              ) from error
+    checkpoint = _safe_load(path, "checkpoint")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path}: expected a dict with a 'model' state dict (PixLoc checkpoint layout)")
     return checkpoint
@@ -81,8 +96,10 @@ def split_model_state(checkpoint: dict, path: Path) -> tuple[dict[str, torch.Ten
     return extractor_state, dampings
 
 
-def load_extractor_state(extractor: torch.nn.Module, extractor_state: dict[str, torch.Tensor], path: Path) -> None:
-    """Strict load with an error that lists what does not match, instead of torch's wall of text."""
+def load_extractor_state(extractor: torch.nn.Module, extractor_state: dict[str, torch.Tensor], path: Path,
+                         prefix: str = EXTRACTOR_PREFIX) -> None:
+    """Strict load with an error that lists what does not match, instead of torch's wall of text.
+    `prefix` is how the file names the keys (PixLoc checkpoints: "extractor.", plain state dicts: "")."""
     expected = extractor.state_dict()
     missing = sorted(set(expected) - set(extractor_state))
     unexpected = sorted(set(extractor_state) - set(expected))
@@ -90,7 +107,7 @@ def load_extractor_state(extractor: torch.nn.Module, extractor_state: dict[str, 
                         if expected[key].shape != extractor_state[key].shape)
     if missing or unexpected or mismatched:
         def listing(keys: list[str]) -> str:
-            shown = [EXTRACTOR_PREFIX + key for key in keys[:6]]
+            shown = [prefix + key for key in keys[:6]]
             return ", ".join(shown) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
 
         parts = [f"{label} keys: {listing(keys)}" for label, keys in
