@@ -106,9 +106,9 @@ def test_an_endpoint_cut_midway_leaves_retryable_rows_that_resume_completes(s3_s
     arguments = ["localize", "--map", str(s3_scene["map"]), "--store", s3_scene["store"],
                  "--queries", str(scene / "queries"), "--out", str(out), "--priors", str(scene / "priors.csv"),
                  "--query-list", str(scene / "queries_with_intrinsics.txt"), "--workers", "1",
-                 # one row per part file, and every shard actor evicted after each answer: each later
-                 # query must read the store again, through the proxy
-                 "--conf", "flush_every=1", "router.memory_budget_mb=0"]
+                 # one query per call and one row per part file; a shard keeps only the cell in use, so
+                 # queries in other cells must read the store again, through the proxy
+                 "--conf", "flush_every=1", "queries_per_call=1", "shard.memory_budget_mb=0"]
     job = pixloc_process(arguments, f"http://127.0.0.1:{proxy.port}")
     while job.poll() is None and not list((out / "parts").glob("part-*.parquet")):
         time.sleep(0.2)  # waiting for the first row, not a timed assertion
@@ -162,8 +162,8 @@ def test_exactly_once_soak_with_corrupt_images_and_a_killed_actor(s3_scene, tmp_
 
     def kill_the_first_shard(row: dict) -> None:
         if row["cell"] and not killed:
-            (name,) = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-                       if actor["name"].startswith(f"shard-{row['cell']}-")]
+            name = next(actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                        if actor["name"].startswith("shard-"))
             killed.append(name)
             ray.kill(ray.get_actor(name, namespace="pixloc"), no_restart=False)
 

@@ -70,10 +70,10 @@ def test_every_subcommand_takes_conf_and_debug(command, capsys):
 def test_unknown_conf_keys_are_refused_before_any_work(tmp_path, capsys):
     arguments = ["localize", "--map", str(tmp_path), "--store", str(tmp_path), "--queries", str(tmp_path),
                  "--out", str(tmp_path / "out"), "--priors", str(tmp_path / "priors.csv")]
-    assert cli.main([*arguments, "--conf", "router.max_celss=3"]) == 2
-    assert "unknown conf key router.max_celss" in capsys.readouterr().err
+    assert cli.main([*arguments, "--conf", "search.max_celss=3"]) == 2
+    assert "unknown conf key search.max_celss" in capsys.readouterr().err
     # A known key passes the check; the job then fails on its missing input, in one line.
-    assert cli.main([*arguments, "--conf", "router.max_cells=3"]) == 1
+    assert cli.main([*arguments, "--conf", "search.max_cells=3"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("pixloc localize: ") and "priors.csv" in err and err.count("\n") == 1
 
@@ -246,3 +246,17 @@ def test_measure_and_verify_keep_the_pose_and_give_the_reason():
     assert verified.error == "inconsistent with the prior: 50.0 m from it, sigma 10.0 m"
     dense = replace(refined, hypothesis="ref:r.jpg")
     assert measure(dense, np.zeros(3), 10.0, pnp, inliers=100, matches=200).matches == 0  # not a PnP pose
+
+
+def test_bench_precision_quick_smoke(ray_cluster, tmp_path):
+    """`pixloc bench precision --conf quick=true` (CI form, smaller still): report, table, plot."""
+    out = tmp_path / "precision.json"
+    assert cli.main(["bench", "precision", "--out", str(out), "--conf", "quick=true", "refs=[30]", "queries=4",
+                     f"work_dir={tmp_path / 'work'}"]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    (entry,) = report["scenes"]["synth 30 refs, 10 m"].values()
+    assert entry["queries"] == 4 and 0 <= entry["recall"] <= 1
+    assert [point["prior_sigmas"] for point in entry["curve"]] == report["conf"]["sweep"]
+    assert out.with_suffix(".png").is_file()
