@@ -32,7 +32,8 @@ def root_cause(error: BaseException) -> BaseException:
         seen.add(id(error))
         inner = getattr(error, "cause", None)  # ray.exceptions.RayTaskError
         if not isinstance(inner, BaseException):
-            inner = error.__cause__
+            # raised `from` an error, else while handling one (Ray Data's UDF errors do the latter)
+            inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
         if inner is None or isinstance(error, StorageError | DamagedPartition):
             break  # our own errors already say what and where
         error = inner

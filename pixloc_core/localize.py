@@ -271,7 +271,8 @@ def best_of(localizations: list[Localization]) -> Localization:
         return min(successful, key=lambda loc: (loc.cost, -loc.num_points))
     # A failure is final only if no part of it failed for a reason a retry could remove.
     best = min(localizations, key=lambda loc: loc.cost)
-    return replace(best, retryable=any(loc.retryable for loc in localizations))
+    best.retryable = any(loc.retryable for loc in localizations)  # in place: callers find it by identity
+    return best
 
 
 # ----- planning: from what the driver knows of a query to what its shards need
