@@ -4,6 +4,8 @@ EXIF orientation is ignored, as COLMAP does, so that pixels match the cameras of
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +29,22 @@ def list_images(image_dir: Path) -> list[str]:
 
 def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
     """(H, W, 3) uint8 for mode "RGB", (H, W) for "L"; writable, as torch.from_numpy wants."""
+    with opened(path) as image:
+        return np.array(image.convert(mode))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the header, without decoding the pixels."""
+    with opened(path) as image:
+        return image.size
+
+
+@contextmanager
+def opened(path: Path) -> Iterator[Image.Image]:
+    """The image, any failure to read it an ImageReadError naming the file and the reason."""
     try:
         with Image.open(path) as image:
-            return np.array(image.convert(mode))
+            yield image
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:

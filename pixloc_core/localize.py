@@ -387,13 +387,11 @@ def query_intrinsics(path: Path, listed: QueryIntrinsics | None, scene=None) -> 
     focal length: the map's calibrated camera of the same device (same size and EXIF focal,
     `scene.camera_for_exif`) when it has one, a pinhole camera otherwise; checked. Returns the
     intrinsics and the note (empty when nothing was adjusted)."""
-    from PIL import Image
-
     from .exif import read_exif_focal_px
+    from .images import image_size
 
     note = ""
-    with Image.open(path) as image:
-        width, height = image.size
+    width, height = image_size(path)
     if listed is not None:
         intrinsics = listed
         if (listed.width, listed.height) != (width, height):
