@@ -66,11 +66,11 @@ def extract_features(images_dir: Path, names: list[str], root: Path, sift_conf: 
 
 
 @ray.remote(num_cpus=1)
-def _match_chunk(root: str, chunk: list[tuple[str, list[str]]], conf: dict) -> int:
+def _match_chunk(root: str, chunk: list[tuple[str, list[str]]], conf: dict, features_root: str) -> int:
     """Matches of every pair of `chunk` (name0, its partners), one file per name0; each image's
     descriptors are read once per chunk, and only those of the chunk's images."""
     set_torch_threads()
-    features, matches_files = FeatureFiles(Path(root)), MatchFiles(Path(root))
+    features, matches_files = FeatureFiles(Path(features_root)), MatchFiles(Path(root))
     descriptors: dict[str, object] = {}
 
     def normalized(name: str):
@@ -84,15 +84,17 @@ def _match_chunk(root: str, chunk: list[tuple[str, list[str]]], conf: dict) -> i
     return len(chunk)
 
 
-def match_pairs(root: Path, grouped_pairs: dict[str, list[str]], conf: dict, images_per_task: int = 32) -> None:
-    """grouped_pairs: name0 -> partners (feature_files.group_pairs), images with features only.
-    Consecutive names form a task, so that the images of a chunk lie near each other."""
+def match_pairs(root: Path, grouped_pairs: dict[str, list[str]], conf: dict, images_per_task: int = 32,
+                features_root: Path | None = None) -> None:
+    """grouped_pairs: name0 -> partners (feature_files.group_pairs), images with features (under
+    `features_root`, default `root`) only; the matches go under `root`. Consecutive names form a
+    task, so that the images of a chunk lie near each other."""
     conf = {**matching.default_conf, **conf}
     files = MatchFiles(root)
     pending = [(name0, partners) for name0, partners in grouped_pairs.items() if not files.has(name0)]
     logger.info("matching: %d pairs of %d images, %d images already matched",
                 sum(map(len, grouped_pairs.values())), len(grouped_pairs), len(grouped_pairs) - len(pending))
-    tasks = [_match_chunk.remote(str(root), pending[start:start + images_per_task], conf)
+    tasks = [_match_chunk.remote(str(root), pending[start:start + images_per_task], conf, str(features_root or root))
              for start in range(0, len(pending), images_per_task)]
     with tqdm(total=len(pending), desc="matching", unit="img") as progress:
         while tasks:
@@ -101,20 +103,23 @@ def match_pairs(root: Path, grouped_pairs: dict[str, list[str]], conf: dict, ima
 
 
 @ray.remote(num_cpus=1)
-def _triangulate_cell(root: str, cell: str, images_dir: str, conf: dict) -> cell_step.CellResult:
+def _triangulate_cell(root: str, cell: str, images_dir: str, conf: dict, features_root: str
+                      ) -> cell_step.CellResult:
     set_torch_threads()
     import pycolmap
 
     pycolmap.logging.minloglevel = 2
-    return cell_step.main(Path(root), cell, Path(images_dir), conf)
+    return cell_step.main(Path(root), cell, Path(images_dir), conf, Path(features_root))
 
 
-def triangulate_cells(root: Path, cells: list[str], images_dir: Path, conf: dict) -> list[cell_step.CellResult]:
+def triangulate_cells(root: Path, cells: list[str], images_dir: Path, conf: dict,
+                      features_root: Path | None = None) -> list[cell_step.CellResult]:
     """One Ray task per cell not done yet (its skeleton written by cells.write_skeleton); the
     results of every cell, finished before or now."""
     pending = [cell for cell in cells if not cell_step.is_done(root, cell)]
     logger.info("triangulation: %d cells, %d already done", len(cells), len(cells) - len(pending))
-    tasks = [_triangulate_cell.remote(str(root), cell, str(Path(images_dir).resolve()), conf) for cell in pending]
+    tasks = [_triangulate_cell.remote(str(root), cell, str(Path(images_dir).resolve()), conf,
+                                      str(features_root or root)) for cell in pending]
     results = {}
     with tqdm(total=len(pending), desc="cells", unit="cell") as progress:
         while tasks:

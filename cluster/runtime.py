@@ -54,7 +54,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         if address is None:
             for key, value in LOCAL_RAY_ENVIRONMENT.items():
                 os.environ.setdefault(key, value)
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+            # "local": a new Ray of our own, even where another job's Ray left /tmp/ray/ray_current_cluster.
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                     log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
         started = True

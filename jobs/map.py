@@ -247,7 +247,10 @@ def check_not_degenerate(reconstruction: pycolmap.Reconstruction, min_images: in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=Path, required=True, help="folder of the mapping images")
-    parser.add_argument("--out", type=Path, required=True, help="map directory to write")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="map directory to write")
+    target.add_argument("--update", type=Path, metavar="MAP",
+                        help="add the photos of --images to this map in place (see jobs/map_update.py)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--reference-model", type=Path, help="COLMAP model with known poses: triangulate only")
     source.add_argument("--import-model", type=Path, help="COLMAP model with points: import as is")
@@ -278,7 +281,13 @@ def run(args: argparse.Namespace) -> int:
             priors = exif_priors(args.images, list_images(args.images))
         conf = merge_conf(default_conf, {"sift": {"max_image_size": args.max_image_size},
                                          "shards": {"cell_size_m": args.cell_size, "halo_m": args.halo}}, args.conf)
-        if args.reference_model and not args.single_process:
+        if args.update:
+            from jobs import map_update  # it builds on this module
+
+            if args.import_model:
+                raise ValueError("--update takes --reference-model or GPS priors, not --import-model")
+            map_update.main(args.update, args.images, args.reference_model, priors, conf, args.workers, args.address)
+        elif args.reference_model and not args.single_process:
             build_map_in_cells(args.images, args.out, args.reference_model, priors, conf, args.workers, args.address)
         else:
             build_map(args.images, args.out, args.reference_model, args.import_model, priors, conf)

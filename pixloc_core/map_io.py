@@ -197,10 +197,11 @@ class SceneMap:
             "num_points3D": self.reconstruction.num_points3D(),
             "skipped": skipped,
             "exif_cameras": self.exif_cameras,
-            "cell_fingerprints": cell_fingerprints(self.reconstruction, self.shards) if self.shards else {},
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **(manifest_extra or {}),
         }
+        if "cell_fingerprints" not in self.manifest:
+            self.manifest["cell_fingerprints"] = cell_fingerprints(self.reconstruction, self.shards) if self.shards else {}
         (path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
         self.path = path
 

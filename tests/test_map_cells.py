@@ -9,10 +9,11 @@ import numpy as np
 import pycolmap
 import pytest
 
-from jobs.map import WORK_DIR, build_map, build_map_in_cells
+from jobs.cli import main as cli_main
+from jobs.map import WORK_DIR, build_map, build_map_in_cells, read_model
 from pixloc_core.io import read_priors
 from pixloc_core.map_io import SceneMap, cell_fingerprints
-from pixloc_core.mapping import cells, merge
+from pixloc_core.mapping import cells, merge, triangulation
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles
 from pixloc_core.mapping.sift import Features
 from pixloc_core.synthetic import dataset
@@ -138,3 +139,38 @@ def test_resume_skips_finished_cells(scene, in_cells, tmp_path, ray_cluster):
     assert (root / "features" / "ref_0020.jpg.parquet").is_file()
     assert resumed.reconstruction.num_points3D() == in_cells.reconstruction.num_points3D()
     assert resumed.manifest["cell_fingerprints"] == in_cells.manifest["cell_fingerprints"]
+
+
+def test_update_adds_photos_and_keeps_the_other_cells(scene, tmp_path, ray_cluster):
+    """A map of the western part of the street, updated in place with the eastern photos."""
+    reference = read_model(scene / "reference_model")
+    centers = {image.name: image.projection_center() for image in reference.images.values()}
+    west = {name for name, center in centers.items() if center[0] < np.quantile([c[0] for c in centers.values()], 0.65)}
+    (tmp_path / "west").mkdir()
+    triangulation.skeleton_from_reference(reference, west).write(tmp_path / "west")
+    map_dir = tmp_path / "map"
+    before = build_map_in_cells(scene / "mapping", map_dir, tmp_path / "west", read_priors(scene / "mapping_priors.csv"),
+                                CELLS)
+    assert cli_main(["map", "--update", str(map_dir), "--images", str(scene / "mapping"),
+                     "--reference-model", str(scene / "reference_model")]) == 0
+
+    after = SceneMap.load(map_dir)
+    assert after.reconstruction.num_reg_images() == 30
+    for name in set(centers) - west:  # new photos keep their reference poses
+        np.testing.assert_allclose(after.reconstruction.find_image_with_name(name).projection_center(),
+                                   centers[name], atol=1e-6)
+    assert after.reconstruction.num_points3D() > before.reconstruction.num_points3D()
+    assert set(before.point3D_ids) <= set(after.point3D_ids)  # map points keep their ids
+    assert len(after.point3D_ids) == after.reconstruction.num_points3D()
+    (entry,) = after.manifest["updates"]
+    assert entry["new_images"] == entry["registered"] == 30 - len(west)
+    assert after.manifest["cell_fingerprints"] == cell_fingerprints(after.reconstruction, after.shards)
+    # Cells that no new photo reaches (core or halo) keep their fingerprints; the others change.
+    old, new = before.manifest["cell_fingerprints"], after.manifest["cell_fingerprints"]
+    untouched = [cell for cell in after.shards.cell_ids if not set(after.shards.images_of(cell)) - west]
+    assert untouched and all(new[cell] == old[cell] for cell in untouched)
+    assert set(entry["changed_cells"]) == {cell for cell in new if new[cell] != old.get(cell)}
+    assert set(entry["changed_cells"]).isdisjoint(untouched)
+    with pytest.raises(SystemExit, match="no image that"):
+        cli_main(["map", "--update", str(map_dir), "--images", str(scene / "mapping"),
+                  "--reference-model", str(scene / "reference_model")])

@@ -74,14 +74,17 @@ def _finish(directory: Path, result: CellResult, points: CellPoints | None) -> C
     return result
 
 
-def main(root: Path, cell: str, image_dir: Path, conf: dict | None = None) -> CellResult:
-    """Triangulates the cell whose skeleton `write_skeleton` wrote under `root` (MAP/mapping)."""
+def main(root: Path, cell: str, image_dir: Path, conf: dict | None = None,
+         features_root: Path | None = None) -> CellResult:
+    """Triangulates the cell whose skeleton `write_skeleton` wrote under `root` (MAP/mapping, or
+    the folder of an update), with the matches under `root` and the features under
+    `features_root` (default: `root`)."""
     conf = {**default_conf, **(conf or {})}
     directory = cell_dir(root, cell)
     skeleton = pycolmap.Reconstruction()
     skeleton.read(directory / SKELETON_DIR)
     names = [image.name for image in skeleton.images.values()]
-    files = FeatureFiles(root).subset(names)
+    files = FeatureFiles(features_root or root).subset(names)
     # Only this cell's images, read once: the steps below look each image up many times.
     features = {name: files[name] for name in names if name in files}
     present = sorted(features)

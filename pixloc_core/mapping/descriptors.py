@@ -6,6 +6,7 @@ observation (several times more), with no reference image read at query time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import pycolmap
@@ -37,15 +38,18 @@ def nearest_keypoints(points: np.ndarray, features: Features, max_distance_px: f
     return torch.cat(nearest).numpy()
 
 
-def main(reconstruction: pycolmap.Reconstruction, features: dict[str, Features],
-         keypoints_are_features: bool = True, conf: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def main(reconstruction: pycolmap.Reconstruction, features: Mapping[str, Features],
+         keypoints_are_features: bool = True, conf: dict | None = None,
+         point_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Returns point3D_ids (P,) int64 and descriptors (P, 128) float16, unit norm. Points without
-    any observation with a descriptor are left out.
+    any observation with a descriptor are left out. Only the images in `features` are read, and
+    with `point_ids` only those points are described (the new points of a map update).
 
     keypoints_are_features: the 2D points of `reconstruction` are the keypoints of `features` (a
     map built here); otherwise they are associated by position (an imported model)."""
     conf = {**default_conf, **(conf or {})}
-    point_ids = np.sort(np.array(list(reconstruction.point3D_ids()), dtype=np.int64))  # (P,)
+    point_ids = np.sort(np.array(list(reconstruction.point3D_ids()) if point_ids is None else point_ids,
+                                 dtype=np.int64))  # (P,)
     sums = torch.zeros((len(point_ids), 128))
     for image in reconstruction.images.values():
         if not image.has_pose or image.name not in features:
@@ -55,7 +59,7 @@ def main(reconstruction: pycolmap.Reconstruction, features: dict[str, Features],
             keypoint_index = observed.point2D_indices
         else:
             keypoint_index = nearest_keypoints(observed.xy, features[image.name], conf["max_keypoint_distance_px"])
-        valid = keypoint_index >= 0
+        valid = (keypoint_index >= 0) & np.isin(observed.point3D_ids, point_ids)
         rows = torch.from_numpy(np.searchsorted(point_ids, observed.point3D_ids[valid]))
         descriptors = normalize_descriptors(features[image.name].descriptors[keypoint_index[valid]])  # (M', 128)
         sums.index_add_(0, rows, descriptors)

@@ -87,6 +87,8 @@ def reprojection_errors(skeleton: pycolmap.Reconstruction, image_ids: np.ndarray
     """(M,) pixel distance between keypoints xy (M, 2) and the projections of xyz (M, 3) in their
     images; infinite behind the camera."""
     errors = np.full(len(image_ids), np.inf)
+    if len(image_ids) == 0:
+        return errors
     order = np.argsort(image_ids, kind="stable")
     starts = np.flatnonzero(np.r_[True, image_ids[order][1:] != image_ids[order][:-1], True])
     for start, end in zip(starts[:-1], starts[1:]):
@@ -100,21 +102,34 @@ def reprojection_errors(skeleton: pycolmap.Reconstruction, image_ids: np.ndarray
     return errors
 
 
-def main(skeleton: pycolmap.Reconstruction, cells: list[CellPoints], keypoints: dict[int, np.ndarray],
-         conf: dict | None = None) -> pycolmap.Reconstruction:
-    """skeleton: the posed images of every cell (ids as in the cells), without points; keypoints:
-    image id -> (N, 2) keypoint positions. Returns the skeleton with its keypoints as 2D points and
-    the merged 3D points."""
-    conf = {**default_conf, **(conf or {})}
+@dataclass
+class Tracks:
+    """The cells' points joined into tracks, with one row per distinct (track, observation)."""
+
+    xyz: np.ndarray  # (T, 3) mean of each track's parts, weighted by their track lengths
+    color: np.ndarray  # (T, 3) uint8
+    row_track: np.ndarray  # (K,) track index, ascending
+    row_image: np.ndarray  # (K,) image id
+    row_point2D: np.ndarray  # (K,) keypoint index
+
+    @property
+    def row_key(self) -> np.ndarray:
+        return observation_keys(self.row_image, self.row_point2D)
+
+
+def observation_keys(image_ids: np.ndarray, point2D_indices: np.ndarray) -> np.ndarray:
+    """One int64 per observation (image, keypoint)."""
+    return np.asarray(image_ids, np.int64) << 32 | np.asarray(point2D_indices, np.int64)
+
+
+def join_tracks(cells: list[CellPoints]) -> Tracks:
     offsets = np.cumsum([0] + [cell.num_points for cell in cells])
     xyz = np.concatenate([cell.xyz for cell in cells] or [np.empty((0, 3))])  # (P, 3)
     color = np.concatenate([cell.color for cell in cells] or [np.empty((0, 3), np.uint8)])
     point = np.concatenate([cell.observation_point + offset for cell, offset in zip(cells, offsets)]
                            or [np.empty(0, np.int64)])  # (M,)
-    image = np.concatenate([cell.observation_image for cell in cells] or [np.empty(0, np.int64)])
-    point2D = np.concatenate([cell.observation_point2D for cell in cells] or [np.empty(0, np.int64)])
-    key = image << 32 | point2D  # (M,) one integer per observation (image, keypoint)
-
+    key = np.concatenate([observation_keys(cell.observation_image, cell.observation_point2D) for cell in cells]
+                         or [np.empty(0, np.int64)])  # (M,)
     track = connected_tracks(point, key, len(xyz))  # (P,)
     track_ids, track = np.unique(track, return_inverse=True)  # dense track index per point
     length = np.bincount(point, minlength=len(xyz)).astype(np.float64)  # (P,) observations per part
@@ -125,35 +140,129 @@ def main(skeleton: pycolmap.Reconstruction, cells: list[CellPoints], keypoints: 
     merged_xyz /= np.maximum(weight, 1)[:, None]
     merged_color = np.zeros((len(track_ids), 3), dtype=np.uint8)
     merged_color[track] = color  # any part's colour
-
-    # One row per distinct (track, observation); the parts of a track repeat their shared ones.
+    # The parts of a track repeat their shared observations: one row each.
     rows = np.unique(np.stack([track[point], key], axis=1), axis=0)  # (K, 2)
-    row_track, row_image, row_point2D = rows[:, 0], rows[:, 1] >> 32, rows[:, 1] & 0xFFFFFFFF
+    return Tracks(merged_xyz, merged_color, rows[:, 0], rows[:, 1] >> 32, rows[:, 1] & 0xFFFFFFFF)
+
+
+def consistent_observations(skeleton: pycolmap.Reconstruction, tracks: Tracks, row_xyz: np.ndarray,
+                            keypoints: dict[int, np.ndarray], candidate: np.ndarray, max_error_px: float
+                            ) -> np.ndarray:
+    """Indices of the candidate rows (bool (K,)) to keep, grouped by track: within a track one
+    keypoint per image, the best-fitting one, and only those reprojecting within `max_error_px`
+    of row_xyz (K, 3)."""
+    rows = np.flatnonzero(candidate)
     xy = np.zeros((len(rows), 2))
-    for image_id in np.unique(row_image).tolist():
-        selected = row_image == image_id
-        xy[selected] = keypoints[image_id][row_point2D[selected]]
-    error = reprojection_errors(skeleton, row_image, xy, merged_xyz[row_track])
-    # Within a track, one keypoint per image: the best-fitting one; then the error threshold.
+    for image_id in np.unique(tracks.row_image[rows]).tolist():
+        selected = tracks.row_image[rows] == image_id
+        xy[selected] = keypoints[image_id][tracks.row_point2D[rows[selected]]]
+    error = reprojection_errors(skeleton, tracks.row_image[rows], xy, row_xyz[rows])
+    row_track, row_image = tracks.row_track[rows], tracks.row_image[rows]
     order = np.lexsort((error, row_image, row_track))
     first = np.r_[True, (np.diff(row_track[order]) != 0) | (np.diff(row_image[order]) != 0)]
-    keep = order[first & (error[order] <= conf["max_reprojection_error_px"])]
-    keep = keep[np.argsort(row_track[keep], kind="stable")]
-    kept_track = row_track[keep]
+    keep = order[first & (error[order] <= max_error_px)]
+    return rows[keep[np.argsort(row_track[keep], kind="stable")]]
 
-    reconstruction = pycolmap.Reconstruction(skeleton)
-    starts = np.flatnonzero(np.r_[True, kept_track[1:] != kept_track[:-1], True]) if len(keep) else np.array([0])
-    for start, end in zip(starts[:-1], starts[1:]):
-        if end - start < conf["min_track_length"]:
+
+def track_groups(tracks: Tracks, rows: np.ndarray) -> list[np.ndarray]:
+    """rows grouped by track (rows sorted by track): one array per track."""
+    if len(rows) == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, tracks.row_track[rows][1:] != tracks.row_track[rows][:-1], True])
+    return [rows[start:end] for start, end in zip(starts[:-1], starts[1:])]
+
+
+def add_points(reconstruction: pycolmap.Reconstruction, tracks: Tracks, rows: np.ndarray, min_track_length: int
+               ) -> list[int]:
+    """A new 3D point per track of `rows` with enough observations; returns their ids."""
+    added = []
+    for group in track_groups(tracks, rows):
+        if len(group) < min_track_length:
             continue
         elements = pycolmap.Track()
-        for image_id, index in zip(row_image[keep[start:end]].tolist(), row_point2D[keep[start:end]].tolist()):
+        for image_id, index in zip(tracks.row_image[group].tolist(), tracks.row_point2D[group].tolist()):
             elements.add_element(image_id, index)
-        reconstruction.add_point3D(merged_xyz[kept_track[start]], elements, merged_color[kept_track[start]])
+        track = int(tracks.row_track[group[0]])
+        added.append(reconstruction.add_point3D(tracks.xyz[track], elements, tracks.color[track]))
+    return added
+
+
+def main(skeleton: pycolmap.Reconstruction, cells: list[CellPoints], keypoints: dict[int, np.ndarray],
+         conf: dict | None = None) -> pycolmap.Reconstruction:
+    """skeleton: the posed images of every cell (ids as in the cells), without points; keypoints:
+    image id -> (N, 2) keypoint positions. Returns the skeleton with its keypoints as 2D points and
+    the merged 3D points."""
+    conf = {**default_conf, **(conf or {})}
+    tracks = join_tracks(cells)
+    rows = consistent_observations(skeleton, tracks, tracks.xyz[tracks.row_track], keypoints,
+                                   np.ones(len(tracks.row_track), bool), conf["max_reprojection_error_px"])
+    reconstruction = pycolmap.Reconstruction(skeleton)
+    add_points(reconstruction, tracks, rows, conf["min_track_length"])
     reconstruction.update_point_3d_errors()
     logger.info("merged %d cell points of %d cells into %d tracks (%d dropped: too few consistent observations)",
-                len(xyz), len(cells), reconstruction.num_points3D(), len(track_ids) - reconstruction.num_points3D())
+                sum(cell.num_points for cell in cells), len(cells), reconstruction.num_points3D(),
+                len(tracks.xyz) - reconstruction.num_points3D())
     return reconstruction
+
+
+@dataclass
+class Extension:
+    new_point_ids: list[int]
+    extended_point_ids: list[int]  # existing points that new images now observe too
+    changed_image_ids: set[int]  # images with a new observation
+
+
+def extend(reconstruction: pycolmap.Reconstruction, cells: list[CellPoints], keypoints: dict[int, np.ndarray],
+           new_image_ids: set[int], conf: dict | None = None) -> Extension:
+    """Adds to `reconstruction` (which already holds the new images, posed, with their keypoints)
+    the points that cells triangulated around the new images. The map's points stay as they are,
+    position and id: a track that shares an observation with one of them joins it with its
+    observations in new images; the other tracks become new points. `keypoints`: every image of
+    the cells."""
+    conf = {**default_conf, **(conf or {})}
+    tracks = join_tracks(cells)
+    row_key = tracks.row_key
+    existing_key, existing_point = [], []  # what the map's images of these cells observe already
+    for image_id in np.unique(tracks.row_image).tolist():
+        image = reconstruction.images[image_id]
+        indices = np.asarray(image.get_observation_point2D_idxs(), dtype=np.int64)
+        existing_key.append(observation_keys(np.full(len(indices), image_id), indices))
+        existing_point.append(np.array([image.points2D[i].point3D_id for i in indices.tolist()], dtype=np.int64))
+    existing_key = np.concatenate(existing_key or [np.empty(0, np.int64)])
+    existing_point = np.concatenate(existing_point or [np.empty(0, np.int64)])
+    order = np.argsort(existing_key)
+    existing_key, existing_point = existing_key[order], existing_point[order]
+    slot = np.clip(np.searchsorted(existing_key, row_key), 0, max(len(existing_key) - 1, 0))
+    observed = existing_key[slot] == row_key if len(existing_key) else np.zeros(len(row_key), bool)
+
+    # The map point a track joins: the smallest id among those its observations already see.
+    target = np.full(len(tracks.xyz), -1, dtype=np.int64)
+    for track, point_id in zip(tracks.row_track[observed].tolist(), existing_point[slot[observed]].tolist()):
+        target[track] = point_id if target[track] < 0 else min(target[track], point_id)
+    joins = target[tracks.row_track] >= 0  # (K,)
+    track_xyz = tracks.xyz.copy()
+    for track in np.flatnonzero(target >= 0).tolist():
+        track_xyz[track] = reconstruction.points3D[int(target[track])].xyz
+    row_xyz = track_xyz[tracks.row_track]
+    in_new_image = np.isin(tracks.row_image, list(new_image_ids))
+    rows = consistent_observations(reconstruction, tracks, row_xyz, keypoints,
+                                   ~observed & (~joins | in_new_image), conf["max_reprojection_error_px"])
+    joining = rows[joins[rows]]
+    for row in joining.tolist():
+        reconstruction.add_observation(int(target[tracks.row_track[row]]),
+                                       pycolmap.TrackElement(int(tracks.row_image[row]), int(tracks.row_point2D[row])))
+    new_rows = rows[~joins[rows]]
+    first_new_id = max(reconstruction.point3D_ids(), default=0) + 1
+    new_ids = add_points(reconstruction, tracks, new_rows, conf["min_track_length"])
+    if new_ids and min(new_ids) < first_new_id:
+        raise AssertionError("pycolmap reused a 3D point id of the map")  # ids are what the store keys on
+    reconstruction.update_point_3d_errors()
+    changed = set(tracks.row_image[joining].tolist())
+    changed |= {element.image_id for point_id in new_ids for element in reconstruction.points3D[point_id].track.elements}
+    extension = Extension(new_ids, sorted(set(target[tracks.row_track[joining]].tolist())), changed)
+    logger.info("update: %d new points, %d map points observed by new images, %d images changed",
+                len(new_ids), len(extension.extended_point_ids), len(changed))
+    return extension
 
 
 def skeleton_with_keypoints(reference: pycolmap.Reconstruction, keypoints: dict[int, np.ndarray]

@@ -1,0 +1,218 @@
+"""`pixloc bench mapping`: distributed mapping on synthetic cities of growing size.
+
+Per city (`pixloc synth --blocks WxH`, one reference per 2.52 m of street) and number of Ray
+workers, `pixloc map --reference-model` runs in a subprocess whose process tree (driver, raylet,
+workers) is sampled from /proc: wall time, CPU-seconds per image (all processes), peak RSS per
+process (VmHWM: the driver and the largest worker). The merged map is checked against the true
+scene (point error: |estimated - true depth| at sampled observations, raycast in the true scene),
+and the single-process map (`--single-process`) runs beside it up to `single_process_max_refs`.
+Update: the map of the western part of the first city, then `pixloc map --update` with the rest,
+against the from-scratch build: registered images, wall time, the fraction of cells whose
+fingerprint (so whose store partitions) stayed the same, camera centre error of the new images.
+
+JSON: {"sizes": [{"refs", "workers", "wall_s", "cpu_s_per_image", "peak_rss_mb": {"driver",
+"worker"}, "point_error_m", "single_process_wall_s"}], "lund": null (not measured), "update": {...}}
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+
+from pixloc_core.map_io import SceneMap
+from pixloc_core.mapping import triangulation
+from pixloc_core.synthetic import PinholeIntrinsics, SceneConfig, build_scene, dataset, raycast
+
+logger = logging.getLogger(__name__)
+
+default_conf = {
+    "quick": False,
+    "blocks": [[2, 1], [4, 2], [6, 4]],  # about 150, 520 and 1,100 references
+    "workers": [1, 2],
+    "num_refs": None,  # None: the city's own density; a number: that many (CI smoke test)
+    "width": 320,
+    "height": 240,
+    "single_process_max_refs": 600,
+    "update": True,
+    "update_fraction": 0.35,  # the eastern part of the first city, added by --update
+    "depth_samples_per_image": 50,
+    "depth_images": 12,
+}
+QUICK = {"blocks": [[1, 1], [2, 1]], "workers": [1, 2], "single_process_max_refs": 200}
+
+
+def descendants(pid: int) -> list[int]:
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+class ProcessTreeMonitor:
+    """Samples a process and its descendants: CPU seconds (last seen per process) and VmHWM."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5):
+        self.pid, self.interval_s = pid, interval_s
+        self.cpu_s: dict[int, float] = {}
+        self.peak_mb: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        ticks = os.sysconf("SC_CLK_TCK")
+        for pid in [self.pid, *descendants(self.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                self.cpu_s[pid] = (int(fields[11]) + int(fields[12])) / ticks
+                status = Path(f"/proc/{pid}/status").read_text()
+                hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
+                self.peak_mb[pid] = int(hwm.split()[1]) / 1024
+            except (OSError, StopIteration, IndexError, ValueError):
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+
+
+def run_pixloc(*args: str) -> dict:
+    """`pixloc ARGS` in a subprocess; its wall time, CPU seconds and peak RSS per process."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    monitor = ProcessTreeMonitor(process.pid)
+    _, stderr = process.communicate()
+    monitor.stop()
+    if process.returncode:
+        raise RuntimeError(f"pixloc {' '.join(map(str, args))} failed: {stderr[-2000:]}")
+    workers = [mb for pid, mb in monitor.peak_mb.items() if pid != process.pid]
+    return {"wall_s": time.perf_counter() - start, "cpu_s": sum(monitor.cpu_s.values()),
+            "peak_rss_mb": {"driver": monitor.peak_mb.get(process.pid, 0.0), "worker": max(workers, default=0.0)}}
+
+
+def point_error_m(map_dir: Path, scene_dir: Path, conf: dict) -> float:
+    """Median |estimated - true depth| (m) at observations of sampled images, the true depth
+    raycast in the synthetic scene."""
+    summary = json.loads((scene_dir / "scene.json").read_text())
+    scene = build_scene(SceneConfig(seed=summary["seed"], blocks_x=summary["conf"]["blocks"][0],
+                                    blocks_y=summary["conf"]["blocks"][1]))
+    camera = PinholeIntrinsics(conf["width"], conf["height"], *summary["camera"]["params"])
+    reconstruction = SceneMap.load(map_dir, with_descriptors=False).reconstruction
+    errors = []
+    images = list(reconstruction.images.values())
+    for image in images[::max(1, len(images) // conf["depth_images"])]:
+        pose = image.cam_from_world()
+        true_depth = raycast(scene, camera, pose.rotation.matrix(), pose.translation).depth
+        observed = [p for p in image.points2D if p.has_point3D()][:conf["depth_samples_per_image"]]
+        for point2D in observed:
+            depth = (pose * reconstruction.points3D[point2D.point3D_id].xyz)[2]
+            column, row = np.clip(np.floor(point2D.xy).astype(int), 0, [conf["width"] - 1, conf["height"] - 1])
+            window = true_depth[max(row - 1, 0):row + 2, max(column - 1, 0):column + 2]
+            with np.errstate(invalid="ignore"):
+                errors.append(float(np.nanmin(np.abs(depth - window))))
+    return float(np.median(errors)) if errors else float("nan")
+
+
+def map_args(scene_dir: Path, out: Path, workers: int, reference: Path | None = None) -> list[str]:
+    return ["map", "--images", scene_dir / "mapping", "--out", out, "--reference-model",
+            reference or scene_dir / "reference_model", "--priors", scene_dir / "mapping_priors.csv",
+            "--workers", str(workers)]
+
+
+def measure_update(scene_dir: Path, work: Path, full_map: Path, conf: dict) -> dict:
+    reference = pycolmap.Reconstruction()
+    reference.read(scene_dir / "reference_model")
+    centers = {image.name: image.projection_center() for image in reference.images.values()}
+    threshold = np.quantile([c[0] for c in centers.values()], 1 - conf["update_fraction"])
+    west = {name for name, center in centers.items() if center[0] < threshold}
+    (work / "west_model").mkdir(parents=True, exist_ok=True)
+    triangulation.skeleton_from_reference(reference, west).write(work / "west_model")
+    map_dir = work / "updated"
+    run_pixloc(*map_args(scene_dir, map_dir, 2, work / "west_model"))
+    before = json.loads((map_dir / "manifest.json").read_text())["cell_fingerprints"]
+    timed = run_pixloc("map", "--update", map_dir, "--images", scene_dir / "mapping", "--reference-model",
+                       scene_dir / "reference_model", "--workers", "2")
+    updated = SceneMap.load(map_dir, with_descriptors=False)
+    entry = updated.manifest["updates"][-1]
+    after = updated.manifest["cell_fingerprints"]
+    full = SceneMap.load(full_map, with_descriptors=False).reconstruction
+    errors = [np.linalg.norm(updated.reconstruction.find_image_with_name(name).projection_center() - centers[name])
+              for name in set(centers) - west if updated.reconstruction.find_image_with_name(name) is not None]
+    return {"new_images": entry["new_images"], "registered": entry["registered"], "wall_s": timed["wall_s"],
+            "cpu_s_per_new_image": timed["cpu_s"] / max(entry["new_images"], 1),
+            "partitions_reused_fraction": sum(after[c] == before.get(c) for c in after) / max(len(after), 1),
+            "camera_error_m": float(np.median(errors)) if errors else None,
+            "points_updated": updated.reconstruction.num_points3D(), "points_from_scratch": full.num_points3D()}
+
+
+def main(out: Path | None = None, work_dir: Path | None = None, **conf) -> dict:
+    conf = {**default_conf, **(QUICK if conf.get("quick") else {}), **conf}
+    pycolmap.logging.minloglevel = 2
+    report = {"sizes": [], "lund": None, "update": None, "uptime": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as temporary:
+        work = Path(work_dir or temporary)
+        first_map = None
+        for blocks in conf["blocks"]:
+            scene_dir = work / f"city_{blocks[0]}x{blocks[1]}"
+            if not (scene_dir / "reference_model").is_dir():
+                dataset.main(scene_dir, {"blocks": tuple(blocks), "num_refs": conf["num_refs"], "num_queries": 0,
+                                         "width": conf["width"], "height": conf["height"]})
+            refs = json.loads((scene_dir / "scene.json").read_text())["num_refs"]
+            single_s = None
+            if refs <= conf["single_process_max_refs"]:
+                single_s = run_pixloc(*map_args(scene_dir, work / f"single_{refs}", 1), "--single-process")["wall_s"]
+            for workers in conf["workers"]:
+                map_dir = work / f"map_{refs}_{workers}"
+                timed = run_pixloc(*map_args(scene_dir, map_dir, workers))
+                first_map = first_map or (scene_dir, map_dir)
+                row = {"refs": refs, "workers": workers, "wall_s": timed["wall_s"],
+                       "cpu_s_per_image": timed["cpu_s"] / refs, "peak_rss_mb": timed["peak_rss_mb"],
+                       "point_error_m": point_error_m(map_dir, scene_dir, conf),
+                       "single_process_wall_s": single_s}
+                report["sizes"].append(row)
+                logger.info("%s", row)
+        if conf["update"] and first_map:
+            report["update"] = measure_update(first_map[0], work / "update", first_map[1], conf)
+    print_table(report)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(f"{'refs':>6} {'workers':>7} {'wall s':>8} {'CPU s/img':>9} {'RSS driver MB':>13} {'RSS worker MB':>13} "
+          f"{'point err m':>11} {'1-process s':>11}")
+    for row in report["sizes"]:
+        single = f"{row['single_process_wall_s']:.1f}" if row["single_process_wall_s"] else "-"
+        print(f"{row['refs']:>6} {row['workers']:>7} {row['wall_s']:>8.1f} {row['cpu_s_per_image']:>9.2f} "
+              f"{row['peak_rss_mb']['driver']:>13.0f} {row['peak_rss_mb']['worker']:>13.0f} "
+              f"{row['point_error_m']:>11.3f} {single:>11}")
+    if report["update"]:
+        print("update:", json.dumps(report["update"]))

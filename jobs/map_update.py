@@ -1,0 +1,257 @@
+"""`pixloc map --update MAP --images NEW_DIR`: add photos to a map in place, without rebuilding it.
+
+The map's poses, cameras and 3D points stay as they are (ids included), so that the cells the new
+photos do not reach keep their fingerprints and their feature-store partitions stay valid:
+
+1. SIFT for the new photos into the map's feature files (Ray Data; old photos are not re-read).
+2. Poses of the new photos: from `--reference-model`, or registered from their GPS
+   (`--gps-from-exif`, `--priors`): COLMAP's mapper with the map frozen, on the part of the map
+   within `region_radius_m` of the new photos only (sfm.register_into on a crop).
+3. Pairs of every new photo with its neighbours (new or old), matched on Ray.
+4. Triangulation per shard cell around the new photos (Ray tasks), then merge.extend: a track that
+   shares an observation with a map point joins it, the others become new points.
+5. The map written back: new points' descriptors appended, shards and cell fingerprints redone,
+   one entry more in the manifest's "updates" history.
+
+Work files go to MAP/mapping/update-<k>/ (k = the number of earlier updates): a killed update
+resumes on rerun.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+
+from cluster import mapping as distributed
+from cluster.runtime import init_ray
+from pixloc_core import exif
+from pixloc_core.images import list_images
+from pixloc_core.io import Prior
+from pixloc_core.map_io import SceneMap, cell_fingerprints
+from pixloc_core.mapping import cells, descriptors, merge, pairs, sfm
+from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles, group_pairs
+from pixloc_core.shards import ShardIndex
+
+from .map import WORK_DIR, check_work_settings, default_conf as map_conf, posed_image_names, read_model
+
+logger = logging.getLogger(__name__)
+
+default_conf = {
+    **map_conf,
+    # Map photos within this distance of a new photo are matched with it and reach its cells.
+    "region_radius_m": 30.0,
+}
+
+
+@dataclass
+class UpdateReport:
+    new_images: int
+    registered: int
+    new_points: int
+    changed_cells: list[str]
+    reused_cells: list[str]
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def add_camera(reconstruction: pycolmap.Reconstruction, camera: pycolmap.Camera) -> int:
+    """The id of an equal camera of `reconstruction`, else of `camera` added under a new id."""
+    for camera_id, existing in reconstruction.cameras.items():
+        if (existing.model == camera.model and (existing.width, existing.height) == (camera.width, camera.height)
+                and np.allclose(existing.params, camera.params)):
+            return camera_id
+    camera = copy.copy(camera)
+    camera.camera_id = max(reconstruction.cameras, default=0) + 1
+    reconstruction.add_camera_with_trivial_rig(camera)
+    return camera.camera_id
+
+
+def add_posed_image(reconstruction: pycolmap.Reconstruction, name: str, camera_id: int, keypoints: np.ndarray,
+                    cam_from_world: pycolmap.Rigid3d) -> int:
+    image_id = max(reconstruction.images, default=0) + 1
+    reconstruction.add_image_with_trivial_frame(
+        pycolmap.Image(name=name, keypoints=keypoints, camera_id=camera_id, image_id=image_id), cam_from_world)
+    return image_id
+
+
+def crop(reconstruction: pycolmap.Reconstruction, names: set[str]) -> pycolmap.Reconstruction:
+    """The cameras and images of `names` with their 2D points, and the 3D points seen at least twice
+    among them (tracks cut to those images): the part of a map that a registration needs."""
+    keypoints = {image_id: np.array([point.xy for point in image.points2D]).reshape(-1, 2)
+                 for image_id, image in reconstruction.images.items() if image.name in names}
+    part = merge.skeleton_with_keypoints(reconstruction, keypoints)
+    point_ids = {image.points2D[i].point3D_id for image_id in keypoints
+                 for image in [reconstruction.images[image_id]] for i in image.get_observation_point2D_idxs()}
+    for point_id in point_ids:
+        point = reconstruction.points3D[point_id]
+        elements = [element for element in point.track.elements if element.image_id in keypoints]
+        if len(elements) >= 2:
+            part.add_point3D(point.xyz, pycolmap.Track(elements), point.color)
+    return part
+
+
+def new_camera(scene: SceneMap, path: Path, size: tuple[int, int], conf: dict) -> pycolmap.Camera:
+    """The map's calibrated camera of this device (EXIF focal and size); without an EXIF focal
+    length, a map camera of the same image size (most likely the same device); else a camera
+    from the EXIF focal length or COLMAP's default."""
+    focal = exif.read_exif_focal_px(path, *size)
+    if focal:
+        camera = scene.camera_for_exif(*size, focal)
+        if camera is not None:
+            return camera
+    else:
+        for camera in scene.reconstruction.cameras.values():
+            if (camera.width, camera.height) == tuple(size):
+                return camera
+    focal = focal or conf["default_focal_factor"] * max(size)
+    return pycolmap.Camera.create_from_model_name(0, conf["camera_model"], focal, *size)
+
+
+def main(map_dir: Path, images: Path, reference_model: Path | None = None, priors: dict[str, Prior] | None = None,
+         conf: dict | None = None, workers: int = 2, address: str | None = None) -> UpdateReport:
+    conf = {**default_conf, **(conf or {})}
+    start = time.perf_counter()
+    map_dir, images = Path(map_dir), Path(images)
+    scene = SceneMap.load(map_dir)
+    reconstruction = scene.reconstruction
+    known = {image.name for image in reconstruction.images.values()}
+    reference = read_model(reference_model) if reference_model else None
+    candidates = posed_image_names(reference) if reference else list_images(images)
+    new_names = [name for name in candidates if name not in known]
+    if not new_names:
+        raise ValueError(f"{images}: no image that {map_dir} does not hold already")
+    if reference is None and not priors:
+        raise ValueError("an update without --reference-model needs GPS priors (--gps-from-exif or --priors)")
+    root = map_dir / WORK_DIR
+    history = scene.manifest.get("updates", [])
+    update_root = root / f"update-{len(history):03d}"
+    check_work_settings(update_root, {"images": str(images.resolve()), "new_images": new_names,
+                                      "reference_model": str(Path(reference_model).resolve()) if reference_model
+                                      else None})
+    if (root / "settings.json").is_file():  # the map's own SIFT settings: the same keypoints for old photos
+        conf["sift"] = json.loads((root / "settings.json").read_text())["sift"]
+    features = FeatureFiles(root)
+    shard_conf = {"cell_size_m": scene.shards.cell_size_m, "halo_m": scene.shards.halo_m}
+    old_index = ShardIndex.build(scene.image_centers(), shard_conf)
+
+    with init_ray(address, num_cpus=None if address else workers):
+        skipped = distributed.extract_features(images, new_names, root, conf["sift"], workers)
+        present = [name for name in new_names if features.has(name)]
+        if reference is not None:
+            positions = {name: reference.find_image_with_name(name).projection_center() for name in present}
+        else:
+            positions = {name: scene.prior_to_map(priors[name]) for name in present if name in priors}
+            skipped += [{"name": name, "reason": "no GPS prior to place it in the map"}
+                        for name in present if name not in positions]
+        nearby = sorted({old for position in positions.values()
+                         for old in old_index.images_near(position, conf["region_radius_m"])})
+        # A map built in one process has no feature files: its photos near the update get them now.
+        distributed.extract_features(Path(scene.manifest["images_dir"]), nearby, root, conf["sift"], workers)
+        region = sorted(set(nearby) | set(positions))
+        if reference is not None:
+            posed = {name: reference.find_image_with_name(name) for name in positions}
+            map_images = {image.name: image for image in reconstruction.images.values() if image.name in nearby}
+            everyone = {**map_images, **posed}
+            image_pairs = pairs.from_poses(region, np.array([everyone[n].projection_center() for n in region]),
+                                           np.array([everyone[n].viewing_direction() for n in region]),
+                                           conf["pairs"])
+        else:
+            centers = {**{name: center for name, center in scene.image_centers().items() if name in nearby},
+                       **positions}
+            image_pairs = pairs.from_positions(region, np.array([centers[n] for n in region]), conf["pairs"])
+        image_pairs = [pair for pair in image_pairs if pair[0] in positions or pair[1] in positions]
+        distributed.match_pairs(update_root, group_pairs(image_pairs), conf["matching"], features_root=root)
+
+        new_ids = {}
+        if reference is not None:
+            for name, image in posed.items():
+                camera_id = add_camera(reconstruction, reference.cameras[image.camera_id])
+                new_ids[name] = add_posed_image(reconstruction, name, camera_id, features.keypoints(name),
+                                                image.cam_from_world())
+        else:
+            new_ids = register(scene, region, positions, features, MatchFiles(update_root), images, update_root,
+                               conf, skipped)
+
+        new_centers = {name: reconstruction.images[image_id].projection_center() for name, image_id in new_ids.items()}
+        index = ShardIndex.build({**{name: old_index.image_centers[old_index.image_names.index(name)]
+                                     for name in nearby}, **new_centers}, shard_conf)
+        touched = [cell for cell in index.cell_ids if set(index.images_of(cell)) & set(new_ids)]
+        for cell in touched:
+            if not cells.is_done(update_root, cell):
+                cells.write_skeleton(update_root, cell, reconstruction, index.images_of(cell))
+        results = distributed.triangulate_cells(update_root, touched, images, {"triangulation": conf["triangulation"]},
+                                                features_root=root)
+
+    keypoints = {reconstruction.find_image_with_name(name).image_id: features.keypoints(name)
+                 for name in sorted(set(nearby) | set(new_ids))}
+    extension = merge.extend(reconstruction, [merge.CellPoints.load(cells.cell_dir(update_root, r.cell) / cells.POINTS_FILE)
+                                              for r in results if not r.failure],
+                             keypoints, set(new_ids.values()), conf["merge"])
+    new_point_ids, new_descriptors = descriptors.main(reconstruction, features.subset(set(nearby) | set(new_ids)),
+                                                      point_ids=np.array(extension.new_point_ids, dtype=np.int64))
+    point_ids = np.concatenate([scene.point3D_ids, new_point_ids])
+    order = np.argsort(point_ids)
+    scene.point3D_ids, scene.descriptors = point_ids[order], np.concatenate([scene.descriptors, new_descriptors])[order]
+    scene.shards = ShardIndex.build(scene.image_centers(), shard_conf)
+
+    old_fingerprints = scene.manifest.get("cell_fingerprints", {})
+    fingerprints = cell_fingerprints(reconstruction, scene.shards)
+    report = UpdateReport(len(new_names), len(new_ids), len(extension.new_point_ids),
+                          sorted(cell for cell in fingerprints if old_fingerprints.get(cell) != fingerprints[cell]),
+                          sorted(cell for cell in fingerprints if old_fingerprints.get(cell) == fingerprints[cell]),
+                          skipped, time.perf_counter() - start)
+    entry = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "images_dir": str(images),
+             "source": "reference-model" if reference is not None else "gps",
+             **{key: value for key, value in asdict(report).items() if key != "reused_cells"},
+             "failed_cells": [{"cell": r.cell, "reason": r.failure} for r in results if r.failure]}
+    manifest = scene.manifest
+    scene.save(map_dir, manifest["source"], Path(manifest["images_dir"]), manifest["skipped"],
+               {"failed_cells": manifest.get("failed_cells", []), "created_utc": manifest["created_utc"],
+                "updates": history + [entry], "cell_fingerprints": fingerprints})
+    logger.info("updated %s: %d of %d new images registered, %d new points, %d cells changed, %d unchanged (%.1f s)",
+                map_dir, report.registered, report.new_images, report.new_points, len(report.changed_cells),
+                len(report.reused_cells), report.seconds)
+    return report
+
+
+def register(scene: SceneMap, region: list[str], positions: dict[str, np.ndarray], features: FeatureFiles,
+             matches: MatchFiles, images: Path, work_dir: Path, conf: dict, skipped: list[dict]) -> dict[str, int]:
+    """Registers the new images of `positions` into the map's part around them (its poses, points
+    and cameras fixed) and adds those that register to the map; returns their ids. The others go
+    to `skipped` with a reason."""
+    reconstruction = scene.reconstruction
+    # The map's own matches connect its photos: COLMAP's mapper loads only photos with verified
+    # matches, and the cropped model must hold no other.
+    old_names = set(region) - set(positions)
+    pair_matches = {**MatchFiles(work_dir.parent).among(old_names), **matches.among(region)}
+    connected = {name for pair, found in pair_matches.items() if len(found) >= 2 * conf["sfm"]["min_num_matches"]
+                 for name in pair}
+    region = sorted(connected | set(positions))
+    part = crop(reconstruction, connected & old_names)
+    camera_ids = {}
+    for name in positions:
+        camera_id = add_camera(reconstruction, new_camera(scene, images / name, features.image_size(name), conf["sfm"]))
+        if camera_id not in part.cameras:
+            part.add_camera_with_trivial_rig(reconstruction.cameras[camera_id])
+        camera_ids[name] = camera_id
+    region_features = {name: features[name] for name in region}
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="register-") as temporary:
+        extended = sfm.register_into(part, region_features, {pair: found for pair, found in pair_matches.items()
+                                                             if set(pair) <= set(region)}, camera_ids, images,
+                                     Path(temporary), conf["sfm"])
+    new_ids = {}
+    for name, camera_id in camera_ids.items():
+        image = extended.find_image_with_name(name)
+        if image is None or not image.has_pose:
+            skipped.append({"name": name, "reason": "not registered: too few matches with the map near its GPS"})
+            continue
+        new_ids[name] = add_posed_image(reconstruction, name, camera_id, features.keypoints(name), image.cam_from_world())
+    return new_ids
