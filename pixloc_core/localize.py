@@ -47,10 +47,13 @@ class VerifyConf:
     """Thresholds of the final checks, chosen with `pixloc bench precision` (README)."""
 
     # A PnP pose: enough inliers, and enough of the 2D-3D matches agreeing (a wrong pose found
-    # among many random matches has a low ratio), and a plausible covariance.
-    min_inliers: int = 30
+    # among many random matches has a low ratio), and a plausible covariance. From the few
+    # synthetic runs measured (README): right PnP poses had 27-113 inliers, ratios 0.43-0.66 and
+    # position stds 0.12-0.82 m, so these bounds keep them; the wrong ones the issue found were
+    # tens of metres from their priors, which the prior check refuses.
+    min_inliers: int = 20
     min_inlier_ratio: float = 0.15
-    max_pnp_position_std_m: float = 1.0
+    max_pnp_position_std_m: float = 2.0
     # The pose must lie within prior_sigmas * sigma + prior_margin_m of its prior (horizontally:
     # GPS altitude is poor), unless the priors may be wrong (trust_prior "low").
     prior_sigmas: float = 3.0

@@ -220,10 +220,11 @@ def test_every_check_can_refuse_a_pose():
     pnp = dict(inliers=120, matches=300, pnp_position_std_m=0.05, prior_distance_m=8.0, prior_sigma_m=10.0,
                refinement_shift_m=0.02, refinement_turn_deg=0.1)
     assert verdict(Checks(**pnp), conf) == ""
-    assert verdict(Checks(**{**pnp, "inliers": 20}), conf) == "too few PnP inliers: 20 < 30"
+    assert verdict(Checks(**{**pnp, "inliers": 10}), conf) == "too few PnP inliers: 10 < 20"
     assert verdict(Checks(**{**pnp, "matches": 1200}), conf).startswith(
         "too few matches agree with the pose: 120/1200 inliers (0.10 < 0.15)")
     assert verdict(Checks(**{**pnp, "pnp_position_std_m": 3.0}), conf).startswith("PnP pose too uncertain")
+    assert verdict(Checks(**{**pnp, "inliers": 120, "matches": 1000}), conf).startswith("too few matches agree")
     assert verdict(Checks(**{**pnp, "refinement_shift_m": 4.0}), conf).startswith("refinement disagrees with PnP")
     far = Checks(**{**pnp, "prior_distance_m": 67.9})
     assert verdict(far, conf) == "inconsistent with the prior: 67.9 m from it, sigma 10.0 m"
