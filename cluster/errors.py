@@ -30,12 +30,16 @@ def root_cause(error: BaseException) -> BaseException:
     seen = set()
     while id(error) not in seen:
         seen.add(id(error))
-        inner = getattr(error, "cause", None)  # ray.exceptions.RayTaskError
-        if not isinstance(inner, BaseException):
-            # raised `from` an error, else while handling one (Ray Data's UDF errors do the latter)
-            inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-        if inner is None or isinstance(error, StorageError | DamagedPartition):
+        inner = getattr(error, "cause", None)  # ray.exceptions.RayTaskError, which also subclasses its cause
+        if isinstance(inner, BaseException):
+            error = inner
+            continue
+        if isinstance(error, StorageError | DamagedPartition):
             break  # our own errors already say what and where
+        # raised `from` an error, else while handling one (Ray Data's UDF errors do the latter)
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None:
+            break
         error = inner
     return error
 
