@@ -8,11 +8,11 @@ without ANSI colours or process ids.
 """
 from __future__ import annotations
 
-import errno
 import re
 from dataclasses import dataclass
 
-from .filesystem import StorageAccessDenied, StorageError
+from pixloc_core.files import StorageAccessDenied, StorageError, is_disk_full
+
 from .store import DamagedPartition
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -47,10 +47,6 @@ def root_cause(error: BaseException) -> BaseException:
 def one_line(text: str) -> str:
     text = _PROCESS_IDS.sub("", _ANSI.sub("", text))
     return " ".join(text.split())
-
-
-def is_disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def describe(error: BaseException) -> str:

@@ -10,14 +10,8 @@ S3 endpoints and credentials come from the usual AWS environment (`AWS_ENDPOINT_
 """
 from __future__ import annotations
 
-import errno
 import json
-import logging
-import os
-import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,44 +19,16 @@ import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pa_dataset
 import pyarrow.fs as pa_fs
-import s3fs
-from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
 from fsspec.implementations.local import LocalFileSystem
 
-logger = logging.getLogger(__name__)
+# One retry policy and one error type for the store and every other input and output.
+from pixloc_core.files import (RetryPolicy, StorageAccessDenied, StorageError, is_transient, retried,
+                               s3_filesystem, write_local_atomically)
+
+__all__ = ["RetryPolicy", "Storage", "StorageAccessDenied", "StorageError", "is_transient", "make_filesystem",
+           "root_path"]
 
 T = TypeVar("T")
-
-# Errors that retrying cannot fix: the caller gets them unchanged.
-PERMANENT_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)
-
-
-class StorageError(RuntimeError):
-    """A storage operation that still failed after all retries."""
-
-
-class StorageAccessDenied(StorageError, PermissionError):
-    """Credentials missing or refused: retrying cannot help, the message names the URL."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 5
-    backoff_s: float = 0.2  # wait before the first retry, doubled after each one
-    max_backoff_s: float = 5.0
-
-
-def is_access_denied(error: BaseException) -> bool:
-    return isinstance(error, (PermissionError, NoCredentialsError, PartialCredentialsError))
-
-
-def is_transient(error: BaseException) -> bool:
-    if isinstance(error, PERMANENT_ERRORS) or is_access_denied(error):
-        return False
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return False  # a full disk stays full; the caller reports it with the path
-    # s3fs turns throttling and 5xx answers into OSError; connection failures stay botocore errors.
-    return isinstance(error, (OSError, TimeoutError, ConnectionError, BotoCoreError))
 
 
 def root_path(url: str) -> str:
@@ -78,13 +44,7 @@ def make_filesystem(url: str) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem of a URL (a plain path means the local disk)."""
     root_path(url)  # rejects unsupported schemes
     if url.startswith("s3://"):
-        # One retry policy (ours, logged and tested) rather than three stacked ones (botocore,
-        # s3fs, ours); listings are never cached because other processes add files.
-        filesystem = s3fs.S3FileSystem(
-            skip_instance_cache=True, use_listings_cache=False,
-            config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 60})
-        filesystem.retries = 1
-        return filesystem
+        return s3_filesystem()
     return LocalFileSystem()
 
 
@@ -107,41 +67,16 @@ class Storage:
         return f"{self.root}/{relative}" if relative else self.root
 
     def _retried(self, operation: str, relative: str, call: Callable[[], T]) -> T:
-        delay = self.retry.backoff_s
-        for attempt in range(1, self.retry.attempts + 1):
-            try:
-                return call()
-            except Exception as error:  # noqa: BLE001 - classified just below
-                cause = " ".join(f"{type(error).__name__}: {error}".split())
-                if is_access_denied(error):
-                    raise StorageAccessDenied(f"{self.url}/{relative}: {operation} refused, check the credentials "
-                                              f"(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...): {cause}") from error
-                if not is_transient(error):
-                    raise
-                if attempt == self.retry.attempts:
-                    raise StorageError(f"{self.url}/{relative}: {operation} failed after "
-                                       f"{attempt} attempts: {cause}") from error
-                logger.warning("%s/%s: %s failed (attempt %d/%d, retrying in %.1f s): %s", self.url,
-                               relative, operation, attempt, self.retry.attempts, delay, cause)
-                time.sleep(delay)
-                delay = min(2 * delay, self.retry.max_backoff_s)
-        raise AssertionError("unreachable: RetryPolicy.attempts must be >= 1")
+        return retried(operation, f"{self.url}/{relative}", call, self.retry)
 
     def put_bytes(self, relative: str, data: bytes) -> None:
         self._retried("write", relative, lambda: self._put_atomic(self.path(relative), data))
 
     def _put_atomic(self, path: str, data: bytes) -> None:
-        if not self.is_local:
+        if self.is_local:
+            write_local_atomically(Path(path), data)
+        else:
             self.filesystem.pipe_file(path, data)
-            return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            staging.write_bytes(data)
-            os.replace(staging, target)
-        finally:
-            staging.unlink(missing_ok=True)
 
     def get_bytes(self, relative: str) -> bytes:
         return self._retried("read", relative, lambda: self.filesystem.cat_file(self.path(relative)))

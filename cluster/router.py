@@ -13,6 +13,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pixloc_core.localize import QueryRequest, actor_for_cell
 
@@ -34,6 +35,17 @@ def default_shard_actors() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def spread_over_nodes(count: int) -> list[NodeAffinitySchedulingStrategy]:
+    """One placement per actor, dealt round-robin over the alive nodes that have CPUs. Zero-CPU
+    actors would otherwise all start on the driver's node, and Ray's "SPREAD" is only a preference
+    that piles them on one node when the other is briefly busy. Soft affinity: an actor restarted
+    after its node died goes to any other node."""
+    nodes = sorted(node["NodeID"] for node in ray.nodes()
+                   if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
+    return [NodeAffinitySchedulingStrategy(node_id=nodes[index % len(nodes)], soft=True)
+            for index in range(count)]
+
+
 class ShardPool:
     """N shard actors started together, stopped together. Alignments run one at a time per actor:
     they are many small torch calls, so two threads of one actor mostly wait for each other on the
@@ -47,10 +59,12 @@ class ShardPool:
             raise ValueError(f"--shard-actors must be positive, got {size}")
         pool_id = uuid.uuid4().hex[:8]  # a killed pool's names are released asynchronously: never reuse one
         self.names = [f"shard-{pool_id}-{index}" for index in range(size)]
+        # The pool's memory and alignment are spread over the cluster's nodes.
         self.actors = [RemoteShardActor.options(
             name=name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1, num_cpus=conf.actor_cpus,
-            max_concurrency=1,
-        ).remote(store_url, extractor_id, map_fingerprint, shard_conf) for name in self.names]
+            max_concurrency=1, scheduling_strategy=placement,
+        ).remote(store_url, extractor_id, map_fingerprint, shard_conf)
+            for name, placement in zip(self.names, spread_over_nodes(size))]
 
     def stats(self) -> list[ShardStats]:
         return ray.get([actor.stats.remote() for actor in self.actors])

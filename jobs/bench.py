@@ -22,6 +22,7 @@ BENCHMARKS = {
     "real": "bench.real",
     "localize": "bench.localize",
     "devices": "bench.devices",
+    "scale": "bench.scale",
     "mapping": "bench.mapping",
     "precision": "bench.precision",
 }

@@ -11,8 +11,9 @@ import json
 import logging
 from pathlib import Path
 
+from pixloc_core import files
 from pixloc_core.evaluate import PoseDict, evaluate, format_summary
-from pixloc_core.io import read_poses, write_text_atomically
+from pixloc_core.io import read_poses
 
 from .results import read_results, successful_poses
 
@@ -35,7 +36,7 @@ def main(results: Path, gt: Path, json_path: Path | None = None) -> dict:
     summary = evaluate(read_estimates(results), ground_truth)
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(Path(json_path), json.dumps(summary, indent=2) + "\n")
+        files.write_text(Path(json_path), json.dumps(summary, indent=2) + "\n")
     return summary
 
 

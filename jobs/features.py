@@ -21,7 +21,6 @@ import json
 import logging
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -36,7 +35,9 @@ from cluster.store import (SPARSE_LEVEL, Commit, FeatureStore, PartFile, Partiti
                            observation_table, parse_partition_dir, partition_dir, sparse_table)
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import STRIDES, Extractor, resize_longest_side, sample_level
-from pixloc_core.images import ImageReadError, read_image
+from pixloc_core import files
+from pixloc_core.files import Location
+from pixloc_core.images import ImageReadError, list_images, read_image
 from pixloc_core.map_io import SceneMap, observations, write_reference_table
 
 from .config import merge_conf
@@ -108,7 +109,7 @@ def partition_items(reconstruction: pycolmap.Reconstruction, partitions: dict[tu
     return items
 
 
-def sample_reference_image(extractor: Extractor, path: Path, item: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def sample_reference_image(extractor: Extractor, path: Location, item: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per level (coarse to fine): features (N, C) and confidences (N,) of a reference image at
     the pixels where it observes its 3D points (`item` as made by `reference_items`)."""
     image, _ = resize_longest_side(read_image(path), extractor.max_size)
@@ -127,7 +128,7 @@ class ReferenceFeatureWriter:
         set_torch_threads()
         self.extractor = load_extractor(extractor_name)
         self.store = FeatureStore.open(store_url, extractor_id=self.extractor.extractor_id)
-        self.images_dir = Path(images_dir)
+        self.images_dir = files.location(images_dir)
 
     def extract(self, item: dict) -> dict[tuple[str, int | str], pa.Table]:
         """The observation rows of one image, per partition (cell, level) it writes into."""
@@ -182,13 +183,13 @@ def map_descriptors(scene: SceneMap) -> tuple[np.ndarray, np.ndarray] | None:
     return scene.point3D_ids, scene.descriptors
 
 
-def extract(store: FeatureStore, items: list[dict], images_dir: Path, conf: dict, description: str,
+def extract(store: FeatureStore, items: list[dict], images_dir: Location, conf: dict, description: str,
             on_commit: Callable[[Commit], None]) -> list[str]:
     """Run the workers over `items` (Ray initialised); each returned batch goes to `on_commit`.
     Returns the unreadable images' errors."""
     dataset = ray.data.from_items(items).map_batches(
         ReferenceFeatureWriter,
-        fn_constructor_kwargs={"store_url": store.url, "images_dir": str(Path(images_dir).resolve()),
+        fn_constructor_kwargs={"store_url": store.url, "images_dir": files.absolute(images_dir),
                                "extractor_name": conf["extractor"]},
         batch_size=conf["batch_size"],
         compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
@@ -206,7 +207,7 @@ def extract(store: FeatureStore, items: list[dict], images_dir: Path, conf: dict
     return failures
 
 
-def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], images_dir: Path, conf: dict,
+def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], images_dir: Location, conf: dict,
            damaged: dict[tuple[str, int], str]) -> list[str]:
     """Recompute the damaged partitions from all images of their cells and republish them (Ray
     initialised); nothing is committed, so a failed repair leaves them damaged for the next rerun.
@@ -228,7 +229,7 @@ def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], im
     return failures
 
 
-def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = None,
+def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | None = None,
          address: str | None = None) -> dict:
     """Fill the store for every reference image in a cell of the map, and recompute damaged
     partitions; returns counts and timings."""
@@ -242,7 +243,8 @@ def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = No
     info = StoreInfo(extractor.extractor_id, scene.fingerprint, strides, channels, conf["aggregate"],
                      sparse_keypoints="sift" if descriptors else "", sparse_dim=descriptors[1].shape[1] if descriptors else 0)
     items = reference_items(scene.reconstruction, cells, info.levels(), descriptors)
-    missing = [item["name"] for item in items if not (Path(images_dir) / item["name"]).is_file()]
+    available = set(list_images(images_dir))  # one listing, not one request per image
+    missing = [item["name"] for item in items if item["name"] not in available]
     if missing:
         raise FileNotFoundError(f"{images_dir}: {len(missing)} reference images of {map_dir} not found, "
                                 f"e.g. {', '.join(missing[:3])}")
@@ -290,8 +292,10 @@ def main(map_dir: Path, images_dir: Path, store_url: str, conf: dict | None = No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--map", type=Path, required=True, help="map directory written by `pixloc map`")
-    parser.add_argument("--images", type=Path, required=True, help="folder of the reference images")
+    parser.add_argument("--map", type=files.location, required=True,
+                        help="map directory written by `pixloc map` (a local path or s3://bucket/prefix)")
+    parser.add_argument("--images", type=files.location, required=True,
+                        help="folder of the reference images (a local path or s3://bucket/prefix)")
     parser.add_argument("--store", required=True, help="store URL: a local path or s3://bucket/prefix")
     parser.add_argument("--extractor", default=default_conf["extractor"], help="feature extractor name")
     parser.add_argument("--workers", type=int, default=default_conf["workers"], help="extraction workers")

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pixloc_core import files
 from pixloc_core.exif import write_exif_gps
 from pixloc_core.geo import wgs84_to_enu
 from pixloc_core.geometry import quaternion_to_matrix
 from pixloc_core.geotag import (ExifGeotag, Geotag, geotags_from_poses, heading_difference, horizontal_move_m,
                                 load_georegistration)
-from pixloc_core.io import Prior, write_priors, write_text_atomically
+from pixloc_core.io import Prior, write_priors
 from pixloc_core.localize import METHODS, TRUST_PRIOR, VerifyConf
 from pixloc_core.map_io import GeoInfo
 from pixloc_core.images import list_images
@@ -140,7 +141,7 @@ def write_csv(path: Path, corrections: list[Correction]) -> None:
             _number(b.heading_deg, 1), _number(a and a.lat, 8), _number(a and a.lon, 8),
             _number(a and a.alt, 2), _number(a and a.heading_deg, 1), _number(a and a.accuracy_m, 2),
             _number(c.moved_m, 2), _number(c.heading_change_deg, 1)])
-    write_text_atomically(path, text.getvalue())
+    files.write_text(path, text.getvalue())
 
 
 def geojson(corrections: list[Correction]) -> dict:
@@ -229,7 +230,7 @@ def write_report(path: Path, corrections: list[Correction], geo: GeoInfo) -> Non
             f"<td>{_number(c.after.heading_deg if c.after else None, 0)}</td>"
             f"<td>{_number(c.heading_change_deg, 0)}</td><td>{_number(accuracy, 2)}</td>"
             f"<td>{html.escape(c.reason)}</td></tr>")
-    write_text_atomically(path, f"""<!DOCTYPE html>
+    files.write_text(path, f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>pixloc geotag report</title>
 <style>body{{font:14px sans-serif;margin:20px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ddd;padding:3px 8px;text-align:right}} td:first-child,td:last-child{{text-align:left}}</style>
@@ -297,7 +298,7 @@ def main(results_dir: Path, images_dir: Path, map_dir: Path, out_dir: Path, stor
                                  near is not None)
                    for name in tqdm(names, desc="geotag", unit="photo")]
     write_csv(out_dir / CORRECTIONS_FILE, corrections)
-    write_text_atomically(out_dir / "corrections.geojson", json.dumps(geojson(corrections), indent=1))
+    files.write_text(out_dir / "corrections.geojson", json.dumps(geojson(corrections), indent=1))
     write_report(out_dir / "report.html", corrections, geo)
     for c in corrections:
         if c.status != CORRECTED:

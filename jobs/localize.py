@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 from PIL import Image
@@ -39,10 +40,11 @@ from cluster.router import PoolConf, ShardClient, ShardPool
 from cluster.runtime import gpus_per_worker, init_ray, peak_rss_mb, set_torch_threads
 from cluster.shard_actor import CellAnswer, ShardConf
 from cluster.store import FeatureStore
-from pixloc_core import sparse
+from pixloc_core import files, sparse
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import resize_longest_side
 from pixloc_core.geometry import Pose
+from pixloc_core.files import Location
 from pixloc_core.images import list_images, read_image
 from pixloc_core.io import QueryIntrinsics, read_priors, read_query_list
 from pixloc_core.localize import (DENSE_METHODS, METHODS, SPARSE_METHODS, TRUST_PRIOR, Localization, PlanConf, Planner,
@@ -99,7 +101,7 @@ def query_request(plan: QueryPlan, method: str, levels: tuple[int, ...], extract
     an extractor, keypoints when there is a keypoint extractor), and the times that took."""
     timings = {"cnn_ms": 0.0, "sparse_ms": 0.0}
     start = time.perf_counter()
-    image = read_image(Path(plan.path))
+    image = read_image(files.location(plan.path))
     timings["read_ms"] = 1000 * (time.perf_counter() - start)
     pixels = {}
     if extractor is not None:
@@ -128,7 +130,7 @@ class QueryWorker:
     def __init__(self, map_dir: str, plan_conf: PlanConf, method: str, extractor_name: str,
                  levels: tuple[int, ...], sparse_conf: dict, shard_names: list[str]):
         threads = set_torch_threads()
-        self.planner = Planner(load_map_index(Path(map_dir)), plan_conf)
+        self.planner = Planner(load_map_index(map_dir), plan_conf)
         self.method, self.levels = method, levels
         self.extractor = load_extractor(extractor_name).eval() if method in DENSE_METHODS else None
         self.keypoints = None
@@ -182,7 +184,7 @@ class QueryWorker:
 # ----- the driver
 
 
-def query_paths(queries_dir: Path, query_list: dict[str, QueryIntrinsics] | None) -> list[Path]:
+def query_paths(queries_dir: Location, query_list: dict[str, QueryIntrinsics] | None) -> list[Location]:
     """The queries: those of the query list when given, else every image of the folder."""
     if query_list is not None:
         return [queries_dir / name for name in query_list]
@@ -207,7 +209,7 @@ def spatial_schedule(queries: list[QueryInput], map_index: MapIndex) -> list[Que
     return [queries[index] for index in order.tolist()]
 
 
-def execute(queries: list[QueryInput], writer: ResultsWriter, map_dir: Path, store: FeatureStore, conf: dict,
+def execute(queries: list[QueryInput], writer: ResultsWriter, map_dir: Location, store: FeatureStore, conf: dict,
             plan_conf: PlanConf, on_result: Callable[[dict], None] | None = None) -> dict:
     """Run the queries through the query workers and a pool of shard actors, one row each into
     `writer`; returns the job summary. Needs an initialised Ray."""
@@ -224,7 +226,7 @@ def execute(queries: list[QueryInput], writer: ResultsWriter, map_dir: Path, sto
             sent = sum(len(pickle.dumps(query)) for query in queries)
             dataset = ray.data.from_items(items).map_batches(
                 QueryWorker,
-                fn_constructor_kwargs={"map_dir": str(Path(map_dir).resolve()), "plan_conf": plan_conf,
+                fn_constructor_kwargs={"map_dir": files.absolute(map_dir), "plan_conf": plan_conf,
                                        "method": method, "extractor_name": conf["extractor"],
                                        "levels": tuple(shard_conf.levels), "sparse_conf": shard_conf.sparse,
                                        "shard_names": pool.names},
@@ -260,7 +262,7 @@ def open_store(store_url: str, extractor_name: str, map_fingerprint: str) -> Fea
     return FeatureStore.open(store_url, load_extractor(extractor_name).extractor_id, map_fingerprint)
 
 
-def run_queries(map_dir: Path, store_url: str, queries: list[QueryInput], writer: ResultsWriter, conf: dict,
+def run_queries(map_dir: Location, store_url: str, queries: list[QueryInput], writer: ResultsWriter, conf: dict,
                 plan_conf: PlanConf, address: str | None,
                 on_result: Callable[[dict], None] | None = None) -> dict:
     """The job body shared by localize and refine: open the map and store, schedule, run; writes
@@ -276,7 +278,7 @@ def run_queries(map_dir: Path, store_url: str, queries: list[QueryInput], writer
         summary = execute(queries, writer, map_dir, store, conf, plan_conf, on_result)
     table = writer.close()
     summary["results"] = table.num_rows
-    (writer.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    files.write_text(writer.out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     logger.info("%d/%d queries localized in %.1f s (%.2f/s) -> %s; %d shard actors, %d cell loads, %d evictions, "
                 "%.0f driver bytes per query; peak RSS MB: driver %.0f, query worker %.0f, shard %.0f",
                 summary["succeeded"], summary["queries"], summary["seconds"], summary["queries_per_s"],
@@ -286,15 +288,15 @@ def run_queries(map_dir: Path, store_url: str, queries: list[QueryInput], writer
     return summary
 
 
-def read_summary(out_dir: Path) -> dict:
+def read_summary(out_dir: Location) -> dict:
     """The summary of the last localize/refine run into `out_dir`."""
-    return json.loads((Path(out_dir) / SUMMARY_FILE).read_text())
+    return json.loads(files.read_text(files.location(out_dir) / SUMMARY_FILE))
 
 
-def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_list: Path | None = None,
-         priors: Path | None = None, gps_from_exif: bool = False, resume: bool = False,
+def main(map_dir: Location, store_url: str, queries_dir: Location, out_dir: Location,
+         query_list: Location | None = None, priors: Location | None = None, gps_from_exif: bool = False, resume: bool = False,
          address: str | None = None, conf: dict | None = None,
-         on_result: Callable[[dict], None] | None = None, overwrite: bool = False) -> Path:
+         on_result: Callable[[dict], None] | None = None, overwrite: bool = False) -> Location:
     """Localize the queries of `queries_dir` into `out_dir`; returns the path of results.parquet.
     Every input is read and checked before anything is written; RetryableFailures when some queries
     failed because of the infrastructure (their rows say so, `--resume` retries them)."""
@@ -307,18 +309,28 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, out_dir: Path, query_
     intrinsics = read_query_list(query_list) if query_list is not None else None
     prior_table = read_priors(priors) if priors else None
     done = completed_queries(out_dir) if resume else set()
+    queries_dir = files.location(queries_dir)
     queries = []
-    for path in query_paths(Path(queries_dir), intrinsics):
-        name = query_name(path, Path(queries_dir))
+    for path in query_paths(queries_dir, intrinsics):
+        name = query_name(path, queries_dir)
         if name not in done:
-            queries.append(QueryInput(name, str(path.resolve()), intrinsics.get(name) if intrinsics else None,
+            queries.append(QueryInput(name, files.absolute(path), intrinsics.get(name) if intrinsics else None,
                                       prior_table.get(name) if prior_table is not None else None,
                                       prior_from_exif=prior_table is None))
     logger.info("%d queries to localize (%d already done), method %s", len(queries), len(done), conf["method"])
     plan_conf = PlanConf(conf["search"], conf["shard"].localize.num_reference_hypotheses)
+    return run_job(map_dir, store_url, queries, out_dir, conf, plan_conf, address, resume, overwrite, on_result)
+
+
+def run_job(map_dir: Location, store_url: str, queries: list[QueryInput], out_dir: Location, conf: dict,
+            plan_conf: PlanConf, address: str | None, resume: bool, overwrite: bool,
+            on_result: Callable[[dict], None] | None = None) -> Location:
+    """`run_queries` into a new ResultsWriter of `out_dir`, for localize and refine: Ctrl-C says how
+    many rows were saved; RetryableFailures when some queries failed because of the infrastructure.
+    Returns the path of results.parquet."""
     writer = ResultsWriter(out_dir, conf["flush_every"], resume=resume, overwrite=overwrite)
     try:
-        run_queries(Path(map_dir), store_url, queries, writer, conf, plan_conf, address, on_result)
+        run_queries(files.location(map_dir), store_url, queries, writer, conf, plan_conf, address, on_result)
     except KeyboardInterrupt:  # execute has flushed every row it got
         raise Interrupted(f"interrupted: {read_results(out_dir).num_rows} rows saved in {out_dir}, "
                           "rerun with --resume") from None
@@ -330,7 +342,7 @@ class RetryableFailures(RuntimeError):
     """Some queries failed because of the infrastructure: the job did not finish its work."""
 
 
-def raise_if_retryable(table, out_dir: Path) -> None:
+def raise_if_retryable(table: pa.Table, out_dir: Location) -> None:
     retryable = [row for row in table.select(["name", "retryable", "error"]).to_pylist() if row["retryable"]]
     if retryable:
         raise RetryableFailures(f"{len(retryable)} of {table.num_rows} queries failed for reasons outside their "
@@ -338,7 +350,7 @@ def raise_if_retryable(table, out_dir: Path) -> None:
                                 f"rerun with --resume (results so far in {out_dir})")
 
 
-def query_name(path: Path, queries_dir: Path) -> str:
+def query_name(path: Location, queries_dir: Location) -> str:
     """The name of a query in rows, poses.txt and the input lists: its path relative to the
     queries folder (subfolders kept, hloc style), with forward slashes."""
     return path.relative_to(queries_dir).as_posix()
@@ -346,16 +358,21 @@ def query_name(path: Path, queries_dir: Path) -> str:
 
 def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None:
     """The flags `pixloc localize` and `pixloc refine` share; defaults from the job's conf."""
-    parser.add_argument("--map", type=Path, required=True, help="map directory written by `pixloc map`")
+    parser.add_argument("--map", type=files.location, required=True,
+                        help="map directory written by `pixloc map` (a local path or s3://bucket/prefix)")
     parser.add_argument("--store", required=True, help="feature store URL: a local path or s3://bucket/prefix")
-    parser.add_argument("--queries", type=Path, required=True, help="folder of query images")
-    parser.add_argument("--out", type=Path, required=True, help="results directory")
-    parser.add_argument("--query-list", type=Path, help="queries with intrinsics (name MODEL W H PARAMS...)")
+    parser.add_argument("--queries", type=files.location, required=True,
+                        help="folder of query images (a local path or s3://bucket/prefix)")
+    parser.add_argument("--out", type=files.location, required=True, help="results directory (or s3:// prefix)")
+    parser.add_argument("--query-list", type=files.location, help="queries with intrinsics (name MODEL W H PARAMS...)")
     parser.add_argument("--extractor", default=conf["extractor"], help="feature extractor of the store")
     parser.add_argument("--workers", type=int, default=conf["workers"], help="query workers (CNN, keypoints)")
     parser.add_argument("--shard-actors", type=int, default=conf["pool"].shard_actors,
                         help="shard actor processes, each hosting several cells (default: one per CPU)")
     parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip queries already answered (retrying those that failed for reasons outside their input)")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
 
 
 def query_job_conf(args: argparse.Namespace, conf: dict) -> dict:
@@ -371,12 +388,9 @@ def query_job_conf(args: argparse.Namespace, conf: dict) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_query_job_arguments(parser, default_conf)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--priors", type=Path, help="CSV name,lat,lon[,alt][,sigma_m] or name,x,y,z[,sigma_m]")
+    source.add_argument("--priors", type=files.location, help="CSV name,lat,lon[,alt][,sigma_m] or name,x,y,z[,sigma_m]")
     source.add_argument("--gps-from-exif", action="store_true", help="priors from the images' EXIF GPS")
     parser.add_argument("--method", choices=METHODS, default=default_conf["method"])
-    parser.add_argument("--resume", action="store_true",
-                        help="skip queries already answered (retrying those that failed for reasons outside their input)")
-    parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     parser.add_argument("--trust-prior", choices=TRUST_PRIOR, default=VerifyConf.trust_prior,
                         help="low: the priors may be wrong (stale GPS): a pose far from its prior may still succeed")
 

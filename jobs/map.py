@@ -24,7 +24,8 @@ import pycolmap
 
 from pixloc_core.shards import ShardIndex
 from pixloc_core.shards import default_conf as shards_conf
-from pixloc_core import exif
+from pixloc_core import exif, files
+from pixloc_core.files import Location
 from pixloc_core.geo import EnuOrigin
 from pixloc_core.io import Prior, read_priors
 from pixloc_core.images import list_images
@@ -63,12 +64,12 @@ def read_model(path: Path) -> pycolmap.Reconstruction:
     return reconstruction
 
 
-def exif_priors(image_dir: Path, names: list[str]) -> dict[str, Prior]:
+def exif_priors(image_dir: Location, names: list[str]) -> dict[str, Prior]:
     """WGS84 priors from the EXIF GPS of the images that have one."""
     priors = {}
     for name in names:
         try:
-            prior = exif.read_exif_prior(Path(image_dir) / name)
+            prior = exif.read_exif_prior(files.location(image_dir) / name)
         except (ValueError, OSError) as error:
             logger.debug("no EXIF GPS: %s", error)
             continue
@@ -114,12 +115,17 @@ def reconstruct(features: dict[str, sift.Features], positions: dict[str, np.ndar
     return sfm.main(features, matches, images, work_dir, focal_px, conf["sfm"])
 
 
-def build_map(images: Path, out: Path, reference_model: Path | None = None, import_model: Path | None = None,
-              priors: dict[str, Prior] | None = None, conf: dict | None = None) -> SceneMap:
-    """Builds and writes the map directory `out`. Raises ValueError for a degenerate result."""
+def build_map(images: Location, out: Location, reference_model: Location | None = None,
+              import_model: Location | None = None, priors: dict[str, Prior] | None = None,
+              conf: dict | None = None) -> SceneMap:
+    """Builds and writes the map directory `out`. Raises ValueError for a degenerate result.
+
+    Remote inputs (s3://) are copied into the local cache first (SIFT and pycolmap read files), a
+    remote `out` is written locally and uploaded, its manifest last."""
     conf = merge_conf(default_conf, conf)  # each step completes its own conf with its defaults
-    images = Path(images)
-    source_model = read_model(reference_model or import_model) if (reference_model or import_model) else None
+    images_location, images = images, files.local_copy(images)
+    given_model = reference_model or import_model
+    source_model = read_model(files.local_copy(given_model)) if given_model else None
     names = posed_image_names(source_model) if source_model else list_images(images)
     if not names:
         raise ValueError(f"{images}: no images to map")
@@ -139,11 +145,13 @@ def build_map(images: Path, out: Path, reference_model: Path | None = None, impo
         else:
             focal_px = exif_focal_lengths(images, features)
             source, reconstruction = "sfm", reconstruct(features, positions, images, Path(work_dir), focal_px, conf)
-    return finish_map(reconstruction, features, positions, origin, source, images, out, skipped, focal_px, conf)
+    return finish_map(reconstruction, features, positions, origin, source, images_location, out, skipped,
+                      focal_px, conf)
 
 
 def finish_map(reconstruction: pycolmap.Reconstruction, features: Mapping[str, sift.Features],
-               positions: dict[str, np.ndarray], origin: EnuOrigin | None, source: str, images: Path, out: Path,
+               positions: dict[str, np.ndarray], origin: EnuOrigin | None, source: str, images: Location,
+               out: Location,
                skipped: list[dict], focal_px: dict[str, float], conf: dict,
                manifest_extra: dict | None = None) -> SceneMap:
     """Point descriptors, georegistration, shards; writes the map directory `out`."""
@@ -170,7 +178,9 @@ def finish_map(reconstruction: pycolmap.Reconstruction, features: Mapping[str, s
     scene_map = SceneMap(reconstruction, geo, manifest={}, point3D_ids=point_ids, descriptors=point_descriptors,
                          exif_cameras=exif_cameras)
     scene_map.shards = ShardIndex.build(scene_map.image_centers(), conf["shards"])
-    scene_map.save(out, source, images, skipped, manifest_extra)
+    local_out, publish = files.output_folder(out)
+    scene_map.save(local_out, source, images, skipped, manifest_extra)
+    publish()
     logger.info("map %s: %d images, %d points, %d cells (%s)", out, reconstruction.num_reg_images(),
                 reconstruction.num_points3D(), len(scene_map.shards.cell_ids), source)
     return scene_map
@@ -246,16 +256,18 @@ def check_not_degenerate(reconstruction: pycolmap.Reconstruction, min_images: in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=Path, required=True, help="folder of the mapping images")
+    parser.add_argument("--images", type=files.location, required=True,
+                        help="folder of the mapping images (a local path or s3://bucket/prefix)")
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--out", type=Path, help="map directory to write")
+    target.add_argument("--out", type=files.location, help="map directory (or s3:// prefix) to write")
     target.add_argument("--update", type=Path, metavar="MAP",
                         help="add the photos of --images to this map in place (see jobs/map_update.py)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--reference-model", type=Path, help="COLMAP model with known poses: triangulate only")
-    source.add_argument("--import-model", type=Path, help="COLMAP model with points: import as is")
+    source.add_argument("--reference-model", type=files.location,
+                        help="COLMAP model with known poses: triangulate only")
+    source.add_argument("--import-model", type=files.location, help="COLMAP model with points: import as is")
     prior = parser.add_mutually_exclusive_group()
-    prior.add_argument("--priors", type=Path, help="CSV name,lat,lon[,alt][,sigma_m] or name,x,y,z[,sigma_m]")
+    prior.add_argument("--priors", type=files.location, help="CSV name,lat,lon[,alt][,sigma_m] or name,x,y,z[,sigma_m]")
     prior.add_argument("--gps-from-exif", action="store_true", help="priors from the images' EXIF GPS")
     parser.add_argument("--cell-size", type=float, default=shards_conf["cell_size_m"], help="shard cell size (m)")
     parser.add_argument("--halo", type=float, default=shards_conf["halo_m"], help="shard halo (m)")
@@ -288,6 +300,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--update takes --reference-model or GPS priors, not --import-model")
             map_update.main(args.update, args.images, args.reference_model, priors, conf, args.workers, args.address)
         elif args.reference_model and not args.single_process:
+            if any(files.is_remote(place) for place in (args.images, args.out, args.reference_model)):
+                raise ValueError("s3:// --images/--out/--reference-model need --single-process for now "
+                                 "(the cell-by-cell mapping keeps its work files on local disk)")
             build_map_in_cells(args.images, args.out, args.reference_model, priors, conf, args.workers, args.address)
         else:
             build_map(args.images, args.out, args.reference_model, args.import_model, priors, conf)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import replace
-from pathlib import Path
 
+from pixloc_core import files
 from pixloc_core.align import AlignConf
+from pixloc_core.files import Location
 from pixloc_core.io import read_poses, read_query_list
 from pixloc_core.localize import PlanConf, QueryInput
 
 from .config import merge_conf
-from .localize import add_query_job_arguments, query_job_conf, query_name, query_paths, run_queries
+from .localize import add_query_job_arguments, query_job_conf, query_name, query_paths, run_job
 from .localize import default_conf as localize_conf
-from .results import ResultsWriter
+from .results import check_output, completed_queries
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ default_conf = {
 }
 
 
-def main(map_dir: Path, store_url: str, queries_dir: Path, poses: Path, out_dir: Path,
-         query_list: Path | None = None, address: str | None = None, conf: dict | None = None) -> Path:
+def main(map_dir: Location, store_url: str, queries_dir: Location, poses: Location, out_dir: Location,
+         query_list: Location | None = None, address: str | None = None, conf: dict | None = None,
+         resume: bool = False, overwrite: bool = False) -> Location:
     conf = merge_conf(default_conf, conf)
     shard = conf["shard"]
     conf["shard"] = replace(shard, levels=tuple(conf["levels"]), align=AlignConf(num_iterations=tuple(conf["num_iterations"])),
@@ -41,24 +43,26 @@ def main(map_dir: Path, store_url: str, queries_dir: Path, poses: Path, out_dir:
     intrinsics = read_query_list(query_list) if query_list is not None else None
     given = read_poses(poses)
     queries = []
-    for path in query_paths(Path(queries_dir), intrinsics):
-        name = query_name(path, Path(queries_dir))
+    check_output(out_dir, resume, overwrite)
+    done = completed_queries(out_dir) if resume else set()
+    queries_dir = files.location(queries_dir)
+    for path in query_paths(queries_dir, intrinsics):
+        name = query_name(path, queries_dir)
+        if name in done:
+            continue
         pose = given.get(name)
-        queries.append(QueryInput(name, str(path.resolve()), intrinsics.get(name) if intrinsics else None,
+        queries.append(QueryInput(name, files.absolute(path), intrinsics.get(name) if intrinsics else None,
                                   pose=None if pose is None else (tuple(pose[0].tolist()), tuple(pose[1].tolist()))))
-    writer = ResultsWriter(out_dir, conf["flush_every"])
     plan_conf = PlanConf(conf["search"], refine=True, pose_sigma_m=conf["pose_sigma_m"])
-    summary = run_queries(Path(map_dir), store_url, queries, writer, conf, plan_conf, address)
-    logger.info("%d/%d poses refined -> %s", summary["succeeded"], summary["results"], out_dir)
-    return writer.out_dir / "results.parquet"
+    return run_job(map_dir, store_url, queries, out_dir, conf, plan_conf, address, resume, overwrite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_query_job_arguments(parser, default_conf)
-    parser.add_argument("--poses", type=Path, required=True, help="poses to refine (name qw qx qy qz tx ty tz)")
+    parser.add_argument("--poses", type=files.location, required=True, help="poses to refine (name qw qx qy qz tx ty tz)")
 
 
 def run(args: argparse.Namespace) -> int:
     main(args.map, args.store, args.queries, args.poses, args.out, args.query_list, args.address,
-         merge_conf(default_conf, query_job_conf(args, default_conf), args.conf))
+         merge_conf(default_conf, query_job_conf(args, default_conf), args.conf), args.resume, args.overwrite)
     return 0

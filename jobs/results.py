@@ -11,11 +11,11 @@ skips the queries already answered; when it ends the parts are folded into resul
 Earlier results are never lost by accident: a folder that holds some is refused unless the job
 resumes or overwrites them, and `--overwrite` moves them to OUT/.replaced/, deleted only once the
 new results are written. Every file is written under a temporary name and renamed into place.
+OUT is a local folder or an s3:// prefix (`pixloc_core.files`).
 """
 from __future__ import annotations
 
-import os
-import shutil
+import io
 import time
 from pathlib import Path
 
@@ -24,7 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pixloc_core.io import write_poses, written_as
+from pixloc_core import files
+from pixloc_core.files import Location
+from pixloc_core.io import write_poses
 
 RESULTS_FILE = "results.parquet"
 POSES_FILE = "poses.txt"
@@ -69,19 +71,33 @@ class ExistingResults(ValueError):
     """The output folder holds results of an earlier run, and the job was not told what to do with them."""
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    with written_as(path) as temporary:
-        pq.write_table(table, temporary, compression="zstd")
+def _write_atomically(table: pa.Table, path: Location) -> None:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd")
+    files.write_bytes(path, buffer.getvalue().to_pybytes())
 
 
-def result_files(out_dir: Path) -> list[Path]:
+def _read_table(path: Location, schema: pa.Schema | None = SCHEMA) -> pa.Table:
+    return pq.read_table(io.BytesIO(files.read_bytes(path)), schema=schema)
+
+
+def _part_names(out_dir: Location) -> list[str]:
+    """Names of the flushed part files, in order."""
+    try:
+        names = files.list_files(out_dir / PARTS_DIR)
+    except FileNotFoundError:
+        return []
+    return [name for name in names if name.startswith("part-") and name.endswith(".parquet")]
+
+
+def result_files(out_dir: Location) -> list[Location]:
     """The files of earlier results in a results folder (final files and flushed parts)."""
-    out_dir = Path(out_dir)
-    return [path for path in (out_dir / RESULTS_FILE, out_dir / POSES_FILE) if path.is_file()] + \
-        sorted((out_dir / PARTS_DIR).glob("part-*.parquet"))
+    out_dir = files.location(out_dir)
+    return [place for place in (out_dir / RESULTS_FILE, out_dir / POSES_FILE) if files.is_file(place)] + \
+        [out_dir / PARTS_DIR / name for name in _part_names(out_dir)]
 
 
-def check_output(out_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
+def check_output(out_dir: Location, resume: bool = False, overwrite: bool = False) -> None:
     """Refuse to start a job into a folder with earlier results unless told to resume or overwrite."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
@@ -95,19 +111,19 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
-def read_results(path: Path) -> pa.Table:
+def read_results(path: Location) -> pa.Table:
     """All rows of a results directory (results.parquet and unfolded parts) or of one Parquet
     file; when a query appears more than once the last row counts."""
-    path = Path(path)
-    if path.is_file():
-        return pq.read_table(path)
-    if not path.is_dir():
+    path = files.location(path)
+    if files.is_file(path):
+        return _read_table(path, schema=None)
+    if not files.exists(path):
         raise FileNotFoundError(f"{path}: no results (neither a results directory nor a Parquet file)")
-    files = [path / RESULTS_FILE] if (path / RESULTS_FILE).is_file() else []
-    files += sorted((path / PARTS_DIR).glob("part-*.parquet"))
-    if not files:
+    paths = [path / RESULTS_FILE] if files.is_file(path / RESULTS_FILE) else []
+    paths += [path / PARTS_DIR / name for name in _part_names(path)]
+    if not paths:
         return SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(file, schema=SCHEMA) for file in files])
+    table = pa.concat_tables([_read_table(part) for part in paths])
     # keep the last row of each name
     names = table.column("name").to_pylist()
     last = {name: index for index, name in enumerate(names)}
@@ -131,22 +147,24 @@ def successful_poses(table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]
 class ResultsWriter:
     """Collects rows and flushes them as part files; `close` folds everything into the final files."""
 
-    def __init__(self, out_dir: Path, flush_every: int = 8, resume: bool = False, flush_interval_s: float = 10.0,
+    def __init__(self, out_dir: Location, flush_every: int = 8, resume: bool = False, flush_interval_s: float = 10.0,
                  overwrite: bool = False):
         check_output(out_dir, resume, overwrite)
-        self.out_dir = Path(out_dir)
+        self.out_dir = files.location(out_dir)
         self.parts_dir = self.out_dir / PARTS_DIR
         self.flush_every, self.flush_interval_s = flush_every, flush_interval_s
         self.last_flush = time.monotonic()
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.out_dir, Path):
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
             # Kept aside, not deleted, until the new results replace them (see close).
-            replaced = self.out_dir / REPLACED_DIR
-            replaced.mkdir(exist_ok=True)
             for earlier in result_files(self.out_dir):
-                os.replace(earlier, replaced / f"{earlier.parent.name}-{earlier.name}")
+                files.move(earlier, self.out_dir / REPLACED_DIR / f"{earlier.parent.name}-{earlier.name}")
+        parts = _part_names(self.out_dir)
         self.buffer: list[dict] = []
-        self.next_part = len(list(self.parts_dir.glob("part-*.parquet")))
+        # part numbers continue across resumed runs, so no file is ever overwritten
+        self.next_part = 1 + max((int(name.removeprefix("part-").removesuffix(".parquet")) for name in parts),
+                                 default=-1)
 
     def completed(self) -> set[str]:
         return completed_queries(self.out_dir)
@@ -160,10 +178,7 @@ class ResultsWriter:
         self.last_flush = time.monotonic()
         if not self.buffer:
             return
-        # part numbers continue across resumed runs, so no file is ever overwritten
-        while (path := self.parts_dir / f"part-{self.next_part:06d}.parquet").exists():
-            self.next_part += 1
-        _write_atomically(rows_to_table(self.buffer), path)
+        _write_atomically(rows_to_table(self.buffer), self.parts_dir / f"part-{self.next_part:06d}.parquet")
         self.next_part += 1
         self.buffer = []
 
@@ -173,9 +188,9 @@ class ResultsWriter:
         table = read_results(self.out_dir).sort_by("name")
         _write_atomically(table, self.out_dir / RESULTS_FILE)
         write_poses(self.out_dir / POSES_FILE, successful_poses(table))
-        for part in self.parts_dir.glob("part-*.parquet"):
-            part.unlink()
-        self.parts_dir.rmdir()
-        shutil.rmtree(self.out_dir / REPLACED_DIR, ignore_errors=True)
+        for name in _part_names(self.out_dir):
+            files.delete(self.parts_dir / name)
+        if isinstance(self.parts_dir, Path):
+            self.parts_dir.rmdir()
+        files.delete_folder(self.out_dir / REPLACED_DIR)
         return table
-

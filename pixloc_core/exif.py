@@ -13,6 +13,7 @@ from pathlib import Path
 
 import piexif
 
+from . import files
 from .io import Prior
 
 FILM_DIAGONAL_MM = 43.27  # COLMAP's 35 mm film diagonal
@@ -29,7 +30,7 @@ def focal_35mm_from_px(focal_px: float, width: int, height: int) -> float:
 
 def _load(path: Path) -> dict:
     try:
-        return piexif.load(str(path))
+        return piexif.load(files.read_bytes(path) if files.is_remote(path) else str(path))
     except (piexif.InvalidImageDataError, ValueError, OSError) as error:
         raise ValueError(f"{path}: cannot read EXIF ({error})") from None
 

@@ -3,24 +3,26 @@
 * poses:      `name qw qx qy qz tx ty tz` (world-to-camera, COLMAP convention)
 * query list: `name MODEL WIDTH HEIGHT PARAMS...` (hloc's queries_with_intrinsics.txt)
 * priors CSV: header `name,lat,lon[,alt][,sigma_m]` (WGS84) or `name,x,y,z[,sigma_m]` (map frame)
+
+Each is read from and written to a local path or an s3:// URL (`pixloc_core.files`).
 """
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
-from contextlib import contextmanager
+import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import files
+
 
 def read_poses(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Returns {name: (qvec wxyz (4,), tvec (3,))}."""
     poses = {}
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for lineno, line in enumerate(files.read_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -32,36 +34,12 @@ def read_poses(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return poses
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Written beside the target and renamed: a reader never sees half a file, and a failed write
-    (a full disk) leaves the previous file in place."""
-    path = Path(path)
-    with written_as(path) as temporary:
-        temporary.write_text(text)
-
-
-@contextmanager
-def written_as(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path` to write to, renamed to `path` when the block succeeds and
-    removed when it fails; an OSError (a full disk) then names `path`, which some writers omit."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    except OSError as error:
-        if error.filename is None and error.errno is not None:
-            raise OSError(error.errno, os.strerror(error.errno), str(path)) from None
-        raise
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_poses(path: Path, poses: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     lines = []
     for name, (qvec, tvec) in poses.items():
         values = " ".join(f"{v:.10g}" for v in (*qvec, *tvec))
         lines.append(f"{name} {values}")
-    write_text_atomically(path, "\n".join(lines) + ("\n" if lines else ""))
+    files.write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 @dataclass(frozen=True)
@@ -74,7 +52,7 @@ class QueryIntrinsics:
 
 def read_query_list(path: Path) -> dict[str, QueryIntrinsics]:
     queries, first_line = {}, {}
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for lineno, line in enumerate(files.read_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -102,7 +80,7 @@ def write_query_list(path: Path, queries: dict[str, QueryIntrinsics]) -> None:
         " ".join([name, q.model, str(q.width), str(q.height), *(f"{p:.10g}" for p in q.params)])
         for name, q in queries.items()
     ]
-    Path(path).write_text("\n".join(lines) + ("\n" if lines else ""))
+    files.write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 @dataclass(frozen=True)
@@ -117,7 +95,7 @@ class Prior:
 def read_priors(path: Path) -> dict[str, Prior]:
     """Every line checked, naming file:line: required values present and finite, latitude in
     [-90, 90] and longitude in [-180, 180], sigma positive, each name once."""
-    with open(path, newline="") as f:
+    with io.StringIO(files.read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or [])
         if {"name", "lat", "lon"} <= columns:
@@ -168,9 +146,10 @@ def write_priors(path: Path, priors: dict[str, Prior]) -> None:
     if len(geodetic) > 1:
         raise ValueError("cannot mix WGS84 and map-frame priors in one CSV")
     header = ["name", "lat", "lon", "alt"] if geodetic != {False} else ["name", "x", "y", "z"]
-    with open(path, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header + ["sigma_m"])
         for name, p in priors.items():
             writer.writerow([name, *(f"{v:.10f}" if p.geodetic else f"{v:.4f}" for v in p.position),
                              "" if p.sigma_m is None else f"{p.sigma_m:.3f}"])
+        files.write_text(path, f.getvalue())

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import files
+from .files import Location, StorageError
 from .align import AlignConf, AlignResult, FeaturemetricAligner, ReferenceLevel
 from .extractors.base import FeatureLevel, Pyramid
 from .geometry import Camera, Pose, so3_exp
@@ -384,7 +386,7 @@ class QueryPlan:
     note: str = ""  # what planning adjusted, e.g. a rescaled camera
 
 
-def query_intrinsics(path: Path, listed: QueryIntrinsics | None, scene=None) -> tuple[QueryIntrinsics, str]:
+def query_intrinsics(path: Location, listed: QueryIntrinsics | None, scene=None) -> tuple[QueryIntrinsics, str]:
     """The query list's intrinsics when given (checked against the image's size: a camera listed at
     another size with the same aspect ratio is rescaled, and the note says so), else from the EXIF
     focal length: the map's calibrated camera of the same device (same size and EXIF focal,
@@ -451,7 +453,7 @@ class Planner:
         if query.prior_from_exif:
             from .exif import read_exif_prior
 
-            prior = read_exif_prior(Path(query.path))
+            prior = read_exif_prior(files.location(query.path))
             if prior is None:
                 raise ValueError("no prior: no EXIF GPS")
         elif query.prior is None:
@@ -467,7 +469,8 @@ class Planner:
             if any(character.isspace() for character in query.name):
                 raise ValueError(f"{query.name!r}: the name contains whitespace, which the space-separated poses "
                                  "and query-list formats cannot hold; rename the file")
-            plan.intrinsics, plan.note = query_intrinsics(Path(query.path), query.intrinsics, self.map_index)
+            plan.intrinsics, plan.note = query_intrinsics(files.location(query.path), query.intrinsics,
+                                                          self.map_index)
             plan.prior_xyz, sigma_m, pose = self.prior(query)
             plan.sigma_m = self.search.sigma(sigma_m)
             plan.cells = self.search.cells(plan.prior_xyz, plan.sigma_m)
@@ -480,7 +483,7 @@ class Planner:
                                                                           self.conf.num_reference_hypotheses)
         except Exception as error:  # noqa: BLE001 - e.g. a decompression bomb or unreadable EXIF: this query's row
             plan.error = " ".join((str(error) or type(error).__name__).split())
-            plan.retryable = isinstance(error, (ConnectionError, TimeoutError))
+            plan.retryable = isinstance(error, (StorageError, ConnectionError, TimeoutError))
         return plan
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
+from . import files
+from .files import Location
 from .geo import EnuOrigin, wgs84_to_enu
 from .io import Prior
 from .shards import ShardIndex
@@ -206,8 +208,9 @@ class SceneMap:
         self.path = path
 
     @classmethod
-    def load(cls, path: Path, with_descriptors: bool = True) -> SceneMap:
-        path = Path(path)
+    def load(cls, path: Location, with_descriptors: bool = True) -> SceneMap:
+        """A map directory, local or remote (copied into the local cache, as pycolmap reads files)."""
+        path = files.local_copy(path, skip=lambda name: name == DESCRIPTORS_FILE and not with_descriptors)
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{path}: not a map directory (no {MANIFEST_FILE}); build one with `pixloc map`")
@@ -379,17 +382,21 @@ class MapIndex:
         return prior_to_map(self.geo, prior, lambda: float(np.median(self.references.centers()[:, 2])))
 
 
-def write_reference_table(scene: SceneMap, map_dir: Path) -> ReferenceImages:
-    """MAP/references.parquet from the model (done once, by whoever holds the model)."""
+def write_reference_table(scene: SceneMap, map_dir: Location) -> ReferenceImages:
+    """MAP/references.parquet from the model (done once, by whoever holds the model); written
+    beside the loaded model (the local cache of a remote map) and to a remote map as well."""
     references = ReferenceImages.from_scene(scene)
-    references.save(Path(map_dir) / REFERENCES_FILE)
+    local = Path(scene.path or map_dir) / REFERENCES_FILE
+    references.save(local)
+    if files.is_remote(map_dir):
+        files.write_bytes(files.location(map_dir) / REFERENCES_FILE, local.read_bytes())
     return references
 
 
-def load_map_index(map_dir: Path) -> MapIndex:
+def load_map_index(map_dir: Location) -> MapIndex:
     """The compact map; the reference table is derived from the model, once, when it is missing or
     belongs to another model (a map written before the table existed, or rebuilt since)."""
-    map_dir = Path(map_dir)
+    map_dir = files.local_copy(map_dir, skip=lambda name: name == DESCRIPTORS_FILE)  # s3:// maps: cached
     manifest_path = map_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{map_dir}: not a map directory (no {MANIFEST_FILE}); build one with `pixloc map`")

@@ -72,6 +72,8 @@ def ray_cluster(s3_server):
     environment so that workers inherit it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a new cluster even when a `ray start` of another job left
+    # /tmp/ray/ray_current_cluster behind (a plain ray.init() would try to join it).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -46,3 +46,9 @@ def test_validation_rejects_a_broken_config(raw_config):
     broken["available_node_types"]["cpu_worker"]["max_workers"] = "many"
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(broken))
+
+
+def test_no_data_is_synced_to_the_workers(raw_config):
+    """Inputs come from S3 (pixloc_core.files): the only file mount is the package itself."""
+    assert not raw_config.get("cluster_synced_files")
+    assert list(raw_config["file_mounts"].values()) == ["."]

@@ -1,0 +1,113 @@
+"""Inputs and outputs in object storage (the moto S3 server on 127.0.0.1): images, text files,
+maps and results read from and written to s3:// URLs like local paths, with one-line errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jobs import map as map_job
+from jobs.cli import main as cli_main
+from jobs.results import ResultsWriter, read_results
+from pixloc_core import files
+from pixloc_core.exif import read_exif_prior
+from pixloc_core.files import StorageError, Url
+from pixloc_core.images import ImageReadError, image_size, list_images, read_image
+from pixloc_core.io import read_poses, read_priors, read_query_list
+from pixloc_core.map_io import SceneMap
+
+TINY = ["--blocks", "1x1", "--refs", "40", "--queries", "3", "--width", "160", "--height", "120", "--seed", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_scene(tmp_path_factory):
+    out = tmp_path_factory.mktemp("s3_scene") / "scene"
+    assert cli_main(["synth", "--out", str(out), *TINY]) == 0
+    return out
+
+
+@pytest.fixture
+def scene_in_bucket(tiny_scene, s3_bucket) -> Url:
+    url = Url(f"s3://{s3_bucket}/datasets/street")
+    files.upload_folder(tiny_scene, url)
+    return url
+
+
+def test_locations():
+    url = files.location("s3://bucket/a/b/")
+    assert isinstance(url, Url) and url == "s3://bucket/a/b" and url.name == "b" and url.parent == "s3://bucket/a"
+    assert url / "c.jpg" == "s3://bucket/a/b/c.jpg" and (url / "c.jpg").key == "bucket/a/b/c.jpg"
+    assert files.location("/tmp/x").name == "x" and not files.is_remote(files.location("/tmp/x"))
+    with pytest.raises(ValueError, match="gs://b/x: unsupported location"):
+        files.location("gs://b/x")
+
+
+def test_files_round_trip_on_s3(s3_bucket):
+    folder = Url(f"s3://{s3_bucket}/some/folder")
+    files.write_text(folder / "a.txt", "hello")
+    files.write_bytes(folder / "sub/b.bin", b"\x00\x01")
+    assert files.read_text(folder / "a.txt") == "hello" and files.is_file(folder / "sub/b.bin")
+    assert files.list_files(folder) == {"a.txt": 5, "sub/b.bin": 2}
+    files.delete(folder / "a.txt")
+    assert not files.exists(folder / "a.txt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        files.list_files(Url(f"s3://{s3_bucket}/nothing/here"))
+
+
+def test_an_unreachable_endpoint_is_one_line_naming_the_url(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
+    with pytest.raises(StorageError) as error:
+        files.read_bytes(Url("s3://pixloc-test/queries/q_0000.jpg"))
+    message = str(error.value)
+    assert message.startswith("s3://pixloc-test/queries/q_0000.jpg: read failed after 5 attempts")
+    assert "\n" not in message
+
+
+def test_inputs_read_from_the_bucket_equal_the_local_ones(tiny_scene, scene_in_bucket):
+    url = scene_in_bucket
+    assert list_images(url / "queries") == list_images(tiny_scene / "queries") == [f"q_{i:04d}.jpg" for i in range(3)]
+    assert read_priors(url / "priors.csv") == read_priors(tiny_scene / "priors.csv")
+    assert read_query_list(url / "queries_with_intrinsics.txt") == read_query_list(
+        tiny_scene / "queries_with_intrinsics.txt")
+    remote_poses, local_poses = read_poses(url / "gt_queries.txt"), read_poses(tiny_scene / "gt_queries.txt")
+    assert remote_poses.keys() == local_poses.keys()
+    name = "q_0001.jpg"
+    np.testing.assert_array_equal(read_image(url / "queries" / name), read_image(tiny_scene / "queries" / name))
+    assert image_size(url / "queries" / name) == (160, 120)
+    assert read_exif_prior(url / "queries" / name) == read_exif_prior(tiny_scene / "queries" / name)
+
+    files.write_bytes(url / "queries/corrupt.jpg", b"\xff\xd8 not a JPEG")
+    with pytest.raises(ImageReadError, match=f"^{url}/queries/corrupt.jpg: cannot decode image"):
+        read_image(url / "queries/corrupt.jpg")
+    with pytest.raises(ImageReadError, match=f"^{url}/queries/missing.jpg: image not found"):
+        read_image(url / "queries/missing.jpg")
+
+
+def test_map_from_and_to_the_bucket_equals_the_local_map(tiny_scene, scene_in_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "cache"))
+    conf = {"sift": {"max_num_features": 512}, "pairs": {"num_neighbors": 4}}
+    local = map_job.build_map(tiny_scene / "mapping", tmp_path / "map", tiny_scene / "reference_model",
+                              priors=read_priors(tiny_scene / "mapping_priors.csv"), conf=conf)
+    url = scene_in_bucket
+    map_job.build_map(url / "mapping", url / "map", url / "reference_model",
+                      priors=read_priors(url / "mapping_priors.csv"), conf=conf)
+    assert files.is_file(url / "map/manifest.json")
+    remote = SceneMap.load(url / "map", with_descriptors=False)
+    assert remote.fingerprint == local.fingerprint
+    assert remote.reconstruction.num_points3D() == local.reconstruction.num_points3D()
+    assert remote.manifest["images_dir"] == f"{url}/mapping"
+    assert remote.descriptors is None and not (remote.path / "descriptors.npz").exists()
+
+
+def test_results_written_to_the_bucket(s3_bucket):
+    out = Url(f"s3://{s3_bucket}/runs/results")
+    writer = ResultsWriter(out, flush_every=1)
+    writer.add({"name": "b.jpg", "success": False, "error": "no prior"})
+    writer.add({"name": "a.jpg", "success": True, "qvec": [1.0, 0, 0, 0], "tvec": [0.0, 1, 2]})
+    assert len(files.list_files(out / "parts")) == 2
+    resumed = ResultsWriter(out, resume=True)
+    assert resumed.completed() == {"a.jpg", "b.jpg"}
+    table = resumed.close()
+    assert table.column("name").to_pylist() == ["a.jpg", "b.jpg"]
+    assert set(files.list_files(out)) == {"results.parquet", "poses.txt"}
+    assert read_results(out).num_rows == 2
+    assert read_poses(out / "poses.txt").keys() == {"a.jpg"}
