@@ -30,6 +30,7 @@ from . import features as features_job
 from . import localize as localize_job
 from . import map as map_job
 from . import report as report_job
+from .config import merge_conf
 from .results import read_results, successful_poses
 
 logger = logging.getLogger(__name__)
