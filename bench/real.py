@@ -107,7 +107,7 @@ def localize_all(prepared: PreparedSet, map_dir: Path, stores: dict[str, Path], 
     for method, extractor in runs(conf):
         args = ["localize", "--map", map_dir, "--store", stores[extractor], "--queries", prepared.query_dir,
                 "--out", results_dir(out_dir, run_label(method, extractor)), "--method", method,
-                "--extractor", extractor, "--workers", str(conf["workers"])]
+                "--extractor", extractor, "--workers", str(conf["workers"]), "--overwrite"]
         args += ["--priors", prepared.priors] if prepared.priors else []
         args += ["--query-list", prepared.query_list] if prepared.query_list else []
         run_pixloc(*args)
@@ -199,7 +199,7 @@ def whole_map_prior(prepared: PreparedSet, map_dir: Path) -> Path:
 
 def save_overlay(query_path: Path, pose: Pose, scene: SceneMap, out_path: Path) -> int:
     """Draws the map's 3D points reprojected with `pose` on the query; returns how many land in it."""
-    camera = Camera.from_query_intrinsics(query_intrinsics(query_path, None, scene))
+    camera = Camera.from_query_intrinsics(query_intrinsics(query_path, None, scene)[0])
     points = torch.from_numpy(np.stack([p.xyz for p in scene.reconstruction.points3D.values()]))  # (P, 3)
     p2d, valid = camera.project(pose.transform(points))  # (P, 2), (P,)
     valid &= camera.in_image(p2d)

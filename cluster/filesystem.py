@@ -22,10 +22,11 @@ import pyarrow.fs as pa_fs
 from fsspec.implementations.local import LocalFileSystem
 
 # One retry policy and one error type for the store and every other input and output.
-from pixloc_core.files import (RetryPolicy, StorageError, is_transient, retried, s3_filesystem,
-                               write_local_atomically)
+from pixloc_core.files import (RetryPolicy, StorageAccessDenied, StorageError, is_transient, retried,
+                               s3_filesystem, write_local_atomically)
 
-__all__ = ["RetryPolicy", "Storage", "StorageError", "is_transient", "make_filesystem", "root_path"]
+__all__ = ["RetryPolicy", "Storage", "StorageAccessDenied", "StorageError", "is_transient", "make_filesystem",
+           "root_path"]
 
 T = TypeVar("T")
 

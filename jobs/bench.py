@@ -2,8 +2,8 @@
 print its table, write JSON.
 
 Each benchmark module exposes `default_conf` and `main(out: Path | None, **conf) -> dict`; it prints
-its own table and writes the JSON report to `out`. `--conf` overrides entries of `default_conf`,
-values read as YAML (`--conf sets=[lund] workers=1`, `pixloc bench basin --conf quick=true`). Register a new benchmark in BENCHMARKS.
+its own table and writes the JSON report to `out`. `--conf` (jobs/config.py) overrides entries of
+`default_conf`, values read as YAML (`--conf sets=[lund] workers=1`, `pixloc bench basin --conf quick=true`). Register a new benchmark in BENCHMARKS.
 """
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import inspect
 import sys
 from pathlib import Path
 from types import ModuleType
-
-import yaml
 
 BENCHMARKS = {
     # name: module, imported only when run (benchmarks pull in torch, Ray, pycolmap)
@@ -26,6 +24,7 @@ BENCHMARKS = {
     "devices": "bench.devices",
     "scale": "bench.scale",
     "mapping": "bench.mapping",
+    "precision": "bench.precision",
 }
 
 
@@ -50,27 +49,14 @@ def benchmark_module(name: str, conf: dict) -> ModuleType:
     return module
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """["key=value", ...] -> {key: YAML value}."""
-    overrides = {}
-    for item in items:
-        key, separator, value = item.partition("=")
-        if not separator or not key:
-            raise ValueError(f"--conf {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     parser.add_argument("--out", type=Path, help="write the report to this JSON file")
-    parser.add_argument("--conf", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override the benchmark's default_conf (values in YAML, e.g. sets=[lund])")
 
 
 def run(args: argparse.Namespace) -> int:
+    conf = args.conf  # parsed by jobs.cli (jobs/config.py)
     try:
-        conf = parse_overrides(args.conf)
         benchmark_module(args.name, conf)
     except ValueError as error:
         print(f"pixloc bench: error: {error}", file=sys.stderr)

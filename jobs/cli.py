@@ -1,6 +1,11 @@
 """The `pixloc` command line: one subcommand per job module.
 
-Each module listed in COMMANDS exposes `add_arguments(parser)` and `run(args) -> int`.
+Each module listed in COMMANDS exposes `add_arguments(parser)`, `run(args) -> int` and (but for
+`bench`, whose benchmarks have their own) a `default_conf`. Every subcommand takes
+`--conf KEY=VALUE ...` (deep-merged into the job's default_conf, see jobs/config.py; `args.conf`
+is the parsed dict) and `--debug`. Errors end here: one line naming the cause (S3 credentials with
+the URL, an unreachable endpoint, a full disk with the path, bad input with file:line), the
+traceback only with `--debug`; Ctrl-C says what was saved.
 """
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import argparse
 import importlib
 import logging
 import sys
+
+from .config import merge_conf, parse_overrides
 
 COMMANDS = {
     # name: (module, one-line help)
@@ -23,19 +30,29 @@ COMMANDS = {
     "bench": ("jobs.bench", "run a benchmark, print a table, write JSON"),
 }
 
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with what the job saved before it stopped (the message)."""
+
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """All subcommands are listed; only `command`'s module is imported (jobs pull in torch and
     Ray, which would make `pixloc --help` take seconds)."""
     parser = argparse.ArgumentParser(prog="pixloc", description="PixLoc-style batch camera localization")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--conf", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override the job's default_conf (YAML values, dotted keys: router.max_cells=3)")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, parents=[common])
         if name == command:
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
-            sub.set_defaults(run=module.run)
+            sub.set_defaults(run=module.run, module=module)
     return parser
 
 
@@ -45,7 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return args.run(args)
+    prefix = f"pixloc {args.command}"
+    try:
+        args.conf = parse_overrides(args.conf)
+        if hasattr(args.module, "default_conf"):
+            merge_conf(args.module.default_conf, args.conf)  # unknown keys refused before any work
+    except ValueError as error:
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except (KeyboardInterrupt, Interrupted) as interruption:
+        print(f"{prefix}: {interruption or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - the one place where any error becomes a message
+        if args.debug:
+            raise
+        from cluster.errors import describe  # imports the store (pyarrow): only once something failed
+
+        print(f"{prefix}: {describe(error)}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from . import features as features_job
 from . import localize as localize_job
 from . import map as map_job
 from . import report as report_job
+from .config import merge_conf
 from .results import read_results, successful_poses
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def comparison_table(prior_error: np.ndarray, summary: dict) -> str:
 
 def main(out_dir: Path, conf: dict | None = None) -> dict:
     """Run the demo into `out_dir`; returns timings (s) per step and the accuracy summary."""
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     pycolmap.logging.minloglevel = 2
     out_dir = Path(out_dir)
     scene_dir, map_dir, store_url = out_dir / "scene", out_dir / "map", str(out_dir / "store")
@@ -127,6 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    main(args.out, {"workers": args.workers, "num_refs": args.refs, "num_queries": args.queries,
-                    "width": args.width, "height": args.height})
+    main(args.out, merge_conf(default_conf, {"workers": args.workers, "num_refs": args.refs,
+                                             "num_queries": args.queries, "width": args.width,
+                                             "height": args.height}, args.conf))
     return 0

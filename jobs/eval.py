@@ -11,12 +11,15 @@ import json
 import logging
 from pathlib import Path
 
+from pixloc_core import files
 from pixloc_core.evaluate import PoseDict, evaluate, format_summary
 from pixloc_core.io import read_poses
 
 from .results import read_results, successful_poses
 
 logger = logging.getLogger(__name__)
+
+default_conf: dict = {}  # nothing to configure: `--conf` keys are refused
 
 
 def read_estimates(path: Path) -> PoseDict:
@@ -33,7 +36,7 @@ def main(results: Path, gt: Path, json_path: Path | None = None) -> dict:
     summary = evaluate(read_estimates(results), ground_truth)
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
+        files.write_text(Path(json_path), json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -45,9 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = main(args.results, args.gt, args.json)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"pixloc eval: {error}") from None
+    summary = main(args.results, args.gt, args.json)
     print(format_summary(summary, f"{args.results} vs {args.gt}"))
     return 0

@@ -30,7 +30,6 @@ import ray
 import torch
 from tqdm import tqdm
 
-from cluster.filesystem import StorageError
 from cluster.runtime import gpus_per_worker, init_ray, set_torch_threads
 from cluster.store import (SPARSE_LEVEL, Commit, FeatureStore, PartFile, PartitionPublisher, StoreInfo, batch_key,
                            observation_table, parse_partition_dir, partition_dir, sparse_table)
@@ -40,6 +39,8 @@ from pixloc_core import files
 from pixloc_core.files import Location
 from pixloc_core.images import ImageReadError, list_images, read_image
 from pixloc_core.map_io import SceneMap, observations, write_reference_table
+
+from .config import merge_conf
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
          address: str | None = None) -> dict:
     """Fill the store for every reference image in a cell of the map, and recompute damaged
     partitions; returns counts and timings."""
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     scene = SceneMap.load(map_dir)  # the one process besides the map builder that reads the whole map
     write_reference_table(scene, map_dir)
     cells = map_cells(scene)
@@ -309,12 +310,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise SystemExit(f"pixloc features: --workers must be positive, got {args.workers}")
-    try:
-        stats = main(args.map, args.images, args.store, address=args.address,
-                     conf={"extractor": args.extractor, "workers": args.workers, "aggregate": args.aggregate,
-                           "repair": args.repair})
-    except (ValueError, FileNotFoundError, StorageError) as error:
-        raise SystemExit(f"pixloc features: {error}") from None
+    flags = {"extractor": args.extractor, "workers": args.workers, "aggregate": args.aggregate, "repair": args.repair}
+    stats = main(args.map, args.images, args.store, address=args.address, conf=merge_conf(default_conf, flags, args.conf))
     logger.info("%d images (%d extracted, %d already stored), %d cells published, %d partitions repaired in %.1f s",
                 stats["images"], stats["extracted"], stats["skipped"], stats["cells_published"],
                 stats["partitions_repaired"], stats["seconds"])

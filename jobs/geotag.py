@@ -7,14 +7,20 @@ With `--store` the photos are localized first (as `pixloc localize`, into --resu
 EXIF GPS; photos without GPS get the prior `--near LAT,LON --radius M` when given. Originals are
 never modified. A photo that fails keeps its original tags (it is still copied) and is listed with
 the reason: `no prior`, the localization error, or why its EXIF could not be written.
+
+Earlier outputs are kept unless asked: an --out with corrections (or, with --store, a --results
+with results) needs `--resume` (continue the localization, write the corrections again) or
+`--overwrite`; every file is written under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import html
+import io
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,25 +29,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pixloc_core import files
 from pixloc_core.exif import write_exif_gps
 from pixloc_core.geo import wgs84_to_enu
 from pixloc_core.geometry import quaternion_to_matrix
 from pixloc_core.geotag import (ExifGeotag, Geotag, geotags_from_poses, heading_difference, horizontal_move_m,
                                 load_georegistration)
 from pixloc_core.io import Prior, write_priors
-from pixloc_core.localize import METHODS
+from pixloc_core.localize import METHODS, TRUST_PRIOR, VerifyConf
 from pixloc_core.map_io import GeoInfo
 from pixloc_core.images import list_images
 
 from .localize import default_conf as localize_conf
 from .localize import main as localize
 from .report import HEIGHT, WIDTH, PlanView
-from .results import read_results
+from .config import merge_conf
+from .results import ExistingResults, check_output, read_results
 
 logger = logging.getLogger(__name__)
 
 CORRECTED, FAILED, NO_PRIOR = "corrected", "failed", "no prior"
 PRIORS_FILE = "geotag_priors.csv"
+CORRECTIONS_FILE = "corrections.csv"
 
 default_conf = {
     "localize": {},  # passed to jobs.localize.main when localizing first (--store)
@@ -80,25 +89,35 @@ def correct_photo(name: str, images_dir: Path, out_dir: Path, geo: GeoInfo,
     """Write the corrected copy of one photo (or the unchanged copy of a failed one)."""
     source, target = images_dir / name, out_dir / name
     target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp")
     before = ExifGeotag.read(source)
     if after is not None:
         try:
-            write_exif_gps(source, target, after.lat, after.lon, after.alt, after.heading_deg, after.accuracy_m)
-        except (ValueError, OSError) as error:
+            write_exif_gps(source, staging, after.lat, after.lon, after.alt, after.heading_deg, after.accuracy_m)
+            os.replace(staging, target)
+        except ValueError as error:
             # piexif raises ValueError and its own InvalidImageDataError (a ValueError) for non-JPEGs
-            shutil.copyfile(source, target)
+            _copy(source, target)
             return Correction(name, FAILED, f"cannot write EXIF: {error}".splitlines()[0], before)
+        finally:
+            staging.unlink(missing_ok=True)
         moved = horizontal_move_m(before, after, geo.origin_wgs84) if before.has_position else None
         turned = (heading_difference(before.heading_deg, after.heading_deg)
                   if before.heading_deg is not None and after.heading_deg is not None else None)
         return Correction(name, CORRECTED, "", before, after, moved, turned)
-    shutil.copyfile(source, target)
+    _copy(source, target)
     if failure is None:
         if not before.has_position and not near_given:
             return Correction(name, NO_PRIOR, "no EXIF GPS and no --near", before)
         failure = "not in the localization results"
     status = NO_PRIOR if failure.startswith("no prior") else FAILED
     return Correction(name, status, failure, before)
+
+
+def _copy(source: Path, target: Path) -> None:
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, staging)
+    os.replace(staging, target)
 
 
 # ----- outputs
@@ -112,16 +131,17 @@ def write_csv(path: Path, corrections: list[Correction]) -> None:
     columns = ["name", "status", "reason", "lat_before", "lon_before", "alt_before", "heading_before_deg",
                "lat_after", "lon_after", "alt_after", "heading_after_deg", "accuracy_m", "moved_m",
                "heading_change_deg"]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for c in corrections:
-            b, a = c.before, c.after
-            writer.writerow([
-                c.name, c.status, c.reason, _number(b.lat, 8), _number(b.lon, 8), _number(b.alt, 2),
-                _number(b.heading_deg, 1), _number(a and a.lat, 8), _number(a and a.lon, 8),
-                _number(a and a.alt, 2), _number(a and a.heading_deg, 1), _number(a and a.accuracy_m, 2),
-                _number(c.moved_m, 2), _number(c.heading_change_deg, 1)])
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    for c in corrections:
+        b, a = c.before, c.after
+        writer.writerow([
+            c.name, c.status, c.reason, _number(b.lat, 8), _number(b.lon, 8), _number(b.alt, 2),
+            _number(b.heading_deg, 1), _number(a and a.lat, 8), _number(a and a.lon, 8),
+            _number(a and a.alt, 2), _number(a and a.heading_deg, 1), _number(a and a.accuracy_m, 2),
+            _number(c.moved_m, 2), _number(c.heading_change_deg, 1)])
+    files.write_text(path, text.getvalue())
 
 
 def geojson(corrections: list[Correction]) -> dict:
@@ -210,7 +230,7 @@ def write_report(path: Path, corrections: list[Correction], geo: GeoInfo) -> Non
             f"<td>{_number(c.after.heading_deg if c.after else None, 0)}</td>"
             f"<td>{_number(c.heading_change_deg, 0)}</td><td>{_number(accuracy, 2)}</td>"
             f"<td>{html.escape(c.reason)}</td></tr>")
-    path.write_text(f"""<!DOCTYPE html>
+    files.write_text(path, f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>pixloc geotag report</title>
 <style>body{{font:14px sans-serif;margin:20px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ddd;padding:3px 8px;text-align:right}} td:first-child,td:last-child{{text-align:left}}</style>
@@ -247,15 +267,20 @@ def write_localization_priors(path: Path, images_dir: Path, names: list[str],
 
 def main(results_dir: Path, images_dir: Path, map_dir: Path, out_dir: Path, store_url: str | None = None,
          near: tuple[float, float] | None = None, radius_m: float | None = None,
-         conf: dict | None = None) -> list[Correction]:
+         conf: dict | None = None, resume: bool = False, overwrite: bool = False) -> list[Correction]:
     """Geotag every image of `images_dir` into `out_dir`; with `store_url`, localize them first
     into `results_dir`. Returns one Correction per image."""
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     images_dir, out_dir, results_dir = Path(images_dir), Path(out_dir), Path(results_dir)
     if images_dir.resolve() == out_dir.resolve():
         raise ValueError(f"{out_dir}: the output folder must differ from the images folder (originals are kept)")
     if near is not None and store_url is None:
         raise ValueError("--near only applies when localizing here: pass --store as well")
+    if (out_dir / CORRECTIONS_FILE).is_file() and not (resume or overwrite):
+        raise ExistingResults(f"{out_dir}: holds the corrections of an earlier run; pass --resume or "
+                              "--overwrite to write them again")
+    if store_url is not None:
+        check_output(results_dir, resume, overwrite)
     geo = load_georegistration(map_dir)
     names = list_images(images_dir)
     if not names:
@@ -264,15 +289,16 @@ def main(results_dir: Path, images_dir: Path, map_dir: Path, out_dir: Path, stor
         results_dir.mkdir(parents=True, exist_ok=True)
         priors = results_dir / PRIORS_FILE
         write_localization_priors(priors, images_dir, names, near, radius_m)
-        localize(map_dir, store_url, images_dir, results_dir, priors=priors, conf=conf["localize"])
+        localize(map_dir, store_url, images_dir, results_dir, priors=priors, conf=conf["localize"], resume=resume,
+                 overwrite=overwrite)
     geotags, failures = _localized_geotags(results_dir, geo)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     corrections = [correct_photo(name, images_dir, out_dir, geo, geotags.get(name), failures.get(name),
                                  near is not None)
                    for name in tqdm(names, desc="geotag", unit="photo")]
-    write_csv(out_dir / "corrections.csv", corrections)
-    (out_dir / "corrections.geojson").write_text(json.dumps(geojson(corrections), indent=1))
+    write_csv(out_dir / CORRECTIONS_FILE, corrections)
+    files.write_text(out_dir / "corrections.geojson", json.dumps(geojson(corrections), indent=1))
     write_report(out_dir / "report.html", corrections, geo)
     for c in corrections:
         if c.status != CORRECTED:
@@ -303,14 +329,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radius", type=float, default=100.0, help="metres around --near to search (default 100)")
     parser.add_argument("--method", choices=METHODS, default=localize_conf["method"],
                         help="localization method (with --store)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the localization in --results (with --store) and write the corrections again")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier results and corrections")
+    parser.add_argument("--trust-prior", choices=TRUST_PRIOR, default=VerifyConf.trust_prior,
+                        help="low: the EXIF GPS may be stale: a pose far from it may still succeed (with --store)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.radius <= 0:
         raise SystemExit(f"pixloc geotag: --radius must be positive, got {args.radius}")
-    try:
-        main(args.results, args.images, args.map, args.out, args.store, args.near, args.radius,
-             {"localize": {"method": args.method}})
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"pixloc geotag: {error}") from None
+    main(args.results, args.images, args.map, args.out, args.store, args.near, args.radius,
+         merge_conf(default_conf, {"localize": {
+             "method": args.method, "shard": {"localize": {"verify": {"trust_prior": args.trust_prior}}}}}, args.conf), args.resume, args.overwrite)
     return 0

@@ -29,34 +29,35 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cluster.filesystem import StorageError
+from cluster.errors import classify
 from cluster.router import PoolConf, ShardClient, ShardPool
 from cluster.runtime import gpus_per_worker, init_ray, peak_rss_mb, set_torch_threads
 from cluster.shard_actor import CellAnswer, ShardConf
 from cluster.store import FeatureStore
-from pixloc_core import sparse
+from pixloc_core import files, sparse
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import resize_longest_side
 from pixloc_core.geometry import Pose
-from pixloc_core import files
 from pixloc_core.files import Location
 from pixloc_core.images import list_images, read_image
 from pixloc_core.io import QueryIntrinsics, read_priors, read_query_list
-from pixloc_core.localize import (DENSE_METHODS, METHODS, SPARSE_METHODS, Localization, PlanConf, Planner,
-                                  QueryInput, QueryPlan, QueryRequest, SearchConf, best_of, spatial_order)
+from pixloc_core.localize import (DENSE_METHODS, METHODS, SPARSE_METHODS, TRUST_PRIOR, Localization, PlanConf, Planner,
+                                  QueryInput, QueryPlan, QueryRequest, SearchConf, VerifyConf, best_of,
+                                  spatial_order)
 from pixloc_core.map_io import MapIndex, load_map_index
 
-from .results import ResultsWriter
+from .cli import Interrupted
+from .config import merge_conf
+from .results import ResultsWriter, check_output, completed_queries, read_results
 
 logger = logging.getLogger(__name__)
 
-# Bad input or an unreachable store: a one-line message, not a traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, StorageError)
 SUMMARY_FILE = "summary.json"
 
 default_conf = {
@@ -82,14 +83,15 @@ class _Started:
     timings: dict = field(default_factory=dict)
     calls: list[tuple[str, ray.ObjectRef]] = field(default_factory=list)  # (cell, future CellAnswer)
     error: str = ""
+    retryable: bool = False  # the error came from the infrastructure
 
 
 def result_row(plan: QueryPlan, method: str, localization: Localization, timings: dict, cell: str = "") -> dict:
+    """One results row: the localization with its check values (verified in the shard), the prior
+    and what planning noted."""
     row = {"name": plan.name, "method": method, "cell": cell, **localization.to_dict(), **timings}
     row["prior_xyz"] = None if plan.prior_xyz is None else plan.prior_xyz.tolist()
-    pose = localization.pose()
-    row["prior_distance_m"] = (float(np.linalg.norm(pose.center().numpy() - plan.prior_xyz))
-                               if pose is not None and plan.prior_xyz is not None else float("nan"))
+    row["note"] = plan.note
     return row
 
 
@@ -140,13 +142,14 @@ class QueryWorker:
     def start(self, query: QueryInput) -> _Started:
         started = _Started(self.planner.plan(query))
         if started.plan.error:
-            started.error = started.plan.error
+            started.error, started.retryable = started.plan.error, started.plan.retryable
             return started
         try:
             request, started.timings = query_request(started.plan, self.method, self.levels, self.extractor,
                                                      self.keypoints)
         except Exception as error:  # noqa: BLE001 - any failure of one query is its result, not the job's
-            started.error = str(error) or type(error).__name__
+            failure = classify(error)
+            started.error, started.retryable = failure.message, failure.retryable
             return started
         reference = ray.put(request)  # once: every cell's shard reads the same copy
         started.calls = [(cell, self.shards.submit(cell, reference)) for cell in started.plan.cells]
@@ -154,15 +157,16 @@ class QueryWorker:
 
     def finish(self, started: _Started) -> dict:
         if started.error:
-            return {**result_row(started.plan, self.method, Localization.failure(started.error), started.timings),
+            failure = Localization.failure(started.error, started.retryable)
+            return {**result_row(started.plan, self.method, failure, started.timings),
                     "worker_peak_rss_mb": peak_rss_mb()}
         answers = []
         for cell, call in started.calls:
             try:
                 answers.append(ray.get(call))
             except ray.exceptions.RayError as error:
-                answers.append(CellAnswer(cell, Localization.failure(f"shard {cell}: {str(error).splitlines()[0]}"),
-                                          {}, math.nan))
+                failure = classify(error)
+                answers.append(CellAnswer(cell, Localization.failure(failure.message, failure.retryable), {}, math.nan))
         best = best_of([answer.localization for answer in answers])
         cell = next(answer.cell for answer in answers if answer.localization is best)
         timings = {**started.timings, "load_ms": 0.0, "align_ms": 0.0}
@@ -292,25 +296,64 @@ def read_summary(out_dir: Location) -> dict:
 def main(map_dir: Location, store_url: str, queries_dir: Location, out_dir: Location,
          query_list: Location | None = None, priors: Location | None = None, gps_from_exif: bool = False, resume: bool = False,
          address: str | None = None, conf: dict | None = None,
-         on_result: Callable[[dict], None] | None = None) -> Location:
-    """Localize the queries of `queries_dir` into `out_dir`; returns the path of results.parquet."""
-    conf = {**default_conf, **(conf or {})}
+         on_result: Callable[[dict], None] | None = None, overwrite: bool = False) -> Location:
+    """Localize the queries of `queries_dir` into `out_dir`; returns the path of results.parquet.
+    Every input is read and checked before anything is written; RetryableFailures when some queries
+    failed because of the infrastructure (their rows say so, `--resume` retries them)."""
+    conf = merge_conf(default_conf, conf)
     if conf["method"] not in METHODS:
         raise ValueError(f"unknown method {conf['method']!r}, expected one of {METHODS}")
     if priors is None and not gps_from_exif:
         raise ValueError("priors needed: pass --priors CSV or --gps-from-exif")
+    check_output(out_dir, resume, overwrite)
     intrinsics = read_query_list(query_list) if query_list is not None else None
     prior_table = read_priors(priors) if priors else None
-    writer = ResultsWriter(out_dir, conf["flush_every"], resume=resume)
-    done = writer.completed() if resume else set()
-    queries = [QueryInput(path.name, files.absolute(path), intrinsics.get(path.name) if intrinsics else None,
-                          prior_table.get(path.name) if prior_table is not None else None,
-                          prior_from_exif=prior_table is None)
-               for path in query_paths(files.location(queries_dir), intrinsics) if path.name not in done]
+    done = completed_queries(out_dir) if resume else set()
+    queries_dir = files.location(queries_dir)
+    queries = []
+    for path in query_paths(queries_dir, intrinsics):
+        name = query_name(path, queries_dir)
+        if name not in done:
+            queries.append(QueryInput(name, files.absolute(path), intrinsics.get(name) if intrinsics else None,
+                                      prior_table.get(name) if prior_table is not None else None,
+                                      prior_from_exif=prior_table is None))
     logger.info("%d queries to localize (%d already done), method %s", len(queries), len(done), conf["method"])
     plan_conf = PlanConf(conf["search"], conf["shard"].localize.num_reference_hypotheses)
-    run_queries(files.location(map_dir), store_url, queries, writer, conf, plan_conf, address, on_result)
+    return run_job(map_dir, store_url, queries, out_dir, conf, plan_conf, address, resume, overwrite, on_result)
+
+
+def run_job(map_dir: Location, store_url: str, queries: list[QueryInput], out_dir: Location, conf: dict,
+            plan_conf: PlanConf, address: str | None, resume: bool, overwrite: bool,
+            on_result: Callable[[dict], None] | None = None) -> Location:
+    """`run_queries` into a new ResultsWriter of `out_dir`, for localize and refine: Ctrl-C says how
+    many rows were saved; RetryableFailures when some queries failed because of the infrastructure.
+    Returns the path of results.parquet."""
+    writer = ResultsWriter(out_dir, conf["flush_every"], resume=resume, overwrite=overwrite)
+    try:
+        run_queries(files.location(map_dir), store_url, queries, writer, conf, plan_conf, address, on_result)
+    except KeyboardInterrupt:  # execute has flushed every row it got
+        raise Interrupted(f"interrupted: {read_results(out_dir).num_rows} rows saved in {out_dir}, "
+                          "rerun with --resume") from None
+    raise_if_retryable(read_results(out_dir), out_dir)
     return writer.out_dir / "results.parquet"
+
+
+class RetryableFailures(RuntimeError):
+    """Some queries failed because of the infrastructure: the job did not finish its work."""
+
+
+def raise_if_retryable(table: pa.Table, out_dir: Location) -> None:
+    retryable = [row for row in table.select(["name", "retryable", "error"]).to_pylist() if row["retryable"]]
+    if retryable:
+        raise RetryableFailures(f"{len(retryable)} of {table.num_rows} queries failed for reasons outside their "
+                                f"input, e.g. {retryable[0]['name']}: {retryable[0]['error']}; fix the cause and "
+                                f"rerun with --resume (results so far in {out_dir})")
+
+
+def query_name(path: Location, queries_dir: Location) -> str:
+    """The name of a query in rows, poses.txt and the input lists: its path relative to the
+    queries folder (subfolders kept, hloc style), with forward slashes."""
+    return path.relative_to(queries_dir).as_posix()
 
 
 def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None:
@@ -327,6 +370,9 @@ def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None
     parser.add_argument("--shard-actors", type=int, default=conf["pool"].shard_actors,
                         help="shard actor processes, each hosting several cells (default: one per CPU)")
     parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip queries already answered (retrying those that failed for reasons outside their input)")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
 
 
 def query_job_conf(args: argparse.Namespace, conf: dict) -> dict:
@@ -345,14 +391,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--priors", type=files.location, help="CSV name,lat,lon[,alt][,sigma_m] or name,x,y,z[,sigma_m]")
     source.add_argument("--gps-from-exif", action="store_true", help="priors from the images' EXIF GPS")
     parser.add_argument("--method", choices=METHODS, default=default_conf["method"])
-    parser.add_argument("--resume", action="store_true", help="skip queries already in the results")
+    parser.add_argument("--trust-prior", choices=TRUST_PRIOR, default=VerifyConf.trust_prior,
+                        help="low: the priors may be wrong (stale GPS): a pose far from its prior may still succeed")
 
 
 def run(args: argparse.Namespace) -> int:
-    conf = {**query_job_conf(args, default_conf), "method": args.method}
-    try:
-        main(args.map, args.store, args.queries, args.out, args.query_list, args.priors, args.gps_from_exif,
-             args.resume, args.address, conf)
-    except USER_ERRORS as error:
-        raise SystemExit(f"pixloc localize: {error}") from None
+    flags = {**query_job_conf(args, default_conf), "method": args.method,
+             "shard": {"localize": {"verify": {"trust_prior": args.trust_prior}}}}
+    main(args.map, args.store, args.queries, args.out, args.query_list, args.priors, args.gps_from_exif,
+         args.resume, args.address, merge_conf(default_conf, flags, args.conf), overwrite=args.overwrite)
     return 0

@@ -35,6 +35,8 @@ from cluster.runtime import init_ray
 from pixloc_core.mapping import cells, descriptors, georegister, matching, merge, pairs, sfm, sift, triangulation
 from pixloc_core.mapping.feature_files import FeatureFiles, group_pairs
 
+from .config import merge_conf
+
 logger = logging.getLogger(__name__)
 
 default_conf = {
@@ -120,7 +122,7 @@ def build_map(images: Location, out: Location, reference_model: Location | None 
 
     Remote inputs (s3://) are copied into the local cache first (SIFT and pycolmap read files), a
     remote `out` is written locally and uploaded, its manifest last."""
-    conf = {**default_conf, **(conf or {})}  # each step completes its own conf with its defaults
+    conf = merge_conf(default_conf, conf)  # each step completes its own conf with its defaults
     images_location, images = images, files.local_copy(images)
     given_model = reference_model or import_model
     source_model = read_model(files.local_copy(given_model)) if given_model else None
@@ -202,7 +204,7 @@ def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: d
     """`build_map` with known poses, distributed: features per image, matches per chunk of pairs and
     one triangulation per shard cell (core plus halo) as Ray tasks, all written under MAP/mapping
     (a rerun resumes), then the cells' points merged by their shared observations."""
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     images, out = Path(images), Path(out)
     root = out / WORK_DIR
     reference = read_model(reference_model)
@@ -289,8 +291,8 @@ def run(args: argparse.Namespace) -> int:
             priors = read_priors(args.priors)
         elif args.gps_from_exif:
             priors = exif_priors(args.images, list_images(args.images))
-        conf = {"sift": {"max_image_size": args.max_image_size},
-                "shards": {"cell_size_m": args.cell_size, "halo_m": args.halo}}
+        conf = merge_conf(default_conf, {"sift": {"max_image_size": args.max_image_size},
+                                         "shards": {"cell_size_m": args.cell_size, "halo_m": args.halo}}, args.conf)
         if args.update:
             from jobs import map_update  # it builds on this module
 

@@ -17,9 +17,10 @@ from pixloc_core.files import Location
 from pixloc_core.io import read_poses, read_query_list
 from pixloc_core.localize import PlanConf, QueryInput
 
-from .localize import USER_ERRORS, add_query_job_arguments, query_job_conf, query_paths, run_queries
+from .config import merge_conf
+from .localize import add_query_job_arguments, query_job_conf, query_name, query_paths, run_job
 from .localize import default_conf as localize_conf
-from .results import ResultsWriter
+from .results import check_output, completed_queries
 
 logger = logging.getLogger(__name__)
 
@@ -33,23 +34,27 @@ default_conf = {
 
 
 def main(map_dir: Location, store_url: str, queries_dir: Location, poses: Location, out_dir: Location,
-         query_list: Location | None = None, address: str | None = None, conf: dict | None = None) -> Location:
-    conf = {**default_conf, **(conf or {})}
+         query_list: Location | None = None, address: str | None = None, conf: dict | None = None,
+         resume: bool = False, overwrite: bool = False) -> Location:
+    conf = merge_conf(default_conf, conf)
     shard = conf["shard"]
     conf["shard"] = replace(shard, levels=tuple(conf["levels"]), align=AlignConf(num_iterations=tuple(conf["num_iterations"])),
                             localize=replace(shard.localize, sparse_levels=len(conf["levels"])))
     intrinsics = read_query_list(query_list) if query_list is not None else None
     given = read_poses(poses)
     queries = []
-    for path in query_paths(files.location(queries_dir), intrinsics):
-        pose = given.get(path.name)
-        queries.append(QueryInput(path.name, files.absolute(path), intrinsics.get(path.name) if intrinsics else None,
+    check_output(out_dir, resume, overwrite)
+    done = completed_queries(out_dir) if resume else set()
+    queries_dir = files.location(queries_dir)
+    for path in query_paths(queries_dir, intrinsics):
+        name = query_name(path, queries_dir)
+        if name in done:
+            continue
+        pose = given.get(name)
+        queries.append(QueryInput(name, files.absolute(path), intrinsics.get(name) if intrinsics else None,
                                   pose=None if pose is None else (tuple(pose[0].tolist()), tuple(pose[1].tolist()))))
-    writer = ResultsWriter(out_dir, conf["flush_every"])
     plan_conf = PlanConf(conf["search"], refine=True, pose_sigma_m=conf["pose_sigma_m"])
-    summary = run_queries(files.location(map_dir), store_url, queries, writer, conf, plan_conf, address)
-    logger.info("%d/%d poses refined -> %s", summary["succeeded"], summary["results"], out_dir)
-    return writer.out_dir / "results.parquet"
+    return run_job(map_dir, store_url, queries, out_dir, conf, plan_conf, address, resume, overwrite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,9 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        main(args.map, args.store, args.queries, args.poses, args.out, args.query_list, args.address,
-             query_job_conf(args, default_conf))
-    except USER_ERRORS as error:
-        raise SystemExit(f"pixloc refine: {error}") from None
+    main(args.map, args.store, args.queries, args.poses, args.out, args.query_list, args.address,
+         merge_conf(default_conf, query_job_conf(args, default_conf), args.conf), args.resume, args.overwrite)
     return 0

@@ -8,6 +8,9 @@
 
 A rerun with `--resume` reads both (the parts of a crashed run, the table of a finished one) and
 skips the queries already answered; when it ends the parts are folded into results.parquet.
+Earlier results are never lost by accident: a folder that holds some is refused unless the job
+resumes or overwrites them, and `--overwrite` moves them to OUT/.replaced/, deleted only once the
+new results are written. Every file is written under a temporary name and renamed into place.
 OUT is a local folder or an s3:// prefix (`pixloc_core.files`).
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pixloc_core.io import write_poses
 RESULTS_FILE = "results.parquet"
 POSES_FILE = "poses.txt"
 PARTS_DIR = "parts"
+REPLACED_DIR = ".replaced"
 STAGES = ("read", "cnn", "sparse", "load", "align")  # timing columns `<stage>_ms`
 
 SCHEMA = pa.schema([
@@ -41,16 +45,30 @@ SCHEMA = pa.schema([
     ("hypothesis", pa.string()),  # the winning initial pose: sparse, ref:<image>, input
     ("cell", pa.string()),
     ("prior_xyz", pa.list_(pa.float64(), 3)),  # map frame; null without a prior
-    ("prior_distance_m", pa.float64()),  # between the prior and the estimated camera centre
     ("position_std_m", pa.float64()),
     ("rotation_std_deg", pa.float64()),
     ("error", pa.string()),  # why it failed; empty on success
+    ("retryable", pa.bool_()),  # failed because of the infrastructure: --resume retries it
+    ("note", pa.string()),  # what planning adjusted, e.g. a rescaled camera
+    # The values the pose was verified on (pixloc_core.localize.Checks; NaN/0 where not applicable).
+    ("prior_distance_m", pa.float64()),  # horizontal, between the prior and the estimated camera centre
+    ("prior_sigma_m", pa.float64()),
+    ("inliers", pa.int64()),  # PnP inliers and 2D-3D matches, when the pose comes from PnP
+    ("matches", pa.int64()),
+    ("inlier_ratio", pa.float64()),
+    ("pnp_position_std_m", pa.float64()),
+    ("refinement_shift_m", pa.float64()),  # how far the featuremetric refinement moved the PnP pose
+    ("refinement_turn_deg", pa.float64()),
     *[(f"{stage}_ms", pa.float64()) for stage in STAGES],
     # measured peak resident memory (ru_maxrss) so far of the query worker that made the row and
     # of the shard actor that answered it, in MiB
     ("worker_peak_rss_mb", pa.float64()),
     ("shard_peak_rss_mb", pa.float64()),
 ])
+
+
+class ExistingResults(ValueError):
+    """The output folder holds results of an earlier run, and the job was not told what to do with them."""
 
 
 def _write_atomically(table: pa.Table, path: Location) -> None:
@@ -70,6 +88,22 @@ def _part_names(out_dir: Location) -> list[str]:
     except FileNotFoundError:
         return []
     return [name for name in names if name.startswith("part-") and name.endswith(".parquet")]
+
+
+def result_files(out_dir: Location) -> list[Location]:
+    """The files of earlier results in a results folder (final files and flushed parts)."""
+    out_dir = files.location(out_dir)
+    return [place for place in (out_dir / RESULTS_FILE, out_dir / POSES_FILE) if files.is_file(place)] + \
+        [out_dir / PARTS_DIR / name for name in _part_names(out_dir)]
+
+
+def check_output(out_dir: Location, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse to start a job into a folder with earlier results unless told to resume or overwrite."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if not resume and not overwrite and result_files(out_dir):
+        raise ExistingResults(f"{out_dir}: holds results of an earlier run; pass --resume to continue them "
+                              "or --overwrite to replace them")
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
@@ -96,6 +130,13 @@ def read_results(path: Location) -> pa.Table:
     return table.take(pa.array(sorted(last.values()), pa.int64()))
 
 
+def completed_queries(out_dir: Path) -> set[str]:
+    """The queries a resumed job skips: those with a row in the results so far, except the ones
+    that failed because of the infrastructure (retryable)."""
+    table = read_results(out_dir).select(["name", "retryable"]).to_pylist()
+    return {row["name"] for row in table if not row["retryable"]}
+
+
 def successful_poses(table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (qvec, tvec) of the successful rows, as `io.read_poses` returns them."""
     table = table.filter(pc.field("success"))
@@ -106,28 +147,27 @@ def successful_poses(table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]
 class ResultsWriter:
     """Collects rows and flushes them as part files; `close` folds everything into the final files."""
 
-    def __init__(self, out_dir: Location, flush_every: int = 8, resume: bool = False, flush_interval_s: float = 10.0):
+    def __init__(self, out_dir: Location, flush_every: int = 8, resume: bool = False, flush_interval_s: float = 10.0,
+                 overwrite: bool = False):
+        check_output(out_dir, resume, overwrite)
         self.out_dir = files.location(out_dir)
         self.parts_dir = self.out_dir / PARTS_DIR
         self.flush_every, self.flush_interval_s = flush_every, flush_interval_s
         self.last_flush = time.monotonic()
         if isinstance(self.out_dir, Path):
             self.parts_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            # Kept aside, not deleted, until the new results replace them (see close).
+            for earlier in result_files(self.out_dir):
+                files.move(earlier, self.out_dir / REPLACED_DIR / f"{earlier.parent.name}-{earlier.name}")
         parts = _part_names(self.out_dir)
-        if not resume:
-            for stale in [self.out_dir / RESULTS_FILE, self.out_dir / POSES_FILE]:
-                if files.exists(stale):
-                    files.delete(stale)
-            for name in parts:
-                files.delete(self.parts_dir / name)
-            parts = []
         self.buffer: list[dict] = []
         # part numbers continue across resumed runs, so no file is ever overwritten
         self.next_part = 1 + max((int(name.removeprefix("part-").removesuffix(".parquet")) for name in parts),
                                  default=-1)
 
     def completed(self) -> set[str]:
-        return set(read_results(self.out_dir).column("name").to_pylist())
+        return completed_queries(self.out_dir)
 
     def add(self, row: dict) -> None:
         self.buffer.append(row)
@@ -152,4 +192,5 @@ class ResultsWriter:
             files.delete(self.parts_dir / name)
         if isinstance(self.parts_dir, Path):
             self.parts_dir.rmdir()
+        files.delete_folder(self.out_dir / REPLACED_DIR)
         return table

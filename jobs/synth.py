@@ -7,6 +7,10 @@ from pathlib import Path
 
 from pixloc_core.synthetic import dataset
 
+from .config import merge_conf
+
+default_conf = dataset.default_conf
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     conf = dataset.default_conf
@@ -42,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"pixloc synth: --{name} must be positive, got {getattr(args, name)}")
     if args.gps_noise < 0:
         raise SystemExit(f"pixloc synth: --gps-noise must be >= 0, got {args.gps_noise}")
-    dataset.main(args.out, {
+    dataset.main(args.out, merge_conf(default_conf, {
         "seed": args.seed, "blocks": args.blocks, "num_refs": args.refs, "num_queries": args.queries, "gps_noise_m": args.gps_noise,
         "width": args.width, "height": args.height, "workers": args.workers,
-    })
+    }, args.conf))
     return 0

@@ -13,6 +13,10 @@ from pathlib import Path
 
 from pixloc_core import train
 
+from .config import merge_conf
+
+default_conf = train.default_conf
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     conf, data = train.default_conf, train.default_conf["data"]
@@ -47,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
             "width": args.width, "height": args.height, "max_size": args.max_size}
     if args.model is not None:
         data.update(source="colmap", model_dir=args.model, image_dir=args.images)
-    checkpoint = train.main(args.out, {
+    checkpoint = train.main(args.out, merge_conf(default_conf, {
         "extractor": args.extractor, "num_steps": args.steps, "seed": args.seed, "learning_rate": args.lr,
         "pairs_per_step": args.pairs_per_step, "data": data,
-    })
+    }, args.conf))
     print(f"checkpoint: {checkpoint}")
     if args.export is not None:
         print(f"weights: {train.export_weights(checkpoint, args.export)}")

@@ -13,17 +13,19 @@ the same bucket: photos are read straight from it, never synced to the workers.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TypeVar, Union
 
 import fsspec
@@ -43,6 +45,10 @@ class StorageError(RuntimeError):
     """A storage operation that still failed after all retries."""
 
 
+class StorageAccessDenied(StorageError, PermissionError):
+    """Credentials missing or refused: retrying cannot help, the message names the URL."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 5
@@ -50,8 +56,23 @@ class RetryPolicy:
     max_backoff_s: float = 5.0
 
 
+def is_access_denied(error: BaseException) -> bool:
+    if isinstance(error, PermissionError):
+        return True
+    if "botocore" not in sys.modules:  # no S3 client was ever made, so no credential error
+        return False
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    return isinstance(error, (NoCredentialsError, PartialCredentialsError))
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def is_transient(error: BaseException) -> bool:
-    if isinstance(error, PERMANENT_ERRORS):
+    # A full disk stays full: the caller reports it with the path.
+    if isinstance(error, PERMANENT_ERRORS) or is_access_denied(error) or is_disk_full(error):
         return False
     from botocore.exceptions import BotoCoreError  # s3fs's dependency; imported only when S3 is used
 
@@ -66,9 +87,12 @@ def retried(operation: str, where: str, call: Callable[[], T], retry: RetryPolic
         try:
             return call()
         except Exception as error:  # noqa: BLE001 - classified just below
+            cause = " ".join(f"{type(error).__name__}: {error}".split())
+            if is_access_denied(error):
+                raise StorageAccessDenied(f"{where}: {operation} refused, check the credentials "
+                                          f"(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...): {cause}") from error
             if not is_transient(error):
                 raise
-            cause = " ".join(f"{type(error).__name__}: {error}".split())
             if attempt == retry.attempts:
                 raise StorageError(f"{where}: {operation} failed after {attempt} attempts: {cause}") from error
             logger.warning("%s: %s failed (attempt %d/%d, retrying in %.1f s): %s", where, operation, attempt,
@@ -96,6 +120,11 @@ class Url(str):
     @property
     def parent(self) -> Url:
         return Url(self.rsplit("/", 1)[0])
+
+    def relative_to(self, folder: str) -> PurePosixPath:
+        if not self.startswith(f"{folder.rstrip('/')}/"):
+            raise ValueError(f"{self} is not under {folder}")
+        return PurePosixPath(self.removeprefix(f"{folder.rstrip('/')}/"))
 
     @property
     def key(self) -> str:
@@ -178,6 +207,10 @@ def write_local_atomically(path: Path, data: bytes) -> None:
     try:
         staging.write_bytes(data)
         os.replace(staging, path)
+    except OSError as error:
+        if error.filename is None and error.errno is not None:  # some writers omit it (a full disk)
+            raise OSError(error.errno, os.strerror(error.errno), str(path)) from None
+        raise
     finally:
         staging.unlink(missing_ok=True)
 
@@ -196,6 +229,19 @@ def is_file(place: Location) -> bool:
 
 def delete(place: Location) -> None:
     _on("delete", place, lambda fs, path: fs.rm_file(path))
+
+
+def move(source: Location, target: Location) -> None:
+    """Rename within one filesystem (on S3 a copy, then a delete)."""
+    if isinstance(location(source), Path):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    _on("move", source, lambda fs, path: fs.mv(path, _filesystem_and_path(target)[1]))
+
+
+def delete_folder(folder: Location) -> None:
+    """`folder` and everything under it; nothing when it does not exist."""
+    if exists(folder):
+        _on("delete", folder, lambda fs, path: fs.rm(path, recursive=True))
 
 
 def list_files(folder: Location) -> dict[str, int]:

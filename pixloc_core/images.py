@@ -6,8 +6,8 @@ EXIF orientation is ignored, as COLMAP does, so that pixels match the cameras of
 from __future__ import annotations
 
 import io
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -41,21 +41,23 @@ def _open(path: Location) -> Iterator[Image.Image]:
 
 def read_image(path: Location, mode: str = "RGB") -> np.ndarray:
     """(H, W, 3) uint8 for mode "RGB", (H, W) for "L"; writable, as torch.from_numpy wants."""
-    try:
-        with _open(path) as image:
-            return np.array(image.convert(mode))
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: image not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"{path}: cannot decode image ({error})") from None
+    with opened(path) as image:
+        return np.array(image.convert(mode))
 
 
 def image_size(path: Location) -> tuple[int, int]:
-    """(width, height) from the image header."""
+    """(width, height) from the header, without decoding the pixels."""
+    with opened(path) as image:
+        return image.size
+
+
+@contextmanager
+def opened(path: Location) -> Iterator[Image.Image]:
+    """The image, any failure to read it an ImageReadError naming the file and the reason."""
     try:
         with _open(path) as image:
-            return image.size
+            yield image
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image not found") from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"{path}: cannot decode image ({error})") from None

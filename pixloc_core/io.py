@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class QueryIntrinsics:
 
 
 def read_query_list(path: Path) -> dict[str, QueryIntrinsics]:
-    queries = {}
+    queries, first_line = {}, {}
     for lineno, line in enumerate(files.read_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -59,8 +60,19 @@ def read_query_list(path: Path) -> dict[str, QueryIntrinsics]:
         if len(fields) < 5:
             raise ValueError(f"{path}:{lineno}: expected 'name MODEL WIDTH HEIGHT PARAMS...'")
         name, model, width, height, *params = fields
-        queries[name] = QueryIntrinsics(model, int(width), int(height), tuple(float(p) for p in params))
+        _refuse_duplicate(path, name, lineno, first_line)
+        try:
+            queries[name] = QueryIntrinsics(model, int(width), int(height), tuple(float(p) for p in params))
+        except ValueError as error:
+            raise ValueError(f"{path}:{lineno}: {error}") from None
     return queries
+
+
+def _refuse_duplicate(path: Path, name: str, lineno: int, first_line: dict[str, int]) -> None:
+    """A name listed twice is an error, not "the last line wins": the two lines may disagree."""
+    if name in first_line:
+        raise ValueError(f"{path}:{lineno}: {name!r} is listed twice (first on line {first_line[name]})")
+    first_line[name] = lineno
 
 
 def write_query_list(path: Path, queries: dict[str, QueryIntrinsics]) -> None:
@@ -81,6 +93,8 @@ class Prior:
 
 
 def read_priors(path: Path) -> dict[str, Prior]:
+    """Every line checked, naming file:line: required values present and finite, latitude in
+    [-90, 90] and longitude in [-180, 180], sigma positive, each name once."""
     with io.StringIO(files.read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or [])
@@ -90,16 +104,41 @@ def read_priors(path: Path) -> dict[str, Prior]:
             keys, geodetic = ("x", "y", "z"), False
         else:
             raise ValueError(f"{path}: header must be 'name,lat,lon[,alt][,sigma_m]' or 'name,x,y,z[,sigma_m]', got {reader.fieldnames}")
-        priors = {}
+        priors, first_line = {}, {}
         for lineno, row in enumerate(reader, 2):
             try:
-                has_alt = bool(row.get(keys[2]))
-                pos = tuple(float(row[k]) if row.get(k) else 0.0 for k in keys)
-                sigma = float(row["sigma_m"]) if row.get("sigma_m") else None
+                name = (row.get("name") or "").strip()
+                if not name:
+                    raise ValueError("empty name")
+                _refuse_duplicate(path, name, lineno, first_line)
+                # The altitude may be left empty (GPS altitude is often missing); nothing else.
+                position = (_number(row, keys[0]), _number(row, keys[1]),
+                            _number(row, keys[2]) if row.get(keys[2]) else 0.0)
+                sigma = _number(row, "sigma_m") if row.get("sigma_m") else None
+                if geodetic and not -90 <= position[0] <= 90:
+                    raise ValueError(f"lat {position[0]} outside [-90, 90]")
+                if geodetic and not -180 <= position[1] <= 180:
+                    raise ValueError(f"lon {position[1]} outside [-180, 180]")
+                if sigma is not None and not sigma > 0:
+                    raise ValueError(f"sigma_m must be positive, got {sigma}")
             except ValueError as error:
-                raise ValueError(f"{path}:{lineno}: {error}") from None
-            priors[row["name"]] = Prior(pos, geodetic, sigma, has_alt)
+                message = str(error)
+                raise ValueError(message if message.startswith(f"{path}:") else f"{path}:{lineno}: {message}") from None
+            priors[name] = Prior(position, geodetic, sigma, bool(row.get(keys[2])))
     return priors
+
+
+def _number(row: dict, key: str) -> float:
+    text = (row.get(key) or "").strip()
+    if not text:
+        raise ValueError(f"{key} is empty")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{key} is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{key} is not finite: {text!r}")
+    return value
 
 
 def write_priors(path: Path, priors: dict[str, Prior]) -> None:

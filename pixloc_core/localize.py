@@ -28,14 +28,63 @@ import numpy as np
 import torch
 
 from . import files
+from .files import Location, StorageError
 from .align import AlignConf, AlignResult, FeaturemetricAligner, ReferenceLevel
 from .extractors.base import FeatureLevel, Pyramid
-from .geometry import Camera, Pose, UnsupportedCameraModel, so3_exp
+from .geometry import Camera, Pose, so3_exp
 from .io import Prior, QueryIntrinsics
 
 METHODS = ("dense", "sparse", "sparse+dense")
 SPARSE_METHODS = ("sparse", "sparse+dense")  # those that match keypoints and solve PnP
 DENSE_METHODS = ("dense", "sparse+dense", "refine")  # those that need the query's feature pyramid
+
+
+# ----- verification: the checks every pose marked successful passes, whatever method made it
+
+TRUST_PRIOR = ("normal", "low")
+
+
+@dataclass(frozen=True)
+class VerifyConf:
+    """Thresholds of the final checks, chosen with `pixloc bench precision` (README)."""
+
+    # A PnP pose: enough inliers, and enough of the 2D-3D matches agreeing (a wrong pose found
+    # among many random matches has a low ratio), and a plausible covariance. From the few
+    # synthetic runs measured (README): right PnP poses had 27-113 inliers, ratios 0.43-0.66 and
+    # position stds 0.12-0.82 m, so these bounds keep them; the wrong ones the issue found were
+    # tens of metres from their priors, which the prior check refuses.
+    min_inliers: int = 20
+    min_inlier_ratio: float = 0.15
+    max_pnp_position_std_m: float = 2.0
+    # The pose must lie within prior_sigmas * sigma + prior_margin_m of its prior (horizontally:
+    # GPS altitude is poor), unless the priors may be wrong (trust_prior "low").
+    prior_sigmas: float = 3.0
+    prior_margin_m: float = 5.0
+    trust_prior: str = "normal"
+    # A refined PnP pose must stay near its PnP start: a refinement that wanders off found another
+    # minimum, and one of the two is wrong.
+    max_refinement_shift_m: float = 1.0
+    max_refinement_turn_deg: float = 5.0
+
+
+@dataclass
+class Checks:
+    """The values a pose is verified on (NaN / 0: not applicable to how the pose was found)."""
+
+    inliers: int = 0  # PnP inliers
+    matches: int = 0  # 2D-3D matches given to PnP
+    pnp_position_std_m: float = math.nan  # from PnP's covariance
+    prior_distance_m: float = math.nan  # horizontal, between the prior and the camera centre
+    prior_sigma_m: float = math.nan
+    refinement_shift_m: float = math.nan  # between the PnP pose and its featuremetric refinement
+    refinement_turn_deg: float = math.nan
+
+    @property
+    def inlier_ratio(self) -> float:
+        return self.inliers / self.matches if self.matches else math.nan
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "inlier_ratio": self.inlier_ratio}
 
 
 @dataclass(frozen=True)
@@ -57,6 +106,7 @@ class LocalizeConf:
     max_depth_m: float = 60.0  # farther points are too coarse to help
     sparse_levels: int = 2  # a SIFT+PnP pose is already close: refine it on the finest levels only
     min_selected_points: int = 200  # fewer points seen by the nearby references: use the whole cell
+    verify: VerifyConf = VerifyConf()  # the final checks of every pose, whatever method made it
 
 
 @dataclass
@@ -72,6 +122,8 @@ class Localization:
     position_std_m: float = math.nan
     rotation_std_deg: float = math.nan
     error: str = ""
+    retryable: bool = False  # failed because of the infrastructure (store, process, disk): --resume retries it
+    checks: Checks = field(default_factory=Checks)  # the values it was verified on
 
     def pose(self) -> Pose | None:
         if self.qvec is None:
@@ -80,11 +132,14 @@ class Localization:
                                    torch.tensor(self.tvec, dtype=torch.float64))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain values, the checks' flattened beside the others (one column each in the results)."""
+        values = asdict(self)
+        del values["checks"]
+        return {**values, **self.checks.to_dict()}
 
     @classmethod
-    def failure(cls, error: str) -> Localization:
-        return cls(success=False, error=error)
+    def failure(cls, error: str, retryable: bool = False) -> Localization:
+        return cls(success=False, error=error, retryable=retryable)
 
 
 def reference_hypotheses(prior_xyz: np.ndarray, reference_poses: Pose, k: int) -> tuple[Pose, np.ndarray]:
@@ -219,7 +274,10 @@ def best_of(localizations: list[Localization]) -> Localization:
     successful = [loc for loc in localizations if loc.success]
     if successful:
         return min(successful, key=lambda loc: (loc.cost, -loc.num_points))
-    return min(localizations, key=lambda loc: loc.cost)
+    # A failure is final only if no part of it failed for a reason a retry could remove.
+    best = min(localizations, key=lambda loc: loc.cost)
+    best.retryable = any(loc.retryable for loc in localizations)  # in place: callers find it by identity
+    return best
 
 
 # ----- planning: from what the driver knows of a query to what its shards need
@@ -324,23 +382,32 @@ class QueryPlan:
     verified: bool = False  # the hypotheses come from a geometric method (see `checked`)
     reference_image_ids: list[int] = field(default_factory=list)  # within the search radius
     error: str = ""
+    retryable: bool = False  # the error came from the infrastructure (e.g. a network read), not the input
+    note: str = ""  # what planning adjusted, e.g. a rescaled camera
 
 
-# Bad input of one query: its result, not the job's.
-QUERY_ERRORS = (ValueError, OSError, UnsupportedCameraModel)
-
-
-def query_intrinsics(path: Path, listed: QueryIntrinsics | None, scene=None) -> QueryIntrinsics:
-    """The query list's intrinsics when given, else from the EXIF focal length: the map's calibrated
-    camera of the same device (same size and EXIF focal, `scene.camera_for_exif`) when it has one,
-    a pinhole camera otherwise; checked."""
+def query_intrinsics(path: Location, listed: QueryIntrinsics | None, scene=None) -> tuple[QueryIntrinsics, str]:
+    """The query list's intrinsics when given (checked against the image's size: a camera listed at
+    another size with the same aspect ratio is rescaled, and the note says so), else from the EXIF
+    focal length: the map's calibrated camera of the same device (same size and EXIF focal,
+    `scene.camera_for_exif`) when it has one, a pinhole camera otherwise; checked. Returns the
+    intrinsics and the note (empty when nothing was adjusted)."""
     from .exif import read_exif_focal_px
     from .images import image_size
 
+    note = ""
+    width, height = image_size(path)
     if listed is not None:
         intrinsics = listed
+        if (listed.width, listed.height) != (width, height):
+            scale = width / listed.width
+            if abs(height - scale * listed.height) > 1.0:
+                raise ValueError(f"{Path(path).name}: the image is {width}x{height}, the query list says "
+                                 f"{listed.width}x{listed.height}")
+            camera = Camera.from_query_intrinsics(listed).scale(scale)
+            intrinsics = QueryIntrinsics(listed.model, width, height, tuple(camera.params.tolist()))
+            note = f"camera rescaled by {scale:.4g}: the query list says {listed.width}x{listed.height}"
     else:
-        width, height = image_size(path)
         focal = read_exif_focal_px(path, width, height)
         if focal is None:
             raise ValueError(f"{path}: no intrinsics (no --query-list and no EXIF focal length)")
@@ -351,7 +418,7 @@ def query_intrinsics(path: Path, listed: QueryIntrinsics | None, scene=None) -> 
             intrinsics = QueryIntrinsics("SIMPLE_PINHOLE", width, height, (focal, width / 2, height / 2))
     if not bool(Camera.from_query_intrinsics(intrinsics).is_valid()):
         raise ValueError(f"{Path(path).name}: invalid camera {intrinsics}")
-    return intrinsics
+    return intrinsics, note
 
 
 @dataclass(frozen=True)
@@ -399,7 +466,11 @@ class Planner:
         """A plan; bad input becomes its `error`, never an exception."""
         plan = QueryPlan(query.name, query.path)
         try:
-            plan.intrinsics = query_intrinsics(files.location(query.path), query.intrinsics, self.map_index)
+            if any(character.isspace() for character in query.name):
+                raise ValueError(f"{query.name!r}: the name contains whitespace, which the space-separated poses "
+                                 "and query-list formats cannot hold; rename the file")
+            plan.intrinsics, plan.note = query_intrinsics(files.location(query.path), query.intrinsics,
+                                                          self.map_index)
             plan.prior_xyz, sigma_m, pose = self.prior(query)
             plan.sigma_m = self.search.sigma(sigma_m)
             plan.cells = self.search.cells(plan.prior_xyz, plan.sigma_m)
@@ -410,8 +481,9 @@ class Planner:
             else:
                 plan.hypotheses, plan.labels = self.references.hypotheses(plan.prior_xyz,
                                                                           self.conf.num_reference_hypotheses)
-        except QUERY_ERRORS as error:
-            plan.error = str(error)
+        except Exception as error:  # noqa: BLE001 - e.g. a decompression bomb or unreadable EXIF: this query's row
+            plan.error = " ".join((str(error) or type(error).__name__).split())
+            plan.retryable = isinstance(error, (StorageError, ConnectionError, TimeoutError))
         return plan
 
 
@@ -547,11 +619,13 @@ def sparse_localization(request: QueryRequest, cell: CellData, sparse_conf: dict
     rows = cell.sparse_candidates(request.reference_image_ids, conf.min_selected_points)
     result = sparse.localize_against(request.keypoints, cell.sparse, rows, request.camera().to_colmap(),
                                      sparse_conf, request.prior_xyz, request.sigma_m)
+    evidence = Checks(inliers=result.num_inliers, matches=result.num_matches,
+                      pnp_position_std_m=result.position_std_m)
     if not result.success:
-        return Localization.failure(f"sparse: {result.message}")
+        return replace(Localization.failure(f"sparse: {result.message}"), checks=evidence)
     pose = Pose.from_colmap(result.cam_from_world)
     return Localization(success=True, qvec=tuple(pose.qvec().double().tolist()), tvec=tuple(pose.t.double().tolist()),
-                        num_points=result.num_inliers, hypothesis="sparse")
+                        num_points=result.num_inliers, hypothesis="sparse", checks=evidence)
 
 
 def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, conf: LocalizeConf,
@@ -571,7 +645,7 @@ def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, 
         pnp = sparse_localization(request, cell, sparse_conf, conf)
         timings["sparse_ms"] = 1000 * (time.perf_counter() - start)
         if request.method == "sparse":
-            return pnp, timings
+            return verified(pnp, request, None, pnp, conf), timings
     start = time.perf_counter()
     pyramid = request.pyramid()
     camera = request.camera().scale(request.pyramid_scale)
@@ -588,4 +662,71 @@ def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, 
         if not localization.success and pnp is not None:
             localization.error = f"{localization.error}; {pnp.error}"
     timings["align_ms"] = 1000 * (time.perf_counter() - start)
-    return localization, timings
+    return verified(localization, request, pnp if pnp is not None and pnp.success else None,
+                    pnp or Localization.failure(""), conf), timings
+
+
+def verified(localization: Localization, request: QueryRequest, refined_from: Localization | None,
+             pnp: Localization, conf: LocalizeConf) -> Localization:
+    """The result with its check values, and no longer successful if a check fails; `pnp` holds
+    the PnP statistics, `refined_from` the PnP pose the result may have been refined from."""
+    checks = measure(localization, request.prior_xyz, request.sigma_m,
+                     refined_from.pose() if refined_from is not None else None, pnp.checks.inliers,
+                     pnp.checks.matches, pnp.checks.pnp_position_std_m)
+    return verify(replace(localization, checks=checks), checks, conf.verify)
+
+
+def pose_difference(first: Pose, second: Pose) -> tuple[float, float]:
+    """Distance (m) between the camera centres and angle (deg) between the rotations."""
+    shift = float(torch.linalg.norm(first.center() - second.center()))
+    relative = first.R @ second.R.transpose(-1, -2)
+    cosine = ((torch.diagonal(relative, dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+    return shift, math.degrees(float(torch.arccos(cosine)))
+
+
+def measure(localization: Localization, prior_xyz: np.ndarray | None, prior_sigma_m: float | None,
+            pnp_pose: Pose | None = None, inliers: int = 0, matches: int = 0,
+            pnp_position_std_m: float = math.nan) -> Checks:
+    """The check values of a result: PnP statistics when its pose comes from PnP (hypothesis
+    "sparse..."), the distance to the prior, and how far the refinement moved the PnP pose."""
+    checks = Checks(prior_sigma_m=math.nan if prior_sigma_m is None else float(prior_sigma_m))
+    pose = localization.pose()
+    if pose is None:
+        return checks
+    if prior_xyz is not None:
+        checks.prior_distance_m = float(np.linalg.norm(pose.center().numpy()[:2] - np.asarray(prior_xyz)[:2]))
+    if localization.hypothesis.startswith("sparse"):
+        checks.inliers, checks.matches, checks.pnp_position_std_m = inliers, matches, pnp_position_std_m
+        if pnp_pose is not None and localization.hypothesis == "sparse":
+            checks.refinement_shift_m, checks.refinement_turn_deg = pose_difference(pose.double(), pnp_pose.double())
+    return checks
+
+
+def verdict(checks: Checks, conf: VerifyConf) -> str:
+    """Why a pose with these check values is not trusted; empty when every check passes."""
+    if checks.matches:  # a PnP pose
+        if checks.inliers < conf.min_inliers:
+            return f"too few PnP inliers: {checks.inliers} < {conf.min_inliers}"
+        if checks.inlier_ratio < conf.min_inlier_ratio:
+            return (f"too few matches agree with the pose: {checks.inliers}/{checks.matches} inliers "
+                    f"({checks.inlier_ratio:.2f} < {conf.min_inlier_ratio})")
+        if not checks.pnp_position_std_m <= conf.max_pnp_position_std_m:
+            return f"PnP pose too uncertain: std {checks.pnp_position_std_m:.2f} m > {conf.max_pnp_position_std_m} m"
+    if checks.refinement_shift_m > conf.max_refinement_shift_m or checks.refinement_turn_deg > conf.max_refinement_turn_deg:
+        return (f"refinement disagrees with PnP: moved {checks.refinement_shift_m:.2f} m, "
+                f"{checks.refinement_turn_deg:.1f} deg")
+    if conf.trust_prior != "low" and math.isfinite(checks.prior_distance_m) and math.isfinite(checks.prior_sigma_m):
+        if checks.prior_distance_m > conf.prior_sigmas * checks.prior_sigma_m + conf.prior_margin_m:
+            return (f"inconsistent with the prior: {checks.prior_distance_m:.1f} m from it, "
+                    f"sigma {checks.prior_sigma_m:.1f} m")
+    return ""
+
+
+def verify(localization: Localization, checks: Checks, conf: VerifyConf) -> Localization:
+    """The result, no longer successful (pose kept, reason given) when a check fails."""
+    if not localization.success:
+        return localization
+    reason = verdict(checks, conf)
+    if reason:
+        return replace(localization, success=False, error=reason)
+    return localization

@@ -41,6 +41,7 @@ class SparseResult:
     num_matches: int
     num_inliers: int
     message: str = ""
+    position_std_m: float = float("nan")  # of the camera centre, from PnP's covariance (approximate)
 
 
 @dataclass
@@ -122,12 +123,17 @@ def localize_against(query: QueryKeypoints, points: SparsePoints, rows: np.ndarr
         refinement.position_prior_in_world = np.asarray(prior_position, dtype=np.float64)
         refinement.position_prior_covariance = np.eye(3) * prior_sigma_m ** 2
     estimate = pycolmap.estimate_and_refine_absolute_pose(
-        query.xy[matches[:, 0]], points.xyz[rows[matches[:, 1]]], camera, estimation, refinement)
+        query.xy[matches[:, 0]], points.xyz[rows[matches[:, 1]]], camera, estimation, refinement,
+        return_covariance=True)
     num_inliers = 0 if estimate is None else int(estimate["num_inliers"])
     if num_inliers < conf["min_inliers"]:
         return SparseResult(False, None, len(query.xy), len(matches), num_inliers,
                             f"PnP found {num_inliers} inliers, fewer than {conf['min_inliers']}")
-    return SparseResult(True, estimate["cam_from_world"], len(query.xy), len(matches), num_inliers)
+    # The covariance is over (rotation, translation); the translation block's trace stands for the
+    # centre's variance (equal up to the rotation's share, small next to the thresholds).
+    position_std = float(np.sqrt(max(np.trace(estimate["covariance"][3:, 3:]), 0.0)))
+    return SparseResult(True, estimate["cam_from_world"], len(query.xy), len(matches), num_inliers,
+                        position_std_m=position_std)
 
 
 class SparseLocalizer:

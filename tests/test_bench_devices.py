@@ -30,7 +30,7 @@ def test_speedups_are_cpu_time_over_device_time():
 
 
 def test_bench_conf_overrides_are_yaml_and_checked(tmp_path, capsys):
-    from jobs.bench import parse_overrides
+    from jobs.config import parse_overrides
     from jobs.cli import main as pixloc
 
     assert parse_overrides(["sets=[lund]", "workers=1", "quick=true"]) == {"sets": ["lund"], "workers": 1, "quick": True}

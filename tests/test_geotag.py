@@ -177,11 +177,28 @@ def test_priors_for_localization_use_near_only_without_gps(shared_data, tmp_path
     assert priors["nogps.jpg"].position[:2] == (55.7, 13.19) and priors["nogps.jpg"].sigma_m == 250.0
 
 
-def test_geotag_refuses_to_write_over_the_originals(tmp_path):
+def test_geotag_refuses_to_write_over_the_originals(tmp_path, capsys):
     (tmp_path / "geo.json").write_text(json.dumps(GeoInfo(ORIGIN, Similarity.identity()).to_dict()))
-    with pytest.raises(SystemExit, match="must differ from the images folder"):
-        cli_main(["geotag", "--results", str(tmp_path), "--images", str(tmp_path), "--map", str(tmp_path),
-                  "--out", str(tmp_path)])
+    assert cli_main(["geotag", "--results", str(tmp_path), "--images", str(tmp_path), "--map", str(tmp_path),
+                     "--out", str(tmp_path)]) == 1
+    assert "must differ from the images folder" in capsys.readouterr().err
+
+
+def test_geotag_keeps_earlier_corrections_and_results_unless_told(tmp_path, capsys):
+    (tmp_path / "geo.json").write_text(json.dumps(GeoInfo(ORIGIN, Similarity.identity()).to_dict()))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "corrections.csv").write_text("name,status\n")
+    arguments = ["geotag", "--results", str(tmp_path / "results"), "--images", str(tmp_path / "images"),
+                 "--map", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert cli_main(arguments) == 1
+    assert "holds the corrections of an earlier run; pass --resume or --overwrite" in capsys.readouterr().err
+    (tmp_path / "out" / "corrections.csv").unlink()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "results.parquet").write_bytes(b"earlier")
+    assert cli_main([*arguments, "--store", str(tmp_path / "store")]) == 1
+    assert "holds results of an earlier run; pass --resume" in capsys.readouterr().err
+    assert (tmp_path / "results" / "results.parquet").read_bytes() == b"earlier"
 
 
 def _along_street_m(lat: float, lon: float, heading_deg: float) -> float:

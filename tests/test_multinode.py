@@ -75,7 +75,8 @@ def test_two_nodes_with_s3_inputs_match_the_local_run(local_run, s3_bucket, tmp_
     # Placement: two alive nodes; every kind of process on both.
     assert len(two_nodes["nodes"]) == 2
     for kind in ("feature_writer", "query_worker", "shard_actor"):
-        assert set(two_nodes["actor_nodes"][kind]) == set(two_nodes["nodes"]), (kind, two_nodes["actor_nodes"])
+        placed = set(two_nodes["actor_nodes"][kind]) | set(two_nodes["killed"]["actor_nodes"][kind])
+        assert placed == set(two_nodes["nodes"]), (kind, two_nodes["actor_nodes"], two_nodes["killed"])
     assert two_nodes["killed"]["node"] != two_nodes["driver_node"]
 
     # Features: the S3 store holds the same rows as the local one, partition by partition.
@@ -94,7 +95,7 @@ def test_two_nodes_with_s3_inputs_match_the_local_run(local_run, s3_bucket, tmp_
     local, remote = read_results(root / "results"), read_results(bucket / "results")
     names = remote.column("name").to_pylist()
     assert len(names) == len(set(names)) == local.num_rows == 6
-    assert sum(local.column("success").to_pylist()) >= 3
+    assert sum(local.column("success").to_pylist()) >= 2  # verified successes, whose poses are compared
     local_rows, remote_rows = _rows_by_name(local), _rows_by_name(remote)
     for name, row in local_rows.items():
         other = remote_rows[name]
@@ -137,7 +138,8 @@ def _kill_a_shard_actor_of_the_other_node(killed: dict, driver_node: str):
         for actor in ray._private.state.actors(actor_state_name="ALIVE").values():
             if "ShardActor" in actor["ActorClassName"] and actor["Address"]["NodeID"] != driver_node:
                 handle = ray.get_actor(actor["Name"], namespace="pixloc")
-                killed.update(name=actor["Name"], node=actor["Address"]["NodeID"])
+                # Where the actors lived before the kill: the restarted one may come back elsewhere.
+                killed.update(name=actor["Name"], node=actor["Address"]["NodeID"], actor_nodes=_actor_nodes())
                 ray.kill(handle, no_restart=False)
                 return
     return callback

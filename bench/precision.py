@@ -1,0 +1,198 @@
+"""`pixloc bench precision`: can a user trust `success`? Precision (the fraction of successful
+poses that are right: error < 1 m and < 5 deg) and recall (right and successful, over all queries)
+per method, on synthetic streets at several reference densities and prior noises, and on the
+real sets of ../shared/data; and the precision/recall curve over the main threshold, the prior
+consistency multiplier k (a pose must lie within k * sigma + margin of its prior).
+
+Each job runs once with `trust_prior=low` (every check but the prior's applies) and records the
+checks' values per row (jobs/results.py); success at each k is then recomputed from those values
+with the same `verdict` the job uses, so the curve costs no extra localization. Synthetic priors
+are map-frame, the true centre plus Gaussian noise of the given std per horizontal axis, with that
+std as sigma_m.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import write_report
+from jobs import features as features_job
+from jobs import localize as localize_job
+from jobs import map as map_job
+from jobs.results import read_results
+from pixloc_core.evaluate import pose_errors
+from pixloc_core.geometry import Pose
+from pixloc_core.io import Prior, read_poses, read_priors, write_priors
+from pixloc_core.localize import Checks, VerifyConf, verdict
+from pixloc_core.synthetic import dataset
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+RIGHT_M, RIGHT_DEG = 1.0, 5.0  # a pose is right below both
+
+default_conf = {
+    "work_dir": ROOT / "outputs" / "bench" / "precision",
+    "refs": [40, 60, 150],
+    "gps_noise_m": [2.0, 10.0],
+    "queries": 15,
+    "seed": 5,
+    "width": 320,
+    "height": 240,
+    "methods": ["sparse", "sparse+dense", "dense"],
+    "real_sets": ["fountain-P11", "lund"],
+    "workers": 2,
+    "sweep": [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0, 1000.0],  # prior_sigmas k (1000: no prior check)
+}
+quick_conf = {"refs": [40], "gps_noise_m": [10.0], "queries": 6, "methods": ["sparse"], "real_sets": []}
+
+
+def synthetic_scene(refs: int, conf: dict) -> tuple[Path, Path, Path]:
+    """Rendered, mapped and featurized once per reference count (reused from work_dir)."""
+    work = Path(conf["work_dir"]) / f"synth-{refs}"
+    scene = work / "scene"
+    if not (scene / "gt_queries.txt").is_file():
+        dataset.main(scene, {"num_refs": refs, "num_queries": conf["queries"], "seed": conf["seed"],
+                             "width": conf["width"], "height": conf["height"], "workers": conf["workers"]})
+    if not (work / "map" / "shards.json").is_file():
+        map_job.build_map(scene / "mapping", work / "map", reference_model=scene / "reference_model",
+                          priors=read_priors(scene / "mapping_priors.csv"),
+                          conf={"sift": {"max_num_features": 1024}, "pairs": {"num_neighbors": 5}})
+    features_job.main(work / "map", scene / "mapping", str(work / "store"), conf={"workers": conf["workers"]})
+    return scene, work / "map", work / "store"
+
+
+def noisy_map_priors(gt: dict, sigma: float, seed: int, path: Path) -> Path:
+    """Map-frame priors: the true centres moved by N(0, sigma^2) per horizontal axis."""
+    rng = np.random.default_rng(seed)
+    priors = {}
+    for name, (qvec, tvec) in sorted(gt.items()):
+        center = Pose.from_qvec_tvec(torch.tensor(qvec), torch.tensor(tvec)).center().numpy()
+        center[:2] += rng.normal(0.0, sigma, 2)
+        priors[name] = Prior(tuple(center.tolist()), geodetic=False, sigma_m=sigma)
+    write_priors(path, priors)
+    return path
+
+
+def localize(map_dir: Path, store: Path, queries: Path, priors: Path, out: Path, method: str, conf: dict,
+             query_list: Path | None = None) -> Path:
+    localize_job.main(map_dir, str(store), queries, out, query_list=query_list, priors=priors, overwrite=True,
+                      conf={"method": method, "workers": conf["workers"], "shard": {"localize": {"verify": {"trust_prior": "low"}}}})
+    return out
+
+
+def rows_with_errors(results: Path, gt: dict) -> list[dict]:
+    """The rows of the queries with ground truth, each with its pose error (inf without a pose)."""
+    table = read_results(results).to_pylist()
+    poses = {row["name"]: (np.array(row["qvec"]), np.array(row["tvec"])) for row in table if row["qvec"]}
+    errors = pose_errors(poses, gt)
+    return [{**row, "error_m": errors[row["name"]][0], "error_deg": errors[row["name"]][1]}
+            for row in table if row["name"] in gt]
+
+
+def checks_of(row: dict) -> Checks:
+    values = {key: row[key] for key in Checks.__dataclass_fields__}
+    return Checks(**{key: (math.nan if value is None else value) for key, value in values.items()})
+
+
+def precision_recall(rows: list[dict], total: int, conf: VerifyConf) -> dict:
+    """Success as the job decides it under `conf` (from the recorded checks), against the truth."""
+    successes = [row for row in rows if row["success"] and not verdict(checks_of(row), conf)]
+    right = [row for row in successes if row["error_m"] < RIGHT_M and row["error_deg"] < RIGHT_DEG]
+    wrong = [row for row in successes if row not in right]
+    return {"successes": len(successes), "right": len(right),
+            "precision": len(right) / len(successes) if successes else None,
+            "recall": len(right) / total if total else None,
+            "worst_success_m": max((row["error_m"] for row in successes), default=None),
+            "wrong": sorted(row["name"] for row in wrong)}
+
+
+def evaluate_run(results: Path, gt: dict, sweep: list[float]) -> dict:
+    rows = rows_with_errors(results, gt)
+    default = VerifyConf()
+    return {"queries": len(gt), **precision_recall(rows, len(gt), default),
+            "unchecked": precision_recall(rows, len(gt), replace(default, trust_prior="low")),
+            "curve": [{"prior_sigmas": k, **precision_recall(rows, len(gt), replace(default, prior_sigmas=k))}
+                      for k in sweep]}
+
+
+def real_runs(name: str, conf: dict) -> dict[str, dict]:
+    from bench import real
+
+    work = Path(conf["work_dir"]) / name
+    real_conf = {**real.default_conf, "work_dir": Path(conf["work_dir"]), "workers": conf["workers"]}
+    prepared = real.PREPARERS[name](real_conf["data_root"], work / "data", None)
+    if name == "fountain-P11":
+        map_dir, store = real.build(prepared, work, real_conf, ["--reference-model", prepared.reference_model])
+        gt = read_poses(prepared.gt_poses)
+    else:
+        map_dir, store = real.build(prepared, work, real_conf, ["--gps-from-exif"])
+        gt = read_poses(real.lund_pseudo_ground_truth(prepared, map_dir, work, real_conf))
+    return {method: evaluate_run(localize(map_dir, store, prepared.query_dir, prepared.priors,
+                                          work / method.replace("+", "_"), method, conf, prepared.query_list),
+                                 gt, conf["sweep"]) for method in conf["methods"]}
+
+
+def print_table(report: dict) -> None:
+    print(f"\nprecision of success (right: < {RIGHT_M} m and < {RIGHT_DEG} deg) / recall, default checks"
+          f" (without the prior check in brackets)")
+    print(f"{'scene':28}{'method':14}{'precision':>11}{'recall':>8}{'succ':>6}  {'[unchecked]':>18}")
+    for scene, methods in report["scenes"].items():
+        for method, entry in methods.items():
+            unchecked = entry["unchecked"]
+            precision = "-" if entry["precision"] is None else f"{100 * entry['precision']:.0f} %"
+            unchecked_precision = "-" if unchecked["precision"] is None else f"{100 * unchecked['precision']:.0f} %"
+            print(f"{scene:28}{method:14}{precision:>11}{100 * entry['recall']:>7.0f}%{entry['successes']:>6}"
+                  f"  [{unchecked_precision:>6} / {100 * unchecked['recall']:.0f} %]")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for scene, methods in report["scenes"].items():
+        for method, entry in methods.items():
+            points = [(c["recall"], c["precision"]) for c in entry["curve"] if c["precision"] is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=f"{scene} {method}")
+    axis.set_xlabel("recall")
+    axis.set_ylabel("precision of success")
+    axis.set_title("over the prior-consistency multiplier k")
+    axis.legend(fontsize=6)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main(out: Path | None = None, quick: bool = False, **overrides) -> dict:
+    conf = {**default_conf, **(quick_conf if quick else {}), **overrides}
+    report = {"conf": {key: (str(value) if isinstance(value, Path) else value) for key, value in conf.items()},
+              "machine": {"node": platform.node(), "cpus": os.cpu_count(), "load_avg": list(os.getloadavg())},
+              "scenes": {}}
+    for refs in conf["refs"]:
+        scene, map_dir, store = synthetic_scene(refs, conf)
+        gt = read_poses(scene / "gt_queries.txt")
+        for noise in conf["gps_noise_m"]:
+            work = Path(conf["work_dir"]) / f"synth-{refs}" / f"noise-{noise:g}"
+            work.mkdir(parents=True, exist_ok=True)
+            priors = noisy_map_priors(gt, noise, conf["seed"], work / "priors.csv")
+            report["scenes"][f"synth {refs} refs, {noise:g} m"] = {
+                method: evaluate_run(localize(map_dir, store, scene / "queries", priors,
+                                              work / method.replace("+", "_"), method, conf,
+                                              scene / "queries_with_intrinsics.txt"), gt, conf["sweep"])
+                for method in conf["methods"]}
+    for name in conf["real_sets"]:
+        report["scenes"][name] = real_runs(name, conf)
+    print_table(report)
+    if out is not None:
+        write_report(report, out)
+        plot(report, Path(out).with_suffix(".png"))
+    return report

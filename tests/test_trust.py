@@ -1,0 +1,263 @@
+"""Trust and faults without a localization run: the one config system, the central CLI error
+handler (one line, the cause, the file or URL), validated priors and query lists, earlier results
+never lost, and the classification of failures into input-caused and retryable."""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.errors import classify, describe
+from cluster.filesystem import StorageAccessDenied, StorageError
+from cluster.store import FeatureStore
+from jobs import cli
+from jobs.config import merge_conf, parse_overrides
+from jobs.results import ExistingResults, ResultsWriter, read_results
+from pixloc_core.geometry import Pose
+from pixloc_core.io import read_priors, read_query_list
+from pixloc_core.localize import Checks, Localization, VerifyConf, measure, verdict, verify
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Inner:
+    levels: tuple[int, ...] = (0, 1, 2)
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    name: str = "a"
+
+
+def test_conf_overrides_are_deep_merged_into_dicts_and_dataclasses():
+    defaults = {"workers": 2, "shard": Outer(), "sift": {"max_size": 1600, "peak": 0.01}, "sparse": None}
+    overrides = parse_overrides(["shard.inner.threshold=0.25", "shard.inner.levels=[1,2]", "sift.peak=0.02",
+                                 "sparse={min_inliers: 30}"])
+    conf = merge_conf(defaults, {"workers": 1}, overrides)
+    assert conf["workers"] == 1 and conf["shard"] == Outer(Inner((1, 2), 0.25))
+    assert conf["sift"] == {"max_size": 1600, "peak": 0.02} and conf["sparse"] == {"min_inliers": 30}
+    assert defaults["sift"]["peak"] == 0.01  # the defaults are never modified
+    with pytest.raises(ValueError, match="unknown conf key shard.inner.treshold"):
+        merge_conf(defaults, parse_overrides(["shard.inner.treshold=1"]))
+    with pytest.raises(ValueError, match="unknown conf key wrokers"):
+        merge_conf(defaults, {"wrokers": 1})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["workers"])
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_subcommand_takes_conf_and_debug(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser(command).parse_args([command, "--help"])
+    usage = capsys.readouterr().out
+    assert "--conf KEY=VALUE" in usage and "--debug" in usage
+    module = importlib.import_module(cli.COMMANDS[command][0])
+    assert command == "bench" or isinstance(module.default_conf, dict)  # bench: each benchmark's own
+
+
+def test_unknown_conf_keys_are_refused_before_any_work(tmp_path, capsys):
+    arguments = ["localize", "--map", str(tmp_path), "--store", str(tmp_path), "--queries", str(tmp_path),
+                 "--out", str(tmp_path / "out"), "--priors", str(tmp_path / "priors.csv")]
+    assert cli.main([*arguments, "--conf", "search.max_celss=3"]) == 2
+    assert "unknown conf key search.max_celss" in capsys.readouterr().err
+    # A known key passes the check; the job then fails on its missing input, in one line.
+    assert cli.main([*arguments, "--conf", "search.max_cells=3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pixloc localize: ") and "priors.csv" in err and err.count("\n") == 1
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    arguments = ["eval", "--results", str(tmp_path / "missing"), "--gt", str(tmp_path / "gt.txt")]
+    assert cli.main(arguments) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pixloc eval: ") and "gt.txt" in err and err.count("\n") == 1
+    with pytest.raises(FileNotFoundError):
+        cli.main([*arguments, "--debug"])
+
+
+def write_csv(path, text: str):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a.jpg,200,10,0,5", "lat 200.0 outside \\[-90, 90\\]"),
+    ("a.jpg,45,-190,0,5", "lon -190.0 outside \\[-180, 180\\]"),
+    ("a.jpg,nan,10,0,5", "lat is not finite: 'nan'"),
+    ("a.jpg,45,inf,0,5", "lon is not finite: 'inf'"),
+    ("a.jpg,45,,0,5", "lon is empty"),
+    ("a.jpg,45,x,0,5", "lon is not a number: 'x'"),
+    ("a.jpg,45,10,0,0", "sigma_m must be positive, got 0.0"),
+    ("a.jpg,45,10,0,-3", "sigma_m must be positive, got -3.0"),
+    (",45,10,0,5", "empty name"),
+])
+def test_priors_are_validated_with_file_and_line(tmp_path, line, message):
+    path = write_csv(tmp_path / "priors.csv", f"name,lat,lon,alt,sigma_m\nok.jpg,45,10,,5\n{line}\n")
+    with pytest.raises(ValueError, match=f"^{path}:3: {message}$"):
+        read_priors(path)
+
+
+def test_empty_altitude_is_allowed_and_duplicates_are_refused_with_both_lines(tmp_path):
+    path = write_csv(tmp_path / "priors.csv", "name,x,y,z\na.jpg,1,2,\nb.jpg,1,2,3\n")
+    priors = read_priors(path)
+    assert not priors["a.jpg"].has_altitude and priors["b.jpg"].position == (1.0, 2.0, 3.0)
+    path = write_csv(tmp_path / "twice.csv", "name,x,y,z\na.jpg,1,2,3\nb.jpg,1,2,3\na.jpg,5,5,5\n")
+    with pytest.raises(ValueError, match=f"{path}:4: 'a.jpg' is listed twice \\(first on line 2\\)"):
+        read_priors(path)
+    query_list = write_csv(tmp_path / "queries.txt", "a.jpg PINHOLE 320 240 200 200 160 120\n# comment\n"
+                                                     "a.jpg PINHOLE 640 480 400 400 320 240\n")
+    with pytest.raises(ValueError, match=f"{query_list}:3: 'a.jpg' is listed twice \\(first on line 1\\)"):
+        read_query_list(query_list)
+
+
+def test_earlier_results_need_resume_or_overwrite_and_survive_until_replaced(tmp_path):
+    out = tmp_path / "out"
+    writer = ResultsWriter(out)
+    writer.add({"name": "old.jpg", "success": False, "error": "earlier"})
+    writer.close()
+    with pytest.raises(ExistingResults, match="pass --resume to continue them or --overwrite"):
+        ResultsWriter(out)
+    with pytest.raises(ValueError, match="exclude each other"):
+        ResultsWriter(out, resume=True, overwrite=True)
+    replacing = ResultsWriter(out, flush_every=1, overwrite=True)
+    replacing.add({"name": "new.jpg", "success": False, "error": "new"})
+    # Until the new job ends, the earlier results are kept aside, not deleted.
+    assert pq.read_table(out / ".replaced" / "out-results.parquet").column("name").to_pylist() == ["old.jpg"]
+    assert read_results(out).column("name").to_pylist() == ["new.jpg"]
+    replacing.close()
+    assert read_results(out).column("name").to_pylist() == ["new.jpg"] and not (out / ".replaced").exists()
+
+
+def test_bad_input_leaves_earlier_results_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.parquet").write_bytes(b"earlier results")
+    (out / "poses.txt").write_text("earlier poses\n")
+    priors = write_csv(tmp_path / "priors.csv", "name,lat,lon\na.jpg,45,ten\n")
+    arguments = ["localize", "--map", str(tmp_path / "map"), "--store", str(tmp_path / "store"),
+                 "--queries", str(tmp_path), "--out", str(out), "--priors", str(priors)]
+    assert cli.main(arguments) == 1
+    assert "holds results of an earlier run" in capsys.readouterr().err
+    assert cli.main([*arguments, "--overwrite"]) == 1
+    assert capsys.readouterr().err == f"pixloc localize: {priors}:2: lon is not a number: 'ten'\n"
+    assert (out / "results.parquet").read_bytes() == b"earlier results"
+    assert (out / "poses.txt").read_text() == "earlier poses\n"
+
+
+def test_missing_s3_credentials_name_the_url(s3_server, monkeypatch, capsys):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    url = "s3://pixloc-test/stores/secret"
+    with pytest.raises(StorageAccessDenied) as error:
+        FeatureStore.open(url)
+    message = describe(error.value)
+    assert message.startswith(f"{url}/store.json: read refused, check the credentials") and "\n" not in message
+    assert classify(error.value).retryable  # fix the credentials, then --resume
+
+
+def test_unreachable_endpoint_is_retryable_and_one_line(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    from cluster.filesystem import RetryPolicy
+    with pytest.raises(StorageError) as error:
+        FeatureStore.open("s3://pixloc-test/stores/down", retry=RetryPolicy(attempts=2, backoff_s=0.01))
+    failure = classify(error.value)
+    assert failure.retryable and "s3://pixloc-test/stores/down/store.json" in failure.message
+    assert "EndpointConnectionError" in failure.message and "\n" not in failure.message
+
+
+def test_input_failures_are_not_retryable():
+    assert not classify(ValueError("a.jpg: cannot decode")).retryable
+    assert not classify(FileNotFoundError(2, "No such file or directory", "a.jpg")).retryable
+    assert classify(OSError(28, "No space left on device", "/out/parts/part-1.parquet")).retryable
+    assert describe(OSError(28, "No space left on device", "/out/x")) == "disk full: /out/x: No space left on device"
+    ray_like = RuntimeError("\x1b[36mray::ShardActor.localize()\x1b[39m (pid=123, ip=127.0.0.1) boom")
+    assert describe(ray_like) == "ray::ShardActor.localize() boom"
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root to mount a small tmpfs in a mount namespace")
+def test_a_full_disk_is_one_line_with_the_path(tmp_path):
+    """A real full filesystem: a 64 KiB tmpfs filled up, in a private mount namespace."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "gt.txt").write_text("a.jpg 1 0 0 0 0 0 0\n")
+    target = tmp_path / "full" / "eval.json"
+    script = (f"mount -t tmpfs -o size=64k tmpfs {tmp_path / 'full'} && "
+              f"(dd if=/dev/zero of={tmp_path / 'full' / 'filler'} bs=4k 2>/dev/null; true) && "
+              f"{sys.executable} -m jobs.cli eval --results {tmp_path / 'gt.txt'} --gt {tmp_path / 'gt.txt'} "
+              f"--json {target}")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 1
+    assert result.stderr.endswith(f"pixloc eval: disk full: {target}: No space left on device\n")
+
+
+# ----- verified success
+
+
+def test_every_check_can_refuse_a_pose():
+    conf = VerifyConf()
+    pnp = dict(inliers=120, matches=300, pnp_position_std_m=0.05, prior_distance_m=8.0, prior_sigma_m=10.0,
+               refinement_shift_m=0.02, refinement_turn_deg=0.1)
+    assert verdict(Checks(**pnp), conf) == ""
+    assert verdict(Checks(**{**pnp, "inliers": 10}), conf) == "too few PnP inliers: 10 < 20"
+    assert verdict(Checks(**{**pnp, "matches": 1200}), conf).startswith(
+        "too few matches agree with the pose: 120/1200 inliers (0.10 < 0.15)")
+    assert verdict(Checks(**{**pnp, "pnp_position_std_m": 3.0}), conf).startswith("PnP pose too uncertain")
+    assert verdict(Checks(**{**pnp, "inliers": 120, "matches": 1000}), conf).startswith("too few matches agree")
+    assert verdict(Checks(**{**pnp, "refinement_shift_m": 4.0}), conf).startswith("refinement disagrees with PnP")
+    far = Checks(**{**pnp, "prior_distance_m": 67.9})
+    assert verdict(far, conf) == "inconsistent with the prior: 67.9 m from it, sigma 10.0 m"
+    assert verdict(far, VerifyConf(trust_prior="low")) == ""
+    # A dense pose has no PnP values: only the prior applies here (its own checks ran in `checked`).
+    assert verdict(Checks(prior_distance_m=20.0, prior_sigma_m=10.0), conf) == ""
+
+
+def test_measure_and_verify_keep_the_pose_and_give_the_reason():
+    truth = Pose.from_Rt(torch.eye(3, dtype=torch.float64), torch.tensor([-30.0, -40.0, -1.0], dtype=torch.float64))
+    refined = Localization(success=True, qvec=tuple(truth.qvec().tolist()), tvec=tuple(truth.t.tolist()),
+                           hypothesis="sparse", cost=0.05, num_points=500)
+    pnp = Pose.from_Rt(torch.eye(3, dtype=torch.float64), torch.tensor([-30.0, -40.5, -1.0], dtype=torch.float64))
+    checks = measure(refined, np.zeros(3), 10.0, pnp, inliers=100, matches=200, pnp_position_std_m=0.1)
+    assert checks.prior_distance_m == pytest.approx(50.0)  # horizontal: the centre is at (30, 40, 1)
+    assert checks.refinement_shift_m == pytest.approx(0.5) and checks.refinement_turn_deg == pytest.approx(0.0)
+    assert checks.to_dict()["inlier_ratio"] == 0.5
+    verified = verify(refined, checks, VerifyConf())
+    assert not verified.success and verified.qvec == refined.qvec
+    assert verified.error == "inconsistent with the prior: 50.0 m from it, sigma 10.0 m"
+    dense = replace(refined, hypothesis="ref:r.jpg")
+    assert measure(dense, np.zeros(3), 10.0, pnp, inliers=100, matches=200).matches == 0  # not a PnP pose
+
+
+def test_bench_precision_quick_smoke(ray_cluster, tmp_path):
+    """`pixloc bench precision --conf quick=true` (CI form, smaller still): report, table, plot."""
+    out = tmp_path / "precision.json"
+    assert cli.main(["bench", "precision", "--out", str(out), "--conf", "quick=true", "refs=[30]", "queries=4",
+                     f"work_dir={tmp_path / 'work'}"]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    (entry,) = report["scenes"]["synth 30 refs, 10 m"].values()
+    assert entry["queries"] == 4 and 0 <= entry["recall"] <= 1
+    assert [point["prior_sigmas"] for point in entry["curve"]] == report["conf"]["sweep"]
+    assert out.with_suffix(".png").is_file()
