@@ -91,7 +91,7 @@ def prepare_old(query_list: Path, priors: Path, queries_dir: Path, index: MapInd
 
 
 def prepare_new(query_list: Path, priors: Path, queries_dir: Path, index: MapIndex, cell_size_m: float):
-    from jobs.localize import default_conf, query_names
+    from jobs.localize import block_rows, default_conf, query_names
     from pixloc_core.io import read_priors_table, read_query_list_table
     from pixloc_core.localize import query_positions, query_table, spatial_order
     import ray
@@ -100,7 +100,7 @@ def prepare_new(query_list: Path, priors: Path, queries_dir: Path, index: MapInd
     queries = query_table(query_names(queries_dir, listed), files.absolute(queries_dir), listed,
                           read_priors_table(priors))
     queries = queries.take(spatial_order(query_positions(queries, index), cell_size_m))
-    block = default_conf["queries_per_block"]
+    block = block_rows(queries.num_rows, default_conf)
     dataset = ray.data.from_arrow([queries.slice(offset, block) for offset in range(0, queries.num_rows, block)])
     return queries, dataset, queries.nbytes
 

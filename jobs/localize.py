@@ -69,9 +69,9 @@ default_conf = {
     # Queries per worker call: each is sent to its shards as soon as it is featurized, so the
     # shards align up to this many queries per worker while the worker featurizes the next ones.
     "queries_per_call": 4,
-    # Queries per Ray Data block: the driver puts the query table into the object store in blocks
-    # this big, and each worker call plans only its own queries, so the first rows come back after
-    # one call whatever the number of queries.
+    # At most this many queries per Ray Data block: the driver puts the query table into the object
+    # store in blocks, and each worker call plans only its own queries, so the first rows come back
+    # after one call whatever the number of queries (see block_rows).
     "queries_per_block": 256,
     "flush_every": 8,  # rows per results part file
     "search": SearchConf(),
@@ -213,6 +213,13 @@ def skip_completed(queries: pa.Table, out_dir: Location) -> pa.Table:
     return queries.filter(pc.invert(pc.is_in(queries["name"], value_set=completed_names(out_dir))))
 
 
+def block_rows(count: int, conf: dict) -> int:
+    """Queries per Ray Data block: a worker runs a block as one task, so a small job needs several
+    blocks per worker to keep them all busy, and a large one blocks of `queries_per_block`, lest the
+    driver make one object per few queries."""
+    return max(conf["queries_per_call"], min(conf["queries_per_block"], math.ceil(count / (4 * conf["workers"]))))
+
+
 def execute(queries: pa.Table, writer: ResultsWriter, map_dir: Location, store: FeatureStore, conf: dict,
             plan_conf: PlanConf, on_result: Callable[[dict], None] | None = None) -> dict:
     """Run the queries (a query table) through the query workers and a pool of shard actors, one
@@ -227,7 +234,7 @@ def execute(queries: pa.Table, writer: ResultsWriter, map_dir: Location, store: 
     worker_rss = []
     try:
         if queries.num_rows:
-            block = conf["queries_per_block"]
+            block = block_rows(queries.num_rows, conf)
             dataset = ray.data.from_arrow([queries.slice(offset, block)
                                            for offset in range(0, queries.num_rows, block)]).map_batches(
                 QueryWorker,
