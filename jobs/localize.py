@@ -3,21 +3,21 @@
     driver               what is known per query before reading it, as Arrow columns (the query
                          table: name, path, prior or EXIF, listed intrinsics), in spatial order,
                          handed to Ray Data in blocks; results written as they come
-    query workers        Ray Data callable class, a pool of `workers`: each row a QueryInput, planned
-                         (pixloc_core.localize.
-                         Planner: intrinsics, prior -> map frame, cells, hypotheses), read, query
-                         CNN pass (dense methods) and keypoints (sparse methods), then the query's
-                         request to the shard actor of each of its cells, by object reference
+    query workers        Ray Data callable class, a pool of `workers`: each row made a QueryInput and
+                         planned (pixloc_core.localize.Planner: intrinsics, prior -> map frame,
+                         cells, hypotheses), read, query CNN pass (dense methods) and keypoints
+                         (sparse methods), then the query's request to the shard actor of each of
+                         its cells, by object reference
     shard actors         a bounded pool (`--shard-actors`), each hosting several cells in memory:
                          SIFT + PnP and featuremetric alignment in the cell (localize_in_cell)
     back in the worker   the best of the cells' answers: one small row per query to the driver
 
 Planning streams: the first rows come back while later blocks wait to be planned, and the driver
-holds columns, not one Python object per query. The feature pyramid of a query never goes through the driver, and no process but `pixloc
-features` reads the whole map's points or descriptors: the workers plan from the compact map
-(shard index and reference table), the actors read their cells from the store. Every query gets
-exactly one row: bad input, a corrupt image, a failed alignment or a crashed call become
-`success=false` with the reason. `pixloc refine` runs the same pipeline from external poses.
+holds columns, not one Python object per query. The feature pyramid of a query never goes through
+the driver, and no process but `pixloc features` reads the whole map's points or descriptors: the
+workers plan from the compact map (shard index and reference table), the actors read their cells
+from the store. Every query gets exactly one row: bad input, a corrupt image, a failed alignment or
+a crashed call become `success=false` with the reason. `pixloc refine` runs the same pipeline from external poses.
 """
 from __future__ import annotations
 
@@ -69,10 +69,10 @@ default_conf = {
     # Queries per worker call: each is sent to its shards as soon as it is featurized, so the
     # shards align up to this many queries per worker while the worker featurizes the next ones.
     "queries_per_call": 4,
-    # At most this many queries per Ray Data block: the driver puts the query table into the object
-    # store in blocks, and each worker call plans only its own queries, so the first rows come back
-    # after one call whatever the number of queries (see block_rows).
-    "queries_per_block": 256,
+    # Ray Data blocks of the query table per worker (see block_rows): each worker call plans only
+    # its own queries and its rows stream back, so the first rows come back after one call
+    # whatever the number of queries.
+    "blocks_per_worker": 16,
     "flush_every": 8,  # rows per results part file
     "search": SearchConf(),
     "pool": PoolConf(),
@@ -214,10 +214,18 @@ def skip_completed(queries: pa.Table, out_dir: Location) -> pa.Table:
 
 
 def block_rows(count: int, conf: dict) -> int:
-    """Queries per Ray Data block: a worker runs a block as one task, so a small job needs several
-    blocks per worker to keep them all busy, and a large one blocks of `queries_per_block`, lest the
-    driver make one object per few queries."""
-    return max(conf["queries_per_call"], min(conf["queries_per_block"], math.ceil(count / (4 * conf["workers"]))))
+    """Queries per Ray Data block. A worker runs a block as one task, so each worker needs several;
+    but the dataset is ready only once a task per block has read its metadata (ray.data.from_arrow),
+    so their number stays fixed whatever the number of queries."""
+    return max(conf["queries_per_call"], math.ceil(count / (conf["blocks_per_worker"] * conf["workers"])))
+
+
+def query_dataset(queries: pa.Table, conf: dict) -> ray.data.Dataset:
+    """The query table as a Ray dataset of blocks of `block_rows`, each a compact copy: a slice
+    keeps the whole table's buffers, and ray.put would copy them all for every block."""
+    rows = block_rows(queries.num_rows, conf)
+    return ray.data.from_arrow([queries.take(np.arange(offset, min(offset + rows, queries.num_rows)))
+                                for offset in range(0, queries.num_rows, rows)])
 
 
 def execute(queries: pa.Table, writer: ResultsWriter, map_dir: Location, store: FeatureStore, conf: dict,
@@ -234,9 +242,7 @@ def execute(queries: pa.Table, writer: ResultsWriter, map_dir: Location, store: 
     worker_rss = []
     try:
         if queries.num_rows:
-            block = block_rows(queries.num_rows, conf)
-            dataset = ray.data.from_arrow([queries.slice(offset, block)
-                                           for offset in range(0, queries.num_rows, block)]).map_batches(
+            dataset = query_dataset(queries, conf).map_batches(
                 QueryWorker,
                 fn_constructor_kwargs={"map_dir": files.absolute(map_dir), "plan_conf": plan_conf,
                                        "method": method, "extractor_name": conf["extractor"],
