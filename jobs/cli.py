@@ -85,4 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m jobs.cli`: run the imported module's main, whose Interrupted is the class the jobs raise
+    from jobs import cli
+
+    sys.exit(cli.main())

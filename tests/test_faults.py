@@ -1,15 +1,19 @@
 """Faults in the middle of a localization job: the S3 endpoint cut by stopping a TCP proxy in
 front of moto (rows retryable, exit code 1, `--resume` completes the job), and the exactly-once
-soak (150+ queries, ~10 % corrupt, a shard actor killed midway)."""
+soak (150+ queries, ~10 % corrupt, a shard actor killed midway); per-query planning errors as
+rows, and Ctrl-C."""
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -22,7 +26,7 @@ from jobs import features as features_job
 from jobs import localize as localize_job
 from jobs import map as map_job
 from jobs.results import read_results
-from pixloc_core.io import read_priors, read_query_list, write_priors, write_query_list
+from pixloc_core.io import read_poses, read_priors, read_query_list, write_priors, write_query_list
 from pixloc_core.synthetic import dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +182,61 @@ def test_exactly_once_soak_with_corrupt_images_and_a_killed_actor(s3_scene, tmp_
     assert not any(row["retryable"] for row in table)
     rescaled = [row for row in table if row not in corrupt]
     assert all(row["note"].startswith("camera rescaled by 0.5") for row in rescaled)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height pixels (a decompression bomb for PIL) and holds none."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+
+
+def test_planning_errors_are_rows_and_names_keep_their_folders(s3_scene, tmp_path):
+    """Without a query list (intrinsics from EXIF): a decompression bomb and a name with a space
+    are failure rows; two photos with the same file name in two folders are two queries."""
+    scene = s3_scene["scene"]
+    queries = tmp_path / "queries"
+    source = sorted((scene / "queries").iterdir())[0]
+    for name in ("sub1/same.jpg", "sub2/same.jpg", "with space.jpg"):
+        (queries / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, queries / name)
+    _png_header_only(queries / "bomb.png", 30000, 30000)
+    prior = read_priors(scene / "priors.csv")[source.name]
+    write_priors(tmp_path / "priors.csv", {name: prior for name in
+                                           ("sub1/same.jpg", "sub2/same.jpg", "with space.jpg", "bomb.png")})
+
+    results = localize_job.main(s3_scene["map"], s3_scene["store"], queries, tmp_path / "out",
+                                priors=tmp_path / "priors.csv", conf={"method": "sparse", "workers": 2})
+    rows = {row["name"]: row for row in pq.read_table(results).to_pylist()}
+    assert sorted(rows) == ["bomb.png", "sub1/same.jpg", "sub2/same.jpg", "with space.jpg"]
+    assert "bomb.png: cannot decode image" in rows["bomb.png"]["error"]
+    assert "contains whitespace" in rows["with space.jpg"]["error"]
+    assert not any(row["retryable"] for row in rows.values())
+    assert rows["sub1/same.jpg"]["success"] == rows["sub2/same.jpg"]["success"]
+    assert set(read_poses(tmp_path / "out" / "poses.txt")) == {name for name, row in rows.items() if row["success"]}
+
+
+def test_ctrl_c_saves_the_rows_and_says_how_to_resume(s3_scene, s3_server, tmp_path):
+    scene, out = s3_scene["scene"], tmp_path / "out"
+    arguments = ["localize", "--map", str(s3_scene["map"]), "--store", s3_scene["store"],
+                 "--queries", str(scene / "queries"), "--out", str(out), "--priors", str(scene / "priors.csv"),
+                 "--query-list", str(scene / "queries_with_intrinsics.txt"), "--workers", "1",
+                 "--conf", "flush_every=1", "queries_per_call=1"]
+    job = pixloc_process(arguments, s3_server)
+    while job.poll() is None and not list((out / "parts").glob("part-*.parquet")):
+        time.sleep(0.2)  # waiting for the first row, not a timed assertion
+    job.send_signal(signal.SIGINT)
+    _, stderr = job.communicate()
+    if job.returncode == 0:
+        pytest.skip("the job finished before the interrupt arrived")
+    assert job.returncode == 130, stderr
+    saved = read_results(out).num_rows
+    assert stderr.strip().splitlines()[-1] == (f"pixloc localize: interrupted: {saved} rows saved in {out}, "
+                                               "rerun with --resume")
+    assert "Traceback" not in stderr
+    job = pixloc_process([*arguments, "--resume"], s3_server)
+    _, stderr = job.communicate()
+    assert job.returncode == 0, stderr
+    assert read_results(out).num_rows == 6
