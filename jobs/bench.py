@@ -25,6 +25,7 @@ BENCHMARKS = {
     "scale": "bench.scale",
     "mapping": "bench.mapping",
     "precision": "bench.precision",
+    "streaming": "bench.streaming",
 }
 
 

@@ -1,20 +1,23 @@
 """`pixloc localize`: localize a folder of photos from their GPS priors, on Ray.
 
-    driver               what is known per query before reading it (QueryInput: name, path, prior
-                         or EXIF, listed intrinsics), in spatial order; results written as they come
-    query workers        Ray Data callable class, a pool of `workers`: plan (pixloc_core.localize.
-                         Planner: intrinsics, prior -> map frame, cells, hypotheses), read, query
-                         CNN pass (dense methods) and keypoints (sparse methods), then the query's
-                         request to the shard actor of each of its cells, by object reference
+    driver               what is known per query before reading it, as Arrow columns (the query
+                         table: name, path, prior or EXIF, listed intrinsics), in spatial order,
+                         handed to Ray Data in blocks; results written as they come
+    query workers        Ray Data callable class, a pool of `workers`: each row made a QueryInput and
+                         planned (pixloc_core.localize.Planner: intrinsics, prior -> map frame,
+                         cells, hypotheses), read, query CNN pass (dense methods) and keypoints
+                         (sparse methods), then the query's request to the shard actor of each of
+                         its cells, by object reference
     shard actors         a bounded pool (`--shard-actors`), each hosting several cells in memory:
                          SIFT + PnP and featuremetric alignment in the cell (localize_in_cell)
     back in the worker   the best of the cells' answers: one small row per query to the driver
 
-The feature pyramid of a query never goes through the driver, and no process but `pixloc
-features` reads the whole map's points or descriptors: the workers plan from the compact map
-(shard index and reference table), the actors read their cells from the store. Every query gets
-exactly one row: bad input, a corrupt image, a failed alignment or a crashed call become
-`success=false` with the reason. `pixloc refine` runs the same pipeline from external poses.
+Planning streams: the first rows come back while later blocks wait to be planned, and the driver
+holds columns, not one Python object per query. The feature pyramid of a query never goes through
+the driver, and no process but `pixloc features` reads the whole map's points or descriptors: the
+workers plan from the compact map (shard index and reference table), the actors read their cells
+from the store. Every query gets exactly one row: bad input, a corrupt image, a failed alignment or
+a crashed call become `success=false` with the reason. `pixloc refine` runs the same pipeline from external poses.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import argparse
 import json
 import logging
 import math
-import pickle
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 from PIL import Image
@@ -43,18 +46,17 @@ from cluster.store import FeatureStore
 from pixloc_core import files, sparse
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import resize_longest_side
-from pixloc_core.geometry import Pose
 from pixloc_core.files import Location
 from pixloc_core.images import list_images, read_image
-from pixloc_core.io import QueryIntrinsics, read_priors, read_query_list
+from pixloc_core.io import read_priors_table, read_query_list_table
 from pixloc_core.localize import (DENSE_METHODS, METHODS, SPARSE_METHODS, TRUST_PRIOR, Localization, PlanConf, Planner,
                                   QueryInput, QueryPlan, QueryRequest, SearchConf, VerifyConf, best_of,
-                                  spatial_order)
+                                  query_positions, query_table, spatial_order)
 from pixloc_core.map_io import MapIndex, load_map_index
 
 from .cli import Interrupted
 from .config import merge_conf
-from .results import ResultsWriter, check_output, completed_queries, read_results
+from .results import ResultsWriter, check_output, completed_names, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ default_conf = {
     # Queries per worker call: each is sent to its shards as soon as it is featurized, so the
     # shards align up to this many queries per worker while the worker featurizes the next ones.
     "queries_per_call": 4,
+    # Ray Data blocks of the query table per worker (see block_rows): each worker call plans only
+    # its own queries and its rows stream back, so the first rows come back after one call
+    # whatever the number of queries.
+    "blocks_per_worker": 16,
     "flush_every": 8,  # rows per results part file
     "search": SearchConf(),
     "pool": PoolConf(),
@@ -124,7 +130,7 @@ def query_request(plan: QueryPlan, method: str, levels: tuple[int, ...], extract
 
 
 class QueryWorker:
-    """Ray Data callable class: a batch of QueryInputs in, one result row each out. Holds the
+    """Ray Data callable class: a batch of query-table rows in, one result row each out. Holds the
     planner (compact map), the query extractor or keypoint extractor, and handles on the shards."""
 
     def __init__(self, map_dir: str, plan_conf: PlanConf, method: str, extractor_name: str,
@@ -176,65 +182,81 @@ class QueryWorker:
         return {**result_row(started.plan, self.method, best, timings, cell), "worker_peak_rss_mb": peak_rss_mb(),
                 "shard_peak_rss_mb": max(answer.peak_rss_mb for answer in answers)}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        started = [self.start(query) for query in batch["query"]]
+    def __call__(self, batch: pa.Table) -> dict[str, list]:
+        started = [self.start(QueryInput.from_row(row)) for row in batch.to_pylist()]
         return {"row": [self.finish(query) for query in started]}
 
 
 # ----- the driver
 
 
-def query_paths(queries_dir: Location, query_list: dict[str, QueryIntrinsics] | None) -> list[Location]:
-    """The queries: those of the query list when given, else every image of the folder."""
-    if query_list is not None:
-        return [queries_dir / name for name in query_list]
-    return [queries_dir / name for name in list_images(queries_dir)]
+def query_names(queries_dir: Location, listed: pa.Table | None) -> pa.Array:
+    """The queries: those of the query list when given, else every image of the folder. A query's
+    name in rows, poses.txt and the input lists is its path relative to the queries folder
+    (subfolders kept, hloc style), with forward slashes."""
+    if listed is not None:
+        return listed["name"].combine_chunks()
+    return pa.array(list_images(queries_dir), pa.string())
 
 
-def spatial_schedule(queries: list[QueryInput], map_index: MapIndex) -> list[QueryInput]:
+def spatial_schedule(queries: pa.Table, map_index: MapIndex) -> pa.Table:
     """The queries in spatial order of their priors (those known before reading the images: a
     priors file or poses to refine; the others keep their order, at the end), so that each cell's
     queries come together and a job loads each cell about once."""
-    positions = np.full((len(queries), 3), np.nan)
-    for index, query in enumerate(queries):
-        try:
-            if query.pose is not None:
-                qvec, tvec = (torch.tensor(v, dtype=torch.float64) for v in query.pose)
-                positions[index] = Pose.from_qvec_tvec(qvec, tvec).center().numpy()
-            elif query.prior is not None:
-                positions[index] = map_index.prior_to_map(query.prior)
-        except ValueError:
-            pass  # the worker's planning reports it
-    order = spatial_order(positions, map_index.shards.cell_size_m if map_index.shards else 50.0)
-    return [queries[index] for index in order.tolist()]
+    order = spatial_order(query_positions(queries, map_index),
+                          map_index.shards.cell_size_m if map_index.shards else 50.0)
+    return queries.take(order)
 
 
-def execute(queries: list[QueryInput], writer: ResultsWriter, map_dir: Location, store: FeatureStore, conf: dict,
+def skip_completed(queries: pa.Table, out_dir: Location) -> pa.Table:
+    """The queries a resumed job still has to answer (see results.completed_names)."""
+    return queries.filter(pc.invert(pc.is_in(queries["name"], value_set=completed_names(out_dir))))
+
+
+def block_rows(count: int, conf: dict) -> int:
+    """Queries per Ray Data block. A worker runs a block as one task, so each worker needs several;
+    but the dataset is ready only once a task per block has read its metadata (ray.data.from_arrow),
+    so their number stays fixed whatever the number of queries."""
+    return max(conf["queries_per_call"], math.ceil(count / (conf["blocks_per_worker"] * conf["workers"])))
+
+
+def query_dataset(queries: pa.Table, conf: dict) -> ray.data.Dataset:
+    """The query table as a Ray dataset of blocks of `block_rows`, each a compact copy: a slice
+    keeps the whole table's buffers, and ray.put would copy them all for every block."""
+    rows = block_rows(queries.num_rows, conf)
+    return ray.data.from_arrow([queries.take(np.arange(offset, min(offset + rows, queries.num_rows)))
+                                for offset in range(0, queries.num_rows, rows)])
+
+
+def execute(queries: pa.Table, writer: ResultsWriter, map_dir: Location, store: FeatureStore, conf: dict,
             plan_conf: PlanConf, on_result: Callable[[dict], None] | None = None) -> dict:
-    """Run the queries through the query workers and a pool of shard actors, one row each into
-    `writer`; returns the job summary. Needs an initialised Ray."""
+    """Run the queries (a query table) through the query workers and a pool of shard actors, one
+    row each into `writer`; returns the job summary. Needs an initialised Ray."""
     method, workers = conf["method"], conf["workers"]
     shard_conf = replace(conf["shard"], sparse=dict(conf["sparse"] or {}), with_sparse=method in SPARSE_METHODS)
     pool = ShardPool(store.url, store.info.extractor_id, store.info.map_fingerprint, shard_conf, conf["pool"])
-    progress = tqdm(total=len(queries), desc=f"localize ({method})", unit="query", smoothing=0.1)
+    progress = tqdm(total=queries.num_rows, desc=f"localize ({method})", unit="query", smoothing=0.1)
     start = time.perf_counter()
-    sent = received = succeeded = 0
+    # Driver traffic: the query table sent (its Arrow bytes) and the result batches received.
+    sent, received, succeeded = queries.nbytes, 0, 0
     worker_rss = []
     try:
-        if queries:
-            items = [{"query": query} for query in queries]
-            sent = sum(len(pickle.dumps(query)) for query in queries)
-            dataset = ray.data.from_items(items).map_batches(
+        if queries.num_rows:
+            dataset = query_dataset(queries, conf).map_batches(
                 QueryWorker,
                 fn_constructor_kwargs={"map_dir": files.absolute(map_dir), "plan_conf": plan_conf,
                                        "method": method, "extractor_name": conf["extractor"],
                                        "levels": tuple(shard_conf.levels), "sparse_conf": shard_conf.sparse,
                                        "shard_names": pool.names},
-                batch_size=conf["queries_per_call"], compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+                batch_size=conf["queries_per_call"], batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
                 num_gpus=gpus_per_worker({"workers": workers}))
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                for row in batch["row"]:
-                    received += len(pickle.dumps(row))
+            # Rows are ~1 KB: without this, Ray Data would gather a whole block's rows into one
+            # output block before handing any of them back.
+            dataset.context.target_max_block_size = 1
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                received += batch.nbytes
+                for row in batch["row"].to_pylist():
                     succeeded += bool(row["success"])
                     worker_rss.append(row["worker_peak_rss_mb"])
                     writer.add(row)
@@ -242,9 +264,10 @@ def execute(queries: list[QueryInput], writer: ResultsWriter, map_dir: Location,
                     if on_result is not None:
                         on_result(row)
         seconds = time.perf_counter() - start
-        summary = {"queries": len(queries), "succeeded": succeeded, "method": method, "workers": workers,
-                   "seconds": seconds, "queries_per_s": len(queries) / seconds if seconds > 0 else math.nan,
-                   "driver_bytes_per_query": (sent + received) / max(1, len(queries)),
+        count = queries.num_rows
+        summary = {"queries": count, "succeeded": succeeded, "method": method, "workers": workers,
+                   "seconds": seconds, "queries_per_s": count / seconds if seconds > 0 else math.nan,
+                   "driver_bytes_per_query": (sent + received) / max(1, count),
                    "driver_peak_rss_mb": peak_rss_mb(),
                    "query_worker_peak_rss_mb": max(worker_rss, default=math.nan), **pool.summary()}
     finally:
@@ -262,7 +285,7 @@ def open_store(store_url: str, extractor_name: str, map_fingerprint: str) -> Fea
     return FeatureStore.open(store_url, load_extractor(extractor_name).extractor_id, map_fingerprint)
 
 
-def run_queries(map_dir: Location, store_url: str, queries: list[QueryInput], writer: ResultsWriter, conf: dict,
+def run_queries(map_dir: Location, store_url: str, queries: pa.Table, writer: ResultsWriter, conf: dict,
                 plan_conf: PlanConf, address: str | None,
                 on_result: Callable[[dict], None] | None = None) -> dict:
     """The job body shared by localize and refine: open the map and store, schedule, run; writes
@@ -306,28 +329,27 @@ def main(map_dir: Location, store_url: str, queries_dir: Location, out_dir: Loca
     if priors is None and not gps_from_exif:
         raise ValueError("priors needed: pass --priors CSV or --gps-from-exif")
     check_output(out_dir, resume, overwrite)
-    intrinsics = read_query_list(query_list) if query_list is not None else None
-    prior_table = read_priors(priors) if priors else None
-    done = completed_queries(out_dir) if resume else set()
+    listed = read_query_list_table(query_list) if query_list is not None else None
+    priors_table = read_priors_table(priors) if priors else None
     queries_dir = files.location(queries_dir)
-    queries = []
-    for path in query_paths(queries_dir, intrinsics):
-        name = query_name(path, queries_dir)
-        if name not in done:
-            queries.append(QueryInput(name, files.absolute(path), intrinsics.get(name) if intrinsics else None,
-                                      prior_table.get(name) if prior_table is not None else None,
-                                      prior_from_exif=prior_table is None))
-    logger.info("%d queries to localize (%d already done), method %s", len(queries), len(done), conf["method"])
+    queries = query_table(query_names(queries_dir, listed), files.absolute(queries_dir), listed, priors_table,
+                          prior_from_exif=priors_table is None)
     plan_conf = PlanConf(conf["search"], conf["shard"].localize.num_reference_hypotheses)
     return run_job(map_dir, store_url, queries, out_dir, conf, plan_conf, address, resume, overwrite, on_result)
 
 
-def run_job(map_dir: Location, store_url: str, queries: list[QueryInput], out_dir: Location, conf: dict,
+def run_job(map_dir: Location, store_url: str, queries: pa.Table, out_dir: Location, conf: dict,
             plan_conf: PlanConf, address: str | None, resume: bool, overwrite: bool,
             on_result: Callable[[dict], None] | None = None) -> Location:
-    """`run_queries` into a new ResultsWriter of `out_dir`, for localize and refine: Ctrl-C says how
-    many rows were saved; RetryableFailures when some queries failed because of the infrastructure.
-    Returns the path of results.parquet."""
+    """`run_queries` of the query table (those not answered yet when resuming) into a new
+    ResultsWriter of `out_dir`, for localize and refine: Ctrl-C says how many rows were saved;
+    RetryableFailures when some queries failed because of the infrastructure. Returns the path of
+    results.parquet."""
+    total = queries.num_rows
+    if resume:
+        queries = skip_completed(queries, out_dir)
+    logger.info("%d queries to localize (%d already done), method %s", queries.num_rows, total - queries.num_rows,
+                conf["method"])
     writer = ResultsWriter(out_dir, conf["flush_every"], resume=resume, overwrite=overwrite)
     try:
         run_queries(files.location(map_dir), store_url, queries, writer, conf, plan_conf, address, on_result)
@@ -348,12 +370,6 @@ def raise_if_retryable(table: pa.Table, out_dir: Location) -> None:
         raise RetryableFailures(f"{len(retryable)} of {table.num_rows} queries failed for reasons outside their "
                                 f"input, e.g. {retryable[0]['name']}: {retryable[0]['error']}; fix the cause and "
                                 f"rerun with --resume (results so far in {out_dir})")
-
-
-def query_name(path: Location, queries_dir: Location) -> str:
-    """The name of a query in rows, poses.txt and the input lists: its path relative to the
-    queries folder (subfolders kept, hloc style), with forward slashes."""
-    return path.relative_to(queries_dir).as_posix()
 
 
 def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None:

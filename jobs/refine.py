@@ -14,13 +14,13 @@ from dataclasses import replace
 from pixloc_core import files
 from pixloc_core.align import AlignConf
 from pixloc_core.files import Location
-from pixloc_core.io import read_poses, read_query_list
-from pixloc_core.localize import PlanConf, QueryInput
+from pixloc_core.io import read_poses_table, read_query_list_table
+from pixloc_core.localize import PlanConf, query_table
 
 from .config import merge_conf
-from .localize import add_query_job_arguments, query_job_conf, query_name, query_paths, run_job
+from .localize import add_query_job_arguments, query_job_conf, query_names, run_job
 from .localize import default_conf as localize_conf
-from .results import check_output, completed_queries
+from .results import check_output
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +40,11 @@ def main(map_dir: Location, store_url: str, queries_dir: Location, poses: Locati
     shard = conf["shard"]
     conf["shard"] = replace(shard, levels=tuple(conf["levels"]), align=AlignConf(num_iterations=tuple(conf["num_iterations"])),
                             localize=replace(shard.localize, sparse_levels=len(conf["levels"])))
-    intrinsics = read_query_list(query_list) if query_list is not None else None
-    given = read_poses(poses)
-    queries = []
     check_output(out_dir, resume, overwrite)
-    done = completed_queries(out_dir) if resume else set()
+    listed = read_query_list_table(query_list) if query_list is not None else None
     queries_dir = files.location(queries_dir)
-    for path in query_paths(queries_dir, intrinsics):
-        name = query_name(path, queries_dir)
-        if name in done:
-            continue
-        pose = given.get(name)
-        queries.append(QueryInput(name, files.absolute(path), intrinsics.get(name) if intrinsics else None,
-                                  pose=None if pose is None else (tuple(pose[0].tolist()), tuple(pose[1].tolist()))))
+    queries = query_table(query_names(queries_dir, listed), files.absolute(queries_dir), listed,
+                          poses=read_poses_table(poses))
     plan_conf = PlanConf(conf["search"], refine=True, pose_sigma_m=conf["pose_sigma_m"])
     return run_job(map_dir, store_url, queries, out_dir, conf, plan_conf, address, resume, overwrite)
 

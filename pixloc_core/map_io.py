@@ -269,15 +269,26 @@ def prior_to_map(geo: GeoInfo, prior: Prior, reference_height) -> np.ndarray:
     """(3,) map-frame position of a WGS84 or map-frame prior. A WGS84 prior without altitude
     gets `reference_height()`, the median height of the reference cameras (photos are taken near
     the ground)."""
-    if not prior.geodetic:
-        return np.asarray(prior.position, dtype=np.float64)
+    return priors_to_map(geo, np.asarray([prior.position], np.float64), np.array([prior.geodetic]),
+                         np.array([prior.has_altitude]), reference_height)[0]
+
+
+def priors_to_map(geo: GeoInfo, positions: np.ndarray, geodetic: np.ndarray, has_altitude: np.ndarray,
+                  reference_height) -> np.ndarray:
+    """`prior_to_map` of many priors at once: positions (N, 3) (lat, lon, alt where geodetic (N,),
+    else map frame), has_altitude (N,); returns (N, 3)."""
+    result = np.array(positions, np.float64).reshape(-1, 3)
+    if not geodetic.any():
+        return result
     if geo.origin_wgs84 is None or geo.map_to_enu is None:
         raise ValueError("a WGS84 prior needs a georegistered map: rebuild it with --priors or --gps-from-exif")
-    lat, lon, alt = prior.position
-    position = geo.map_to_enu.apply_inverse(wgs84_to_enu(lat, lon, alt, geo.origin_wgs84))
-    if not prior.has_altitude:
-        position[2] = reference_height()
-    return position
+    lat, lon, alt = result[geodetic].T
+    converted = geo.map_to_enu.apply_inverse(wgs84_to_enu(lat, lon, alt, geo.origin_wgs84))
+    missing = ~np.asarray(has_altitude)[geodetic]
+    if missing.any():
+        converted[missing, 2] = reference_height()
+    result[geodetic] = converted
+    return result
 
 
 # ----- the compact map that localization plans from (no 3D points, no descriptors)
@@ -379,7 +390,15 @@ class MapIndex:
                                exif_focal_px)
 
     def prior_to_map(self, prior: Prior) -> np.ndarray:
-        return prior_to_map(self.geo, prior, lambda: float(np.median(self.references.centers()[:, 2])))
+        return prior_to_map(self.geo, prior, self.reference_height)
+
+    def priors_to_map(self, positions: np.ndarray, geodetic: np.ndarray, has_altitude: np.ndarray) -> np.ndarray:
+        """See `priors_to_map`."""
+        return priors_to_map(self.geo, positions, geodetic, has_altitude, self.reference_height)
+
+    def reference_height(self) -> float:
+        """The median height of the reference cameras: that of a WGS84 prior without altitude."""
+        return float(np.median(self.references.centers()[:, 2]))
 
 
 def write_reference_table(scene: SceneMap, map_dir: Location) -> ReferenceImages:

@@ -27,9 +27,10 @@ from pixloc_core.extractors import load_extractor
 from pixloc_core.geometry import Pose
 from pixloc_core.io import (Prior, QueryIntrinsics, read_poses, read_priors, read_query_list, write_poses,
                             write_priors, write_query_list)
-from pixloc_core.localize import (Aligners, CellData, Planner, QueryInput, actor_for_cell, localize_in_cell,
-                                  pose_uncertainty, reference_hypotheses, spatial_order, turned_towards,
-                                  viewed_points, visible_points)
+from pixloc_core.align import ReferenceLevel
+from pixloc_core.localize import (Aligners, CellData, LocalizeConf, Planner, QueryInput, actor_for_cell,
+                                  localize_in_cell, pose_uncertainty, reference_hypotheses, refinement_references,
+                                  spatial_order, turned_towards, viewed_points, visible_points)
 from pixloc_core.map_io import load_map_index
 from pixloc_core.synthetic import dataset
 
@@ -313,7 +314,6 @@ def test_hypotheses_turn_towards_what_their_reference_looked_at():
 
 
 def test_visible_points_keeps_what_some_hypothesis_sees():
-    from pixloc_core.align import ReferenceLevel
     from pixloc_core.geometry import Camera
 
     camera = Camera("PINHOLE", 100.0, 100.0, torch.tensor([50.0, 50.0, 50.0, 50.0]))
@@ -338,3 +338,17 @@ def test_pose_uncertainty_is_the_inverse_hessian_in_the_world_frame():
         assert position_std == pytest.approx(math.sqrt(0.04 * (1 / 100 + 1 / 400 + 1 / 2500)))
         assert rotation_std == pytest.approx(math.degrees(math.sqrt(0.04 * 3e-4)))
     assert all(math.isnan(v) for v in pose_uncertainty(hessian, math.inf, turned))
+
+
+def test_a_pnp_pose_is_refined_against_every_point_of_the_cell():
+    """Rough hypotheses align to the points the references near the prior observe; a PnP pose,
+    which already says where the camera is, to every point of the cell (its visible ones are kept
+    later): the references near a prior tens of metres off miss much of what the camera sees."""
+    observers = np.r_[np.full(250, 1), np.full(150, 2)].astype(np.int32)  # (400,) observing image per row
+    level = ReferenceLevel(torch.rand(400, 3), torch.rand(400, 8), torch.rand(400))
+    cell = CellData("x+0000_y+0000", [level], [observers])
+    conf = LocalizeConf(min_selected_points=200)
+    near_prior = refinement_references(cell, [1], from_pnp=False, conf=conf)[0]
+    from_pnp = refinement_references(cell, [1], from_pnp=True, conf=conf)[0]
+    assert len(near_prior.points3D) == 250 and torch.equal(near_prior.points3D, level.points3D[:250])
+    assert len(from_pnp.points3D) == 400
