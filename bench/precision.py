@@ -127,14 +127,16 @@ def real_runs(name: str, conf: dict) -> dict[str, dict]:
     from bench import real
 
     work = Path(conf["work_dir"]) / name
-    real_conf = {**real.default_conf, "work_dir": Path(conf["work_dir"]), "workers": conf["workers"]}
+    real_conf = {**real.default_conf, "work_dir": Path(conf["work_dir"]), "workers": conf["workers"],
+                 "extractors": ["classic"]}
     prepared = real.PREPARERS[name](real_conf["data_root"], work / "data", None)
     if name == "fountain-P11":
-        map_dir, store = real.build(prepared, work, real_conf, ["--reference-model", prepared.reference_model])
+        map_dir, stores = real.build(prepared, work, real_conf, ["--reference-model", prepared.reference_model])
         gt = read_poses(prepared.gt_poses)
     else:
-        map_dir, store = real.build(prepared, work, real_conf, ["--gps-from-exif"])
+        map_dir, stores = real.build(prepared, work, real_conf, ["--gps-from-exif"])
         gt = read_poses(real.lund_pseudo_ground_truth(prepared, map_dir, work, real_conf))
+    store = stores["classic"]
     return {method: evaluate_run(localize(map_dir, store, prepared.query_dir, prepared.priors,
                                           work / method.replace("+", "_"), method, conf, prepared.query_list),
                                  gt, conf["sweep"]) for method in conf["methods"]}
@@ -189,6 +191,7 @@ def main(out: Path | None = None, quick: bool = False, **overrides) -> dict:
                                               work / method.replace("+", "_"), method, conf,
                                               scene / "queries_with_intrinsics.txt"), gt, conf["sweep"])
                 for method in conf["methods"]}
+            write_report(report, out)  # so far: a later scene that fails loses nothing measured
     for name in conf["real_sets"]:
         report["scenes"][name] = real_runs(name, conf)
     print_table(report)

@@ -54,9 +54,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         if address is None:
             for key, value in LOCAL_RAY_ENVIRONMENT.items():
                 os.environ.setdefault(key, value)
-            # "local": a new Ray of our own, even where another job's Ray left /tmp/ray/ray_current_cluster.
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                     log_to_driver=False)
+            start_local_ray(num_cpus, num_gpus)
         else:
             ray.init(address=address, log_to_driver=False)
         started = True
@@ -66,6 +64,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     context.enable_progress_bars = progress_bars
     context.print_on_execution_start = progress_bars
     return RaySession(started)
+
+
+def start_local_ray(num_cpus: int | None, num_gpus: int | None, attempts: int = 3) -> None:
+    """A new Ray of our own ("local": even where another job's Ray left /tmp/ray/ray_current_cluster).
+    Ray gives its raylet a fixed 30 s to register; on a loaded machine that deadline is missed
+    now and then, and a second start usually succeeds."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                     log_to_driver=False)
+            return
+        except Exception as error:  # noqa: BLE001 - Ray raises a bare Exception for this deadline
+            if "timed out during startup" not in str(error) or attempt == attempts:
+                raise
+            logger.warning("Ray start-up timed out (attempt %d/%d, the machine is loaded): starting again",
+                           attempt, attempts)
+            ray.shutdown()
 
 
 def set_torch_threads() -> int:

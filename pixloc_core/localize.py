@@ -50,22 +50,26 @@ TRUST_PRIOR = ("normal", "low")
 class VerifyConf:
     """Thresholds of the final checks, chosen with `pixloc bench precision` (README)."""
 
-    # A PnP pose: enough inliers, and enough of the 2D-3D matches agreeing (a wrong pose found
-    # among many random matches has a low ratio), and a plausible covariance. From the few
-    # synthetic runs measured (README): right PnP poses had 27-113 inliers, ratios 0.43-0.66 and
-    # position stds 0.12-0.82 m, so these bounds keep them; the wrong ones the issue found were
-    # tens of metres from their priors, which the prior check refuses.
+    # A PnP pose: enough inliers, enough of the 2D-3D matches agreeing (a wrong pose found among
+    # many random matches has a low ratio), and a small covariance. On bench precision's six
+    # synthetic scenes (README) every PnP pose with a position std up to 0.75 m was right, and the
+    # wrong ones that passed every other check had 0.76-1.71 m (right ones reach 1.44 m: the
+    # bound costs a fifth of the recall, the price of a trustworthy success).
     min_inliers: int = 20
     min_inlier_ratio: float = 0.15
-    max_pnp_position_std_m: float = 2.0
+    max_pnp_position_std_m: float = 0.75
+    # A second pose found among the matches the first left out (pixloc_core.sparse.rival_inliers)
+    # may have at most this share of its inliers: on repeated structure both the right and a wrong
+    # pose gather support.
+    max_rival_ratio: float = 0.5
     # The pose must lie within prior_sigmas * sigma + prior_margin_m of its prior (horizontally:
     # GPS altitude is poor), unless the priors may be wrong (trust_prior "low").
     prior_sigmas: float = 3.0
-    prior_margin_m: float = 5.0
+    prior_margin_m: float = 2.0
     trust_prior: str = "normal"
     # A refined PnP pose must stay near its PnP start: a refinement that wanders off found another
     # minimum, and one of the two is wrong.
-    max_refinement_shift_m: float = 1.0
+    max_refinement_shift_m: float = 0.6
     max_refinement_turn_deg: float = 5.0
 
 
@@ -76,6 +80,7 @@ class Checks:
     inliers: int = 0  # PnP inliers
     matches: int = 0  # 2D-3D matches given to PnP
     pnp_position_std_m: float = math.nan  # from PnP's covariance
+    rival_inliers: int = 0  # PnP inliers of the best other pose (pixloc_core.sparse.rival_inliers)
     prior_distance_m: float = math.nan  # horizontal, between the prior and the camera centre
     prior_sigma_m: float = math.nan
     refinement_shift_m: float = math.nan  # between the PnP pose and its featuremetric refinement
@@ -685,7 +690,7 @@ def sparse_localization(request: QueryRequest, cell: CellData, sparse_conf: dict
     result = sparse.localize_against(request.keypoints, cell.sparse, rows, request.camera().to_colmap(),
                                      sparse_conf, request.prior_xyz, request.sigma_m)
     evidence = Checks(inliers=result.num_inliers, matches=result.num_matches,
-                      pnp_position_std_m=result.position_std_m)
+                      pnp_position_std_m=result.position_std_m, rival_inliers=result.rival_inliers)
     if not result.success:
         return replace(Localization.failure(f"sparse: {result.message}"), checks=evidence)
     pose = Pose.from_colmap(result.cam_from_world)
@@ -750,8 +755,7 @@ def verified(localization: Localization, request: QueryRequest, refined_from: Lo
     """The result with its check values, and no longer successful if a check fails; `pnp` holds
     the PnP statistics, `refined_from` the PnP pose the result may have been refined from."""
     checks = measure(localization, request.prior_xyz, request.sigma_m,
-                     refined_from.pose() if refined_from is not None else None, pnp.checks.inliers,
-                     pnp.checks.matches, pnp.checks.pnp_position_std_m)
+                     refined_from.pose() if refined_from is not None else None, pnp.checks)
     return verify(replace(localization, checks=checks), checks, conf.verify)
 
 
@@ -764,8 +768,7 @@ def pose_difference(first: Pose, second: Pose) -> tuple[float, float]:
 
 
 def measure(localization: Localization, prior_xyz: np.ndarray | None, prior_sigma_m: float | None,
-            pnp_pose: Pose | None = None, inliers: int = 0, matches: int = 0,
-            pnp_position_std_m: float = math.nan) -> Checks:
+            pnp_pose: Pose | None = None, pnp_checks: Checks = Checks()) -> Checks:
     """The check values of a result: PnP statistics when its pose comes from PnP (hypothesis
     "sparse..."), the distance to the prior, and how far the refinement moved the PnP pose."""
     checks = Checks(prior_sigma_m=math.nan if prior_sigma_m is None else float(prior_sigma_m))
@@ -775,7 +778,8 @@ def measure(localization: Localization, prior_xyz: np.ndarray | None, prior_sigm
     if prior_xyz is not None:
         checks.prior_distance_m = float(np.linalg.norm(pose.center().numpy()[:2] - np.asarray(prior_xyz)[:2]))
     if localization.hypothesis.startswith("sparse"):
-        checks.inliers, checks.matches, checks.pnp_position_std_m = inliers, matches, pnp_position_std_m
+        checks.inliers, checks.matches = pnp_checks.inliers, pnp_checks.matches
+        checks.pnp_position_std_m, checks.rival_inliers = pnp_checks.pnp_position_std_m, pnp_checks.rival_inliers
         if pnp_pose is not None and localization.hypothesis == "sparse":
             checks.refinement_shift_m, checks.refinement_turn_deg = pose_difference(pose.double(), pnp_pose.double())
     return checks
@@ -791,6 +795,9 @@ def verdict(checks: Checks, conf: VerifyConf) -> str:
                     f"({checks.inlier_ratio:.2f} < {conf.min_inlier_ratio})")
         if not checks.pnp_position_std_m <= conf.max_pnp_position_std_m:
             return f"PnP pose too uncertain: std {checks.pnp_position_std_m:.2f} m > {conf.max_pnp_position_std_m} m"
+        if checks.rival_inliers > conf.max_rival_ratio * checks.inliers:
+            return (f"ambiguous PnP: another pose has {checks.rival_inliers} inliers against this one's "
+                    f"{checks.inliers}")
     if checks.refinement_shift_m > conf.max_refinement_shift_m or checks.refinement_turn_deg > conf.max_refinement_turn_deg:
         return (f"refinement disagrees with PnP: moved {checks.refinement_shift_m:.2f} m, "
                 f"{checks.refinement_turn_deg:.1f} deg")

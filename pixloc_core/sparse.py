@@ -34,6 +34,9 @@ default_conf = {
     # pose and one 6 m off from one benchmark run to the next).
     "ransac_seed": 0,
     "min_inliers": 15,
+    # A second pose from the left-out matches is a rival when it lies this far from the first.
+    "rival_min_shift_m": 1.0,
+    "rival_min_turn_deg": 5.0,
 }
 
 
@@ -46,6 +49,7 @@ class SparseResult:
     num_inliers: int
     message: str = ""
     position_std_m: float = float("nan")  # of the camera centre, from PnP's covariance (approximate)
+    rival_inliers: int = 0  # inliers of the best other pose among the matches the pose left out
 
 
 @dataclass
@@ -137,8 +141,30 @@ def localize_against(query: QueryKeypoints, points: SparsePoints, rows: np.ndarr
     # The covariance is over (rotation, translation); the translation block's trace stands for the
     # centre's variance (equal up to the rotation's share, small next to the thresholds).
     position_std = float(np.sqrt(max(np.trace(estimate["covariance"][3:, 3:]), 0.0)))
+    outliers = ~np.asarray(estimate["inlier_mask"], bool)
+    rival = rival_inliers(query.xy[matches[outliers, 0]], points.xyz[rows[matches[outliers, 1]]], camera,
+                          estimation, estimate["cam_from_world"], conf)
     return SparseResult(True, estimate["cam_from_world"], len(query.xy), len(matches), num_inliers,
-                        position_std_m=position_std)
+                        position_std_m=position_std, rival_inliers=rival)
+
+
+def rival_inliers(xy: np.ndarray, xyz: np.ndarray, camera: pycolmap.Camera, estimation: pycolmap.AbsolutePoseEstimationOptions,
+                  found: pycolmap.Rigid3d, conf: dict) -> int:
+    """The inliers of a second pose found in the matches the first left out, when it lies
+    elsewhere: on repeated structure (alike facades along a street) the right pose and a wrong
+    one both gather a consensus, and a pose with a strong rival cannot be trusted."""
+    if len(xy) < 4:  # a P3P sample and one point to check it
+        return 0
+    estimate = pycolmap.estimate_absolute_pose(xy, xyz, camera, estimation)
+    if estimate is None:
+        return 0
+    other = estimate["cam_from_world"]
+    shift = np.linalg.norm(other.inverse().translation - found.inverse().translation)
+    relative = (other.rotation * found.rotation.inverse()).matrix()
+    turn = np.degrees(np.arccos(np.clip((np.trace(relative) - 1) / 2, -1, 1)))
+    if shift < conf["rival_min_shift_m"] and turn < conf["rival_min_turn_deg"]:
+        return 0  # the same pose again: support the first left out, not a rival
+    return int(estimate["num_inliers"])
 
 
 class SparseLocalizer:

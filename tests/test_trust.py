@@ -224,6 +224,7 @@ def test_every_check_can_refuse_a_pose():
     assert verdict(Checks(**{**pnp, "matches": 1200}), conf).startswith(
         "too few matches agree with the pose: 120/1200 inliers (0.10 < 0.15)")
     assert verdict(Checks(**{**pnp, "pnp_position_std_m": 3.0}), conf).startswith("PnP pose too uncertain")
+    assert verdict(Checks(**{**pnp, "rival_inliers": 80}), conf).startswith("ambiguous PnP: another pose has 80")
     assert verdict(Checks(**{**pnp, "inliers": 120, "matches": 1000}), conf).startswith("too few matches agree")
     assert verdict(Checks(**{**pnp, "refinement_shift_m": 4.0}), conf).startswith("refinement disagrees with PnP")
     far = Checks(**{**pnp, "prior_distance_m": 67.9})
@@ -238,7 +239,7 @@ def test_measure_and_verify_keep_the_pose_and_give_the_reason():
     refined = Localization(success=True, qvec=tuple(truth.qvec().tolist()), tvec=tuple(truth.t.tolist()),
                            hypothesis="sparse", cost=0.05, num_points=500)
     pnp = Pose.from_Rt(torch.eye(3, dtype=torch.float64), torch.tensor([-30.0, -40.5, -1.0], dtype=torch.float64))
-    checks = measure(refined, np.zeros(3), 10.0, pnp, inliers=100, matches=200, pnp_position_std_m=0.1)
+    checks = measure(refined, np.zeros(3), 10.0, pnp, Checks(inliers=100, matches=200, pnp_position_std_m=0.1))
     assert checks.prior_distance_m == pytest.approx(50.0)  # horizontal: the centre is at (30, 40, 1)
     assert checks.refinement_shift_m == pytest.approx(0.5) and checks.refinement_turn_deg == pytest.approx(0.0)
     assert checks.to_dict()["inlier_ratio"] == 0.5
@@ -246,7 +247,7 @@ def test_measure_and_verify_keep_the_pose_and_give_the_reason():
     assert not verified.success and verified.qvec == refined.qvec
     assert verified.error == "inconsistent with the prior: 50.0 m from it, sigma 10.0 m"
     dense = replace(refined, hypothesis="ref:r.jpg")
-    assert measure(dense, np.zeros(3), 10.0, pnp, inliers=100, matches=200).matches == 0  # not a PnP pose
+    assert measure(dense, np.zeros(3), 10.0, pnp, Checks(inliers=100, matches=200)).matches == 0  # not a PnP pose
 
 
 def test_bench_precision_quick_smoke(ray_cluster, tmp_path):
@@ -261,3 +262,26 @@ def test_bench_precision_quick_smoke(ray_cluster, tmp_path):
     assert entry["queries"] == 4 and 0 <= entry["recall"] <= 1
     assert [point["prior_sigmas"] for point in entry["curve"]] == report["conf"]["sweep"]
     assert out.with_suffix(".png").is_file()
+
+
+def test_a_second_consensus_elsewhere_is_a_rival():
+    """Matches left out by the first PnP pose that all agree on a pose 3 m away are a rival;
+    left-out matches of the same pose (support the first missed) are not."""
+    import pycolmap
+
+    from pixloc_core.sparse import default_conf, rival_inliers
+
+    rng = np.random.default_rng(0)
+    camera = pycolmap.Camera(model="SIMPLE_PINHOLE", width=320, height=240, params=[250.0, 160.0, 120.0])
+    first = pycolmap.Rigid3d(pycolmap.Rotation3d(np.eye(3)), np.zeros(3))
+    elsewhere = pycolmap.Rigid3d(pycolmap.Rotation3d(np.eye(3)), np.array([3.0, 0.0, 0.0]))
+    xyz = np.column_stack([rng.uniform(-4, 4, 40), rng.uniform(-3, 3, 40), rng.uniform(6, 12, 40)])
+
+    def seen_from(pose: pycolmap.Rigid3d) -> np.ndarray:
+        return np.array([camera.img_from_cam(pose * point) for point in xyz])
+
+    options = pycolmap.AbsolutePoseEstimationOptions()
+    options.ransac.max_error = default_conf["ransac_max_error_px"]
+    assert rival_inliers(seen_from(elsewhere), xyz, camera, options, first, default_conf) >= 35
+    assert rival_inliers(seen_from(first), xyz, camera, options, first, default_conf) == 0
+    assert rival_inliers(seen_from(first)[:3], xyz[:3], camera, options, first, default_conf) == 0
