@@ -128,19 +128,24 @@ def _actor_nodes() -> dict[str, list[str]]:
 
 
 def _kill_a_shard_actor_of_the_other_node(killed: dict, driver_node: str):
-    """on_result callback: once a shard actor lives on the node without the driver, kill it
-    (Ray restarts it and retries the calls in flight)."""
+    """on_result callback: at the first result, kill the shard actor that lives on the node
+    without the driver (Ray restarts it and retries the calls in flight). It waits for the pool's
+    actors to be up: on a loaded machine an actor the first queries did not need may still be
+    starting."""
     import ray
 
     def callback(row: dict) -> None:
         if killed:
             return
+        names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                 if actor["name"].startswith("shard-")]
+        handles = {name: ray.get_actor(name, namespace="pixloc") for name in names}
+        ray.get([handle.stats.remote() for handle in handles.values()])
         for actor in ray._private.state.actors(actor_state_name="ALIVE").values():
-            if "ShardActor" in actor["ActorClassName"] and actor["Address"]["NodeID"] != driver_node:
-                handle = ray.get_actor(actor["Name"], namespace="pixloc")
+            if actor["Name"] in handles and actor["Address"]["NodeID"] != driver_node:
                 # Where the actors lived before the kill: the restarted one may come back elsewhere.
                 killed.update(name=actor["Name"], node=actor["Address"]["NodeID"], actor_nodes=_actor_nodes())
-                ray.kill(handle, no_restart=False)
+                ray.kill(handles[actor["Name"]], no_restart=False)
                 return
     return callback
 
