@@ -99,7 +99,8 @@ def read_query_list_table(path: Path) -> pa.Table:
     _require_fields(path, fields, linenos, lengths < 5, "expected 'name MODEL WIDTH HEIGHT PARAMS...'")
     names = pc.list_element(fields, 0)
     _refuse_duplicates(path, names, linenos)
-    # Checked in the order of the columns, as one line would be: a bad width before a bad parameter.
+    # Checked column by column: where several lines are bad, the first bad width is named before
+    # an earlier line's bad parameter (each message still names its line).
     width, height = (_parsed(path, pc.list_element(fields, index), linenos, int, pa.int64()) for index in (2, 3))
     params = pc.list_slice(fields, 4)
     values = _parsed(path, params.flatten(), np.repeat(linenos, lengths - 4), float, pa.float64())
