@@ -148,8 +148,8 @@ def localize_against(query: QueryKeypoints, points: SparsePoints, rows: np.ndarr
                         position_std_m=position_std, rival_inliers=rival)
 
 
-def rival_inliers(xy: np.ndarray, xyz: np.ndarray, camera: pycolmap.Camera, estimation: pycolmap.AbsolutePoseEstimationOptions,
-                  found: pycolmap.Rigid3d, conf: dict) -> int:
+def rival_inliers(xy: np.ndarray, xyz: np.ndarray, camera: pycolmap.Camera,
+                  estimation: pycolmap.AbsolutePoseEstimationOptions, found: pycolmap.Rigid3d, conf: dict) -> int:
     """The inliers of a second pose found in the matches the first left out, when it lies
     elsewhere: on repeated structure (alike facades along a street) the right pose and a wrong
     one both gather a consensus, and a pose with a strong rival cannot be trusted."""
