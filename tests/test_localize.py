@@ -40,7 +40,8 @@ CONF = {"workers": 2, "flush_every": 1}
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory, ray_cluster) -> dict[str, Path]:
     """A 320x240 street with 60 references and 6 queries, its map and its feature store. At this
-    size the map is thin: SIFT + PnP finds half of the queries, the others must fail cleanly."""
+    size the map is thin: SIFT + PnP finds half of the queries, and two of them pass the verified
+    success (PnP position std <= 0.75 m); the others must fail cleanly."""
     root = tmp_path_factory.mktemp("localize")
     scene_dir = dataset.main(root / "scene", {"num_refs": 60, "num_queries": 6, "width": 320, "height": 240})
     map_job.build_map(scene_dir / "mapping", root / "map", reference_model=scene_dir / "reference_model",
@@ -97,7 +98,7 @@ def test_every_query_gets_one_row_and_good_ones_are_accurate(scene, faulty_queri
 
     errors = pose_errors(read_poses(results.parent / "poses.txt"), read_poses(scene["scene"] / "gt_queries.txt"))
     accurate = [name for name, (t, R) in errors.items() if t < 0.25 and R < 2.0]
-    assert len(accurate) >= 3, errors
+    assert len(accurate) >= 2, errors
     # what is reported as localized is right
     assert all(t < 0.5 for t, _ in errors.values() if math.isfinite(t)), errors
     for name in accurate:
@@ -181,7 +182,7 @@ def test_a_killed_shard_actor_restarts_and_no_query_is_lost(scene, faulty_querie
     assert sorted(names) == sorted(set(names)) and len(names) == len(faulty_queries["good"]) + 4
     assert not any("shard" in error for error in table.column("error").to_pylist())
     errors = pose_errors(read_poses(results.parent / "poses.txt"), read_poses(scene["scene"] / "gt_queries.txt"))
-    assert sum(t < 0.25 and R < 2.0 for t, R in errors.values()) >= 3, errors
+    assert sum(t < 0.25 and R < 2.0 for t, R in errors.values()) >= 2, errors
 
 
 def test_refine_improves_perturbed_poses(scene, tmp_path):
@@ -250,7 +251,7 @@ def test_plan_and_policy_run_without_ray(scene):
         if localization.success:
             errors[name] = pose_errors({name: (np.array(localization.qvec), np.array(localization.tvec))},
                                        ground_truth)[name]
-    assert sum(t < 0.25 and R < 2.0 for t, R in errors.values()) >= 3, errors
+    assert sum(t < 0.25 and R < 2.0 for t, R in errors.values()) >= 2, errors
     assert all(t < 0.5 for t, _ in errors.values()), errors
 
     # a query whose prior is far from the map is planned as a failure, not an exception
