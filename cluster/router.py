@@ -36,10 +36,10 @@ def default_shard_actors() -> int:
 
 
 def spread_over_nodes(count: int) -> list[NodeAffinitySchedulingStrategy]:
-    """One placement per actor, dealt round-robin over the alive nodes that have CPUs. Zero-CPU
-    actors would otherwise all start on the driver's node, and Ray's "SPREAD" is only a preference
-    that piles them on one node when the other is briefly busy. Soft affinity: an actor restarted
-    after its node died goes to any other node."""
+    """One placement per actor, dealt round-robin over the alive nodes that have CPUs. Soft
+    affinity, so that an actor restarted after its node died goes to any other node. Only a
+    preference, as "SPREAD" was: on a ray.cluster_utils.Cluster, Ray still put both zero-CPU
+    actors of a two-node test on one node (tests/test_multinode.py reports the placement)."""
     nodes = sorted(node["NodeID"] for node in ray.nodes()
                    if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
     return [NodeAffinitySchedulingStrategy(node_id=nodes[index % len(nodes)], soft=True)

@@ -122,9 +122,10 @@ class Url(str):
         return Url(self.rsplit("/", 1)[0])
 
     def relative_to(self, folder: str) -> PurePosixPath:
-        if not self.startswith(f"{folder.rstrip('/')}/"):
+        prefix = f"{folder.rstrip('/')}/"
+        if not self.startswith(prefix):
             raise ValueError(f"{self} is not under {folder}")
-        return PurePosixPath(self.removeprefix(f"{folder.rstrip('/')}/"))
+        return PurePosixPath(self.removeprefix(prefix))
 
     @property
     def key(self) -> str:
