@@ -151,11 +151,12 @@ def successful_poses(table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]
 
 
 class ResultsWriter:
-    """Collects rows and flushes them as part files; `close` folds everything into the final files."""
+    """Collects rows and flushes them as part files; `close` folds everything into the final files.
+    The job has called `check_output` before reading its inputs: a folder with earlier results is
+    refused before any planning, and `overwrite` here only keeps them aside."""
 
     def __init__(self, out_dir: Location, flush_every: int = 8, resume: bool = False, flush_interval_s: float = 10.0,
                  overwrite: bool = False):
-        check_output(out_dir, resume, overwrite)
         self.out_dir = files.location(out_dir)
         self.parts_dir = self.out_dir / PARTS_DIR
         self.flush_every, self.flush_interval_s = flush_every, flush_interval_s

@@ -759,14 +759,6 @@ def verified(localization: Localization, request: QueryRequest, refined_from: Lo
     return verify(replace(localization, checks=checks), checks, conf.verify)
 
 
-def pose_difference(first: Pose, second: Pose) -> tuple[float, float]:
-    """Distance (m) between the camera centres and angle (deg) between the rotations."""
-    shift = float(torch.linalg.norm(first.center() - second.center()))
-    relative = first.R @ second.R.transpose(-1, -2)
-    cosine = ((torch.diagonal(relative, dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
-    return shift, math.degrees(float(torch.arccos(cosine)))
-
-
 def measure(localization: Localization, prior_xyz: np.ndarray | None, prior_sigma_m: float | None,
             pnp_pose: Pose | None = None, pnp_checks: Checks = Checks()) -> Checks:
     """The check values of a result: PnP statistics when its pose comes from PnP (hypothesis
@@ -781,7 +773,8 @@ def measure(localization: Localization, prior_xyz: np.ndarray | None, prior_sigm
         checks.inliers, checks.matches = pnp_checks.inliers, pnp_checks.matches
         checks.pnp_position_std_m, checks.rival_inliers = pnp_checks.pnp_position_std_m, pnp_checks.rival_inliers
         if pnp_pose is not None and localization.hypothesis == "sparse":
-            checks.refinement_shift_m, checks.refinement_turn_deg = pose_difference(pose.double(), pnp_pose.double())
+            turn, shift = pose.double().error_to(pnp_pose.double())
+            checks.refinement_shift_m, checks.refinement_turn_deg = float(shift), float(turn)
     return checks
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pycolmap
 import torch
 
+from .geometry import Pose
 from .map_io import SceneMap, observations
 from .mapping import matching
 from .mapping.sift import SiftExtractor
@@ -158,10 +159,7 @@ def rival_inliers(xy: np.ndarray, xyz: np.ndarray, camera: pycolmap.Camera,
     estimate = pycolmap.estimate_absolute_pose(xy, xyz, camera, estimation)
     if estimate is None:
         return 0
-    other = estimate["cam_from_world"]
-    shift = np.linalg.norm(other.inverse().translation - found.inverse().translation)
-    relative = (other.rotation * found.rotation.inverse()).matrix()
-    turn = np.degrees(np.arccos(np.clip((np.trace(relative) - 1) / 2, -1, 1)))
+    turn, shift = Pose.from_colmap(estimate["cam_from_world"]).error_to(Pose.from_colmap(found))
     if shift < conf["rival_min_shift_m"] and turn < conf["rival_min_turn_deg"]:
         return 0  # the same pose again: support the first left out, not a rival
     return int(estimate["num_inliers"])

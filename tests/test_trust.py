@@ -21,7 +21,7 @@ from cluster.filesystem import StorageAccessDenied, StorageError
 from cluster.store import FeatureStore
 from jobs import cli
 from jobs.config import merge_conf, parse_overrides
-from jobs.results import ExistingResults, ResultsWriter, read_results
+from jobs.results import ExistingResults, ResultsWriter, check_output, read_results
 from pixloc_core.geometry import Pose
 from pixloc_core.io import read_priors, read_query_list
 from pixloc_core.localize import Checks, Localization, VerifyConf, measure, verdict, verify
@@ -128,9 +128,11 @@ def test_earlier_results_need_resume_or_overwrite_and_survive_until_replaced(tmp
     writer.add({"name": "old.jpg", "success": False, "error": "earlier"})
     writer.close()
     with pytest.raises(ExistingResults, match="pass --resume to continue them or --overwrite"):
-        ResultsWriter(out)
+        check_output(out)
     with pytest.raises(ValueError, match="exclude each other"):
-        ResultsWriter(out, resume=True, overwrite=True)
+        check_output(out, resume=True, overwrite=True)
+    check_output(out, resume=True)
+    check_output(out, overwrite=True)
     replacing = ResultsWriter(out, flush_every=1, overwrite=True)
     replacing.add({"name": "new.jpg", "success": False, "error": "new"})
     # Until the new job ends, the earlier results are kept aside, not deleted.
