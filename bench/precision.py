@@ -50,6 +50,8 @@ default_conf = {
     "real_sets": ["fountain-P11", "lund"],
     "workers": 2,
     "sweep": [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0, 1000.0],  # prior_sigmas k (1000: no prior check)
+    # stricter caps of an aligned pose's cost than the job's (LocalizeConf.max_cost)
+    "cost_sweep": [0.05, 0.055, 0.06, 0.065, 0.07, 0.075, 0.08, 0.085, 0.09],
 }
 quick_conf = {"refs": [40], "gps_noise_m": [10.0], "queries": 6, "methods": ["sparse"], "real_sets": []}
 
@@ -102,9 +104,11 @@ def checks_of(row: dict) -> Checks:
     return Checks(**{key: (math.nan if value is None else value) for key, value in values.items()})
 
 
-def precision_recall(rows: list[dict], total: int, conf: VerifyConf) -> dict:
-    """Success as the job decides it under `conf` (from the recorded checks), against the truth."""
-    successes = [row for row in rows if row["success"] and not verdict(checks_of(row), conf)]
+def precision_recall(rows: list[dict], total: int, conf: VerifyConf, max_cost: float = math.inf) -> dict:
+    """Success as the job decides it under `conf` (from the recorded checks) and, for a pose that
+    came out of an alignment, a featuremetric cost of at most `max_cost`, against the truth."""
+    successes = [row for row in rows if row["success"] and not verdict(checks_of(row), conf)
+                 and not row["cost"] > max_cost]
     right = [row for row in successes if row["error_m"] < RIGHT_M and row["error_deg"] < RIGHT_DEG]
     wrong = [row for row in successes if row not in right]
     return {"successes": len(successes), "right": len(right),
@@ -114,13 +118,14 @@ def precision_recall(rows: list[dict], total: int, conf: VerifyConf) -> dict:
             "wrong": sorted(row["name"] for row in wrong)}
 
 
-def evaluate_run(results: Path, gt: dict, sweep: list[float]) -> dict:
+def evaluate_run(results: Path, gt: dict, sweep: list[float], cost_sweep: list[float]) -> dict:
     rows = rows_with_errors(results, gt)
     default = VerifyConf()
     return {"queries": len(gt), **precision_recall(rows, len(gt), default),
             "unchecked": precision_recall(rows, len(gt), replace(default, trust_prior="low")),
             "curve": [{"prior_sigmas": k, **precision_recall(rows, len(gt), replace(default, prior_sigmas=k))}
-                      for k in sweep]}
+                      for k in sweep],
+            "cost_curve": [{"max_cost": cost, **precision_recall(rows, len(gt), default, cost)} for cost in cost_sweep]}
 
 
 def real_runs(name: str, conf: dict) -> dict[str, dict]:
@@ -139,7 +144,7 @@ def real_runs(name: str, conf: dict) -> dict[str, dict]:
     store = stores["classic"]
     return {method: evaluate_run(localize(map_dir, store, prepared.query_dir, prepared.priors,
                                           work / method.replace("+", "_"), method, conf, prepared.query_list),
-                                 gt, conf["sweep"]) for method in conf["methods"]}
+                                 gt, conf["sweep"], conf["cost_sweep"]) for method in conf["methods"]}
 
 
 def print_table(report: dict) -> None:
@@ -161,16 +166,19 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 5))
-    for scene, methods in report["scenes"].items():
-        for method, entry in methods.items():
-            points = [(c["recall"], c["precision"]) for c in entry["curve"] if c["precision"] is not None]
-            if points:
-                axis.plot(*zip(*points), marker="o", label=f"{scene} {method}")
-    axis.set_xlabel("recall")
-    axis.set_ylabel("precision of success")
-    axis.set_title("over the prior-consistency multiplier k")
-    axis.legend(fontsize=6)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for axis, curve, title in [(axes[0], "curve", "over the prior-consistency multiplier k"),
+                               (axes[1], "cost_curve", "over the cap of an aligned pose's cost")]:
+        for scene, methods in report["scenes"].items():
+            for method, entry in methods.items():
+                points = [(c["recall"], c["precision"]) for c in entry[curve] if c["precision"] is not None]
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=f"{scene} {method}")
+        axis.set_xlabel("recall")
+        axis.set_title(title)
+    axes[0].set_ylabel("precision of success")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=6)
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
@@ -189,7 +197,7 @@ def main(out: Path | None = None, quick: bool = False, **overrides) -> dict:
             report["scenes"][f"synth {refs} refs, {noise:g} m"] = {
                 method: evaluate_run(localize(map_dir, store, scene / "queries", priors,
                                               work / method.replace("+", "_"), method, conf,
-                                              scene / "queries_with_intrinsics.txt"), gt, conf["sweep"])
+                                              scene / "queries_with_intrinsics.txt"), gt, conf["sweep"], conf["cost_sweep"])
                 for method in conf["methods"]}
             write_report(report, out)  # so far: a later scene that fails loses nothing measured
     for name in conf["real_sets"]:

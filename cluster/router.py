@@ -13,7 +13,8 @@ import uuid
 from dataclasses import asdict, dataclass
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pixloc_core.localize import QueryRequest, actor_for_cell
 
@@ -22,6 +23,8 @@ from .shard_actor import ShardActor, ShardConf, ShardStats
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "pixloc"
+PLACEMENT_TOKEN_BYTES = 2**20
+PLACEMENT_TIMEOUT_S = 60.0
 RemoteShardActor = ray.remote(ShardActor)
 
 
@@ -35,15 +38,19 @@ def default_shard_actors() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def spread_over_nodes(count: int) -> list[NodeAffinitySchedulingStrategy]:
-    """One placement per actor, dealt round-robin over the alive nodes that have CPUs. Soft
-    affinity, so that an actor restarted after its node died goes to any other node. Only a
-    preference, as "SPREAD" was: on a ray.cluster_utils.Cluster, Ray still put both zero-CPU
-    actors of a two-node test on one node (tests/test_multinode.py reports the placement)."""
-    nodes = sorted(node["NodeID"] for node in ray.nodes()
-                   if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
-    return [NodeAffinitySchedulingStrategy(node_id=nodes[index % len(nodes)], soft=True)
-            for index in range(count)]
+def spread_over_nodes(count: int) -> tuple[PlacementGroup, list[PlacementGroupSchedulingStrategy]]:
+    """A placement group of `count` bundles spread over the nodes, and one placement per actor.
+    Ray packs zero-CPU actors onto one node and treats a soft node affinity as a mere preference
+    (measured on a two-node ray.cluster_utils.Cluster: both actors on one node either way); the
+    bundles of a SPREAD placement group land on distinct nodes while there are any, and when a
+    node dies its bundles are placed again elsewhere, where the actors restart. A bundle holds a
+    token of memory: placement, not a reservation (the LRU budget bounds the actor's memory)."""
+    group = placement_group([{"memory": PLACEMENT_TOKEN_BYTES}] * count, strategy="SPREAD")
+    if not group.wait(PLACEMENT_TIMEOUT_S):
+        remove_placement_group(group)
+        raise RuntimeError(f"the cluster did not place {count} shard actors within {PLACEMENT_TIMEOUT_S} s")
+    return group, [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+                   for index in range(count)]
 
 
 class ShardPool:
@@ -60,11 +67,12 @@ class ShardPool:
         pool_id = uuid.uuid4().hex[:8]  # a killed pool's names are released asynchronously: never reuse one
         self.names = [f"shard-{pool_id}-{index}" for index in range(size)]
         # The pool's memory and alignment are spread over the cluster's nodes.
+        self.placement_group, placements = spread_over_nodes(size)
         self.actors = [RemoteShardActor.options(
             name=name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1, num_cpus=conf.actor_cpus,
-            max_concurrency=1, scheduling_strategy=placement,
+            memory=PLACEMENT_TOKEN_BYTES, max_concurrency=1, scheduling_strategy=placement,
         ).remote(store_url, extractor_id, map_fingerprint, shard_conf)
-            for name, placement in zip(self.names, spread_over_nodes(size))]
+            for name, placement in zip(self.names, placements)]
 
     def stats(self) -> list[ShardStats]:
         return ray.get([actor.stats.remote() for actor in self.actors])
@@ -80,6 +88,7 @@ class ShardPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement_group)
 
 
 class ShardClient:
