@@ -126,7 +126,8 @@ def test_an_endpoint_cut_midway_leaves_retryable_rows_that_resume_completes(s3_s
     assert len(rows) == 6
     retryable = [row for row in rows if row["retryable"]]
     assert retryable and all(row["error"].startswith("store unreachable: s3://pixloc-faults/store/")
-                             and "\x1b" not in row["error"] and "pid=" not in row["error"] for row in retryable)
+                             and "\x1b" not in row["error"] and "pid=" not in row["error"] for row in retryable), \
+        "\n".join(row["error"] for row in retryable)
     done = {row["name"] for row in rows if not row["retryable"]}
 
     proxy = TcpProxy(moto_port, proxy.port)  # the endpoint is back

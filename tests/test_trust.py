@@ -24,7 +24,7 @@ from jobs.config import merge_conf, parse_overrides
 from jobs.results import ExistingResults, ResultsWriter, check_output, read_results
 from pixloc_core.geometry import Pose
 from pixloc_core.io import read_priors, read_query_list
-from pixloc_core.localize import Checks, Localization, VerifyConf, measure, verdict, verify
+from pixloc_core.localize import Checks, Localization, VerifyConf, best_of, measure, verdict, verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -287,3 +287,13 @@ def test_a_second_consensus_elsewhere_is_a_rival():
     assert rival_inliers(seen_from(elsewhere), xyz, camera, options, first, default_conf) >= 35
     assert rival_inliers(seen_from(first), xyz, camera, options, first, default_conf) == 0
     assert rival_inliers(seen_from(first)[:3], xyz[:3], camera, options, first, default_conf) == 0
+
+
+def test_a_query_with_a_part_that_could_not_run_is_retried_with_that_cause():
+    input_failure = Localization(success=False, cost=0.08, error="too few points: 37 < 100")
+    outage = Localization.failure("store unreachable: s3://b/store/cell=x+0000_y+0000/level=0/_manifest.json", retryable=True)
+    best = best_of([input_failure, outage])
+    assert best is outage and best.retryable
+    assert best_of([input_failure, Localization.failure("no pose hypothesis")]) is input_failure
+    found = Localization(success=True, qvec=(1.0, 0.0, 0.0, 0.0), tvec=(0.0, 0.0, 0.0), cost=0.05)
+    assert best_of([outage, found]) is found
