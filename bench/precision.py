@@ -108,7 +108,7 @@ def precision_recall(rows: list[dict], total: int, conf: VerifyConf, max_cost: f
     """Success as the job decides it under `conf` (from the recorded checks) and, for a pose that
     came out of an alignment, a featuremetric cost of at most `max_cost`, against the truth."""
     successes = [row for row in rows if row["success"] and not verdict(checks_of(row), conf)
-                 and not row["cost"] > max_cost]
+                 and not (math.isfinite(row["cost"]) and row["cost"] > max_cost)]  # inf: a PnP pose
     right = [row for row in successes if row["error_m"] < RIGHT_M and row["error_deg"] < RIGHT_DEG]
     wrong = [row for row in successes if row not in right]
     return {"successes": len(successes), "right": len(right),

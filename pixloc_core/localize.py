@@ -751,7 +751,7 @@ def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, 
             # The features disagree with the PnP pose: on the 40-reference street at 640x480 both
             # PnP poses whose refinement failed were wrong (5.3 and 9.9 m, stds 0.6 m), and no
             # right PnP pose of `bench precision` failed its refinement.
-            localization = replace(pnp, success=False, hypothesis="sparse",
+            localization = replace(pnp, success=False, hypothesis="sparse (PnP only)",
                                    error=f"refinement of the PnP pose failed: {localization.error}")
     else:
         references = refinement_references(cell, request.reference_image_ids, from_pnp=False, conf=conf)
