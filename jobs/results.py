@@ -58,6 +58,7 @@ SCHEMA = pa.schema([
     ("inlier_ratio", pa.float64()),
     ("pnp_position_std_m", pa.float64()),
     ("rival_inliers", pa.int64()),  # inliers of the best other PnP pose (ambiguity)
+    ("pnp_split_shift_m", pa.float64()),  # between the PnP poses of the image's left and right halves
     ("refinement_shift_m", pa.float64()),  # how far the featuremetric refinement moved the PnP pose
     ("refinement_turn_deg", pa.float64()),
     *[(f"{stage}_ms", pa.float64()) for stage in STAGES],

@@ -51,6 +51,7 @@ class SparseResult:
     message: str = ""
     position_std_m: float = float("nan")  # of the camera centre, from PnP's covariance (approximate)
     rival_inliers: int = 0  # inliers of the best other pose among the matches the pose left out
+    split_shift_m: float = float("nan")  # between the poses of the inliers left and right of the image's middle
 
 
 @dataclass
@@ -145,8 +146,28 @@ def localize_against(query: QueryKeypoints, points: SparsePoints, rows: np.ndarr
     outliers = ~np.asarray(estimate["inlier_mask"], bool)
     rival = rival_inliers(query.xy[matches[outliers, 0]], points.xyz[rows[matches[outliers, 1]]], camera,
                           estimation, estimate["cam_from_world"], conf)
+    inlier_matches = matches[~outliers]
+    split = split_shift(query.xy[inlier_matches[:, 0]], points.xyz[rows[inlier_matches[:, 1]]], camera,
+                        estimate["cam_from_world"])
     return SparseResult(True, estimate["cam_from_world"], len(query.xy), len(matches), num_inliers,
-                        position_std_m=position_std, rival_inliers=rival)
+                        position_std_m=position_std, rival_inliers=rival, split_shift_m=split)
+
+
+def split_shift(xy: np.ndarray, xyz: np.ndarray, camera: pycolmap.Camera, cam_from_world: pycolmap.Rigid3d) -> float:
+    """Metres between the poses refined from each half of the inliers, split at the median column.
+    A right pose explains both halves of the view; a pose held up by look-alike structure on one
+    side moves when it has to explain the other side alone."""
+    left = xy[:, 0] < np.median(xy[:, 0])
+    halves = []
+    for half in (left, ~left):
+        if half.sum() < 6:  # a pose and a little redundancy
+            return float("inf")
+        refined = pycolmap.refine_absolute_pose(cam_from_world, xy, xyz, half, camera,
+                                                pycolmap.AbsolutePoseRefinementOptions())
+        if refined is None:
+            return float("inf")
+        halves.append(Pose.from_colmap(refined["cam_from_world"]))
+    return float(halves[0].error_to(halves[1])[1])
 
 
 def rival_inliers(xy: np.ndarray, xyz: np.ndarray, camera: pycolmap.Camera,

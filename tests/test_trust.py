@@ -4,6 +4,7 @@ never lost, and the classification of failures into input-caused and retryable."
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import shutil
 import subprocess
@@ -219,13 +220,16 @@ def test_a_full_disk_is_one_line_with_the_path(tmp_path):
 
 def test_every_check_can_refuse_a_pose():
     conf = VerifyConf()
-    pnp = dict(inliers=120, matches=300, pnp_position_std_m=0.05, prior_distance_m=8.0, prior_sigma_m=10.0,
-               refinement_shift_m=0.02, refinement_turn_deg=0.1)
+    pnp = dict(inliers=120, matches=300, pnp_position_std_m=0.05, pnp_split_shift_m=0.1, prior_distance_m=8.0,
+               prior_sigma_m=10.0, refinement_shift_m=0.02, refinement_turn_deg=0.1)
     assert verdict(Checks(**pnp), conf) == ""
     assert verdict(Checks(**{**pnp, "inliers": 10}), conf) == "too few PnP inliers: 10 < 20"
     assert verdict(Checks(**{**pnp, "matches": 1200}), conf).startswith(
         "too few matches agree with the pose: 120/1200 inliers (0.10 < 0.15)")
     assert verdict(Checks(**{**pnp, "pnp_position_std_m": 3.0}), conf).startswith("PnP pose too uncertain")
+    assert verdict(Checks(**{**pnp, "pnp_split_shift_m": 4.2}), conf) == (
+        "the image's halves disagree on the PnP pose: their poses lie 4.20 m apart > 3.0 m")
+    assert verdict(Checks(**{**pnp, "pnp_split_shift_m": math.inf}), conf).startswith("the image's halves disagree")
     assert verdict(Checks(**{**pnp, "rival_inliers": 80}), conf).startswith("ambiguous PnP: another pose has 80")
     assert verdict(Checks(**{**pnp, "inliers": 120, "matches": 1000}), conf).startswith("too few matches agree")
     assert verdict(Checks(**{**pnp, "refinement_shift_m": 4.0}), conf).startswith("refinement disagrees with PnP")
@@ -241,7 +245,8 @@ def test_measure_and_verify_keep_the_pose_and_give_the_reason():
     refined = Localization(success=True, qvec=tuple(truth.qvec().tolist()), tvec=tuple(truth.t.tolist()),
                            hypothesis="sparse", cost=0.05, num_points=500)
     pnp = Pose.from_Rt(torch.eye(3, dtype=torch.float64), torch.tensor([-30.0, -40.5, -1.0], dtype=torch.float64))
-    checks = measure(refined, np.zeros(3), 10.0, pnp, Checks(inliers=100, matches=200, pnp_position_std_m=0.1))
+    checks = measure(refined, np.zeros(3), 10.0, pnp,
+                     Checks(inliers=100, matches=200, pnp_position_std_m=0.1, pnp_split_shift_m=0.1))
     assert checks.prior_distance_m == pytest.approx(50.0)  # horizontal: the centre is at (30, 40, 1)
     assert checks.refinement_shift_m == pytest.approx(0.5) and checks.refinement_turn_deg == pytest.approx(0.0)
     assert checks.to_dict()["inlier_ratio"] == 0.5
@@ -250,6 +255,19 @@ def test_measure_and_verify_keep_the_pose_and_give_the_reason():
     assert verified.error == "inconsistent with the prior: 50.0 m from it, sigma 10.0 m"
     dense = replace(refined, hypothesis="ref:r.jpg")
     assert measure(dense, np.zeros(3), 10.0, pnp, Checks(inliers=100, matches=200)).matches == 0  # not a PnP pose
+
+
+def test_bench_precision_jobs_refuse_nothing():
+    """bench precision recomputes success under looser thresholds than the defaults too: its jobs
+    must keep every pose, whatever its checks' values."""
+    from bench.precision import PERMISSIVE
+
+    worst = Checks(inliers=1, matches=1000, pnp_position_std_m=math.inf, rival_inliers=999,
+                   pnp_split_shift_m=math.inf, prior_distance_m=1e6, prior_sigma_m=1.0,
+                   refinement_shift_m=1e3, refinement_turn_deg=180.0)
+    assert verdict(worst, replace(VerifyConf(), **PERMISSIVE)) == ""
+    # every bound is relaxed (the prior's two are moot with trust_prior low)
+    assert set(PERMISSIVE) | {"prior_sigmas", "prior_margin_m"} == set(VerifyConf.__dataclass_fields__)
 
 
 def test_bench_precision_quick_smoke(ray_cluster, tmp_path):
@@ -262,7 +280,8 @@ def test_bench_precision_quick_smoke(ray_cluster, tmp_path):
     report = json.loads(out.read_text())
     (entry,) = report["scenes"]["synth 30 refs, 10 m"].values()
     assert entry["queries"] == 4 and 0 <= entry["recall"] <= 1
-    assert [point["prior_sigmas"] for point in entry["curve"]] == report["conf"]["sweep"]
+    for threshold, values in report["conf"]["sweeps"].items():
+        assert [point[threshold] for point in entry["curves"][threshold]] == values
     assert out.with_suffix(".png").is_file()
 
 
@@ -287,6 +306,26 @@ def test_a_second_consensus_elsewhere_is_a_rival():
     assert rival_inliers(seen_from(elsewhere), xyz, camera, options, first, default_conf) >= 35
     assert rival_inliers(seen_from(first), xyz, camera, options, first, default_conf) == 0
     assert rival_inliers(seen_from(first)[:3], xyz[:3], camera, options, first, default_conf) == 0
+
+
+def test_the_halves_of_a_view_explained_by_two_poses_disagree():
+    """Inliers of one pose everywhere: the poses of the left and right halves agree. Left half
+    seen from the pose, right half from 3 m beside it (a pose held up by look-alike structure on
+    one side): the halves' poses lie metres apart."""
+    import pycolmap
+
+    from pixloc_core.sparse import split_shift
+
+    rng = np.random.default_rng(0)
+    camera = pycolmap.Camera(model="SIMPLE_PINHOLE", width=320, height=240, params=[250.0, 160.0, 120.0])
+    pose = pycolmap.Rigid3d(pycolmap.Rotation3d(np.eye(3)), np.zeros(3))
+    beside = pycolmap.Rigid3d(pycolmap.Rotation3d(np.eye(3)), np.array([3.0, 0.0, 0.0]))
+    xyz = np.column_stack([rng.uniform(-4, 4, 60), rng.uniform(-3, 3, 60), rng.uniform(6, 12, 60)])
+    xy = camera.img_from_cam(pose * xyz) + rng.normal(0, 0.5, (60, 2))
+    assert split_shift(xy, xyz, camera, pose) < 0.3
+    right = xy[:, 0] >= np.median(xy[:, 0])
+    xy[right] = camera.img_from_cam(beside * xyz[right])
+    assert split_shift(xy, xyz, camera, pose) > 2.0
 
 
 def test_a_query_with_a_part_that_could_not_run_is_retried_with_that_cause():
