@@ -352,7 +352,10 @@ def run_job(map_dir: Location, store_url: str, queries: pa.Table, out_dir: Locat
                 conf["method"])
     writer = ResultsWriter(out_dir, conf["flush_every"], resume=resume, overwrite=overwrite)
     try:
-        run_queries(files.location(map_dir), store_url, queries, writer, conf, plan_conf, address, on_result)
+        if queries.num_rows:
+            run_queries(files.location(map_dir), store_url, queries, writer, conf, plan_conf, address, on_result)
+        else:  # every query answered: the earlier runs' rows merged, nothing started
+            writer.close()
     except KeyboardInterrupt:  # execute has flushed every row it got
         raise Interrupted(f"interrupted: {read_results(out_dir).num_rows} rows saved in {out_dir}, "
                           "rerun with --resume") from None

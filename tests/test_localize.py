@@ -126,7 +126,7 @@ def test_the_sparse_method_computes_no_dense_features(scene, faulty_queries, tmp
     assert all(row["hypothesis"] == "sparse" for row in good if row["success"])
 
 
-def test_resume_after_a_driver_crash_answers_each_query_once(scene, faulty_queries, tmp_path):
+def test_resume_after_a_driver_crash_answers_each_query_once(scene, faulty_queries, tmp_path, monkeypatch):
     out = tmp_path / "out"
 
     class DriverCrash(Exception):
@@ -155,6 +155,13 @@ def test_resume_after_a_driver_crash_answers_each_query_once(scene, faulty_queri
     assert len(names) == len(faulty_queries["good"]) + 4
     assert not (out / "parts").exists()
     assert not any("shard" in error for error in read_results(out).column("error").to_pylist())
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("a resumed job with nothing left started Ray")
+
+    monkeypatch.setattr(localize_job, "init_ray", must_not_start)
+    run_localize(scene, faulty_queries, out, resume=True)
+    assert sorted(read_results(out).column("name").to_pylist()) == sorted(names)
 
 
 def test_a_killed_shard_actor_restarts_and_no_query_is_lost(scene, faulty_queries, tmp_path):
