@@ -295,6 +295,7 @@ def measure_size(blocks: tuple[int, int], conf: dict, work: Path) -> dict:
     ground_truth = {name: pose for name, pose in read_poses(root / "scene/gt_queries.txt").items() if name in names}
     summary = job_summary(out)
     peak = run.tree["peak_rss_mb"]
+    accuracy = evaluate(successful_poses(table), ground_truth)
     return {
         "blocks": list(blocks),
         "refs": manifest["num_images"],
@@ -310,7 +311,7 @@ def measure_size(blocks: tuple[int, int], conf: dict, work: Path) -> dict:
         # Without a job summary every shard actor process loaded its one cell once.
         "cell_loads": summary.get("cell_loads", run.tree["processes"].get("shard_actor", 0)),
         "driver_bytes_per_query": summary.get("driver_bytes_per_query"),  # counted by the job, when it does
-        "recall": evaluate(successful_poses(table), ground_truth)["recall"],
+        **{key: accuracy[key] for key in ("recall", "precision")},
         "details": {"job_s": run.seconds, "cpu_s": run.tree["cpu_s"], "processes": run.tree["processes"],
                     "peak_rss_mb_all": peak, "build": build, "job_summary": summary},
     }
@@ -374,16 +375,17 @@ def machine_load() -> dict:
 
 def print_table(report: dict) -> None:
     header = (f"{'refs':>6} {'points':>8} {'cells':>5} {'q':>4} {'q/s':>5} {'CPU s/q':>7} "
-              f"{'RSS MB drv/wrk/act':>20} {'actors':>6} {'loads':>5} {'B/q drv':>8} {'R@.25m':>6}  ms/stage")
+              f"{'RSS MB drv/wrk/act':>20} {'actors':>6} {'loads':>5} {'B/q drv':>8} {'R@.25m':>6} {'prec':>5}  ms/stage")
     print(header)
     for size in report["sizes"]:
         rss = "/".join("-" if size["peak_rss_mb"][k] is None else f"{size['peak_rss_mb'][k]:.0f}"
                        for k in ("driver", "query_worker", "shard_actor"))
         traffic = "-" if size["driver_bytes_per_query"] is None else f"{size['driver_bytes_per_query']:.0f}"
         stages = " ".join(f"{stage} {ms:.0f}" for stage, ms in size["stage_ms"].items())
+        precision = "-" if size["precision"] is None else f"{100 * size['precision']:.0f}%"
         print(f"{size['refs']:>6} {size['points']:>8} {size['cells']:>5} {size['queries']:>4} "
               f"{size['queries_per_s']:>5.2f} {size['cpu_s_per_query']:>7.2f} {rss:>20} {size['actor_processes']:>6} "
-              f"{size['cell_loads']:>5} {traffic:>8} {100 * size['recall']['0.25m_2deg']:>5.1f}%  {stages}")
+              f"{size['cell_loads']:>5} {traffic:>8} {100 * size['recall']['0.25m_2deg']:>5.1f}% {precision:>5}  {stages}")
     if report["order"]:
         order = report["order"]
         print(f"order ({order['queries']} queries, {order['blocks']} blocks): sorted {order['sorted_s']:.0f} s, "

@@ -14,6 +14,8 @@ from .geometry import Pose
 
 # (metres, degrees), the thresholds of the outdoor visual localization benchmarks
 RECALL_THRESHOLDS: tuple[tuple[float, float], ...] = ((0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
+# A pose below both is right: the precision of success is the fraction of estimates that are.
+RIGHT_M, RIGHT_DEG = 1.0, 5.0
 
 PoseDict = dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (qvec wxyz, tvec), as io.read_poses
 
@@ -48,17 +50,22 @@ def _finite_or_none(value: float) -> float | None:
 
 def summarize(errors: dict[str, tuple[float, float]]) -> dict:
     """The eval dict of the DESIGN contract:
-    {"n", "median_t_m", "median_R_deg", "recall": {"0.25m_2deg", "0.5m_5deg", "5m_10deg"}}."""
+    {"n", "median_t_m", "median_R_deg", "recall": {"0.25m_2deg", "0.5m_5deg", "5m_10deg"}}, and
+    "precision": the fraction of the estimates (finite errors) under RIGHT_M and RIGHT_DEG, null
+    without any."""
     if not errors:
         raise ValueError("no ground-truth queries to evaluate")
     t_err = np.array([t for t, _ in errors.values()])
     R_err = np.array([R for _, R in errors.values()])
     recall = {recall_key(t, R): float(np.mean((t_err <= t) & (R_err <= R))) for t, R in RECALL_THRESHOLDS}
+    estimated = np.isfinite(t_err)
+    right = (t_err < RIGHT_M) & (R_err < RIGHT_DEG)
     return {
         "n": len(errors),
         "median_t_m": _finite_or_none(np.median(t_err)),
         "median_R_deg": _finite_or_none(np.median(R_err)),
         "recall": recall,
+        "precision": float(right.sum() / estimated.sum()) if estimated.any() else None,
     }
 
 
@@ -76,4 +83,6 @@ def format_summary(summary: dict, title: str = "") -> str:
     lines.append(f"  median error  {number(summary['median_t_m'], 'm')}, {number(summary['median_R_deg'], 'deg')}")
     for key, value in summary["recall"].items():
         lines.append(f"  recall {key:<10} {100 * value:6.1f} %")
+    if summary["precision"] is not None:
+        lines.append(f"  precision of the estimates (< {RIGHT_M:g} m, {RIGHT_DEG:g} deg) {100 * summary['precision']:.1f} %")
     return "\n".join(lines)

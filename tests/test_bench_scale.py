@@ -20,6 +20,7 @@ def test_bench_scale_reports_measured_numbers(tmp_path):
     assert size["peak_rss_mb"]["driver"] > 100 and size["peak_rss_mb"]["query_worker"] > 100
     assert set(size["stage_ms"]) >= {"read", "cnn", "align"}
     assert set(size["recall"]) == {"0.25m_2deg", "0.5m_5deg", "5m_10deg"}
+    assert size["precision"] is None or 0 <= size["precision"] <= 1
     assert report["order"]["sorted_s"] > 0 and report["order"]["shuffled_s"] > 0
     assert report["nodes"] == {}
     assert out.with_suffix(".png").stat().st_size > 10_000

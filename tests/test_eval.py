@@ -47,13 +47,15 @@ def test_errors_are_centre_distance_and_rotation_angle(ground_truth):
     assert summary["recall"] == {"0.25m_2deg": 0.5, "0.5m_5deg": 0.5, "5m_10deg": pytest.approx(0.75)}
     assert summary["median_t_m"] == pytest.approx((0.1 + 4.0) / 2)
     assert summary["median_R_deg"] == pytest.approx(0.75)
+    assert summary["precision"] == pytest.approx(2 / 3)  # q2, 4 m off, is the one wrong estimate
 
 
 def test_mostly_failed_has_null_medians(ground_truth):
     summary = evaluate({"q0.jpg": ground_truth["q0.jpg"]}, ground_truth)
     assert summary["median_t_m"] is None and summary["median_R_deg"] is None
-    assert summary["recall"]["5m_10deg"] == 0.25
+    assert summary["recall"]["5m_10deg"] == 0.25 and summary["precision"] == 1.0
     json.dumps(summary, allow_nan=False)
+    assert evaluate({}, ground_truth)["precision"] is None
 
 
 def test_eval_job_reads_poses_files_and_results_tables(tmp_path, ground_truth):
