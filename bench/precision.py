@@ -1,8 +1,8 @@
 """`pixloc bench precision`: can a user trust `success`? Precision (the fraction of successful
 poses that are right: error < 1 m and < 5 deg) and recall (right and successful, over all queries)
 per method, on synthetic streets at several reference densities and prior noises, and on the
-real sets of ../shared/data; and the precision/recall curve over the main threshold, the prior
-consistency multiplier k (a pose must lie within k * sigma + margin of its prior).
+real sets of ../shared/data; and the precision/recall curves over the main thresholds (`sweeps`:
+the prior consistency multiplier k, the PnP split shift and std, an aligned pose's cost cap).
 
 Each job runs once with every final check at its loosest (`PERMISSIVE`) and records the checks'
 values per row (jobs/results.py); success under any thresholds is then recomputed from those
