@@ -106,6 +106,14 @@ def localize(map_dir: Path, store: Path, queries: Path, priors: Path, out: Path,
     return out
 
 
+def run_methods(map_dir: Path, store: Path, queries: Path, priors: Path, work: Path, gt: dict, conf: dict,
+                query_list: Path | None = None) -> dict[str, dict]:
+    """Every method's job on one scene (results in work/<method>), each evaluated against gt."""
+    return {method: evaluate_run(localize(map_dir, store, queries, priors, work / method.replace("+", "_"), method,
+                                          conf, query_list), gt, conf["sweeps"])
+            for method in conf["methods"]}
+
+
 def rows_with_errors(results: Path, gt: dict) -> list[dict]:
     """The rows of the queries with ground truth, each with its pose error (inf without a pose)."""
     table = read_results(results).to_pylist()
@@ -162,10 +170,8 @@ def real_runs(name: str, conf: dict) -> dict[str, dict]:
     else:
         map_dir, stores = real.build(prepared, work, real_conf, ["--gps-from-exif"])
         gt = read_poses(real.lund_pseudo_ground_truth(prepared, map_dir, work, real_conf))
-    store = stores["classic"]
-    return {method: evaluate_run(localize(map_dir, store, prepared.query_dir, prepared.priors,
-                                          work / method.replace("+", "_"), method, conf, prepared.query_list),
-                                 gt, conf["sweeps"]) for method in conf["methods"]}
+    return run_methods(map_dir, stores["classic"], prepared.query_dir, prepared.priors, work, gt, conf,
+                       prepared.query_list)
 
 
 def print_table(report: dict) -> None:
@@ -214,23 +220,17 @@ def main(out: Path | None = None, quick: bool = False, **overrides) -> dict:
         scene, map_dir, store = synthetic_scene(refs, conf)
         gt = read_poses(scene / "gt_queries.txt")
         for noise in conf["gps_noise_m"]:
-            work = Path(conf["work_dir"]) / f"synth-{refs}" / f"noise-{noise:g}"
+            work = scene.parent / f"noise-{noise:g}"
             work.mkdir(parents=True, exist_ok=True)
             priors = noisy_map_priors(gt, noise, conf["seed"], work / "priors.csv")
-            report["scenes"][f"synth {refs} refs, {noise:g} m"] = {
-                method: evaluate_run(localize(map_dir, store, scene / "queries", priors,
-                                              work / method.replace("+", "_"), method, conf,
-                                              scene / "queries_with_intrinsics.txt"), gt, conf["sweeps"])
-                for method in conf["methods"]}
+            report["scenes"][f"synth {refs} refs, {noise:g} m"] = run_methods(
+                map_dir, store, scene / "queries", priors, work, gt, conf, scene / "queries_with_intrinsics.txt")
             write_report(report, out)  # so far: a later scene that fails loses nothing measured
     for refs in conf["full_size_refs"]:
         scene, map_dir, store = synthetic_scene(refs, conf, full_size=True)
-        work = Path(conf["work_dir"]) / f"synth-{refs}-640x480"
-        report["scenes"][f"synth {refs} refs 640x480, geodetic 10 m"] = {
-            method: evaluate_run(localize(map_dir, store, scene / "queries", scene / "priors.csv",
-                                          work / method.replace("+", "_"), method, conf),
-                                 read_poses(scene / "gt_queries.txt"), conf["sweeps"])
-            for method in conf["methods"]}
+        report["scenes"][f"synth {refs} refs 640x480, geodetic 10 m"] = run_methods(
+            map_dir, store, scene / "queries", scene / "priors.csv", scene.parent, read_poses(scene / "gt_queries.txt"),
+            conf)
         write_report(report, out)
     for name in conf["real_sets"]:
         report["scenes"][name] = real_runs(name, conf)

@@ -311,7 +311,8 @@ def measure_size(blocks: tuple[int, int], conf: dict, work: Path) -> dict:
         # Without a job summary every shard actor process loaded its one cell once.
         "cell_loads": summary.get("cell_loads", run.tree["processes"].get("shard_actor", 0)),
         "driver_bytes_per_query": summary.get("driver_bytes_per_query"),  # counted by the job, when it does
-        **{key: accuracy[key] for key in ("recall", "precision")},
+        "recall": accuracy["recall"],
+        "precision": accuracy["precision"],
         "details": {"job_s": run.seconds, "cpu_s": run.tree["cpu_s"], "processes": run.tree["processes"],
                     "peak_rss_mb_all": peak, "build": build, "job_summary": summary},
     }
