@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import fsspec
-import pyarrow as pa
-import pyarrow.dataset as pa_dataset
-import pyarrow.fs as pa_fs
 from fsspec.implementations.local import LocalFileSystem
 
 # One retry policy and one error type for the store and every other input and output.
@@ -117,14 +114,3 @@ class Storage:
 
     def write_json(self, relative: str, content: dict) -> None:
         self.put_bytes(relative, json.dumps(content, indent=1, sort_keys=True).encode())
-
-    def read_parquet(self, relatives: list[str], columns: list[str],
-                     row_filter: pa_dataset.Expression | None = None) -> pa.Table:
-        """One pyarrow dataset read over several Parquet files."""
-        arrow_filesystem = (pa_fs.LocalFileSystem() if self.is_local
-                            else pa_fs.PyFileSystem(pa_fs.FSSpecHandler(self.filesystem)))
-        paths = [self.path(relative) for relative in relatives]
-        return self._retried(
-            "read", relatives[0] if len(relatives) == 1 else f"{{{len(relatives)} files}}",
-            lambda: pa_dataset.dataset(paths, format="parquet", filesystem=arrow_filesystem)
-            .to_table(columns=columns, filter=row_filter))

@@ -3,16 +3,19 @@
 Layout under the store URL (a local directory or `s3://bucket/prefix`):
 
     store.json                                   extractor id, map fingerprint, strides, channels
-    cell=<cell>/level=<level>/part-<key>.parquet one file per written batch of images and partition
+    cell=<cell>/level=<level>/part-<key>.parquet one file per written batch of images and partition,
+                                                 until the partition is published; then one file,
+                                                 part-merged-<key> (part-aggregated-<key>), holds them
     _commits/<key>.json                          the batch's images and files (rows, bytes, crc32, sha256)
     cell=<cell>/level=<level>/_manifest.json     the partition's committed files: makes it visible
     cell=<cell>/level=sparse/...                 the cell's sparse points, same commit protocol
 
 Writers (Ray workers) only create part files, each under a name no other batch uses. The driver
 then records each returned batch in `_commits/` (one new object: no read-modify-write, atomic on
-S3 and, by rename, on a local disk) and publishes a partition's manifest once every image of its
-cell is committed. Readers read only the files that a manifest lists, so the files of a killed job
-stay invisible, and a rerun skips the images of committed batches.
+S3 and, by rename, on a local disk) and publishes a partition once every image of its cell is
+committed: its parts merged into one file, named by a manifest, and then deleted. Readers read
+only the files that a manifest lists, so the files of a killed job stay invisible, and a rerun
+skips the images of committed batches.
 
 Integrity: every load checks each file's size and CRC32 (cheap, recorded at write time) against
 the manifest and refuses a damaged or missing file by name (`DamagedPartition`); `verify` also
@@ -20,15 +23,16 @@ checks the sha256 and the row count. `damaged_partitions` finds the partitions a
 must recompute (sizes only, from listings; with checksums, reading every file).
 
 Rows (zstd Parquet): point3D_id int64, image_id int32 (the observing reference image),
-xyz fixed_size_list<float64>[3], feature fixed_size_list<float16>[C] (L2-normalised),
-confidence float32. An aggregated partition has one row per point (the confidence-weighted mean
-feature over its observations, re-normalised) and num_observations int32 instead of image_id.
+xyz (3 float64), feature (C float16, L2-normalised), confidence float32; vectors are fixed-size
+binary values of little-endian numbers (`vector_field`: the field metadata names dtype and
+width). An aggregated partition has one row per point (the confidence-weighted mean feature over
+its observations, re-normalised) and num_observations int32 instead of image_id.
 
 Sparse rows (level=sparse, when store.json names a keypoint type): per observation of a 3D point in
-a reference image, point3D_id int64, image_id int32, xyz fixed_size_list<float64>[3] and
-descriptor fixed_size_list<float16>[D] (the map's unit-norm descriptor of the point): what the
-shard actor of the cell matches query keypoints against and solves PnP with, so that no query
-process needs the whole map's descriptors.
+a reference image, point3D_id int64, image_id int32, xyz (3 float64) and descriptor (D float16:
+the map's unit-norm descriptor of the point): what the shard actor of the cell matches query
+keypoints against and solves PnP with, so that no query process needs the whole map's
+descriptors.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ from .filesystem import RetryPolicy, Storage
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: vectors as fixed-size binary, one merged file per partition
 INFO_FILE = "store.json"
 COMMITS_DIR = "_commits"
 MANIFEST_FILE = "_manifest.json"
@@ -150,12 +154,40 @@ def crc32_hex(data: bytes) -> str:
     return f"{zlib.crc32(data):08x}"
 
 
+# Vectors (xyz, features, descriptors) are stored one row per value of a fixed-size binary
+# column holding the row's little-endian numbers: Parquet decodes it about 15x faster than a
+# fixed_size_list, which carries a repetition level per number. The field's metadata names the
+# dtype and width, so that other readers can decode it.
+XYZ_DTYPE, FEATURE_DTYPE = np.dtype("<f8"), np.dtype("<f2")
+
+
+def vector_field(name: str, dtype: np.dtype, width: int) -> pa.Field:
+    return pa.field(name, pa.binary(dtype.itemsize * width),
+                    metadata={"dtype": dtype.str, "width": str(width)})
+
+
+def vector_column(values: np.ndarray, dtype: np.dtype) -> pa.FixedSizeBinaryArray:
+    """(N, K) array -> N fixed-size binary values of K numbers each."""
+    values = np.ascontiguousarray(values, dtype=dtype)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(values.itemsize * values.shape[1]), len(values),
+                                                [None, pa.py_buffer(values)])
+
+
+def column_vectors(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
+    """vector_column's inverse: (N, K), without a copy when the column is one chunk."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    row_bytes = array.type.byte_width
+    width = row_bytes // dtype.itemsize
+    return np.frombuffer(array.buffers()[1], dtype, count=len(array) * width,
+                         offset=array.offset * row_bytes).reshape(len(array), width)
+
+
 def observation_schema(channels: int) -> pa.Schema:
     return pa.schema([
         ("point3D_id", pa.int64()),
         ("image_id", pa.int32()),
-        ("xyz", pa.list_(pa.float64(), 3)),
-        ("feature", pa.list_(pa.float16(), channels)),
+        vector_field("xyz", XYZ_DTYPE, 3),
+        vector_field("feature", FEATURE_DTYPE, channels),
         ("confidence", pa.float32()),
     ])
 
@@ -164,8 +196,8 @@ def aggregated_schema(channels: int) -> pa.Schema:
     return pa.schema([
         ("point3D_id", pa.int64()),
         ("num_observations", pa.int32()),
-        ("xyz", pa.list_(pa.float64(), 3)),
-        ("feature", pa.list_(pa.float16(), channels)),
+        vector_field("xyz", XYZ_DTYPE, 3),
+        vector_field("feature", FEATURE_DTYPE, channels),
         ("confidence", pa.float32()),
     ])
 
@@ -174,22 +206,9 @@ def sparse_schema(dim: int) -> pa.Schema:
     return pa.schema([
         ("point3D_id", pa.int64()),
         ("image_id", pa.int32()),
-        ("xyz", pa.list_(pa.float64(), 3)),
-        ("descriptor", pa.list_(pa.float16(), dim)),
+        vector_field("xyz", XYZ_DTYPE, 3),
+        vector_field("descriptor", FEATURE_DTYPE, dim),
     ])
-
-
-def _fixed_size_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeListArray:
-    """(N, K) array -> fixed-size list column of K values per row."""
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=arrow_type)
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
-
-
-def _fixed_size_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    """Fixed-size list column -> (N, K) array, without a copy when it is one chunk."""
-    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    values = array.flatten().to_numpy(zero_copy_only=array.null_count == 0)
-    return values.reshape(len(array), array.type.list_size)
 
 
 def observation_table(point3D_ids: np.ndarray, image_ids: np.ndarray, xyz: np.ndarray,
@@ -198,8 +217,8 @@ def observation_table(point3D_ids: np.ndarray, image_ids: np.ndarray, xyz: np.nd
     return pa.Table.from_arrays([
         pa.array(point3D_ids, pa.int64()),
         pa.array(image_ids, pa.int32()),
-        _fixed_size_list(np.asarray(xyz, np.float64), pa.float64()),
-        _fixed_size_list(np.asarray(features, np.float16), pa.float16()),
+        vector_column(np.reshape(xyz, (-1, 3)), XYZ_DTYPE),
+        vector_column(features, FEATURE_DTYPE),
         pa.array(np.asarray(confidence, np.float32), pa.float32()),
     ], schema=observation_schema(features.shape[1]))
 
@@ -210,8 +229,8 @@ def sparse_table(point3D_ids: np.ndarray, image_ids: np.ndarray, xyz: np.ndarray
     return pa.Table.from_arrays([
         pa.array(point3D_ids, pa.int64()),
         pa.array(image_ids, pa.int32()),
-        _fixed_size_list(np.asarray(xyz, np.float64).reshape(-1, 3), pa.float64()),
-        _fixed_size_list(np.asarray(descriptors, np.float16), pa.float16()),
+        vector_column(np.reshape(xyz, (-1, 3)), XYZ_DTYPE),
+        vector_column(descriptors, FEATURE_DTYPE),
     ], schema=sparse_schema(descriptors.shape[1]))
 
 
@@ -222,18 +241,18 @@ def aggregate_observations(table: pa.Table) -> pa.Table:
     order = np.argsort(point3D_ids, kind="stable")
     sorted_ids = point3D_ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    features = _fixed_size_list_to_numpy(table.column("feature"))[order].astype(np.float32)  # (N, C)
+    features = column_vectors(table.column("feature"), FEATURE_DTYPE)[order].astype(np.float32)  # (N, C)
     confidence = table.column("confidence").to_numpy()[order]  # (N,)
     weight_sums = np.add.reduceat(confidence, starts)  # (P,)
     means = np.add.reduceat(features * confidence[:, None], starts) / np.maximum(weight_sums, 1e-12)[:, None]
     means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     counts = np.diff(np.r_[starts, len(order)])
-    xyz = _fixed_size_list_to_numpy(table.column("xyz"))[order[starts]]
+    xyz = column_vectors(table.column("xyz"), XYZ_DTYPE)[order[starts]]
     return pa.Table.from_arrays([
         pa.array(sorted_ids[starts], pa.int64()),
         pa.array(counts, pa.int32()),
-        _fixed_size_list(xyz, pa.float64()),
-        _fixed_size_list(means.astype(np.float16), pa.float16()),
+        vector_column(xyz, XYZ_DTYPE),
+        vector_column(means, FEATURE_DTYPE),
         pa.array(weight_sums / counts, pa.float32()),
     ], schema=aggregated_schema(means.shape[1]))
 
@@ -243,8 +262,8 @@ REFERENCE_COLUMNS = ["xyz", "feature", "confidence"]
 
 def _reference_level(table: pa.Table) -> ReferenceLevel:
     """Columns xyz, feature, confidence -> tensors sharing Arrow's memory where the types allow."""
-    xyz = _fixed_size_list_to_numpy(table.column("xyz"))  # (N, 3) float64
-    features = _fixed_size_list_to_numpy(table.column("feature"))  # (N, C) float16
+    xyz = column_vectors(table.column("xyz"), XYZ_DTYPE)  # (N, 3) float64
+    features = column_vectors(table.column("feature"), FEATURE_DTYPE)  # (N, C) float16
     confidence = table.column("confidence").to_numpy()  # (N,) float32
     with warnings.catch_warnings():
         # Arrow buffers are read-only; the tensors share them and nothing here writes to them.
@@ -277,7 +296,8 @@ class FeatureStore:
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{storage.url}/{INFO_FILE}: not a valid store description ({error})") from None
         if info.format_version != FORMAT_VERSION:
-            raise ValueError(f"{storage.url}: store format {info.format_version}, this code reads {FORMAT_VERSION}")
+            raise ValueError(f"{storage.url}: store format {info.format_version}, this code reads {FORMAT_VERSION} "
+                             "(rerun `pixloc features` into a new store)")
         for what, expected, found in (("extractor", extractor_id, info.extractor_id),
                                       ("map", map_fingerprint, info.map_fingerprint)):
             if expected is not None and expected != found:
@@ -318,20 +338,36 @@ class FeatureStore:
         return [Commit.from_json(json.loads(content)) for content in records.values()]
 
     def publish(self, cell: str, level: int | str, parts: list[PartFile]) -> None:
-        """Make a complete partition visible; an aggregated store first merges its observations."""
-        observations = sorted(parts, key=lambda part: part.path)
-        files = observations
-        if self.info.aggregated and observations and level != SPARSE_LEVEL:
-            table = self.storage.read_parquet([part.path for part in observations], columns=None)
+        """Make a complete partition visible as one file: its batches' part files (checked against
+        what their writers recorded) merged, per point in an aggregated store, so that a load parses
+        one file instead of one per batch. The part files, and the files of a partition published
+        before, are deleted once the new manifest names the merged file."""
+        parts = sorted(parts, key=lambda part: part.path)
+        files = []
+        if parts:
+            table = self._read_parts([asdict(part) for part in parts])
             # Named after its inputs: a republished partition rewrites the same file.
-            digest = hashlib.sha256("".join(part.sha256 for part in observations).encode()).hexdigest()[:16]
-            files = [self.write_part(cell, level, f"aggregated-{digest}", aggregate_observations(table))]
+            digest = hashlib.sha256("".join(part.sha256 for part in parts).encode()).hexdigest()[:16]
+            if self.info.aggregated and level != SPARSE_LEVEL:
+                files = [self.write_part(cell, level, f"aggregated-{digest}", aggregate_observations(table))]
+            else:
+                files = [self.write_part(cell, level, f"merged-{digest}", table)]
+        replaced = self._published_files(cell, level)
         self.storage.write_json(f"{partition_dir(cell, level)}/{MANIFEST_FILE}", {
             "cell": cell, "level": level, "aggregated": self.info.aggregated,
             "rows": sum(part.rows for part in files),
             "files": [asdict(part) for part in files],
-            "observation_files": [asdict(part) for part in observations],
+            "merged_parts": len(parts),
         })
+        for path in sorted({part.path for part in parts} | replaced - {part.path for part in files}):
+            self.storage.delete(path)
+
+    def _published_files(self, cell: str, level: int | str) -> set[str]:
+        """The files the partition's current manifest names; none when it has no readable one."""
+        try:
+            return {part["path"] for part in self.manifest(cell, level)["files"]}
+        except (PartitionNotFound, json.JSONDecodeError, KeyError, TypeError):
+            return set()
 
     # Reading.
 
@@ -363,9 +399,15 @@ class FeatureStore:
             if aggregated:
                 raise ValueError(f"{self.url}: an aggregated store has no per-image rows to select")
             row_filter = pc.field("image_id").isin(pa.array(image_ids, pa.int32()))
+        return self._read_parts(parts, columns, row_filter)
+
+    def _read_parts(self, parts: list[dict], columns: list[str] | None = None,
+                    row_filter: pc.Expression | None = None) -> pa.Table:
         contents = self._checked_contents(parts)
+        # One thread: a shard actor has one CPU, and Arrow's pool costs more than it saves on files
+        # of a few MB.
         return pa.concat_tables([pq.read_table(pa.BufferReader(contents[part["path"]]), columns=columns,
-                                               filters=row_filter) for part in parts])
+                                               filters=row_filter, use_threads=False) for part in parts])
 
     def _checked_contents(self, parts: list[dict]) -> dict[str, bytes]:
         """The bytes of a partition's files (one concurrent read), refused unless each matches its
@@ -432,7 +474,7 @@ class FeatureStore:
         table = self.load_table(cell, SPARSE_LEVEL)
         return SparsePoints.from_observations(
             table.column("point3D_id").to_numpy(), table.column("image_id").to_numpy(),
-            _fixed_size_list_to_numpy(table.column("xyz")), _fixed_size_list_to_numpy(table.column("descriptor")))
+            column_vectors(table.column("xyz"), XYZ_DTYPE), column_vectors(table.column("descriptor"), FEATURE_DTYPE))
 
     def verify(self, cell: str, level: int | str) -> None:
         """Check that a partition's files have the row counts and checksums its manifest records."""
@@ -475,14 +517,15 @@ class PartitionPublisher:
         for cell in self.record(commit):
             self.publish(cell)
 
-    def publish(self, cell: str) -> None:
-        for level in self.store.info.levels():
+    def publish(self, cell: str, levels: list[int | str] | None = None) -> None:
+        for level in self.store.info.levels() if levels is None else levels:
             self.store.publish(cell, level, self.parts[cell, level])
         self.published += 1
 
     def publish_unpublished(self) -> None:
-        """Complete cells of an earlier run that was stopped before publishing them."""
+        """Complete cells of an earlier run that was stopped before publishing all their levels
+        (the part files of those it published are gone: they live on in the merged files)."""
         for cell, missing in self.missing.items():
-            levels = self.store.info.levels()
-            if not missing and not all(self.store.is_published(cell, level) for level in levels):
-                self.publish(cell)
+            unpublished = [level for level in self.store.info.levels() if not self.store.is_published(cell, level)]
+            if not missing and unpublished:
+                self.publish(cell, unpublished)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from cluster.runtime import init_ray
 from pixloc_core.shards import ShardIndex
-from cluster.store import MANIFEST_FILE, FeatureStore, PartitionNotFound, StoreMismatchError, partition_dir
+from cluster.store import (FEATURE_DTYPE, FORMAT_VERSION, MANIFEST_FILE, XYZ_DTYPE, FeatureStore, PartitionNotFound,
+                           StoreMismatchError, column_vectors, partition_dir)
 from jobs import cli, features
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import resize_longest_side, sample_level
@@ -101,7 +102,7 @@ def test_job_writes_every_observation_into_each_cell_of_its_image(ray_cluster, t
             table = store.load_table(cell, level)
             keys = list(zip(table.column("point3D_id").to_pylist(), table.column("image_id").to_pylist()))
             assert sorted(keys) == sorted(expected)  # each observation once, halo images included
-            xyz = np.stack(table.column("xyz").to_numpy(zero_copy_only=False))
+            xyz = column_vectors(table.column("xyz"), XYZ_DTYPE)
             np.testing.assert_array_equal(xyz, [reconstruction.points3D[p].xyz for p, _ in keys])
 
     # The stored features are those of the extractor at the observed pixels (float16 precision).
@@ -113,7 +114,7 @@ def test_job_writes_every_observation_into_each_cell_of_its_image(ray_cluster, t
         pixels = observations(reconstruction, [image_id])
         p2d = torch.tensor(np.array([pixels[p, image_id] for p in table.column("point3D_id").to_pylist()]))
         expected_features, expected_confidence = sample_level(pyramid[2][0], p2d.float(), torch.tensor([WIDTH, HEIGHT]))
-        stored = np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float32)
+        stored = column_vectors(table.column("feature"), FEATURE_DTYPE).astype(np.float32)
         np.testing.assert_allclose(stored, expected_features.numpy(), atol=2e-3)
         np.testing.assert_allclose(table.column("confidence").to_numpy(), expected_confidence.numpy(), rtol=1e-6)
 
@@ -171,7 +172,7 @@ def test_refuses_to_mix_extractors_or_maps_in_one_store(tiny_map, tmp_path):
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "store.json").write_text(json.dumps({
         "extractor_id": classic_id, "map_fingerprint": "b" * 64, "strides": [16, 4, 1],
-        "channels": [1, 1, 1], "aggregated": False, "format_version": 1}))
+        "channels": [1, 1, 1], "aggregated": False, "format_version": FORMAT_VERSION}))
     fingerprint = SceneMap.load(map_dir).fingerprint
     with pytest.raises(StoreMismatchError, match=f"expected {fingerprint}, found {'b' * 64}"):
         features.main(map_dir, images_dir, store_url, {**CONF, "extractor": "classic"})

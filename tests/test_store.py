@@ -6,6 +6,7 @@ import socket
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
@@ -13,8 +14,9 @@ from botocore.exceptions import ClientError
 from s3fs.errors import translate_boto_error
 
 from cluster.filesystem import RetryPolicy, Storage, StorageError
-from cluster.store import (Commit, DamagedPartition, FeatureStore, PartitionNotFound, StoreInfo, StoreMismatchError,
-                           aggregate_observations, batch_key, observation_table)
+from cluster.store import (FEATURE_DTYPE, Commit, DamagedPartition, FeatureStore, PartitionNotFound,
+                           PartitionPublisher, StoreInfo, StoreMismatchError, aggregate_observations, batch_key,
+                           column_vectors, observation_table)
 
 CHANNELS = (8, 4, 2)
 FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01)
@@ -87,6 +89,38 @@ def test_round_trip_and_only_published_files_are_visible(store_url):
     assert orphan.parts[0].path not in {p["path"] for p in reader.manifest("x+0000_y+0000", 0)["files"]}
 
 
+def published_file(store: FeatureStore, cell: str, level: int) -> str:
+    [part] = store.manifest(cell, level)["files"]
+    return part["path"]
+
+
+def test_a_published_partition_is_one_file_and_its_part_files_are_gone(tmp_path):
+    store = FeatureStore.create(str(tmp_path / "store"), make_info())
+    rng = np.random.default_rng(4)
+    commits = [write_batch(store, [1], "c", rng), write_batch(store, [2, 3], "c", rng)]
+    parts = [part for commit in commits for part in commit.parts if part.level == 0]
+    written = pa.concat_tables([pq.read_table(tmp_path / "store" / part.path) for part in sorted(parts, key=str)])
+    store.publish("c", 0, parts)
+    path = published_file(store, "c", 0)
+    assert path.startswith("cell=c/level=0/part-merged-")
+    assert [p.name for p in (tmp_path / "store/cell=c/level=0").glob("*.parquet")] == [path.rsplit("/", 1)[1]]
+    merged = store.load_table("c", 0)
+    assert merged.equals(written) and merged.schema.field("feature").metadata == {b"dtype": b"<f2", b"width": b"8"}
+
+
+def test_a_rerun_publishes_the_levels_a_stopped_run_left_unpublished(tmp_path):
+    store = FeatureStore.create(str(tmp_path / "store"), make_info())
+    commit = write_batch(store, [1, 2], "c", np.random.default_rng(5))
+    store.commit(commit)
+    store.publish("c", 0, [part for part in commit.parts if part.level == 0])  # stopped here
+    rerun = PartitionPublisher(store, {"c": [1, 2]})
+    for found in store.commits():
+        rerun.record(found)
+    rerun.publish_unpublished()  # level 0's part file is gone; it must not be read again
+    assert all(store.is_published("c", level) for level in range(3))
+    assert [store.load_table("c", level).num_rows for level in range(3)] == [30, 30, 30]
+
+
 def test_refuses_a_store_of_another_extractor_or_map(tmp_path):
     url = str(tmp_path / "store")
     FeatureStore.create(url, make_info())
@@ -104,7 +138,7 @@ def test_verify_detects_a_modified_file(tmp_path):
     store = FeatureStore.create(str(tmp_path / "store"), make_info())
     commit = write_batch(store, [1], "c", np.random.default_rng(1))
     store.publish("c", 0, [commit.parts[0]])
-    path = tmp_path / "store" / commit.parts[0].path
+    path = tmp_path / "store" / published_file(store, "c", 0)
     path.write_bytes(path.read_bytes()[:-1] + b"\0")
     with pytest.raises(ValueError, match="checksum differs"):
         store.verify("c", 0)
@@ -119,7 +153,7 @@ def test_aggregation_is_the_confidence_weighted_mean_per_point():
     assert aggregated.column("num_observations").to_pylist() == [2, 1]
     expected = np.array([[0.75, 0.25], [0.6, 0.8]])
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
-    stored = np.stack(aggregated.column("feature").to_numpy(zero_copy_only=False)).astype(np.float64)
+    stored = column_vectors(aggregated.column("feature"), FEATURE_DTYPE).astype(np.float64)
     np.testing.assert_allclose(stored, expected, atol=1e-3)
     np.testing.assert_allclose(aggregated.column("confidence").to_numpy(), [0.5, 0.5])
 
@@ -207,8 +241,8 @@ def published_store(tmp_path) -> tuple[FeatureStore, Commit]:
 ])
 def test_a_damaged_file_is_refused_on_load_naming_it(tmp_path, damage, reason):
     store, commit = published_store(tmp_path)
-    part = commit.parts[1]
-    path = tmp_path / "store" / part.path
+    damaged = published_file(store, "c", 1)
+    path = tmp_path / "store" / damaged
     data = path.read_bytes()
     if damage == "flip":
         middle = len(data) // 2
@@ -217,11 +251,11 @@ def test_a_damaged_file_is_refused_on_load_naming_it(tmp_path, damage, reason):
         path.write_bytes(data[:-10])
     else:
         path.unlink()
-    with pytest.raises(DamagedPartition, match=f"store damaged: {store.url}/{part.path}: {reason}"):
+    with pytest.raises(DamagedPartition, match=f"store damaged: {store.url}/{damaged}: {reason}"):
         store.load_cell("c", 1)
     store.load_cell("c", 0)  # the other partitions are intact
     partitions = [("c", level) for level in range(3)]
     found = store.damaged_partitions(partitions, checksums=True)
-    assert list(found) == [("c", 1)] and part.path in found["c", 1]
+    assert list(found) == [("c", 1)] and damaged in found["c", 1]
     # Without checksums only what a listing shows: a flipped bit keeps the size.
     assert list(store.damaged_partitions(partitions)) == ([] if damage == "flip" else [("c", 1)])
