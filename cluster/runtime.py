@@ -9,6 +9,7 @@ down a Ray that it started, so jobs can run inside tests or notebooks that alrea
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -109,3 +110,15 @@ def rss_mb() -> float:
     """This process's resident memory now (from /proc/self/statm), in MiB."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def release_freed_memory() -> None:
+    """Hand freed memory back to the OS, so that resident memory says what is in use: Arrow's pool
+    and glibc's malloc keep freed blocks otherwise."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator keeps what it keeps
+        pass

@@ -13,20 +13,18 @@ but never a query.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 import ray
 
 from pixloc_core import sparse
 from pixloc_core.align import AlignConf
 from pixloc_core.localize import Aligners, CellData, LocalizeConf, Localization, QueryRequest, localize_in_cell
 
-from .runtime import peak_rss_mb, rss_mb, set_torch_threads
+from .runtime import peak_rss_mb, release_freed_memory, rss_mb, set_torch_threads
 from .store import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -40,9 +38,11 @@ class ShardConf:
     localize: LocalizeConf = field(default_factory=LocalizeConf)
     sparse: dict = field(default_factory=dict)  # overrides of pixloc_core.sparse.default_conf
     with_sparse: bool = True  # hold the cells' sparse points (for the sparse methods)
-    # Resident memory of one actor process (torch and Ray alone take ~0.5 GB) above which it drops
-    # its least recently used cells; the cell in use always stays.
-    memory_budget_mb: float = 3072.0
+    # Resident memory an actor may add to what it took once started (torch, Ray and the aligners:
+    # ~0.5 GB) before it drops its least recently used cells; the cell in use always stays. So an
+    # actor's memory is bounded whatever the map's size. Its first load adds ~90 MB of Arrow and
+    # torch state for good, and a cell of bench scale's city takes 3-10 MB: ~12 cells by default.
+    cache_mb: float = 192.0
 
 
 @dataclass
@@ -79,6 +79,7 @@ class ShardActor:
         self.sparse_conf = {**sparse.default_conf, **conf.sparse}
         self.cells: OrderedDict[str, CellData] = OrderedDict()  # least recently used first
         self.loads = self.evictions = self.calls = 0
+        self.started_rss_mb = rss_mb()
 
     def _load(self, cell: str) -> CellData:
         if self.store is None:
@@ -104,14 +105,13 @@ class ShardActor:
         return self.cells[cell], seconds
 
     def _evict_over_budget(self) -> None:
-        """Drop least recently used cells while the process is over its memory budget."""
-        while len(self.cells) > 1 and rss_mb() > self.conf.memory_budget_mb:
+        """Drop least recently used cells while the process has grown by more than its budget."""
+        while len(self.cells) > 1 and rss_mb() - self.started_rss_mb > self.conf.cache_mb:
             victim, data = self.cells.popitem(last=False)
             logger.debug("evicting cell %s (%.0f MB of arrays)", victim, data.nbytes / 2**20)
             del data
             self.evictions += 1
-            gc.collect()
-            pa.default_memory_pool().release_unused()  # Arrow keeps freed buffers otherwise
+            release_freed_memory()  # a cell holds no reference cycles: `del` freed it
 
     def localize(self, cell: str, request: QueryRequest) -> CellAnswer:
         self.calls += 1

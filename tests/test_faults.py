@@ -112,7 +112,7 @@ def test_an_endpoint_cut_midway_leaves_retryable_rows_that_resume_completes(s3_s
                  "--query-list", str(scene / "queries_with_intrinsics.txt"), "--workers", "1",
                  # one query per call and one row per part file; a shard keeps only the cell in use, so
                  # queries in other cells must read the store again, through the proxy
-                 "--conf", "flush_every=1", "queries_per_call=1", "shard.memory_budget_mb=0"]
+                 "--conf", "flush_every=1", "queries_per_call=1", "shard.cache_mb=0"]
     job = pixloc_process(arguments, f"http://127.0.0.1:{proxy.port}")
     while job.poll() is None and not list((out / "parts").glob("part-*.parquet")):
         time.sleep(0.2)  # waiting for the first row, not a timed assertion

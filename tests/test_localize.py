@@ -146,7 +146,7 @@ def test_resume_after_a_driver_crash_answers_each_query_once(scene, faulty_queri
     answered = []
     # a zero memory budget also makes each shard actor evict every other cell at each load
     run_localize(scene, faulty_queries, out, resume=True, on_result=lambda row: answered.append(row["name"]),
-                 conf={"shard": ShardConf(memory_budget_mb=0), "pool": PoolConf(shard_actors=1)})
+                 conf={"shard": ShardConf(cache_mb=0), "pool": PoolConf(shard_actors=1)})
     summary = localize_job.read_summary(out)
     assert summary["actor_processes"] == 1 and summary["evictions"] == summary["cell_loads"] - 1
     names = read_results(out).column("name").to_pylist()
