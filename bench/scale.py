@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -204,6 +205,7 @@ class TreeSampler:
                             for kind, records in by_kind.items()},
             "processes": {kind: len(records) for kind, records in by_kind.items()},
             "cpu_s": sum(record.cpu_s for record in self.records.values()),
+            "cpu_s_by_kind": {kind: round(sum(r.cpu_s for r in records), 1) for kind, records in by_kind.items()},
         }
 
 
@@ -310,10 +312,12 @@ def measure_size(blocks: tuple[int, int], conf: dict, work: Path) -> dict:
         "actor_processes": run.tree["processes"].get("shard_actor", 0),
         # Without a job summary every shard actor process loaded its one cell once.
         "cell_loads": summary.get("cell_loads", run.tree["processes"].get("shard_actor", 0)),
+        "cell_calls_per_query": summary.get("cell_calls", math.nan) / table.num_rows,
         "driver_bytes_per_query": summary.get("driver_bytes_per_query"),  # counted by the job, when it does
         "recall": accuracy["recall"],
         "precision": accuracy["precision"],
-        "details": {"job_s": run.seconds, "cpu_s": run.tree["cpu_s"], "processes": run.tree["processes"],
+        "details": {"job_s": run.seconds, "cpu_s": run.tree["cpu_s"], "cpu_s_by_kind": run.tree["cpu_s_by_kind"],
+                    "processes": run.tree["processes"],
                     "peak_rss_mb_all": peak, "build": build, "job_summary": summary},
     }
 

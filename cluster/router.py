@@ -78,9 +78,11 @@ class ShardPool:
         return ray.get([actor.stats.remote() for actor in self.actors])
 
     def summary(self) -> dict:
-        """Cell loads, evictions, actor count and memory over the pool (for the job summary)."""
+        """Cell calls and loads, evictions, actor count and memory over the pool (for the job
+        summary; an actor that restarted counts from its restart)."""
         stats = self.stats()
-        return {"actor_processes": len(stats), "cell_loads": sum(s.loads for s in stats),
+        return {"actor_processes": len(stats), "cell_calls": sum(s.calls for s in stats),
+                "cell_loads": sum(s.loads for s in stats),
                 "evictions": sum(s.evictions for s in stats), "cells_held": sum(len(s.cells) for s in stats),
                 "shard_peak_rss_mb": max(s.peak_rss_mb for s in stats),
                 "actors": [asdict(s) for s in stats]}

@@ -51,7 +51,7 @@ from pixloc_core.images import list_images, read_image
 from pixloc_core.io import read_priors_table, read_query_list_table
 from pixloc_core.localize import (DENSE_METHODS, METHODS, SPARSE_METHODS, TRUST_PRIOR, Localization, PlanConf, Planner,
                                   QueryInput, QueryPlan, QueryRequest, SearchConf, VerifyConf, best_of,
-                                  query_positions, query_table, spatial_order)
+                                  query_positions, query_table, search_on, spatial_order)
 from pixloc_core.map_io import MapIndex, load_map_index
 
 from .cli import Interrupted
@@ -83,11 +83,12 @@ default_conf = {
 
 @dataclass
 class _Started:
-    """A query whose shard calls are out."""
+    """A query whose first shard call is out."""
 
     plan: QueryPlan
     timings: dict = field(default_factory=dict)
-    calls: list[tuple[str, ray.ObjectRef]] = field(default_factory=list)  # (cell, future CellAnswer)
+    request: ray.ObjectRef | None = None  # the QueryRequest, put once for every cell's shard
+    first_call: ray.ObjectRef | None = None  # future CellAnswer of plan.cells[0]
     error: str = ""
     retryable: bool = False  # the error came from the infrastructure
 
@@ -157,22 +158,27 @@ class QueryWorker:
             failure = classify(error)
             started.error, started.retryable = failure.message, failure.retryable
             return started
-        reference = ray.put(request)  # once: every cell's shard reads the same copy
-        started.calls = [(cell, self.shards.submit(cell, reference)) for cell in started.plan.cells]
+        started.request = ray.put(request)
+        started.first_call = self.shards.submit(started.plan.cells[0], started.request)
         return started
+
+    def answer(self, cell: str, call: ray.ObjectRef) -> CellAnswer:
+        try:
+            return ray.get(call)
+        except ray.exceptions.RayError as error:
+            failure = classify(error)
+            return CellAnswer(cell, Localization.failure(failure.message, failure.retryable), {}, math.nan)
 
     def finish(self, started: _Started) -> dict:
         if started.error:
             failure = Localization.failure(started.error, started.retryable)
             return {**result_row(started.plan, self.method, failure, started.timings),
                     "worker_peak_rss_mb": peak_rss_mb()}
-        answers = []
-        for cell, call in started.calls:
-            try:
-                answers.append(ray.get(call))
-            except ray.exceptions.RayError as error:
-                failure = classify(error)
-                answers.append(CellAnswer(cell, Localization.failure(failure.message, failure.retryable), {}, math.nan))
+        answers = [self.answer(started.plan.cells[0], started.first_call)]
+        for cell in started.plan.cells[1:]:
+            if not search_on([answer.localization for answer in answers]):
+                break
+            answers.append(self.answer(cell, self.shards.submit(cell, started.request)))
         best = best_of([answer.localization for answer in answers])
         cell = next(answer.cell for answer in answers if answer.localization is best)
         timings = {**started.timings, "load_ms": 0.0, "align_ms": 0.0}

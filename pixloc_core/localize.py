@@ -3,7 +3,7 @@
     QueryInput --Planner.plan--> QueryPlan (intrinsics, prior in the map frame, cells, hypotheses)
     query worker: pixels -> QueryRequest (feature pyramid and/or keypoints), one per query
     shard (per cell): localize_in_cell -> Localization (sparse, dense, refine and the fallbacks)
-    query worker: best_of the cells' answers
+    query worker: the plan's cells in turn while search_on, then best_of their answers
 
 Every decision of that chain is here; the Ray job (jobs/localize.py) and the shard actors
 (cluster/shard_actor.py) only move these messages and cache the cells.
@@ -282,6 +282,15 @@ def align_hypotheses(aligner: FeaturemetricAligner, query: Pyramid, camera: Came
                   for reference, max_points in zip(references, conf.max_points[-len(references):])]
     result = aligner(query, references, camera, hypotheses)
     return best_of([checked(result, index, label, verified, conf) for index, label in enumerate(labels)])
+
+
+def search_on(localizations: list[Localization]) -> bool:
+    """Whether a query's next cell (the plan's, best first) is worth a call after the answers of
+    the cells before it: not once one of them gave a verified pose, which every check has passed.
+    Calling every cell at once made 1.7 cell calls per query in bench scale's 10,286-reference
+    city (a second cell adds references wherever streets cross) against 1.2 in its
+    150-reference street, and the shard actors' CPU per query grew with them."""
+    return not any(localization.success for localization in localizations)
 
 
 def best_of(localizations: list[Localization]) -> Localization:

@@ -25,7 +25,7 @@ from jobs.config import merge_conf, parse_overrides
 from jobs.results import ExistingResults, ResultsWriter, check_output, read_results
 from pixloc_core.geometry import Pose
 from pixloc_core.io import read_priors, read_query_list
-from pixloc_core.localize import Checks, Localization, VerifyConf, best_of, measure, verdict, verify
+from pixloc_core.localize import Checks, Localization, VerifyConf, best_of, measure, search_on, verdict, verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -326,6 +326,14 @@ def test_the_halves_of_a_view_explained_by_two_poses_disagree():
     right = xy[:, 0] >= np.median(xy[:, 0])
     xy[right] = camera.img_from_cam(beside * xyz[right])
     assert split_shift(xy, xyz, camera, pose) > 2.0
+
+
+def test_a_query_searches_its_next_cell_only_while_none_gave_a_verified_pose():
+    found = Localization(success=True, qvec=(1.0, 0.0, 0.0, 0.0), tvec=(0.0, 0.0, 0.0), cost=0.05)
+    refused = Localization(success=False, cost=0.05, error="PnP pose too uncertain: std 2.1 m > 1.5 m")
+    outage = Localization.failure("shard actor died", retryable=True)
+    assert search_on([]) and search_on([refused]) and search_on([refused, outage])
+    assert not search_on([found]) and not search_on([outage, found])
 
 
 def test_a_query_with_a_part_that_could_not_run_is_retried_with_that_cause():
