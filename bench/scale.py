@@ -10,7 +10,8 @@ Every job runs as the user runs it, `pixloc features` / `pixloc localize` in a s
 this process samples /proc every `sample_interval_s` for the subprocess and all its descendants
 (the local Ray: gcs, raylet, workers, actors): peak RSS (VmHWM) per process kind, told apart by
 the process title Ray gives each worker, and CPU seconds of the whole tree (Ray start-up
-included). Per size: `sizes[]`; `order`: the same queries in the input order (random along the
+included). Per size: `sizes[]` (with `repeats`, the run of median CPU-s per query of that many
+rounds over the sizes); `order`: the same queries in the input order (random along the
 streets) and sorted by position, on the largest size; `nodes`: queries/s on a simulated cluster
 (`ray.cluster_utils.Cluster`) of 1 and then 2 one-CPU nodes.
 """
@@ -55,6 +56,7 @@ default_conf = {
     "workers": 2,
     "method": "sparse+dense",
     "extractor": "classic",
+    "repeats": 1,  # rounds over the sizes; each size reports its run of median CPU-s per query
     "order": True,  # the largest size's queries again, sorted by position
     "nodes_queries": 60,  # 1 vs 2 simulated nodes, on the smallest size (0: skip)
     "sample_interval_s": 0.2,
@@ -283,16 +285,16 @@ def job_summary(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def measure_size(blocks: tuple[int, int], conf: dict, work: Path) -> dict:
+def measure_size(blocks: tuple[int, int], conf: dict, work: Path, repeat: int = 0) -> dict:
     root = build_city(conf, blocks)
     build = json.loads((root / "build.json").read_text())
     build["features"] = ensure_store(root, conf)
     manifest = json.loads((root / "map/manifest.json").read_text())
     cells = len(json.loads((root / "map/shards.json").read_text())["cells"])
-    out = work / f"city-{blocks[0]}x{blocks[1]}"
+    out = work / f"city-{blocks[0]}x{blocks[1]}" / f"run-{repeat}"
     names = query_subset(root / "scene", conf["queries"], work / f"queries-{blocks[0]}x{blocks[1]}.txt")
     run = run_job(localize_args(root, work / f"queries-{blocks[0]}x{blocks[1]}.txt", out, conf, conf["workers"]),
-                  conf, work / f"localize-{blocks[0]}x{blocks[1]}.log")
+                  conf, work / f"localize-{blocks[0]}x{blocks[1]}-run-{repeat}.log")
     table = pq.read_table(out / "results.parquet")
     ground_truth = {name: pose for name, pose in read_poses(root / "scene/gt_queries.txt").items() if name in names}
     summary = job_summary(out)
@@ -320,6 +322,14 @@ def measure_size(blocks: tuple[int, int], conf: dict, work: Path) -> dict:
                     "processes": run.tree["processes"],
                     "peak_rss_mb_all": peak, "build": build, "job_summary": summary},
     }
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median CPU-s per query (an odd number of runs: a real one), with every run's
+    CPU-s per query and queries/s beside it."""
+    median = sorted(runs, key=lambda run: run["cpu_s_per_query"])[(len(runs) - 1) // 2]
+    return {**median, "runs": {"cpu_s_per_query": [run["cpu_s_per_query"] for run in runs],
+                               "queries_per_s": [run["queries_per_s"] for run in runs]}}
 
 
 def measure_order(blocks: tuple[int, int], shuffled_s: float, conf: dict, work: Path) -> dict:
@@ -360,7 +370,11 @@ def main(out: Path | None = None, quick: bool = False, **conf) -> dict:
     conf = {**default_conf, **(QUICK if quick else {}), **conf}
     work = Path(conf["data_dir"]) / "runs" / time.strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
-    sizes = [measure_size(tuple(blocks), conf, work) for blocks in conf["blocks"]]
+    # Rounds of every size in turn, so that the machine's drifts (this VM's speed varies by 15 %
+    # from one minute to the next) reach every size alike.
+    rounds = [[measure_size(tuple(blocks), conf, work, repeat) for blocks in conf["blocks"]]
+              for repeat in range(conf["repeats"])]
+    sizes = [median_run(list(runs)) for runs in zip(*rounds)]
     largest = tuple(conf["blocks"][-1])
     order = measure_order(largest, sizes[-1]["details"]["job_s"], conf, work) if conf["order"] else {}
     nodes = measure_nodes(tuple(conf["blocks"][0]), conf, work) if conf["nodes_queries"] else {}
@@ -391,6 +405,8 @@ def print_table(report: dict) -> None:
         print(f"{size['refs']:>6} {size['points']:>8} {size['cells']:>5} {size['queries']:>4} "
               f"{size['queries_per_s']:>5.2f} {size['cpu_s_per_query']:>7.2f} {rss:>20} {size['actor_processes']:>6} "
               f"{size['cell_loads']:>5} {traffic:>8} {100 * size['recall']['0.25m_2deg']:>5.1f}% {precision:>5}  {stages}")
+        if len(size["runs"]["cpu_s_per_query"]) > 1:
+            print(f"{'':>6} CPU s/q of each run: " + ", ".join(f"{cpu:.2f}" for cpu in size["runs"]["cpu_s_per_query"]))
     if report["order"]:
         order = report["order"]
         print(f"order ({order['queries']} queries, {order['blocks']} blocks): sorted {order['sorted_s']:.0f} s, "

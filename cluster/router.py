@@ -99,7 +99,8 @@ class ShardClient:
     def __init__(self, names: list[str]):
         self.actors = [ray.get_actor(name, namespace=NAMESPACE) for name in names]
 
-    def submit(self, cell: str, request: QueryRequest | ray.ObjectRef) -> ray.ObjectRef:
-        """The future CellAnswer of `request` (or a reference to one: the pyramid is not copied)."""
-        return self.actors[actor_for_cell(cell, len(self.actors))].localize.remote(cell, request)
+    def submit(self, cell: str, request: QueryRequest | ray.ObjectRef, rank: int = 0) -> ray.ObjectRef:
+        """The future CellAnswer of `request` (or a reference to one: the pyramid is not copied) in
+        the `rank`-th of its query's cells."""
+        return self.actors[actor_for_cell(cell, len(self.actors))].localize.remote(cell, request, rank)
 

@@ -113,10 +113,11 @@ class ShardActor:
             self.evictions += 1
             release_freed_memory()  # a cell holds no reference cycles: `del` freed it
 
-    def localize(self, cell: str, request: QueryRequest) -> CellAnswer:
+    def localize(self, cell: str, request: QueryRequest, rank: int = 0) -> CellAnswer:
         self.calls += 1
         data, load_s = self.cell(cell)
-        localization, timings = localize_in_cell(request, data, self.aligners, self.conf.localize, self.sparse_conf)
+        localization, timings = localize_in_cell(request, data, self.aligners, self.conf.localize, self.sparse_conf,
+                                                 rank)
         return CellAnswer(cell, localization, {"load_ms": 1000 * load_s, **timings}, peak_rss_mb())
 
     def stats(self) -> ShardStats:

@@ -175,10 +175,10 @@ class QueryWorker:
             return {**result_row(started.plan, self.method, failure, started.timings),
                     "worker_peak_rss_mb": peak_rss_mb()}
         answers = [self.answer(started.plan.cells[0], started.first_call)]
-        for cell in started.plan.cells[1:]:
+        for rank, cell in enumerate(started.plan.cells[1:], start=1):
             if not search_on([answer.localization for answer in answers]):
                 break
-            answers.append(self.answer(cell, self.shards.submit(cell, started.request)))
+            answers.append(self.answer(cell, self.shards.submit(cell, started.request, rank)))
         best = best_of([answer.localization for answer in answers])
         cell = next(answer.cell for answer in answers if answer.localization is best)
         timings = {**started.timings, "load_ms": 0.0, "align_ms": 0.0}

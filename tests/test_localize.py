@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,13 @@ def test_plan_and_policy_run_without_ray(scene):
                                        ground_truth)[name]
     assert sum(t < 0.25 and R < 2.0 for t, R in errors.values()) >= 2, errors
     assert all(t < 0.5 for t, _ in errors.values()), errors
+
+    # without PnP pose, the coarse-to-fine alignment runs in the query's first cell only
+    blind = replace(request, keypoints=sparse.QueryKeypoints(np.zeros((0, 2)), np.zeros((0, 128), np.float16)))
+    first, first_timings = localize_in_cell(blind, data, aligners, conf.localize, sparse.default_conf, rank=0)
+    later, later_timings = localize_in_cell(blind, data, aligners, conf.localize, sparse.default_conf, rank=1)
+    assert first_timings["align_ms"] > 0 and first.hypothesis != "sparse"
+    assert later_timings["align_ms"] == 0 and not later.success and later.error.startswith("sparse:")
 
     # a query whose prior is far from the map is planned as a failure, not an exception
     far = Prior((1e4, 0.0, 1.6), geodetic=False, sigma_m=5.0)
