@@ -173,9 +173,21 @@ def vector_column(values: np.ndarray, dtype: np.dtype) -> pa.FixedSizeBinaryArra
                                                 [None, pa.py_buffer(values)])
 
 
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def column_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column without nulls as one array, without a copy when it is one chunk; read from
+    its buffer because Arrow's to_numpy imports pandas (0.7 s of a shard actor's first load)."""
+    array = _one_array(column)
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    return np.frombuffer(array.buffers()[1], dtype, count=len(array), offset=array.offset * dtype.itemsize)
+
+
 def column_vectors(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
     """vector_column's inverse: (N, K), without a copy when the column is one chunk."""
-    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    array = _one_array(column)
     row_bytes = array.type.byte_width
     width = row_bytes // dtype.itemsize
     return np.frombuffer(array.buffers()[1], dtype, count=len(array) * width,
@@ -237,12 +249,12 @@ def sparse_table(point3D_ids: np.ndarray, image_ids: np.ndarray, xyz: np.ndarray
 def aggregate_observations(table: pa.Table) -> pa.Table:
     """One row per 3D point: the confidence-weighted mean of its observed features, re-normalised,
     and the mean confidence."""
-    point3D_ids = table.column("point3D_id").to_numpy()
+    point3D_ids = column_numpy(table.column("point3D_id"))
     order = np.argsort(point3D_ids, kind="stable")
     sorted_ids = point3D_ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
     features = column_vectors(table.column("feature"), FEATURE_DTYPE)[order].astype(np.float32)  # (N, C)
-    confidence = table.column("confidence").to_numpy()[order]  # (N,)
+    confidence = column_numpy(table.column("confidence"))[order]  # (N,)
     weight_sums = np.add.reduceat(confidence, starts)  # (P,)
     means = np.add.reduceat(features * confidence[:, None], starts) / np.maximum(weight_sums, 1e-12)[:, None]
     means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
@@ -264,7 +276,7 @@ def _reference_level(table: pa.Table) -> ReferenceLevel:
     """Columns xyz, feature, confidence -> tensors sharing Arrow's memory where the types allow."""
     xyz = column_vectors(table.column("xyz"), XYZ_DTYPE)  # (N, 3) float64
     features = column_vectors(table.column("feature"), FEATURE_DTYPE)  # (N, C) float16
-    confidence = table.column("confidence").to_numpy()  # (N,) float32
+    confidence = column_numpy(table.column("confidence"))  # (N,) float32
     with warnings.catch_warnings():
         # Arrow buffers are read-only; the tensors share them and nothing here writes to them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -394,20 +406,21 @@ class FeatureStore:
             else:
                 table = (aggregated_schema if aggregated else observation_schema)(self.info.channels[level]).empty_table()
             return table.select(columns) if columns else table
-        row_filter = None
-        if image_ids is not None:
-            if aggregated:
-                raise ValueError(f"{self.url}: an aggregated store has no per-image rows to select")
-            row_filter = pc.field("image_id").isin(pa.array(image_ids, pa.int32()))
-        return self._read_parts(parts, columns, row_filter)
+        if image_ids is not None and aggregated:
+            raise ValueError(f"{self.url}: an aggregated store has no per-image rows to select")
+        return self._read_parts(parts, columns, image_ids)
 
     def _read_parts(self, parts: list[dict], columns: list[str] | None = None,
-                    row_filter: pc.Expression | None = None) -> pa.Table:
+                    image_ids: list[int] | None = None) -> pa.Table:
         contents = self._checked_contents(parts)
-        # One thread: a shard actor has one CPU, and Arrow's pool costs more than it saves on files
-        # of a few MB.
-        return pa.concat_tables([pq.read_table(pa.BufferReader(contents[part["path"]]), columns=columns,
-                                               filters=row_filter, use_threads=False) for part in parts])
+        read = columns if columns is None or image_ids is None else [*dict.fromkeys([*columns, "image_id"])]
+        # ParquetFile.read: pq.read_table imports pandas. One thread: an actor has one CPU, and
+        # Arrow's pool costs more than it saves on files of a few MB.
+        table = pa.concat_tables([pq.ParquetFile(pa.BufferReader(contents[part["path"]])).read(
+            columns=read, use_threads=False) for part in parts])
+        if image_ids is not None:
+            table = table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(image_ids, pa.int32())))
+        return table.select(columns) if columns is not None else table
 
     def _checked_contents(self, parts: list[dict]) -> dict[str, bytes]:
         """The bytes of a partition's files (one concurrent read), refused unless each matches its
@@ -464,7 +477,7 @@ class FeatureStore:
         if self.info.aggregated:
             return self.load_cell(cell, level), None
         table = self.load_table(cell, level, [*REFERENCE_COLUMNS, "image_id"])
-        return _reference_level(table), table.column("image_id").to_numpy()
+        return _reference_level(table), column_numpy(table.column("image_id"))
 
     def load_sparse(self, cell: str) -> SparsePoints:
         """The sparse points of a cell, one entry per 3D point with its observing images."""
@@ -473,7 +486,7 @@ class FeatureStore:
                                     "existed: rerun `pixloc features` into a new store)")
         table = self.load_table(cell, SPARSE_LEVEL)
         return SparsePoints.from_observations(
-            table.column("point3D_id").to_numpy(), table.column("image_id").to_numpy(),
+            column_numpy(table.column("point3D_id")), column_numpy(table.column("image_id")),
             column_vectors(table.column("xyz"), XYZ_DTYPE), column_vectors(table.column("descriptor"), FEATURE_DTYPE))
 
     def verify(self, cell: str, level: int | str) -> None:
