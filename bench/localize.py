@@ -107,12 +107,12 @@ def cached_vs_recomputed(scene_dir: Path, map_dir: Path, store_url: str, conf: d
     """Milliseconds per query of the shard's work with cached and with recomputed reference
     features (`dense`, same alignment); runs inside a Ray worker (the shard class expects one)."""
     map_index = load_map_index(map_dir)
-    store = localize_job.open_store(store_url, conf["extractor"], map_index.fingerprint)
+    extractor = load_extractor(conf["extractor"]).eval()
+    store = localize_job.open_store(store_url, extractor.extractor_id, map_index.fingerprint)
     planner = Planner(map_index)
     intrinsics = read_query_list(scene_dir / "queries_with_intrinsics.txt")
     priors = read_priors(scene_dir / "priors.csv")
     paths = localize_job.query_paths(scene_dir / "queries", intrinsics)[:conf["recompute_queries"]]
-    extractor = load_extractor(conf["extractor"]).eval()
     shard_conf = ShardConf(with_sparse=False)
     cached = ShardActor(store.url, store.info.extractor_id, store.info.map_fingerprint, shard_conf)
     scene = SceneMap.load(map_dir, with_descriptors=False)

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import ray
+import torch
 
 from pixloc_core import sparse
 from pixloc_core.align import AlignConf
@@ -35,6 +36,9 @@ class ShardConf:
     levels: tuple[int, ...] = (0, 1, 2)  # store levels held, coarse to fine (refinement: the fine ones)
     # Rough hypotheses mostly end in distinct minima at the coarsest level; only the best one goes on.
     align: AlignConf = field(default_factory=lambda: AlignConf(num_kept=1))
+    # Learned dampings of the extractor's checkpoint, 3 rows of 6 raw values, finest level first
+    # (PixLoc's order); None: AlignConf.damping. Jobs take them from `--checkpoint`.
+    dampings: tuple[tuple[float, ...], ...] | None = None
     localize: LocalizeConf = field(default_factory=LocalizeConf)
     sparse: dict = field(default_factory=dict)  # overrides of pixloc_core.sparse.default_conf
     with_sparse: bool = True  # hold the cells' sparse points (for the sparse methods)
@@ -75,7 +79,8 @@ class ShardActor:
         self.conf = conf
         self.store_url, self.extractor_id, self.map_fingerprint = store_url, extractor_id, map_fingerprint
         self.store: FeatureStore | None = None  # opened on the first load
-        self.aligners = Aligners.from_conf(conf.align, conf.localize.sparse_levels)
+        self.aligners = Aligners.from_conf(conf.align, conf.localize.sparse_levels,
+                                           None if conf.dampings is None else torch.tensor(conf.dampings))
         self.sparse_conf = {**sparse.default_conf, **conf.sparse}
         self.cells: OrderedDict[str, CellData] = OrderedDict()  # least recently used first
         self.loads = self.evictions = self.calls = 0

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 default_conf = {
     "extractor": "classic",
+    "checkpoint": None,  # the extractor's weights file, when not the shipped ones (a path every node can read)
     "workers": 2,
     "batch_size": 4,  # images per worker call, and so per part file
     "cpus_per_worker": 1,
@@ -124,9 +125,9 @@ def sample_reference_image(extractor: Extractor, path: Location, item: dict) -> 
 class ReferenceFeatureWriter:
     """Ray Data callable class: one extractor per worker, reused across batches."""
 
-    def __init__(self, store_url: str, images_dir: str, extractor_name: str):
+    def __init__(self, store_url: str, images_dir: str, extractor_name: str, checkpoint: str | None):
         set_torch_threads()
-        self.extractor = load_extractor(extractor_name)
+        self.extractor = load_extractor(extractor_name, checkpoint)
         self.store = FeatureStore.open(store_url, extractor_id=self.extractor.extractor_id)
         self.images_dir = files.location(images_dir)
 
@@ -190,7 +191,7 @@ def extract(store: FeatureStore, items: list[dict], images_dir: Location, conf: 
     dataset = ray.data.from_items(items).map_batches(
         ReferenceFeatureWriter,
         fn_constructor_kwargs={"store_url": store.url, "images_dir": files.absolute(images_dir),
-                               "extractor_name": conf["extractor"]},
+                               "extractor_name": conf["extractor"], "checkpoint": conf["checkpoint"]},
         batch_size=conf["batch_size"],
         compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
         num_cpus=conf["cpus_per_worker"], num_gpus=gpus_per_worker(conf))
@@ -234,10 +235,12 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
     """Fill the store for every reference image in a cell of the map, and recompute damaged
     partitions; returns counts and timings."""
     conf = merge_conf(default_conf, conf)
+    if conf["checkpoint"] is not None:
+        conf["checkpoint"] = files.absolute(conf["checkpoint"])  # the workers' working directory may differ
     scene = SceneMap.load(map_dir)  # the one process besides the map builder that reads the whole map
     write_reference_table(scene, map_dir)
     cells = map_cells(scene)
-    extractor = load_extractor(conf["extractor"])
+    extractor = load_extractor(conf["extractor"], conf["checkpoint"])
     strides, channels = pyramid_shape(extractor)
     descriptors = map_descriptors(scene)
     info = StoreInfo(extractor.extractor_id, scene.fingerprint, strides, channels, conf["aggregate"],
@@ -298,6 +301,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of the reference images (a local path or s3://bucket/prefix)")
     parser.add_argument("--store", required=True, help="store URL: a local path or s3://bucket/prefix")
     parser.add_argument("--extractor", default=default_conf["extractor"], help="feature extractor name")
+    parser.add_argument("--checkpoint", default=default_conf["checkpoint"],
+                        help="the extractor's weights (e.g. PixLoc's checkpoint_best.tar with --extractor unet-vgg16, "
+                             "or one written by `pixloc train`); default: the shipped ones")
     parser.add_argument("--workers", type=int, default=default_conf["workers"], help="extraction workers")
     parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
     parser.add_argument("--aggregate", action="store_true",
@@ -310,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise SystemExit(f"pixloc features: --workers must be positive, got {args.workers}")
-    flags = {"extractor": args.extractor, "workers": args.workers, "aggregate": args.aggregate, "repair": args.repair}
+    flags = {"extractor": args.extractor, "checkpoint": args.checkpoint, "workers": args.workers, "aggregate": args.aggregate, "repair": args.repair}
     stats = main(args.map, args.images, args.store, address=args.address, conf=merge_conf(default_conf, flags, args.conf))
     logger.info("%d images (%d extracted, %d already stored), %d cells published, %d partitions repaired in %.1f s",
                 stats["images"], stats["extracted"], stats["skipped"], stats["cells_published"],

@@ -45,7 +45,7 @@ from cluster.shard_actor import CellAnswer, ShardConf
 from cluster.store import FeatureStore
 from pixloc_core import files, sparse
 from pixloc_core.extractors import load_extractor
-from pixloc_core.extractors.base import resize_longest_side
+from pixloc_core.extractors.base import Extractor, resize_longest_side
 from pixloc_core.files import Location
 from pixloc_core.images import list_images, read_image
 from pixloc_core.io import read_priors_table, read_query_list_table
@@ -64,6 +64,7 @@ SUMMARY_FILE = "summary.json"
 
 default_conf = {
     "extractor": "classic",
+    "checkpoint": None,  # the extractor's weights file (its learned dampings go to the shards' aligners)
     "method": "sparse+dense",
     "workers": 2,
     # Queries per worker call: each is sent to its shards as soon as it is featurized, so the
@@ -134,12 +135,12 @@ class QueryWorker:
     """Ray Data callable class: a batch of query-table rows in, one result row each out. Holds the
     planner (compact map), the query extractor or keypoint extractor, and handles on the shards."""
 
-    def __init__(self, map_dir: str, plan_conf: PlanConf, method: str, extractor_name: str,
+    def __init__(self, map_dir: str, plan_conf: PlanConf, method: str, extractor_name: str, checkpoint: str | None,
                  levels: tuple[int, ...], sparse_conf: dict, shard_names: list[str]):
         threads = set_torch_threads()
         self.planner = Planner(load_map_index(map_dir), plan_conf)
         self.method, self.levels = method, levels
-        self.extractor = load_extractor(extractor_name).eval() if method in DENSE_METHODS else None
+        self.extractor = load_extractor(extractor_name, checkpoint).eval() if method in DENSE_METHODS else None
         self.keypoints = None
         if method in SPARSE_METHODS:
             conf = {**sparse.default_conf, **sparse_conf}
@@ -252,6 +253,7 @@ def execute(queries: pa.Table, writer: ResultsWriter, map_dir: Location, store: 
                 QueryWorker,
                 fn_constructor_kwargs={"map_dir": files.absolute(map_dir), "plan_conf": plan_conf,
                                        "method": method, "extractor_name": conf["extractor"],
+                                       "checkpoint": conf["checkpoint"],
                                        "levels": tuple(shard_conf.levels), "sparse_conf": shard_conf.sparse,
                                        "shard_names": pool.names},
                 batch_size=conf["queries_per_call"], batch_format="pyarrow",
@@ -283,12 +285,20 @@ def execute(queries: pa.Table, writer: ResultsWriter, map_dir: Location, store: 
     return summary
 
 
-def open_store(store_url: str, extractor_name: str, map_fingerprint: str) -> FeatureStore:
+def open_store(store_url: str, extractor_id: str, map_fingerprint: str) -> FeatureStore:
     """The store of the map and extractor; a local path made absolute, since shard actors open
     it again from their own working directory."""
     if "://" not in store_url:
         store_url = str(Path(store_url).expanduser().resolve())
-    return FeatureStore.open(store_url, load_extractor(extractor_name).extractor_id, map_fingerprint)
+    return FeatureStore.open(store_url, extractor_id, map_fingerprint)
+
+
+def with_learned_dampings(shard: ShardConf, extractor: Extractor) -> ShardConf:
+    """The shards' conf with the dampings that came with the extractor's weights, unless the
+    conf sets its own."""
+    if extractor.dampings is None or shard.dampings is not None:
+        return shard
+    return replace(shard, dampings=tuple(tuple(row) for row in extractor.dampings.tolist()))
 
 
 def run_queries(map_dir: Location, store_url: str, queries: pa.Table, writer: ResultsWriter, conf: dict,
@@ -297,7 +307,10 @@ def run_queries(map_dir: Location, store_url: str, queries: pa.Table, writer: Re
     """The job body shared by localize and refine: open the map and store, schedule, run; writes
     and logs the summary (OUT/summary.json)."""
     map_index = load_map_index(map_dir)
-    store = open_store(store_url, conf["extractor"], map_index.fingerprint)
+    checkpoint = None if conf["checkpoint"] is None else files.absolute(conf["checkpoint"])  # for every worker
+    extractor = load_extractor(conf["extractor"], checkpoint)
+    store = open_store(store_url, extractor.extractor_id, map_index.fingerprint)
+    conf = {**conf, "checkpoint": checkpoint, "shard": with_learned_dampings(conf["shard"], extractor)}
     if conf["method"] in SPARSE_METHODS and not store.info.sparse_keypoints:
         raise ValueError(f"{store.url}: the store has no sparse partitions, which --method {conf['method']} needs "
                          "(written before they existed, or from a map without descriptors: rerun `pixloc features` "
@@ -391,6 +404,10 @@ def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None
     parser.add_argument("--out", type=files.location, required=True, help="results directory (or s3:// prefix)")
     parser.add_argument("--query-list", type=files.location, help="queries with intrinsics (name MODEL W H PARAMS...)")
     parser.add_argument("--extractor", default=conf["extractor"], help="feature extractor of the store")
+    parser.add_argument("--checkpoint", default=conf["checkpoint"],
+                        help="the extractor's weights, as given to `pixloc features` (e.g. PixLoc's checkpoint_best.tar "
+                             "with --extractor unet-vgg16); its learned dampings drive the alignment. A path every "
+                             "node can read")
     parser.add_argument("--workers", type=int, default=conf["workers"], help="query workers (CNN, keypoints)")
     parser.add_argument("--shard-actors", type=int, default=conf["pool"].shard_actors,
                         help="shard actor processes, each hosting several cells (default: one per CPU)")
@@ -406,7 +423,7 @@ def query_job_conf(args: argparse.Namespace, conf: dict) -> dict:
         raise SystemExit(f"pixloc {args.command}: --workers must be positive, got {args.workers}")
     if args.shard_actors is not None and args.shard_actors < 1:
         raise SystemExit(f"pixloc {args.command}: --shard-actors must be positive, got {args.shard_actors}")
-    return {"extractor": args.extractor, "workers": args.workers,
+    return {"extractor": args.extractor, "checkpoint": args.checkpoint, "workers": args.workers,
             "pool": replace(conf["pool"], shard_actors=args.shard_actors)}
 
 

@@ -702,9 +702,14 @@ class Aligners:
     fine: FeaturemetricAligner  # the finest `sparse_levels`: from a SIFT + PnP pose
 
     @classmethod
-    def from_conf(cls, align: AlignConf, sparse_levels: int) -> Aligners:
+    def from_conf(cls, align: AlignConf, sparse_levels: int, dampings: torch.Tensor | None = None) -> Aligners:
+        """`dampings`: learned ones, (3, 6) raw in PixLoc order (see FeaturemetricAligner.load_dampings)."""
         fine = replace(align, num_iterations=align.num_iterations[-sparse_levels:])
-        return cls(FeaturemetricAligner(align).eval(), FeaturemetricAligner(fine).eval())
+        aligners = cls(FeaturemetricAligner(align).eval(), FeaturemetricAligner(fine).eval())
+        if dampings is not None:
+            aligners.coarse_to_fine.load_dampings(dampings)
+            aligners.fine.load_dampings(dampings)
+        return aligners
 
 
 def sparse_localization(request: QueryRequest, cell: CellData, sparse_conf: dict,

@@ -24,7 +24,8 @@ from jobs import refine as refine_job
 from jobs.results import read_results
 from pixloc_core import sparse
 from pixloc_core.evaluate import pose_errors
-from pixloc_core.extractors import load_extractor
+from pixloc_core.extractors import load_extractor, shipped_weights
+from pixloc_core.extractors.checkpoint import write_checkpoint
 from pixloc_core.geometry import Pose
 from pixloc_core.io import (Prior, QueryIntrinsics, read_poses, read_priors, read_query_list, write_poses,
                             write_priors, write_query_list)
@@ -193,8 +194,8 @@ def test_a_killed_shard_actor_restarts_and_no_query_is_lost(scene, faulty_querie
     assert sum(t < 0.25 and R < 2.0 for t, R in errors.values()) >= 2, errors
 
 
-def test_refine_improves_perturbed_poses(scene, tmp_path):
-    scene_dir = scene["scene"]
+def perturbed_ground_truth(scene_dir: Path, path: Path) -> tuple[dict, dict]:
+    """The queries' true poses moved by ~0.15 m and ~1 deg, written to `path`: (perturbed, truth)."""
     ground_truth = read_poses(scene_dir / "gt_queries.txt")
     generator = torch.Generator().manual_seed(0)
     perturbed = {}
@@ -204,7 +205,13 @@ def test_refine_improves_perturbed_poses(scene, tmp_path):
                            math.radians(1.0) * torch.randn(3, generator=generator, dtype=torch.float64)])
         moved = Pose.exp(delta) @ pose
         perturbed[name] = (moved.qvec().numpy(), moved.t.numpy())
-    write_poses(tmp_path / "perturbed.txt", perturbed)
+    write_poses(path, perturbed)
+    return perturbed, ground_truth
+
+
+def test_refine_improves_perturbed_poses(scene, tmp_path):
+    scene_dir = scene["scene"]
+    perturbed, ground_truth = perturbed_ground_truth(scene_dir, tmp_path / "perturbed.txt")
     results = refine_job.main(scene["map"], str(scene["store"]), scene_dir / "queries", tmp_path / "perturbed.txt",
                               tmp_path / "refined", query_list=scene_dir / "queries_with_intrinsics.txt", conf=CONF)
     table = pq.read_table(results)
@@ -214,6 +221,33 @@ def test_refine_improves_perturbed_poses(scene, tmp_path):
     refined = [name for name in ground_truth if math.isfinite(after[name][0])]
     assert len(refined) >= 2, after
     assert np.median([after[name][0] for name in refined]) < np.median([before[name][0] for name in refined])
+
+
+def test_the_checkpoints_dampings_reach_the_shards_aligners(scene, tmp_path):
+    """`--checkpoint` on features and refine: the shipped unet-small weights once with their own
+    dampings and once with every damping at its maximum (1e5), which stalls the Gauss-Newton
+    steps. Same weights, so one store serves both; only if the shard actors' aligners take the
+    checkpoint's dampings do the two runs differ."""
+    scene_dir = scene["scene"]
+    stalled = tmp_path / "stalled.tar"
+    write_checkpoint(stalled, load_extractor("unet-small"), torch.full((3, 6), 20.0), conf={"extractor": "unet-small"})
+    store = tmp_path / "store"
+    assert cli.main(["features", "--map", str(scene["map"]), "--images", str(scene_dir / "mapping"),
+                     "--store", str(store), "--extractor", "unet-small", "--checkpoint", str(stalled)]) == 0
+    perturbed, _ = perturbed_ground_truth(scene_dir, tmp_path / "perturbed.txt")
+    moved = {}
+    for checkpoint in (shipped_weights("unet-small"), stalled):
+        out = tmp_path / checkpoint.stem
+        assert cli.main(["refine", "--map", str(scene["map"]), "--store", str(store),
+                         "--queries", str(scene_dir / "queries"), "--poses", str(tmp_path / "perturbed.txt"),
+                         "--query-list", str(scene_dir / "queries_with_intrinsics.txt"), "--out", str(out),
+                         "--extractor", "unet-small", "--checkpoint", str(checkpoint)]) == 0
+        rows = [row for row in read_results(out).to_pylist() if row["qvec"] is not None]
+        assert len(rows) >= 3, rows
+        moved[checkpoint.stem] = [pose_errors({row["name"]: (row["qvec"], row["tvec"])}, perturbed)[row["name"]][0]
+                                  for row in rows]
+    assert np.median(moved["unet-small"]) > 0.05, moved
+    assert max(moved["stalled"]) < 0.005, moved
 
 
 def test_an_unreachable_store_is_a_one_line_error(scene, faulty_queries, tmp_path, monkeypatch, capsys):
@@ -234,12 +268,12 @@ def test_plan_and_policy_run_without_ray(scene):
     in this process: what the query workers and shard actors run, without them."""
     map_index = load_map_index(scene["map"])
     assert (scene["map"] / "references.parquet").is_file()  # written by `pixloc features`
-    store = localize_job.open_store(str(scene["store"]), "classic", map_index.fingerprint)
+    extractor = load_extractor("classic").eval()
+    store = localize_job.open_store(str(scene["store"]), extractor.extractor_id, map_index.fingerprint)
     planner = Planner(map_index)
     intrinsics = read_query_list(scene["scene"] / "queries_with_intrinsics.txt")
     priors = read_priors(scene["scene"] / "priors.csv")
     ground_truth = read_poses(scene["scene"] / "gt_queries.txt")
-    extractor = load_extractor("classic").eval()
     keypoints = sparse.keypoint_extractor(sparse.default_conf)
     conf = ShardConf()
     aligners = Aligners.from_conf(conf.align, conf.localize.sparse_levels)

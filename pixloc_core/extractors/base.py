@@ -82,6 +82,9 @@ class Extractor(torch.nn.Module):
 
     name: str = "base"
     max_size: int = 1024
+    # The alignment's learned dampings that came with the weights, (3, 6) raw, PixLoc order
+    # (finest level first), for `FeaturemetricAligner.load_dampings`; None: the aligner's defaults.
+    dampings: torch.Tensor | None = None
 
     def weights_digest(self) -> bytes:
         """Bytes that identify the weights; empty for weight-free extractors."""
