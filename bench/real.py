@@ -16,7 +16,9 @@ Every step is the user's command (`pixloc map`, `features`, `localize`), run per
   night query with a prior covering the whole map; no ground truth, so we report whether it
   localizes and save an overlay of the map points reprojected with its pose.
 
-Methods: `sparse` (SIFT + PnP), `dense` (featuremetric alignment from the prior's hypotheses),
+Methods: `sparse` (SIFT + PnP; `sparse@alike-n`: the same with a map of, and queries described by,
+another keypoint type: `--conf 'keypoints=[sift,alike-n]'`; JSON: also its median inliers),
+`dense` (featuremetric alignment from the prior's hypotheses),
 `sparse+dense`, and `prior`: the prior position with the rotation of the nearest reference image
 turned towards what that image looked at (the first pose `dense` starts from). Each set runs again with the queries downscaled to 480 px
 (`SET@480px`), on the same map and store. s_per_query is the mean per-query compute (read, CNN,
@@ -27,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +46,7 @@ from pixloc_core.evaluate import RECALL_THRESHOLDS, evaluate, pose_errors, recal
 from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import Prior, read_poses, write_poses, write_priors
 from pixloc_core.localize import ReferencePoses, query_intrinsics
-from pixloc_core.map_io import ReferenceImages, SceneMap
+from pixloc_core.map_io import MODEL_DIR, ReferenceImages, SceneMap
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,10 @@ default_conf = {
     "methods": ("sparse", "dense", "sparse+dense"),
     "small_query_size": 480,  # the second run of every set, where SIFT thins out
     "extractors": ("classic",),  # every dense method runs with each: a store per extractor, one map
+    # `sparse` runs with each keypoint type: the first's map is built as the set says, every other's
+    # triangulated with its keypoints from that map's poses and cameras (the same frame, so the
+    # same ground truth), with a store of its own.
+    "keypoints": ("sift",),
     "workers": 2,
     "prepare": {},  # per-set overrides of pixloc_core.datasets.default_conf
 }
@@ -91,23 +97,36 @@ def prior_poses(table: pa.Table, scene: SceneMap) -> dict[str, tuple[np.ndarray,
     return poses
 
 
-def runs(conf: dict) -> list[tuple[str, str]]:
-    """(method, extractor) pairs: `sparse` runs no CNN, so once, with the first extractor's store."""
-    return [(method, extractor) for method in conf["methods"]
-            for extractor in (conf["extractors"][:1] if method == "sparse" else conf["extractors"])]
+@dataclass(frozen=True)
+class Run:
+    method: str
+    extractor: str
+    keypoints: str  # of the map
+
+    @property
+    def label(self) -> str:
+        """The run's key in the report: `sparse`, `sparse@alike-n` (its keypoint type), or e.g.
+        `dense alike-n` (its extractor)."""
+        if self.method == "sparse":
+            return "sparse" if self.keypoints == "sift" else f"sparse@{self.keypoints}"
+        return f"{self.method} {self.extractor}"
 
 
-def run_label(method: str, extractor: str) -> str:
-    """The method's key in the report: `sparse`, or e.g. `dense alike-n`."""
-    return method if method == "sparse" else f"{method} {extractor}"
+def runs(conf: dict) -> list[Run]:
+    """`sparse` runs no CNN, so once per keypoint type, with the first extractor's store; the
+    methods with an alignment once per extractor, on the first keypoint type's map."""
+    first_extractor, first_keypoints = conf["extractors"][0], conf["keypoints"][0]
+    return [run for method in conf["methods"]
+            for run in ([Run(method, first_extractor, kind) for kind in conf["keypoints"]] if method == "sparse"
+                        else [Run(method, extractor, first_keypoints) for extractor in conf["extractors"]])]
 
 
-def localize_all(prepared: PreparedSet, map_dir: Path, stores: dict[str, Path], out_dir: Path, conf: dict) -> None:
+def localize_all(prepared: PreparedSet, built: BuiltMaps, out_dir: Path, conf: dict) -> None:
     """`pixloc localize` with every method and extractor on the prepared queries."""
-    for method, extractor in runs(conf):
-        args = ["localize", "--map", map_dir, "--store", stores[extractor], "--queries", prepared.query_dir,
-                "--out", results_dir(out_dir, run_label(method, extractor)), "--method", method,
-                "--extractor", extractor, "--workers", str(conf["workers"]), "--overwrite"]
+    for run in runs(conf):
+        args = ["localize", "--map", built.maps[run.keypoints], "--store", built.stores[run.keypoints, run.extractor],
+                "--queries", prepared.query_dir, "--out", results_dir(out_dir, run.label), "--method", run.method,
+                "--extractor", run.extractor, "--workers", str(conf["workers"]), "--overwrite"]
         args += ["--priors", prepared.priors] if prepared.priors else []
         args += ["--query-list", prepared.query_list] if prepared.query_list else []
         run_pixloc(*args)
@@ -122,12 +141,15 @@ def evaluate_set(out_dir: Path, conf: dict, map_dir: Path, gt: dict | None) -> t
     prior as one more entry when there is ground truth; and the issue's goals per extractor."""
     entries, errors = {}, {}
     table = None
-    for method, extractor in runs(conf):
-        label = run_label(method, extractor)
+    for run in runs(conf):
+        label = run.label
         table = read_results(results_dir(out_dir, label))
         estimates = successful_poses(table)
         entries[label] = evaluate(estimates, gt) if gt else {"n": table.num_rows}
         entries[label] |= {"s_per_query": seconds_per_query(table), "localized": len(estimates)}
+        if run.method == "sparse":
+            inliers = [row["inliers"] for row in table.select(["success", "inliers"]).to_pylist() if row["success"]]
+            entries[label]["median_inliers"] = float(np.median(inliers)) if inliers else None
         if gt:
             errors[label] = pose_errors(estimates, gt)
     if gt and table is not None:
@@ -135,7 +157,7 @@ def evaluate_set(out_dir: Path, conf: dict, map_dir: Path, gt: dict | None) -> t
     per_extractor = {}
     for extractor in conf["extractors"]:
         # goals() compares the methods by name: this extractor's runs under their method names.
-        labels = {run_label(method, extractor): method for method in conf["methods"]}
+        labels = {Run(method, extractor, conf["keypoints"][0]).label: method for method in conf["methods"]}
         per_extractor[extractor] = goals({labels.get(k, k): v for k, v in entries.items() if k in labels},
                                          {labels[k]: v for k, v in errors.items() if k in labels})
     return entries, per_extractor
@@ -165,16 +187,37 @@ def goals(entries: dict[str, dict], errors: dict[str, dict[str, tuple[float, flo
     return report
 
 
-def build(prepared: PreparedSet, work: Path, conf: dict, map_args: list) -> tuple[Path, dict[str, Path]]:
-    """`pixloc map`, then `pixloc features` on the mapping images once per extractor."""
-    map_dir = work / "map"
-    run_pixloc("map", "--images", prepared.mapping_dir, "--out", map_dir, *map_args)
+@dataclass
+class BuiltMaps:
+    maps: dict[str, Path]  # keypoint type -> map directory
+    stores: dict[tuple[str, str], Path]  # (keypoint type, extractor) -> feature store
+
+    @property
+    def map_dir(self) -> Path:
+        """The map every alignment runs on, and the ground truth's frame: the first type's."""
+        return next(iter(self.maps.values()))
+
+
+def build(prepared: PreparedSet, work: Path, conf: dict, map_args: list) -> BuiltMaps:
+    """`pixloc map` with the first keypoint type as `map_args` say, and with each other type from
+    that map's poses; `pixloc features` on the mapping images, once per extractor for the first
+    map and with the first extractor for the others (their `sparse` runs need no CNN)."""
+    first, *others = conf["keypoints"]
+    maps = {first: work / "map"}
+    run_pixloc("map", "--images", prepared.mapping_dir, "--out", maps[first], "--keypoints", first, *map_args)
+    priors = [arg for arg in map_args if arg == "--gps-from-exif"]  # the same georegistration
+    for kind in others:
+        maps[kind] = work / f"map-{kind}"
+        run_pixloc("map", "--images", prepared.mapping_dir, "--out", maps[kind], "--keypoints", kind,
+                   "--reference-model", maps[first] / MODEL_DIR, "--single-process", *priors)
     stores = {}
-    for extractor in conf["extractors"]:
-        stores[extractor] = work / ("store" if extractor == "classic" else f"store-{extractor}")
-        run_pixloc("features", "--map", map_dir, "--images", prepared.mapping_dir, "--store", stores[extractor],
-                   "--extractor", extractor, "--workers", str(conf["workers"]))
-    return map_dir, stores
+    for kind, map_dir in maps.items():
+        for extractor in conf["extractors"] if kind == first else conf["extractors"][:1]:
+            name = "store" if extractor == "classic" else f"store-{extractor}"
+            stores[kind, extractor] = work / (name if kind == first else f"{name}-{kind}")
+            run_pixloc("features", "--map", map_dir, "--images", prepared.mapping_dir,
+                       "--store", stores[kind, extractor], "--extractor", extractor, "--workers", str(conf["workers"]))
+    return BuiltMaps(maps, stores)
 
 
 def lund_pseudo_ground_truth(prepared: PreparedSet, map_dir: Path, work: Path, conf: dict) -> Path:
@@ -220,25 +263,25 @@ def bench_set(name: str, conf: dict) -> tuple[dict[str, dict], dict[str, dict]]:
     small = prepare(conf["data_root"], work / f"data@{conf['small_query_size']}px",
                     {**conf["prepare"].get(name, {}), "query_max_image_size": conf["small_query_size"]})
     if name == "fountain-P11":
-        map_dir, stores = build(prepared, work, conf, ["--reference-model", prepared.reference_model])
+        built = build(prepared, work, conf, ["--reference-model", prepared.reference_model])
         gt = read_poses(prepared.gt_poses)
     elif name == "lund":
-        map_dir, stores = build(prepared, work, conf, ["--gps-from-exif"])
-        gt = read_poses(lund_pseudo_ground_truth(prepared, map_dir, work, conf))
+        built = build(prepared, work, conf, ["--gps-from-exif"])
+        gt = read_poses(lund_pseudo_ground_truth(prepared, built.map_dir, work, conf))
     else:
-        map_dir, stores = build(prepared, work, conf, [])
+        built = build(prepared, work, conf, [])
         gt = None
-        prepared = replace(prepared, priors=whole_map_prior(prepared, map_dir))
-        small = replace(small, priors=whole_map_prior(small, map_dir))
+        prepared = replace(prepared, priors=whole_map_prior(prepared, built.map_dir))
+        small = replace(small, priors=whole_map_prior(small, built.map_dir))
     small_name = f"{name}@{conf['small_query_size']}px"
     query_sets = {name: (prepared, work / "results"), small_name: (small, work / "results_small")}
     report, set_goals = {}, {}
     for run_name, (queries, out_dir) in query_sets.items():
-        localize_all(queries, map_dir, stores, out_dir, conf)
-        report[run_name], per_extractor = evaluate_set(out_dir, conf, map_dir, gt)
+        localize_all(queries, built, out_dir, conf)
+        report[run_name], per_extractor = evaluate_set(out_dir, conf, built.map_dir, gt)
         set_goals |= {f"{run_name} {extractor}": goals for extractor, goals in per_extractor.items()}
     if name == "sacre_coeur":
-        add_overlays(report[name], prepared, map_dir, work)
+        add_overlays(report[name], prepared, built.map_dir, work)
     return report, set_goals
 
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pixloc_core.images import ImageReadError, read_image
 from pixloc_core.mapping import cells as cell_step
-from pixloc_core.mapping import matching, sift
+from pixloc_core.mapping import keypoints, matching
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles
 
 from .runtime import set_torch_threads
@@ -24,27 +24,28 @@ from .runtime import set_torch_threads
 logger = logging.getLogger(__name__)
 
 
-class SiftFileWriter:
-    """Ray Data callable class: one SIFT extractor per worker, one feature file per image."""
+class FeatureFileWriter:
+    """Ray Data callable class: one keypoint extractor per worker, one feature file per image."""
 
-    def __init__(self, root: str, images_dir: str, sift_conf: dict):
+    def __init__(self, root: str, images_dir: str, kind: str, sift_conf: dict):
+        set_torch_threads()
         self.files = FeatureFiles(Path(root))
         self.images_dir = Path(images_dir)
-        self.extractor = sift.SiftExtractor(sift_conf)
+        self.extractor = keypoints.keypoint_extractor(kind, sift_conf)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Returns per image its name and why it was skipped ("" when written)."""
         failures = []
         for name in batch["name"].tolist():
             try:
-                self.files.write(name, self.extractor(read_image(self.images_dir / name, "L")))
+                self.files.write(name, self.extractor(read_image(self.images_dir / name)))
                 failures.append("")
             except ImageReadError as error:
                 failures.append(str(error).split(": ", 1)[-1])
         return {"name": batch["name"], "failure": np.array(failures, dtype=object)}
 
 
-def extract_features(images_dir: Path, names: list[str], root: Path, sift_conf: dict, workers: int
+def extract_features(images_dir: Path, names: list[str], root: Path, kind: str, sift_conf: dict, workers: int
                      ) -> list[dict[str, str]]:
     """Feature files for the images of `names` that have none yet; returns one {"name", "reason"}
     per unreadable image (no file is written for it, so that a rerun retries it)."""
@@ -54,11 +55,11 @@ def extract_features(images_dir: Path, names: list[str], root: Path, sift_conf: 
     if not pending:
         return []
     dataset = ray.data.from_items([{"name": name} for name in pending]).map_batches(
-        SiftFileWriter, fn_constructor_kwargs={"root": str(root), "images_dir": str(Path(images_dir).resolve()),
-                                               "sift_conf": {**sift_conf, "num_threads": 1}},
+        FeatureFileWriter, fn_constructor_kwargs={"root": str(root), "images_dir": str(Path(images_dir).resolve()),
+                                                  "kind": kind, "sift_conf": {**sift_conf, "num_threads": 1}},
         batch_size=4, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     skipped = []
-    for row in tqdm(dataset.iter_rows(), total=len(pending), desc="SIFT", unit="img"):
+    for row in tqdm(dataset.iter_rows(), total=len(pending), desc=f"keypoints ({kind})", unit="img"):
         if row["failure"]:
             logger.warning("skipping %s: %s", row["name"], row["failure"])
             skipped.append({"name": row["name"], "reason": row["failure"]})

@@ -91,7 +91,7 @@ class StoreInfo:
     channels: tuple[int, ...]  # feature channels per level
     aggregated: bool = False
     format_version: int = FORMAT_VERSION
-    sparse_keypoints: str = ""  # keypoint type of the sparse partitions ("sift"); "": none
+    sparse_keypoints: str = ""  # keypoint type of the sparse partitions ("sift", "alike-n", ...); "": none
     sparse_dim: int = 0  # their descriptor size
 
     def levels(self) -> list[int | str]:

@@ -244,7 +244,7 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
     strides, channels = pyramid_shape(extractor)
     descriptors = map_descriptors(scene)
     info = StoreInfo(extractor.extractor_id, scene.fingerprint, strides, channels, conf["aggregate"],
-                     sparse_keypoints="sift" if descriptors else "", sparse_dim=descriptors[1].shape[1] if descriptors else 0)
+                     sparse_keypoints=scene.keypoints if descriptors else "", sparse_dim=descriptors[1].shape[1] if descriptors else 0)
     items = reference_items(scene.reconstruction, cells, info.levels(), descriptors)
     available = set(list_images(images_dir))  # one listing, not one request per image
     missing = [item["name"] for item in items if item["name"] not in available]

@@ -35,7 +35,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from cluster.errors import classify
@@ -125,8 +124,7 @@ def query_request(plan: QueryPlan, method: str, levels: tuple[int, ...], extract
         timings["cnn_ms"] = 1000 * (time.perf_counter() - start)
     if keypoint_extractor is not None:
         start = time.perf_counter()
-        gray = np.asarray(Image.fromarray(image).convert("L"))
-        pixels["keypoints"] = sparse.extract_query_keypoints(keypoint_extractor, gray)
+        pixels["keypoints"] = sparse.extract_query_keypoints(keypoint_extractor, image)
         timings["sparse_ms"] = 1000 * (time.perf_counter() - start)
     return QueryRequest.from_plan(plan, method, **pixels), timings
 
@@ -301,6 +299,20 @@ def with_learned_dampings(shard: ShardConf, extractor: Extractor) -> ShardConf:
     return replace(shard, dampings=tuple(tuple(row) for row in extractor.dampings.tolist()))
 
 
+def store_keypoints(sparse_conf: dict, store: FeatureStore) -> dict:
+    """The sparse conf with the keypoint type of the store's points: queries are described as the
+    map was."""
+    stored = store.info.sparse_keypoints
+    if not stored:
+        raise ValueError(f"{store.url}: the store has no sparse partitions, which the sparse methods need "
+                         "(written before they existed, or from a map without descriptors: rerun `pixloc features` "
+                         "into a new store)")
+    if sparse_conf.get("keypoints", stored) != stored:
+        raise ValueError(f"{store.url}: the map's points carry {stored} descriptors, not "
+                         f"sparse.keypoints={sparse_conf['keypoints']}")
+    return {**sparse_conf, "keypoints": stored}
+
+
 def run_queries(map_dir: Location, store_url: str, queries: pa.Table, writer: ResultsWriter, conf: dict,
                 plan_conf: PlanConf, address: str | None,
                 on_result: Callable[[dict], None] | None = None) -> dict:
@@ -311,10 +323,8 @@ def run_queries(map_dir: Location, store_url: str, queries: pa.Table, writer: Re
     extractor = load_extractor(conf["extractor"], checkpoint)
     store = open_store(store_url, extractor.extractor_id, map_index.fingerprint)
     conf = {**conf, "checkpoint": checkpoint, "shard": with_learned_dampings(conf["shard"], extractor)}
-    if conf["method"] in SPARSE_METHODS and not store.info.sparse_keypoints:
-        raise ValueError(f"{store.url}: the store has no sparse partitions, which --method {conf['method']} needs "
-                         "(written before they existed, or from a map without descriptors: rerun `pixloc features` "
-                         "into a new store)")
+    if conf["method"] in SPARSE_METHODS:
+        conf = {**conf, "sparse": store_keypoints(conf["sparse"] or {}, store)}
     queries = spatial_schedule(queries, map_index)
     with init_ray(address, num_cpus=None if address else conf["workers"]):
         summary = execute(queries, writer, map_dir, store, conf, plan_conf, on_result)

@@ -32,7 +32,8 @@ from pixloc_core.images import list_images
 from pixloc_core.map_io import GeoInfo, SceneMap, Similarity, exif_camera_key
 from cluster import mapping as distributed
 from cluster.runtime import init_ray
-from pixloc_core.mapping import cells, descriptors, georegister, matching, merge, pairs, sfm, sift, triangulation
+from pixloc_core.mapping import (cells, descriptors, georegister, keypoints, matching, merge, pairs, sfm, sift,
+                                  triangulation)
 from pixloc_core.mapping.feature_files import FeatureFiles, group_pairs
 
 from .config import merge_conf
@@ -40,9 +41,11 @@ from .config import merge_conf
 logger = logging.getLogger(__name__)
 
 default_conf = {
-    "sift": sift.default_conf,
+    "keypoints": "sift",  # or a learned type (alike-n, xfeat, ...: mapping/keypoints.py)
+    "sift": sift.default_conf,  # image size and keypoint count limits, of every keypoint type
     "pairs": pairs.default_conf,
-    "matching": matching.default_conf,
+    "matching": matching.default_conf,  # of SIFT
+    "learned_matching": {**matching.default_conf, "ratio_threshold": 0.95},  # of the learned types
     "triangulation": triangulation.default_conf,
     "sfm": sfm.default_conf,
     "georegister": georegister.default_conf,
@@ -103,7 +106,7 @@ def triangulate(reference: pycolmap.Reconstruction, features: dict[str, sift.Fea
     image_pairs = pairs.from_poses([image.name for image in posed],
                                    np.array([image.projection_center() for image in posed]),
                                    np.array([image.viewing_direction() for image in posed]), conf["pairs"])
-    matches = matching.main(features, image_pairs, conf["matching"])
+    matches = matching.main(features, image_pairs, keypoints.matching_conf(conf["keypoints"], conf))
     return triangulation.main(skeleton, features, matches, images, work_dir, conf["triangulation"])
 
 
@@ -111,7 +114,7 @@ def reconstruct(features: dict[str, sift.Features], positions: dict[str, np.ndar
                 work_dir: Path, focal_px: dict[str, float], conf: dict) -> pycolmap.Reconstruction:
     """Incremental SfM: pairs by prior position (else exhaustive), EXIF focal lengths."""
     image_pairs = pairs.main(sorted(features), positions, conf["pairs"])
-    matches = matching.main(features, image_pairs, conf["matching"])
+    matches = matching.main(features, image_pairs, keypoints.matching_conf(conf["keypoints"], conf))
     return sfm.main(features, matches, images, work_dir, focal_px, conf["sfm"])
 
 
@@ -129,7 +132,7 @@ def build_map(images: Location, out: Location, reference_model: Location | None 
     names = posed_image_names(source_model) if source_model else list_images(images)
     if not names:
         raise ValueError(f"{images}: no images to map")
-    features, skipped = sift.main(images, names, conf["sift"])
+    features, skipped = keypoints.main(images, names, conf["keypoints"], conf["sift"])
     if len(features) < conf["min_registered_images"]:
         raise ValueError(f"{images}: only {len(features)} readable images, a map needs {conf['min_registered_images']}")
     positions, origin = georegister.priors_to_positions(
@@ -176,7 +179,7 @@ def finish_map(reconstruction: pycolmap.Reconstruction, features: Mapping[str, s
     exif_cameras = {exif_camera_key(*features[image.name].image_size, focal_px[image.name]): image.camera_id
                     for image in reconstruction.images.values() if image.name in focal_px}
     scene_map = SceneMap(reconstruction, geo, manifest={}, point3D_ids=point_ids, descriptors=point_descriptors,
-                         exif_cameras=exif_cameras)
+                         keypoints=conf["keypoints"], exif_cameras=exif_cameras)
     scene_map.shards = ShardIndex.build(scene_map.image_centers(), conf["shards"])
     local_out, publish = files.output_folder(out)
     scene_map.save(local_out, source, images, skipped, manifest_extra)
@@ -211,12 +214,13 @@ def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: d
     names = posed_image_names(reference)
     if not names:
         raise ValueError(f"{reference_model}: no posed images to map")
-    check_work_settings(root, {"reference_model": str(Path(reference_model).resolve()),
+    matching_conf = keypoints.matching_conf(conf["keypoints"], conf)
+    check_work_settings(root, {"reference_model": str(Path(reference_model).resolve()), "keypoints": conf["keypoints"],
                                "sift": {**sift.default_conf, **conf["sift"]},
-                               "matching": {**matching.default_conf, **conf["matching"]}})
+                               "matching": {**matching.default_conf, **matching_conf}})
     features = FeatureFiles(root)
     with init_ray(address, num_cpus=None if address else workers):
-        skipped = distributed.extract_features(images, names, root, conf["sift"], workers)
+        skipped = distributed.extract_features(images, names, root, conf["keypoints"], conf["sift"], workers)
         present = [name for name in names if features.has(name)]
         if len(present) < conf["min_registered_images"]:
             raise ValueError(f"{images}: only {len(present)} readable images, a map needs "
@@ -224,7 +228,7 @@ def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: d
         posed = [reference.find_image_with_name(name) for name in present]
         image_pairs = pairs.from_poses(present, np.array([image.projection_center() for image in posed]),
                                        np.array([image.viewing_direction() for image in posed]), conf["pairs"])
-        distributed.match_pairs(root, group_pairs(image_pairs), conf["matching"])
+        distributed.match_pairs(root, group_pairs(image_pairs), matching_conf)
 
         cell_index = ShardIndex.build({image.name: image.projection_center() for image in posed}, conf["shards"])
         for cell in cell_index.cell_ids:
@@ -236,11 +240,11 @@ def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: d
     for failure in failed:
         logger.warning("%s", failure["reason"])
 
-    keypoints = {image.image_id: features.keypoints(image.name) for image in posed}
-    skeleton = merge.skeleton_with_keypoints(reference, keypoints)
+    image_keypoints = {image.image_id: features.keypoints(image.name) for image in posed}
+    skeleton = merge.skeleton_with_keypoints(reference, image_keypoints)
     reconstruction = merge.main(skeleton, [merge.CellPoints.load(cells.cell_dir(root, result.cell) / cells.POINTS_FILE)
                                            for result in results if not result.failure],
-                                keypoints, conf["merge"])
+                                image_keypoints, conf["merge"])
     positions, origin = georegister.priors_to_positions(
         {name: prior for name, prior in (priors or {}).items() if name in set(present)})
     return finish_map(reconstruction, features, positions, origin, "reference-model", images, out, skipped, {},
@@ -271,8 +275,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prior.add_argument("--gps-from-exif", action="store_true", help="priors from the images' EXIF GPS")
     parser.add_argument("--cell-size", type=float, default=shards_conf["cell_size_m"], help="shard cell size (m)")
     parser.add_argument("--halo", type=float, default=shards_conf["halo_m"], help="shard halo (m)")
+    parser.add_argument("--keypoints", choices=keypoints.KEYPOINT_TYPES, default=default_conf["keypoints"],
+                        help="keypoint type of the map's points (learned ones: shipped weights)")
     parser.add_argument("--max-image-size", type=int, default=sift.default_conf["max_image_size"],
-                        help="longest image side for SIFT (px)")
+                        help="longest image side for the keypoints (px; a learned network may cap it lower)")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers of a distributed build")
     parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
     parser.add_argument("--single-process", action="store_true",
@@ -291,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
             priors = read_priors(args.priors)
         elif args.gps_from_exif:
             priors = exif_priors(args.images, list_images(args.images))
-        conf = merge_conf(default_conf, {"sift": {"max_image_size": args.max_image_size},
+        conf = merge_conf(default_conf, {"keypoints": args.keypoints, "sift": {"max_image_size": args.max_image_size},
                                          "shards": {"cell_size_m": args.cell_size, "halo_m": args.halo}}, args.conf)
         if args.update:
             from jobs import map_update  # it builds on this module

@@ -38,6 +38,7 @@ from pixloc_core.io import Prior
 from pixloc_core.map_io import SceneMap, cell_fingerprints
 from pixloc_core.mapping import cells, descriptors, merge, pairs, sfm
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles, group_pairs
+from pixloc_core.mapping.keypoints import matching_conf
 from pixloc_core.shards import ShardIndex
 
 from .map import WORK_DIR, check_work_settings, default_conf as map_conf, posed_image_names, read_model
@@ -143,7 +144,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
     old_index = ShardIndex.build(scene.image_centers(), shard_conf)
 
     with init_ray(address, num_cpus=None if address else workers):
-        skipped = distributed.extract_features(images, new_names, root, conf["sift"], workers)
+        skipped = distributed.extract_features(images, new_names, root, scene.keypoints, conf["sift"], workers)
         present = [name for name in new_names if features.has(name)]
         if reference is not None:
             positions = {name: reference.find_image_with_name(name).projection_center() for name in present}
@@ -154,7 +155,8 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         nearby = sorted({old for position in positions.values()
                          for old in old_index.images_near(position, conf["region_radius_m"])})
         # A map built in one process has no feature files: its photos near the update get them now.
-        distributed.extract_features(Path(scene.manifest["images_dir"]), nearby, root, conf["sift"], workers)
+        distributed.extract_features(Path(scene.manifest["images_dir"]), nearby, root, scene.keypoints, conf["sift"],
+                                     workers)
         region = sorted(set(nearby) | set(positions))
         if reference is not None:
             posed = {name: reference.find_image_with_name(name) for name in positions}
@@ -168,7 +170,8 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
                        **positions}
             image_pairs = pairs.from_positions(region, np.array([centers[n] for n in region]), conf["pairs"])
         image_pairs = [pair for pair in image_pairs if pair[0] in positions or pair[1] in positions]
-        distributed.match_pairs(update_root, group_pairs(image_pairs), conf["matching"], features_root=root)
+        distributed.match_pairs(update_root, group_pairs(image_pairs), matching_conf(scene.keypoints, conf),
+                                features_root=root)
 
         new_ids = {}
         if reference is not None:

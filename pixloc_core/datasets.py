@@ -29,7 +29,7 @@ from .geometry import Pose
 from .io import Prior, QueryIntrinsics, write_poses, write_priors, write_query_list
 from .images import list_images
 from .map_io import SceneMap, exif_camera_key
-from .mapping import matching, pairs, sfm, sift
+from .mapping import keypoints, matching, pairs, sfm, sift
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def register_pseudo_ground_truth(map_dir: Path, image_dir: Path, query_names: li
         camera_ids[name] = camera_id
         positions[name] = scene.prior_to_map(prior)
     names = sorted(positions)
-    features, skipped = sift.main(image_dir, names, conf["sift"])
+    features, skipped = keypoints.main(image_dir, names, "sift", conf["sift"])
     if skipped:
         raise ValueError(f"{image_dir}: unreadable images {[entry['name'] for entry in skipped]}")
     image_pairs = [pair for pair in pairs.from_positions(names, np.stack([positions[n] for n in names]), conf["pairs"])

@@ -1,8 +1,10 @@
 """The map directory, one format for every way a map is made (see DESIGN.md):
 
     MAP/model/            COLMAP binary model with 3D points
-    MAP/descriptors.npz   point3D_ids (P,) int64, descriptors (P, 128) float16: one unit-norm mean
-                          SIFT descriptor per 3D point, for sparse 2D-3D matching without the images
+    MAP/descriptors.npz   point3D_ids (P,) int64, descriptors (P, D) float16: one unit-norm mean
+                          descriptor per 3D point, for sparse 2D-3D matching without the images; of
+                          the keypoint type that the manifest's "keypoints" names (absent: "sift",
+                          D = 128; see mapping/keypoints.py)
     MAP/geo.json          {"origin_wgs84": [lat, lon, alt] | null,
                            "map_to_enu": {"scale", "rotation" 3x3, "translation" 3} | null,
                            "registration": {"num_images", "num_inliers", "median_residual_m",
@@ -10,7 +12,7 @@
                            "source_to_map": similarity applied to the source model to make the map
                                             frame, or null (provenance only)}
     MAP/shards.json       the shard index (pixloc_core/shards.py)
-    MAP/manifest.json     {"fingerprint", "source", "images_dir", "num_images", "num_points3D",
+    MAP/manifest.json     {"fingerprint", "source", "keypoints", "images_dir", "num_images", "num_points3D",
                            "skipped": [{"name", "reason"}], "exif_cameras": {"WxH@F": camera_id},
                            "cell_fingerprints": {cell: sha256 of what its store partitions hold},
                            "failed_cells": [{"cell", "reason"}], "updates": [...], "created_utc"}
@@ -171,7 +173,8 @@ class SceneMap:
     shards: ShardIndex | None = None
     manifest: dict = field(default_factory=dict)
     point3D_ids: np.ndarray | None = None  # (P,) int64
-    descriptors: np.ndarray | None = None  # (P, 128) float16, unit norm
+    descriptors: np.ndarray | None = None  # (P, D) float16, unit norm
+    keypoints: str = "sift"  # the type of the 2D points and the descriptors (mapping/keypoints.py)
     exif_cameras: dict[str, int] = field(default_factory=dict)  # exif_camera_key -> camera_id (SfM maps)
     path: Path | None = None
 
@@ -194,6 +197,7 @@ class SceneMap:
         self.manifest = {
             "fingerprint": model_fingerprint(path / MODEL_DIR),
             "source": source,
+            "keypoints": self.keypoints,
             "images_dir": str(images_dir),
             "num_images": self.reconstruction.num_reg_images(),
             "num_points3D": self.reconstruction.num_points3D(),
@@ -220,6 +224,7 @@ class SceneMap:
                         ShardIndex.load(path / SHARDS_FILE) if (path / SHARDS_FILE).is_file() else None,
                         json.loads(manifest_path.read_text()), path=path)
         scene_map.exif_cameras = scene_map.manifest.get("exif_cameras", {})
+        scene_map.keypoints = scene_map.manifest.get("keypoints", "sift")
         if with_descriptors and (path / DESCRIPTORS_FILE).is_file():
             with np.load(path / DESCRIPTORS_FILE) as data:
                 scene_map.point3D_ids, scene_map.descriptors = data["point3D_ids"], data["descriptors"]

@@ -1,4 +1,4 @@
-"""The sparse baseline localizer: query keypoints matched to per-point map descriptors, then RANSAC
+"""The sparse localizer: query keypoints (SIFT or learned) matched to per-point map descriptors, then RANSAC
 PnP with pycolmap and a least-squares refinement, optionally pulled towards a GPS prior.
 
 It gives a pose hypothesis for featuremetric refinement, or a result on its own (`--method sparse`).
@@ -17,15 +17,17 @@ import torch
 
 from .geometry import Pose, skew
 from .map_io import SceneMap, observations
-from .mapping import matching
-from .mapping.sift import SiftExtractor
+from .mapping import keypoints, matching
 
 default_conf = {
-    "keypoints": "sift",  # the query keypoint type; the map's point descriptors must be of the same kind
-    "sift": {"max_image_size": 1600, "max_num_features": 8192},
-    # No mutual check: a query keypoint is compared with one descriptor per 3D point, and several
-    # points may legitimately look alike (repeated facades); the ratio test does the pruning.
+    # The query keypoint type (mapping/keypoints.py); the map's point descriptors must be of the
+    # same kind: the localize job takes it from the feature store.
+    "keypoints": "sift",
+    "sift": {"max_image_size": 1600, "max_num_features": 8192},  # limits of every keypoint type
+    # No mutual check for SIFT: a query keypoint is compared with one descriptor per 3D point, and
+    # several points may legitimately look alike (repeated facades); the ratio test does the pruning.
     "matching": {"ratio_threshold": 0.8, "mutual": False},
+    "learned_matching": {"ratio_threshold": 0.95, "mutual": True},
     # Without a shard index to select the points near the prior, SparseLocalizer takes those seen
     # by reference images within this distance (the shard actors use the job's search radius).
     "search_radius_m": 150.0,
@@ -99,15 +101,13 @@ class SparsePoints:
         return np.flatnonzero(counts > 0)
 
 
-def keypoint_extractor(conf: dict):
-    """The query keypoint extractor of a sparse conf; a callable (H, W) uint8 -> Features."""
-    if conf["keypoints"] != "sift":
-        raise ValueError(f"unknown keypoint type {conf['keypoints']!r}")
-    return SiftExtractor(conf["sift"])
+def keypoint_extractor(conf: dict) -> keypoints.KeypointExtractor:
+    """The query keypoint extractor of a sparse conf; a callable (H, W, 3) uint8 RGB -> Features."""
+    return keypoints.keypoint_extractor(conf["keypoints"], conf["sift"])
 
 
-def extract_query_keypoints(extractor, image: np.ndarray) -> QueryKeypoints:
-    """image: (H, W) uint8 grayscale at the resolution of the query camera."""
+def extract_query_keypoints(extractor: keypoints.KeypointExtractor, image: np.ndarray) -> QueryKeypoints:
+    """image: (H, W, 3) uint8 RGB at the resolution of the query camera."""
     features = extractor(image)
     descriptors = matching.normalize_descriptors(features.descriptors).half().numpy()
     return QueryKeypoints(features.xy, descriptors)
@@ -121,7 +121,8 @@ def localize_against(query: QueryKeypoints, points: SparsePoints, rows: np.ndarr
     if len(rows) < conf["min_inliers"]:
         return SparseResult(False, None, len(query.xy), 0, 0, f"only {len(rows)} map points near the prior")
     matches = matching.match_descriptors(torch.from_numpy(query.descriptors).float(),
-                                         torch.from_numpy(points.descriptors[rows]).float(), **conf["matching"])
+                                         torch.from_numpy(points.descriptors[rows]).float(),
+                                         **keypoints.matching_conf(conf["keypoints"], conf))
     if len(matches) < conf["min_inliers"]:
         return SparseResult(False, None, len(query.xy), len(matches), 0,
                             f"{len(matches)} 2D-3D matches, fewer than {conf['min_inliers']}")
@@ -200,7 +201,7 @@ class SparseLocalizer:
     """SIFT + PnP against a whole in-memory map (small maps, tests; the batch job uses the cells)."""
 
     def __init__(self, scene_map: SceneMap, conf: dict | None = None):
-        self.conf = {**default_conf, **(conf or {})}
+        self.conf = {**default_conf, "keypoints": scene_map.keypoints, **(conf or {})}
         if scene_map.descriptors is None or len(scene_map.descriptors) == 0:
             raise ValueError(f"{scene_map.path}: the map has no point descriptors; sparse localization needs them")
         self.scene_map = scene_map
@@ -228,7 +229,7 @@ class SparseLocalizer:
 
     def localize(self, image: np.ndarray, camera: pycolmap.Camera, prior_position: np.ndarray | None = None,
                  prior_sigma_m: float | None = None) -> SparseResult:
-        """image: (H, W) uint8 grayscale at the resolution of `camera`. prior_position: (3,) map frame."""
+        """image: (H, W, 3) uint8 RGB at the resolution of `camera`. prior_position: (3,) map frame."""
         query = extract_query_keypoints(self.extractor, image)
         return localize_against(query, self.points, self.candidate_rows(prior_position), camera, self.conf,
                                 prior_position, prior_sigma_m)

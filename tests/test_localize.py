@@ -250,6 +250,37 @@ def test_the_checkpoints_dampings_reach_the_shards_aligners(scene, tmp_path):
     assert max(moved["stalled"]) < 0.005, moved
 
 
+def test_a_map_of_learned_keypoints_localizes_queries_described_alike(scene, tmp_path, capsys):
+    """`pixloc map --keypoints alike-n`: the map's points carry ALIKE descriptors, the store says
+    so, and the sparse localizer describes the queries with ALIKE too (from the store, no flag)."""
+    scene_dir = scene["scene"]
+    map_dir, store = tmp_path / "map", tmp_path / "store"
+    built = map_job.build_map(scene_dir / "mapping", map_dir, reference_model=scene_dir / "reference_model",
+                              priors=read_priors(scene_dir / "mapping_priors.csv"),
+                              conf={"keypoints": "alike-n", "sift": {"max_num_features": 1024},
+                                    "pairs": {"num_neighbors": 5}})
+    assert built.keypoints == "alike-n" and built.descriptors.shape[1] == 128
+    assert built.reconstruction.num_points3D() > 300
+    features_job.main(map_dir, scene_dir / "mapping", str(store), conf={"workers": 2})
+    results = localize_job.main(map_dir, str(store), scene_dir / "queries", tmp_path / "out",
+                                query_list=scene_dir / "queries_with_intrinsics.txt", priors=scene_dir / "priors.csv",
+                                conf={**CONF, "method": "sparse"})
+    rows = [row for row in pq.read_table(results).to_pylist() if row["success"]]
+    errors = pose_errors(read_poses(results.parent / "poses.txt"), read_poses(scene_dir / "gt_queries.txt"))
+    localized = {name: error for name, error in errors.items() if math.isfinite(error[0])}
+    assert len(rows) == len(localized) >= 2 and all(row["inliers"] >= 15 for row in rows), rows
+    assert all(t < 0.25 and R < 2.0 for t, R in localized.values()), errors
+
+    # queries described with another type than the map's points: refused before any work
+    capsys.readouterr()
+    assert cli.main(["localize", "--map", str(map_dir), "--store", str(store), "--queries", str(scene_dir / "queries"),
+                     "--priors", str(scene_dir / "priors.csv"), "--out", str(tmp_path / "mixed"),
+                     "--method", "sparse", "--conf", "sparse.keypoints=sift"]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("pixloc localize: ") and message.count("\n") == 1
+    assert "alike-n descriptors, not sparse.keypoints=sift" in message
+
+
 def test_an_unreachable_store_is_a_one_line_error(scene, faulty_queries, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     assert cli.main(["localize", "--map", str(scene["map"]), "--store", "s3://pixloc-test/store",

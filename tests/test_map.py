@@ -17,7 +17,7 @@ from pixloc_core import exif
 from pixloc_core.io import read_poses, read_priors
 from pixloc_core.map_io import SceneMap, model_fingerprint
 from pixloc_core.images import list_images
-from pixloc_core.mapping import sfm, sift
+from pixloc_core.mapping import keypoints, sfm
 from pixloc_core.synthetic import PinholeIntrinsics, SceneConfig, build_scene, raycast
 from pixloc_core.synthetic import dataset
 
@@ -172,6 +172,6 @@ def test_sfm_and_georegistration_on_lund(shared_data, tmp_path):
 
 
 def test_register_into_needs_the_model_keypoints(triangulated, scene, tmp_path):
-    features, _ = sift.main(scene / "mapping", list_images(scene / "mapping"), {"max_num_features": 100})
+    features, _ = keypoints.main(scene / "mapping", list_images(scene / "mapping"), "sift", {"max_num_features": 100})
     with pytest.raises(ValueError, match="not those of the model"):
         sfm.register_into(triangulated.reconstruction, features, {}, {}, scene / "mapping", tmp_path)

@@ -1,12 +1,12 @@
 """Map building steps, hloc-style: one module per step, each with a `default_conf` and a `main()`.
 
-    sift.main          images -> SIFT features (in memory, corrupt images skipped)
+    keypoints.main     images -> SIFT or learned (ALIKE, XFeat) features (in memory, corrupt images skipped)
     pairs.main         image pairs: by pose, by GPS, or exhaustive
     matching.main      torch mutual nearest neighbour + ratio test
     triangulation.main known poses -> 3D points (pycolmap), filtered tracks
     sfm.main           incremental SfM (pycolmap), street-sequence initialisation
     georegister.main   robust similarity model -> prior frame (ENU for GPS)
-    descriptors.main   one mean SIFT descriptor per 3D point, for sparse localization
+    descriptors.main   one mean descriptor per 3D point, for sparse localization
 
 `jobs/map.py` chains them into `pixloc map`.
 """

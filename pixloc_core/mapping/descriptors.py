@@ -1,4 +1,5 @@
-"""One descriptor per 3D point: the unit-norm mean of the SIFT descriptors of its observations.
+"""One descriptor per 3D point: the unit-norm mean of the descriptors (SIFT or learned, see
+keypoints.py) of its observations.
 
 Sparse localization then matches a query against P point descriptors instead of every
 observation (several times more), with no reference image read at query time.
@@ -41,7 +42,7 @@ def nearest_keypoints(points: np.ndarray, features: Features, max_distance_px: f
 def main(reconstruction: pycolmap.Reconstruction, features: Mapping[str, Features],
          keypoints_are_features: bool = True, conf: dict | None = None,
          point_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Returns point3D_ids (P,) int64 and descriptors (P, 128) float16, unit norm. Points without
+    """Returns point3D_ids (P,) int64 and descriptors (P, D) float16, unit norm. Points without
     any observation with a descriptor are left out. Only the images in `features` are read, and
     with `point_ids` only those points are described (the new points of a map update).
 
@@ -50,10 +51,12 @@ def main(reconstruction: pycolmap.Reconstruction, features: Mapping[str, Feature
     conf = {**default_conf, **(conf or {})}
     point_ids = np.sort(np.array(list(reconstruction.point3D_ids()) if point_ids is None else point_ids,
                                  dtype=np.int64))  # (P,)
-    sums = torch.zeros((len(point_ids), 128))
+    sums = None  # (P, D), D from the first image's descriptors
     for image in reconstruction.images.values():
         if not image.has_pose or image.name not in features:
             continue
+        if sums is None:
+            sums = torch.zeros((len(point_ids), features[image.name].descriptors.shape[1]))
         observed = observations(image)  # (M,) 2D points with a 3D point
         if keypoints_are_features:
             keypoint_index = observed.point2D_indices
@@ -61,8 +64,10 @@ def main(reconstruction: pycolmap.Reconstruction, features: Mapping[str, Feature
             keypoint_index = nearest_keypoints(observed.xy, features[image.name], conf["max_keypoint_distance_px"])
         valid = (keypoint_index >= 0) & np.isin(observed.point3D_ids, point_ids)
         rows = torch.from_numpy(np.searchsorted(point_ids, observed.point3D_ids[valid]))
-        descriptors = normalize_descriptors(features[image.name].descriptors[keypoint_index[valid]])  # (M', 128)
+        descriptors = normalize_descriptors(features[image.name].descriptors[keypoint_index[valid]])  # (M', D)
         sums.index_add_(0, rows, descriptors)
+    if sums is None:
+        return point_ids[:0], np.zeros((0, 0), np.float16)
     described = sums.norm(dim=1) > 0
     if not described.all():
         logger.info("%d of %d points have a descriptor", int(described.sum()), len(point_ids))

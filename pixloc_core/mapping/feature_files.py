@@ -1,7 +1,8 @@
 """Per-image feature and match files of a map being built, so that no process holds them all.
 
     MAP/mapping/features/<image name>.parquet   keypoints (N, 4) float32, descriptors (N, D) float16,
-                                                the image size in the file's metadata
+                                                the image size and the descriptors' own dtype (uint8
+                                                for SIFT) in the file's metadata
     MAP/mapping/matches/<image name>.parquet    one row per pair (this image, name1 > this image):
                                                 name1, idx0 (K,) int32, idx1 (K,) int32
 
@@ -68,7 +69,8 @@ class FeatureFiles(Mapping):
             names=["keypoints", "descriptors"])
         width, height = features.image_size
         table = table.replace_schema_metadata({"width": str(width), "height": str(height),
-                                               "descriptor_dim": str(descriptors.shape[1])})
+                                               "descriptor_dim": str(descriptors.shape[1]),
+                                               "descriptor_dtype": np.dtype(features.descriptors.dtype).name})
         _write_atomically(table, self.path(name))
 
     def image_size(self, name: str) -> tuple[int, int]:
@@ -90,9 +92,12 @@ class FeatureFiles(Mapping):
             raise KeyError(name) from None
         metadata = table.schema.metadata
         descriptors = _to_numpy(table.column("descriptors"), int(metadata[b"descriptor_dim"]), np.float32)
-        # SIFT descriptors are integers in [0, 255]: float16 keeps them exactly.
-        return Features(_to_numpy(table.column("keypoints"), 4, np.float32),
-                        np.rint(descriptors).astype(np.uint8), (int(metadata[b"width"]), int(metadata[b"height"])))
+        if metadata.get(b"descriptor_dtype", b"uint8") == b"uint8":
+            descriptors = np.rint(descriptors).astype(np.uint8)  # SIFT's integers in [0, 255]: float16 holds them exactly
+        else:
+            descriptors = descriptors.astype(np.float16)
+        return Features(_to_numpy(table.column("keypoints"), 4, np.float32), descriptors,
+                        (int(metadata[b"width"]), int(metadata[b"height"])))
 
     def _all_names(self) -> list[str]:
         if self._names is not None:

@@ -1,4 +1,4 @@
-"""SIFT descriptor matching in torch: nearest neighbour, Lowe's ratio test, optional mutual check.
+"""Descriptor matching in torch (SIFT's and the learned types'): nearest neighbour, Lowe's ratio test, optional mutual check.
 
 A chunked matmul replaces pycolmap's CPU matcher (about 10x faster on CPU for the same result) and
 bounds memory: only a (chunk_size, M) similarity block exists at any time.
@@ -21,7 +21,7 @@ default_conf = {
 
 
 def normalize_descriptors(descriptors: np.ndarray) -> torch.Tensor:
-    """(N, 128) uint8 or float -> (N, 128) float32 unit vectors."""
+    """(N, D) uint8 or float -> (N, D) float32 unit vectors."""
     return torch.nn.functional.normalize(torch.from_numpy(np.asarray(descriptors, dtype=np.float32)), dim=-1)
 
 

@@ -1,23 +1,16 @@
-"""SIFT keypoints and descriptors with pycolmap, extracted from in-memory images.
+"""SIFT keypoints and descriptors with pycolmap, extracted from in-memory images (see keypoints.py
+for reading the images of a map and the other keypoint types).
 
-Images are read with PIL (so that corrupt files give a per-image reason instead of aborting the
-whole job), downscaled to `max_image_size`, and the keypoints are scaled back to the original
+Images are downscaled to `max_image_size`, and the keypoints are scaled back to the original
 resolution: everything downstream (cameras, reference models) lives in full-resolution pixels.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pycolmap
 from PIL import Image
-from tqdm import tqdm
-
-from ..images import ImageReadError, read_image
-
-logger = logging.getLogger(__name__)
 
 default_conf = {
     "max_image_size": 1600,
@@ -29,7 +22,9 @@ default_conf = {
 @dataclass
 class Features:
     keypoints: np.ndarray  # (N, 4) float32: x, y, scale, orientation in original-resolution pixels
-    descriptors: np.ndarray  # (N, 128) uint8, RootSIFT-normalised by pycolmap
+    # (N, 128) uint8 for SIFT (RootSIFT-normalised by pycolmap); (N, D) float16 unit vectors for a
+    # learned type (see keypoints.py)
+    descriptors: np.ndarray
     image_size: tuple[int, int]  # (width, height) of the original image
 
     @property
@@ -48,7 +43,9 @@ class SiftExtractor:
         self.extractor = pycolmap.FeatureExtractor.create(options, pycolmap.Device.cpu)
 
     def __call__(self, image: np.ndarray) -> Features:
-        """image: (H, W) uint8 grayscale at its original resolution."""
+        """image: (H, W, 3) uint8 RGB or (H, W) grayscale, at its original resolution."""
+        if image.ndim == 3:
+            image = np.asarray(Image.fromarray(image).convert("L"))
         height, width = image.shape
         scale = min(1.0, self.conf["max_image_size"] / max(height, width))
         if scale < 1.0:
@@ -64,17 +61,3 @@ class SiftExtractor:
         keypoints[:, 2] *= width / resized.shape[1]
         return Features(keypoints, np.asarray(descriptors.data, dtype=np.uint8), (width, height))
 
-
-def main(image_dir: Path, names: list[str], conf: dict | None = None
-         ) -> tuple[dict[str, Features], list[dict[str, str]]]:
-    """Extract SIFT for `names` under `image_dir`. Returns the features of the readable images and
-    one {"name", "reason"} per skipped image (also logged, one line each)."""
-    extractor = SiftExtractor(conf)
-    features, skipped = {}, []
-    for name in tqdm(names, desc="SIFT", unit="img"):
-        try:
-            features[name] = extractor(read_image(Path(image_dir) / name, "L"))
-        except ImageReadError as error:
-            logger.warning("skipping %s", error)
-            skipped.append({"name": name, "reason": str(error).split(": ", 1)[-1]})
-    return features, skipped
