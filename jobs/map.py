@@ -82,11 +82,12 @@ def exif_priors(image_dir: Location, names: list[str]) -> dict[str, Prior]:
     return priors
 
 
-def exif_focal_lengths(image_dir: Path, features: dict[str, sift.Features]) -> dict[str, float]:
+def exif_focal_lengths(image_dir: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """EXIF focal lengths in pixels of the images of `sizes` (name -> width, height) that have one."""
     focal = {}
-    for name, image_features in features.items():
+    for name, size in sizes.items():
         try:
-            value = exif.read_exif_focal_px(Path(image_dir) / name, *image_features.image_size)
+            value = exif.read_exif_focal_px(Path(image_dir) / name, *size)
         except (ValueError, OSError):
             continue
         if value:
@@ -138,7 +139,9 @@ def build_map(images: Location, out: Location, reference_model: Location | None 
     positions, origin = georegister.priors_to_positions(
         {name: prior for name, prior in (priors or {}).items() if name in features})
 
-    focal_px: dict[str, float] = {}  # EXIF focal lengths, for SfM only
+    # EXIF focal lengths: SfM's initial cameras, and in every map the key by which a query with the
+    # same EXIF finds the map's camera (calibrated or refined) instead of one made from its EXIF.
+    focal_px = exif_focal_lengths(images, {name: found.image_size for name, found in features.items()})
     with tempfile.TemporaryDirectory(prefix="pixloc_map_") as work_dir:
         if import_model:
             source, reconstruction = "import", source_model
@@ -146,7 +149,6 @@ def build_map(images: Location, out: Location, reference_model: Location | None 
             source = "reference-model"
             reconstruction = triangulate(source_model, features, images, Path(work_dir), conf)
         else:
-            focal_px = exif_focal_lengths(images, features)
             source, reconstruction = "sfm", reconstruct(features, positions, images, Path(work_dir), focal_px, conf)
     return finish_map(reconstruction, features, positions, origin, source, images_location, out, skipped,
                       focal_px, conf)
@@ -247,8 +249,9 @@ def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: d
                                 image_keypoints, conf["merge"])
     positions, origin = georegister.priors_to_positions(
         {name: prior for name, prior in (priors or {}).items() if name in set(present)})
-    return finish_map(reconstruction, features, positions, origin, "reference-model", images, out, skipped, {},
-                      conf, {"failed_cells": failed})
+    focal_px = exif_focal_lengths(images, {name: features.image_size(name) for name in present})
+    return finish_map(reconstruction, features, positions, origin, "reference-model", images, out, skipped,
+                      focal_px, conf, {"failed_cells": failed})
 
 
 def check_not_degenerate(reconstruction: pycolmap.Reconstruction, min_images: int) -> None:

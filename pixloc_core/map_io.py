@@ -247,7 +247,8 @@ def camera_for_exif(cameras, exif_cameras: dict[str, int], width: int, height: i
                     exif_focal_px: float) -> pycolmap.Camera | None:
     """The map's self-calibrated camera of the device that wrote this EXIF focal length at this
     image size: SfM gives all mapping images of one (size, EXIF focal) one shared camera, whose
-    refined intrinsics fit the map better than the EXIF value does. `cameras`: camera_id -> camera.
+    refined intrinsics fit the map better than the EXIF value does; a map triangulated from a
+    reference model keeps the model's cameras, by the same keys. `cameras`: camera_id -> camera.
 
     A resized photo of that device (same aspect ratio up to the rounding of its size, same
     focal length per pixel of diagonal: a 35 mm equivalent keeps its value under resizing) gets

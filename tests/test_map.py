@@ -74,6 +74,11 @@ def test_map_directory_and_georegistration(scene, triangulated):
     assert manifest["source"] == "reference-model"
     assert manifest["num_points3D"] == triangulated.reconstruction.num_points3D()
     assert manifest["skipped"] == []
+    # a query with the references' EXIF finds their (here: true) camera, not one made from its EXIF
+    reconstruction = triangulated.reconstruction
+    camera = reconstruction.cameras[reconstruction.find_image_with_name("ref_0000.jpg").camera_id]
+    focal = exif.read_exif_focal_px(scene / "mapping" / "ref_0000.jpg", camera.width, camera.height)
+    assert triangulated.camera_for_exif(camera.width, camera.height, focal) is not None
     assert triangulated.fingerprint == model_fingerprint(triangulated.path / "model")
     assert len(triangulated.point3D_ids) == triangulated.reconstruction.num_points3D()
     np.testing.assert_allclose(np.linalg.norm(triangulated.descriptors.astype(np.float32), axis=1), 1, atol=1e-2)
