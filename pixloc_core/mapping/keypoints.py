@@ -9,9 +9,10 @@ must be described the same way: the localizer takes the type from the feature st
 extractor is a callable (H, W, 3) uint8 RGB -> Features in the image's own pixels, limited by the
 `sift` conf (max_image_size, max_num_features) whatever the type.
 
-Learned descriptors are matched with a mutual check: unlike SIFT's, their second-nearest distances
-sit close to the nearest (descriptors trained to be discriminative only locally), so a ratio test
-alone keeps few matches, while mutual nearest neighbours hold on their own (`learned_matching`).
+Learned descriptors are matched by mutual nearest neighbour with a loose ratio test
+(`learned_matching`, 0.95). On the 60-reference synthetic street at 320x240 (ALIKE-N) it kept
+about as many 2D-3D matches as a 0.9 ratio test alone, and the same queries localized; it is not
+tuned beyond that.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def main(image_dir: Path, names: list[str], kind: str = "sift", sift_conf: dict 
          ) -> tuple[dict[str, Features], list[dict[str, str]]]:
     """Keypoints of type `kind` for `names` under `image_dir`. Returns the features of the readable
     images and one {"name", "reason"} per skipped image (also logged, one line each)."""
-    extractor = keypoint_extractor(kind, {**sift_defaults, **(sift_conf or {})})
+    extractor = keypoint_extractor(kind, sift_conf or {})
     features, skipped = {}, []
     for name in tqdm(names, desc=f"keypoints ({kind})", unit="img"):
         try:
