@@ -7,8 +7,9 @@ process (VmHWM: the driver and the largest worker). The merged map is checked ag
 scene (point error: |estimated - true depth| at sampled observations, raycast in the true scene),
 and the single-process map (`--single-process`) runs beside it up to `single_process_max_refs`.
 Update: the map of the western part of the first city, then `pixloc map --update` with the rest,
-against the from-scratch build: registered images, wall time, the fraction of cells whose
-fingerprint (so whose store partitions) stayed the same, camera centre error of the new images.
+against the from-scratch build: registered images, wall time, camera centre error of the new
+images; and `pixloc features` into one store before and after the update: its wall time each time,
+the fraction of the store's partitions the update left untouched, and the images read again.
 
 JSON: {"sizes": [{"refs", "workers", "wall_s", "cpu_s_per_image", "peak_rss_mb": {"driver",
 "worker"}, "point_error_m", "single_process_wall_s"}], "lund": null (not measured), "update": {...}}
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
+from cluster.store import MANIFEST_FILE, FeatureStore
 from pixloc_core.map_io import SceneMap
 from pixloc_core.mapping import triangulation
 from pixloc_core.synthetic import PinholeIntrinsics, SceneConfig, build_scene, dataset, raycast
@@ -145,6 +147,11 @@ def map_args(scene_dir: Path, out: Path, workers: int, reference: Path | None = 
             "--workers", str(workers)]
 
 
+def partition_manifests(store_dir: Path) -> dict[str, bytes]:
+    """Each published partition's manifest, by path: a partition the update left alone keeps its bytes."""
+    return {str(path.relative_to(store_dir)): path.read_bytes() for path in store_dir.glob(f"cell=*/level=*/{MANIFEST_FILE}")}
+
+
 def measure_update(scene_dir: Path, work: Path, full_map: Path, conf: dict) -> dict:
     reference = pycolmap.Reconstruction()
     reference.read(scene_dir / "reference_model")
@@ -153,20 +160,29 @@ def measure_update(scene_dir: Path, work: Path, full_map: Path, conf: dict) -> d
     west = {name for name, center in centers.items() if center[0] < threshold}
     (work / "west_model").mkdir(parents=True, exist_ok=True)
     triangulation.skeleton_from_reference(reference, west).write(work / "west_model")
-    map_dir = work / "updated"
+    map_dir, store_dir = work / "updated", work / "store"
+    features_args = ["features", "--map", map_dir, "--images", scene_dir / "mapping", "--store", store_dir,
+                     "--workers", "2"]
     run_pixloc(*map_args(scene_dir, map_dir, 2, work / "west_model"))
-    before = json.loads((map_dir / "manifest.json").read_text())["cell_fingerprints"]
+    features_map_s = run_pixloc(*features_args)["wall_s"]
+    before = partition_manifests(store_dir)
     timed = run_pixloc("map", "--update", map_dir, "--images", scene_dir / "mapping", "--reference-model",
                        scene_dir / "reference_model", "--workers", "2")
+    features_update_s = run_pixloc(*features_args)["wall_s"]
+    after = partition_manifests(store_dir)
     updated = SceneMap.load(map_dir, with_descriptors=False)
     entry = updated.manifest["updates"][-1]
-    after = updated.manifest["cell_fingerprints"]
+    store = FeatureStore.open(str(store_dir), map_fingerprint=updated.fingerprint)
     full = SceneMap.load(full_map, with_descriptors=False).reconstruction
     errors = [np.linalg.norm(updated.reconstruction.find_image_with_name(name).projection_center() - centers[name])
               for name in set(centers) - west if updated.reconstruction.find_image_with_name(name) is not None]
     return {"new_images": entry["new_images"], "registered": entry["registered"], "wall_s": timed["wall_s"],
             "cpu_s_per_new_image": timed["cpu_s"] / max(entry["new_images"], 1),
-            "partitions_reused_fraction": sum(after[c] == before.get(c) for c in after) / max(len(after), 1),
+            "partitions_reused_fraction": sum(after[path] == before.get(path) for path in after) / max(len(after), 1),
+            "features_wall_s": {"map": features_map_s, "update": features_update_s},
+            # the commits left after the store followed the update are those of the images read again
+            "images_reextracted": len({i for commit in store.commits() for i in commit.image_ids}),
+            "images": updated.reconstruction.num_reg_images(),
             "camera_error_m": float(np.median(errors)) if errors else None,
             "points_updated": updated.reconstruction.num_points3D(), "points_from_scratch": full.num_points3D()}
 

@@ -7,7 +7,9 @@ Layout under the store URL (a local directory or `s3://bucket/prefix`):
                                                  until the partition is published; then one file,
                                                  part-merged-<key> (part-aggregated-<key>), holds them
     _commits/<key>.json                          the batch's images and files (rows, bytes, crc32, sha256)
-    cell=<cell>/level=<level>/_manifest.json     the partition's committed files: makes it visible
+                                                 and the map fingerprint it was extracted for
+    cell=<cell>/level=<level>/_manifest.json     the partition's committed files and the fingerprint of
+                                                 the cell's content they hold: makes it visible
     cell=<cell>/level=sparse/...                 the cell's sparse points, same commit protocol
 
 Writers (Ray workers) only create part files, each under a name no other batch uses. The driver
@@ -16,6 +18,12 @@ S3 and, by rename, on a local disk) and publishes a partition once every image o
 committed: its parts merged into one file, named by a manifest, and then deleted. Readers read
 only the files that a manifest lists, so the files of a killed job stay invisible, and a rerun
 skips the images of committed batches.
+
+A store follows its map through `pixloc map --update`: the map records the fingerprint it had
+before each update, and a features job on the updated map reuses every partition whose cell
+fingerprint is unchanged, recomputes the others (commits of the earlier map do not count), and
+only then names the new map in store.json, so that a reader of the new map never sees a store
+that is half of the old one.
 
 Integrity: every load checks each file's size and CRC32 (cheap, recorded at write time) against
 the manifest and refuses a damaged or missing file by name (`DamagedPartition`); `verify` also
@@ -43,7 +51,8 @@ import logging
 import warnings
 import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Collection
 
 import numpy as np
 import pyarrow as pa
@@ -124,13 +133,16 @@ class Commit:
     key: str
     image_ids: list[int]
     parts: list[PartFile] = field(default_factory=list)
+    map_fingerprint: str = ""  # the map it was extracted for; "": the store's (commits before this was recorded)
 
     def to_json(self) -> dict:
-        return {"key": self.key, "image_ids": self.image_ids, "parts": [asdict(part) for part in self.parts]}
+        return {"key": self.key, "image_ids": self.image_ids, "parts": [asdict(part) for part in self.parts],
+                "map_fingerprint": self.map_fingerprint}
 
     @classmethod
     def from_json(cls, content: dict) -> Commit:
-        return cls(content["key"], content["image_ids"], [PartFile(**part) for part in content["parts"]])
+        return cls(content["key"], content["image_ids"], [PartFile(**part) for part in content["parts"]],
+                   content.get("map_fingerprint", ""))
 
 
 def batch_key(image_ids: list[int]) -> str:
@@ -318,18 +330,34 @@ class FeatureStore:
         return cls(storage, info)
 
     @classmethod
-    def create(cls, url: str, info: StoreInfo, storage: Storage | None = None,
-               retry: RetryPolicy = RetryPolicy()) -> FeatureStore:
-        """A new store, or the existing one at `url` when it has the same identity (to resume)."""
+    def create(cls, url: str, info: StoreInfo, storage: Storage | None = None, retry: RetryPolicy = RetryPolicy(),
+               earlier_maps: Collection[str] = ()) -> FeatureStore:
+        """A new store, or the existing one at `url` when it has the same identity (to resume) or
+        differs only by being of one of `earlier_maps`, the fingerprints the map had before its
+        updates (the store keeps that identity until `adopt_map`)."""
         storage = storage or Storage(url, retry)
         if storage.exists(INFO_FILE):
-            store = cls.open(url, info.extractor_id, info.map_fingerprint, storage=storage)
-            if store.info != info:
+            store = cls.open(url, info.extractor_id, storage=storage)
+            if store.info.map_fingerprint not in {info.map_fingerprint, *earlier_maps}:
+                raise StoreMismatchError(f"{storage.url}: store of another map: expected "
+                                         f"{info.map_fingerprint}, found {store.info.map_fingerprint}")
+            if replace(store.info, map_fingerprint=info.map_fingerprint) != info:
                 raise StoreMismatchError(f"{storage.url}: store written with other settings: "
                                          f"expected {info}, found {store.info}")
             return store
         storage.write_json(INFO_FILE, asdict(info))
         return cls(storage, info)
+
+    def adopt_map(self, map_fingerprint: str) -> None:
+        """Name `map_fingerprint` in store.json, once every cell of that map is current, and drop
+        the commits of earlier maps (their partitions are either republished or current)."""
+        if map_fingerprint == self.info.map_fingerprint:
+            return
+        obsolete = [commit.key for commit in self.commits() if commit.map_fingerprint != map_fingerprint]
+        self.info = replace(self.info, map_fingerprint=map_fingerprint)
+        self.storage.write_json(INFO_FILE, asdict(self.info))
+        for key in obsolete:
+            self.storage.delete(f"{COMMITS_DIR}/{key}.json")
 
     # Writing: workers write part files, the driver commits batches and publishes partitions.
 
@@ -345,14 +373,22 @@ class FeatureStore:
     def commit(self, commit: Commit) -> None:
         self.storage.write_json(f"{COMMITS_DIR}/{commit.key}.json", commit.to_json())
 
-    def commits(self) -> list[Commit]:
+    def commits(self, map_fingerprint: str | None = None) -> list[Commit]:
+        """The recorded batches; with `map_fingerprint`, only those extracted for that map."""
         records = self.storage.get_many(self.storage.list_files(COMMITS_DIR))
-        return [Commit.from_json(json.loads(content)) for content in records.values()]
+        commits = []
+        for content in records.values():
+            commit = Commit.from_json(json.loads(content))
+            commit.map_fingerprint = commit.map_fingerprint or self.info.map_fingerprint
+            if map_fingerprint in (None, commit.map_fingerprint):
+                commits.append(commit)
+        return commits
 
-    def publish(self, cell: str, level: int | str, parts: list[PartFile]) -> None:
+    def publish(self, cell: str, level: int | str, parts: list[PartFile], cell_fingerprint: str) -> None:
         """Make a complete partition visible as one file: its batches' part files (checked against
         what their writers recorded) merged, per point in an aggregated store, so that a load parses
-        one file instead of one per batch. The part files, and the files of a partition published
+        one file instead of one per batch; the manifest names the cell content (`cell_fingerprint`,
+        the map's) it was computed from. The part files, and the files of a partition published
         before, are deleted once the new manifest names the merged file."""
         parts = sorted(parts, key=lambda part: part.path)
         files = []
@@ -370,6 +406,7 @@ class FeatureStore:
             "rows": sum(part.rows for part in files),
             "files": [asdict(part) for part in files],
             "merged_parts": len(parts),
+            "cell_fingerprint": cell_fingerprint,
         })
         for path in sorted({part.path for part in parts} | replaced - {part.path for part in files}):
             self.storage.delete(path)
@@ -385,6 +422,18 @@ class FeatureStore:
 
     def is_published(self, cell: str, level: int | str) -> bool:
         return self.storage.exists(f"{partition_dir(cell, level)}/{MANIFEST_FILE}")
+
+    def is_current(self, cell: str, level: int | str, cell_fingerprint: str, map_fingerprint: str) -> bool:
+        """Whether the partition is published from the cell content `cell_fingerprint` of map
+        `map_fingerprint`. A partition published before manifests named their cell's content is
+        current only in a store of that very map."""
+        try:
+            published = self.manifest(cell, level).get("cell_fingerprint")
+        except (PartitionNotFound, json.JSONDecodeError, AttributeError):
+            return False
+        if published is None:
+            return self.info.map_fingerprint == map_fingerprint
+        return published == cell_fingerprint
 
     def manifest(self, cell: str, level: int | str) -> dict:
         path = f"{partition_dir(cell, level)}/{MANIFEST_FILE}"
@@ -502,10 +551,13 @@ class FeatureStore:
 
 class PartitionPublisher:
     """Tracks which images of each cell are still missing and publishes a cell's partitions (every
-    level, dense and sparse) once none is."""
+    level, dense and sparse) once none is, each named after the cell's fingerprint in the map."""
 
-    def __init__(self, store: FeatureStore, cells: dict[str, list[int]]):
+    def __init__(self, store: FeatureStore, cells: dict[str, list[int]], fingerprints: dict[str, str],
+                 map_fingerprint: str):
         self.store = store
+        self.fingerprints = fingerprints
+        self.map_fingerprint = map_fingerprint
         self.missing = {cell: set(image_ids) for cell, image_ids in cells.items()}
         self.parts: dict[tuple[str, int | str], list[PartFile]] = defaultdict(list)
         self.committed: set[int] = set()
@@ -532,13 +584,16 @@ class PartitionPublisher:
 
     def publish(self, cell: str, levels: list[int | str] | None = None) -> None:
         for level in self.store.info.levels() if levels is None else levels:
-            self.store.publish(cell, level, self.parts[cell, level])
+            self.store.publish(cell, level, self.parts[cell, level], self.fingerprints[cell])
         self.published += 1
+
+    def is_current(self, cell: str, level: int | str) -> bool:
+        return self.store.is_current(cell, level, self.fingerprints[cell], self.map_fingerprint)
 
     def publish_unpublished(self) -> None:
         """Complete cells of an earlier run that was stopped before publishing all their levels
         (the part files of those it published are gone: they live on in the merged files)."""
         for cell, missing in self.missing.items():
-            unpublished = [level for level in self.store.info.levels() if not self.store.is_published(cell, level)]
+            unpublished = [level for level in self.store.info.levels() if not self.is_current(cell, level)]
             if not missing and unpublished:
                 self.publish(cell, unpublished)

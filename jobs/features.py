@@ -10,6 +10,10 @@ and publishes a cell's partitions once all its images are committed; a rerun ski
 images (see cluster/store.py for the layout and the commit protocol). It also writes the map's
 compact reference table (MAP/references.parquet) that localization plans from.
 
+After `pixloc map --update`, the same store follows the map: the cells whose fingerprint the
+update left unchanged keep their partitions, and only the images of the changed and new cells are
+read again.
+
 A rerun also repairs: published partitions whose files are missing or of the wrong size (with
 `--repair`: whose checksums differ too) are recomputed from their cell's images and republished;
 no other partition is rewritten.
@@ -125,11 +129,13 @@ def sample_reference_image(extractor: Extractor, path: Location, item: dict) -> 
 class ReferenceFeatureWriter:
     """Ray Data callable class: one extractor per worker, reused across batches."""
 
-    def __init__(self, store_url: str, images_dir: str, extractor_name: str, checkpoint: str | None):
+    def __init__(self, store_url: str, images_dir: str, extractor_name: str, checkpoint: str | None,
+                 map_fingerprint: str):
         set_torch_threads()
         self.extractor = load_extractor(extractor_name, checkpoint)
         self.store = FeatureStore.open(store_url, extractor_id=self.extractor.extractor_id)
         self.images_dir = files.location(images_dir)
+        self.map_fingerprint = map_fingerprint
 
     def extract(self, item: dict) -> dict[tuple[str, int | str], pa.Table]:
         """The observation rows of one image, per partition (cell, level) it writes into."""
@@ -167,7 +173,7 @@ class ReferenceFeatureWriter:
             key = batch_key(image_ids)
             parts = [self.store.write_part(cell, level, key, pa.concat_tables(tables))
                      for (cell, level), tables in sorted(partitions.items(), key=str)]
-            commit = json.dumps(Commit(key, image_ids, parts).to_json())
+            commit = json.dumps(Commit(key, image_ids, parts, self.map_fingerprint).to_json())
         return {"commit": np.array([commit]), "failures": np.array([json.dumps(failures)])}
 
 
@@ -184,14 +190,15 @@ def map_descriptors(scene: SceneMap) -> tuple[np.ndarray, np.ndarray] | None:
     return scene.point3D_ids, scene.descriptors
 
 
-def extract(store: FeatureStore, items: list[dict], images_dir: Location, conf: dict, description: str,
-            on_commit: Callable[[Commit], None]) -> list[str]:
-    """Run the workers over `items` (Ray initialised); each returned batch goes to `on_commit`.
-    Returns the unreadable images' errors."""
+def extract(store: FeatureStore, scene: SceneMap, items: list[dict], images_dir: Location, conf: dict,
+            description: str, on_commit: Callable[[Commit], None]) -> list[str]:
+    """Run the workers over `items` (Ray initialised) of the map `scene`; each returned batch goes
+    to `on_commit`. Returns the unreadable images' errors."""
     dataset = ray.data.from_items(items).map_batches(
         ReferenceFeatureWriter,
         fn_constructor_kwargs={"store_url": store.url, "images_dir": files.absolute(images_dir),
-                               "extractor_name": conf["extractor"], "checkpoint": conf["checkpoint"]},
+                               "extractor_name": conf["extractor"], "checkpoint": conf["checkpoint"],
+                               "map_fingerprint": scene.fingerprint},
         batch_size=conf["batch_size"],
         compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
         num_cpus=conf["cpus_per_worker"], num_gpus=gpus_per_worker(conf))
@@ -223,17 +230,17 @@ def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], im
 
     items = partition_items(scene.reconstruction, {partition: cells[partition[0]] for partition in damaged},
                             map_descriptors(scene))
-    failures = extract(store, items, images_dir, conf, "repair reference features", collect)
+    failures = extract(store, scene, items, images_dir, conf, "repair reference features", collect)
     if not failures:
         for cell, level in damaged:
-            store.publish(cell, level, parts[cell, level])
+            store.publish(cell, level, parts[cell, level], scene.manifest["cell_fingerprints"][cell])
     return failures
 
 
 def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | None = None,
          address: str | None = None) -> dict:
-    """Fill the store for every reference image in a cell of the map, and recompute damaged
-    partitions; returns counts and timings."""
+    """Fill the store for every reference image in a cell of the map whose partitions are not
+    current, and recompute damaged partitions; returns counts and timings."""
     conf = merge_conf(default_conf, conf)
     if conf["checkpoint"] is not None:
         conf["checkpoint"] = files.absolute(conf["checkpoint"])  # the workers' working directory may differ
@@ -245,22 +252,28 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
     descriptors = map_descriptors(scene)
     info = StoreInfo(extractor.extractor_id, scene.fingerprint, strides, channels, conf["aggregate"],
                      sparse_keypoints=scene.keypoints if descriptors else "", sparse_dim=descriptors[1].shape[1] if descriptors else 0)
-    items = reference_items(scene.reconstruction, cells, info.levels(), descriptors)
+    store = FeatureStore.create(store_url, info, earlier_maps=scene.earlier_fingerprints)
+    fingerprints = scene.manifest["cell_fingerprints"]
+    current = {cell for cell in cells if all(store.is_current(cell, level, fingerprints[cell], scene.fingerprint)
+                                             for level in info.levels())}
+    if store.info.map_fingerprint != scene.fingerprint:
+        logger.info("%s: store of the map before its update: %d of %d cells unchanged, their partitions reused",
+                    store.url, len(current), len(cells))
+    stale = {cell: image_ids for cell, image_ids in cells.items() if cell not in current}
+    publisher = PartitionPublisher(store, stale, fingerprints, scene.fingerprint)
+    for commit in store.commits(scene.fingerprint):
+        publisher.record(commit)
+    items = reference_items(scene.reconstruction, stale, info.levels(), descriptors)
     available = set(list_images(images_dir))  # one listing, not one request per image
     missing = [item["name"] for item in items if item["name"] not in available]
     if missing:
         raise FileNotFoundError(f"{images_dir}: {len(missing)} reference images of {map_dir} not found, "
                                 f"e.g. {', '.join(missing[:3])}")
-
-    store = FeatureStore.create(store_url, info)
-    publisher = PartitionPublisher(store, cells)
-    for commit in store.commits():
-        publisher.record(commit)
     pending = [item for item in items if item["image_id"] not in publisher.committed]
-    logger.info("%s: %d reference images, %d already committed, %d to extract with %s",
-                store.url, len(items), len(items) - len(pending), len(pending), extractor.extractor_id)
+    logger.info("%s: %d reference images in %d cells to fill, %d already committed, %d to extract with %s",
+                store.url, len(items), len(stale), len(items) - len(pending), len(pending), extractor.extractor_id)
     publisher.publish_unpublished()
-    damaged = store.damaged_partitions([(cell, level) for cell in cells for level in info.levels()],
+    damaged = store.damaged_partitions([(cell, level) for cell in sorted(current) for level in info.levels()],
                                        checksums=conf["repair"])
     if address is not None and store.storage.is_local:
         logger.warning("%s: a local store on a Ray cluster only works if every node mounts it at this path "
@@ -283,15 +296,17 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
                 extracted += len(commit.image_ids)
 
             if pending:
-                failures += extract(store, pending, images_dir, conf, "reference features", commit_batch)
+                failures += extract(store, scene, pending, images_dir, conf, "reference features", commit_batch)
             seconds = time.perf_counter() - start
     if failures:
         raise ReferenceImageError(f"{len(failures)} reference image(s) unreadable, their cells are not "
                                   f"published (fix them and rerun to resume): {'; '.join(failures[:3])}")
+    store.adopt_map(scene.fingerprint)
     # seconds: the Ray Data job(s), worker start-up included; first_commit_s: until the first batch.
-    return {"images": len(items), "skipped": len(items) - len(pending), "extracted": extracted,
-            "cells_published": publisher.published, "partitions_repaired": len(damaged), "seconds": seconds,
-            "first_commit_s": first_commit_s}
+    num_images = len({image_id for image_ids in cells.values() for image_id in image_ids})
+    return {"images": num_images, "skipped": num_images - len(pending), "extracted": extracted,
+            "cells_published": publisher.published, "cells_reused": len(current),
+            "partitions_repaired": len(damaged), "seconds": seconds, "first_commit_s": first_commit_s}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

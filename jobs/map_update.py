@@ -213,6 +213,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
                           skipped, time.perf_counter() - start)
     entry = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "images_dir": str(images),
              "source": "reference-model" if reference is not None else "gps",
+             "previous_fingerprint": scene.fingerprint,  # lets the store of the map before follow it
              **{key: value for key, value in asdict(report).items() if key != "reused_cells"},
              "failed_cells": [{"cell": r.cell, "reason": r.failure} for r in results if r.failure]}
     manifest = scene.manifest

@@ -15,7 +15,7 @@
     MAP/manifest.json     {"fingerprint", "source", "keypoints", "images_dir", "num_images", "num_points3D",
                            "skipped": [{"name", "reason"}], "exif_cameras": {"WxH@F": camera_id},
                            "cell_fingerprints": {cell: sha256 of what its store partitions hold},
-                           "failed_cells": [{"cell", "reason"}], "updates": [...], "created_utc"}
+                           "failed_cells": [{"cell", "reason"}], "updates": [{..., "previous_fingerprint"}], "created_utc"}
 
 SfM maps are transformed into the ENU frame of their GPS priors (metric, z up), so for them
 map_to_enu is the identity and GPS priors in ENU are map positions; imported and reference-model
@@ -181,6 +181,12 @@ class SceneMap:
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
+
+    @property
+    def earlier_fingerprints(self) -> list[str]:
+        """The fingerprints the map had before each of its updates, oldest first."""
+        return [entry["previous_fingerprint"] for entry in self.manifest.get("updates", [])
+                if "previous_fingerprint" in entry]
 
     def save(self, path: Path, source: str, images_dir: Path, skipped: list[dict],
              manifest_extra: dict | None = None) -> None:

@@ -20,4 +20,6 @@ def test_mapping_benchmark_smoke(tmp_path):
     update = report["update"]
     assert update["new_images"] > 0 and update["registered"] == update["new_images"]
     assert 0 < update["partitions_reused_fraction"] < 1
+    assert 0 < update["images_reextracted"] <= update["images"] == 24  # 5 cells: halos reach most images
+    assert update["features_wall_s"]["update"] > 0
     assert update["camera_error_m"] < 1e-6  # known poses: the new photos keep them

@@ -9,6 +9,8 @@ import numpy as np
 import pycolmap
 import pytest
 
+from cluster.store import FeatureStore, StoreMismatchError
+from jobs import features
 from jobs.cli import main as cli_main
 from jobs.map import WORK_DIR, build_map, build_map_in_cells, read_model
 from pixloc_core.io import read_priors
@@ -22,6 +24,7 @@ pycolmap.logging.minloglevel = 2
 
 # Small cells, so that the 30 references of the street spread over several cells and halos.
 CELLS = {"shards": {"cell_size_m": 30.0, "halo_m": 15.0}}
+STORE_CONF = {"workers": 1, "batch_size": 2}
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +144,9 @@ def test_resume_skips_finished_cells(scene, in_cells, tmp_path, ray_cluster):
     assert resumed.manifest["cell_fingerprints"] == in_cells.manifest["cell_fingerprints"]
 
 
-def test_update_adds_photos_and_keeps_the_other_cells(scene, tmp_path, ray_cluster):
-    """A map of the western part of the street, updated in place with the eastern photos."""
+def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions(scene, tmp_path, ray_cluster):
+    """A map of the western part of the street, updated in place with the eastern photos; its
+    feature store follows it, recomputing only the changed cells."""
     reference = read_model(scene / "reference_model")
     centers = {image.name: image.projection_center() for image in reference.images.values()}
     west = {name for name, center in centers.items() if center[0] < np.quantile([c[0] for c in centers.values()], 0.65)}
@@ -151,6 +155,9 @@ def test_update_adds_photos_and_keeps_the_other_cells(scene, tmp_path, ray_clust
     map_dir = tmp_path / "map"
     before = build_map_in_cells(scene / "mapping", map_dir, tmp_path / "west", read_priors(scene / "mapping_priors.csv"),
                                 CELLS)
+    store_url = str(tmp_path / "store")
+    features.main(map_dir, scene / "mapping", store_url, STORE_CONF)
+    store_files = {path: path.read_bytes() for path in (tmp_path / "store").glob("cell=*/**/*") if path.is_file()}
     assert cli_main(["map", "--update", str(map_dir), "--images", str(scene / "mapping"),
                      "--reference-model", str(scene / "reference_model")]) == 0
 
@@ -174,3 +181,32 @@ def test_update_adds_photos_and_keeps_the_other_cells(scene, tmp_path, ray_clust
     with pytest.raises(SystemExit, match="no image that"):
         cli_main(["map", "--update", str(map_dir), "--images", str(scene / "mapping"),
                   "--reference-model", str(scene / "reference_model")])
+
+    # The store: an unreadable new photo stops its cells; the store still names the old map, so
+    # no reader of the new map sees it half updated.
+    images = tmp_path / "images"
+    shutil.copytree(scene / "mapping", images)
+    broken = sorted(set(centers) - west)[0]
+    (images / broken).write_bytes(b"not a png")
+    with pytest.raises(features.ReferenceImageError, match=f"{broken}: cannot decode"):
+        features.main(map_dir, images, store_url, STORE_CONF)
+    with pytest.raises(StoreMismatchError):
+        FeatureStore.open(store_url, map_fingerprint=after.fingerprint)
+    (images / broken).write_bytes((scene / "mapping" / broken).read_bytes())
+    resumed = features.main(map_dir, images, store_url, STORE_CONF)
+
+    # The failed run published the changed cells without the broken photo and committed the rest.
+    assert resumed["extracted"] == 1
+    with_broken = [cell for cell in after.shards.cell_ids if broken in after.shards.images_of(cell)]
+    assert resumed["cells_published"] == len(with_broken)
+    assert resumed["cells_reused"] == len(after.shards.cell_ids) - len(with_broken)
+    store = FeatureStore.open(store_url, map_fingerprint=after.fingerprint)
+    for path, content in store_files.items():  # the unchanged cells' files, untouched
+        cell = path.relative_to(tmp_path / "store").parts[0].removeprefix("cell=")
+        assert (cell in untouched) == (path.exists() and path.read_bytes() == content), path
+    ids = {image.name: image_id for image_id, image in after.reconstruction.images.items()}
+    for cell in after.shards.cell_ids:
+        assert store.manifest(cell, 0)["cell_fingerprint"] == new[cell]
+        rows = set(store.load_table(cell, 0, ["image_id"]).column("image_id").to_pylist())
+        assert rows <= {ids[name] for name in after.shards.images_of(cell)}
+    assert features.main(map_dir, images, store_url, STORE_CONF)["extracted"] == 0

@@ -3,6 +3,7 @@ protocol (only published files are visible), identity checks, and S3 faults."""
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -14,11 +15,12 @@ from botocore.exceptions import ClientError
 from s3fs.errors import translate_boto_error
 
 from cluster.filesystem import RetryPolicy, Storage, StorageError
-from cluster.store import (FEATURE_DTYPE, Commit, DamagedPartition, FeatureStore, PartitionNotFound,
+from cluster.store import (FEATURE_DTYPE, MANIFEST_FILE, Commit, DamagedPartition, FeatureStore, PartitionNotFound,
                            PartitionPublisher, StoreInfo, StoreMismatchError, aggregate_observations, batch_key,
-                           column_vectors, observation_table)
+                           column_vectors, observation_table, partition_dir)
 
 CHANNELS = (8, 4, 2)
+CONTENT = "1" * 64  # the fingerprint of the content of the cells the tests publish
 FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01)
 
 
@@ -63,7 +65,8 @@ def test_round_trip_and_only_published_files_are_visible(store_url):
         store.load_cell("x+0000_y+0000", 0)  # written and committed, but not yet published
 
     for level in range(3):
-        store.publish("x+0000_y+0000", level, [p for c in (first, second) for p in c.parts if p.level == level])
+        store.publish("x+0000_y+0000", level, [p for c in (first, second) for p in c.parts if p.level == level],
+                      CONTENT)
     # A worker of a later, killed job left a file in the partition: readers never see it.
     orphan = write_batch(store, [4], "x+0000_y+0000", rng)
 
@@ -100,7 +103,7 @@ def test_a_published_partition_is_one_file_and_its_part_files_are_gone(tmp_path)
     commits = [write_batch(store, [1], "c", rng), write_batch(store, [2, 3], "c", rng)]
     parts = [part for commit in commits for part in commit.parts if part.level == 0]
     written = pa.concat_tables([pq.read_table(tmp_path / "store" / part.path) for part in sorted(parts, key=str)])
-    store.publish("c", 0, parts)
+    store.publish("c", 0, parts, CONTENT)
     path = published_file(store, "c", 0)
     assert path.startswith("cell=c/level=0/part-merged-")
     assert [p.name for p in (tmp_path / "store/cell=c/level=0").glob("*.parquet")] == [path.rsplit("/", 1)[1]]
@@ -112,13 +115,53 @@ def test_a_rerun_publishes_the_levels_a_stopped_run_left_unpublished(tmp_path):
     store = FeatureStore.create(str(tmp_path / "store"), make_info())
     commit = write_batch(store, [1, 2], "c", np.random.default_rng(5))
     store.commit(commit)
-    store.publish("c", 0, [part for part in commit.parts if part.level == 0])  # stopped here
-    rerun = PartitionPublisher(store, {"c": [1, 2]})
+    store.publish("c", 0, [part for part in commit.parts if part.level == 0], CONTENT)  # stopped here
+    rerun = PartitionPublisher(store, {"c": [1, 2]}, {"c": CONTENT}, store.info.map_fingerprint)
     for found in store.commits():
         rerun.record(found)
     rerun.publish_unpublished()  # level 0's part file is gone; it must not be read again
     assert all(store.is_published("c", level) for level in range(3))
     assert [store.load_table("c", level).num_rows for level in range(3)] == [30, 30, 30]
+
+
+def test_a_store_follows_its_map_through_an_update(tmp_path):
+    """Cell a kept its content in the update, cell b changed: a's partitions stay current, b's
+    and the old map's commits do not count, and the store names the new map only when told."""
+    url, rng = str(tmp_path / "store"), np.random.default_rng(6)
+    old, new = make_info(), replace(make_info(), map_fingerprint="e" * 64)
+    store = FeatureStore.create(url, old)
+    for cell, image_ids in (("a", [1, 2]), ("b", [3])):
+        commit = write_batch(store, image_ids, cell, rng)
+        store.commit(commit)
+        for level in range(3):
+            store.publish(cell, level, [part for part in commit.parts if part.level == level], f"{cell}-before")
+
+    with pytest.raises(StoreMismatchError, match=f"store of another map: expected {'e' * 64}, found {'f' * 64}"):
+        FeatureStore.create(url, new)  # not an earlier version of this map
+    following = FeatureStore.create(url, new, earlier_maps=[old.map_fingerprint])
+    assert following.info == old  # until every cell is current
+    assert following.is_current("a", 0, "a-before", new.map_fingerprint)
+    assert not following.is_current("b", 0, "b-after", new.map_fingerprint)
+    assert following.commits(new.map_fingerprint) == [] and len(following.commits(old.map_fingerprint)) == 2
+    with pytest.raises(StoreMismatchError):
+        FeatureStore.open(url, map_fingerprint=new.map_fingerprint)
+
+    following.adopt_map(new.map_fingerprint)
+    assert FeatureStore.open(url, map_fingerprint=new.map_fingerprint).info == new
+    assert following.commits() == []  # the old map's commits are gone; its current partitions stay
+    assert following.load_table("a", 0).num_rows == 30
+
+
+def test_a_partition_published_before_cell_fingerprints_is_current_only_for_its_map(tmp_path):
+    store = FeatureStore.create(str(tmp_path / "store"), make_info())
+    commit = write_batch(store, [1], "c", np.random.default_rng(7))
+    store.publish("c", 0, [part for part in commit.parts if part.level == 0], CONTENT)
+    manifest = store.manifest("c", 0)
+    del manifest["cell_fingerprint"]
+    store.storage.write_json(f"{partition_dir('c', 0)}/{MANIFEST_FILE}", manifest)
+    assert store.is_current("c", 0, "any", store.info.map_fingerprint)
+    assert not store.is_current("c", 0, "any", "e" * 64)
+    assert not store.is_current("c", 1, CONTENT, store.info.map_fingerprint)  # not published
 
 
 def test_refuses_a_store_of_another_extractor_or_map(tmp_path):
@@ -137,7 +180,7 @@ def test_refuses_a_store_of_another_extractor_or_map(tmp_path):
 def test_verify_detects_a_modified_file(tmp_path):
     store = FeatureStore.create(str(tmp_path / "store"), make_info())
     commit = write_batch(store, [1], "c", np.random.default_rng(1))
-    store.publish("c", 0, [commit.parts[0]])
+    store.publish("c", 0, [commit.parts[0]], CONTENT)
     path = tmp_path / "store" / published_file(store, "c", 0)
     path.write_bytes(path.read_bytes()[:-1] + b"\0")
     with pytest.raises(ValueError, match="checksum differs"):
@@ -162,7 +205,7 @@ def test_aggregated_store_publishes_one_row_per_point(tmp_path):
     store = FeatureStore.create(str(tmp_path / "store"), make_info(aggregated=True))
     rng = np.random.default_rng(2)
     commits = [write_batch(store, [1, 2], "c", rng), write_batch(store, [3], "c", rng)]
-    store.publish("c", 2, [p for c in commits for p in c.parts if p.level == 2])
+    store.publish("c", 2, [p for c in commits for p in c.parts if p.level == 2], CONTENT)
     assert store.manifest("c", 2)["rows"] == 35  # 45 observations of points 10..44
     reference = store.load_cell("c", 2)
     assert sorted(reference.points3D[:, 0].tolist()) == list(range(10, 45))
@@ -230,7 +273,7 @@ def published_store(tmp_path) -> tuple[FeatureStore, Commit]:
     store = FeatureStore.create(str(tmp_path / "store"), make_info())
     commit = write_batch(store, [1, 2], "c", np.random.default_rng(3))
     for level in range(3):
-        store.publish("c", level, [part for part in commit.parts if part.level == level])
+        store.publish("c", level, [part for part in commit.parts if part.level == level], CONTENT)
     return store, commit
 
 
