@@ -99,7 +99,8 @@ def main(out_dir: Path, conf: dict | None = None) -> dict:
         step("features")
         localize_job.main(map_dir, store_url, scene_dir / "queries", results_dir,
                           query_list=scene_dir / "queries_with_intrinsics.txt", priors=scene_dir / "priors.csv",
-                          conf={"workers": conf["workers"], "method": conf["method"]})
+                          conf={"workers": conf["workers"], "method": conf["method"]},
+                          overwrite=True)  # the demo's own results, of the scene it just rebuilt
         step("localize")
 
     ground_truth = read_poses(scene_dir / "gt_queries.txt")
