@@ -2,7 +2,8 @@
 poses that are right: error < 1 m and < 5 deg) and recall (right and successful, over all queries)
 per method, on synthetic streets at several reference densities and prior noises, and on the
 real sets of ../shared/data; and the precision/recall curves over the main thresholds (`sweeps`:
-the prior consistency multiplier k, the PnP split shift and std, an aligned pose's cost cap).
+the prior consistency multiplier k, the PnP split shift and std, the cost caps of an aligned and
+of a refined verified pose).
 
 Each job runs once with every final check at its loosest (`PERMISSIVE`) and records the checks'
 values per row (jobs/results.py); success under any thresholds is then recomputed from those
@@ -30,7 +31,7 @@ from jobs.results import read_results
 from pixloc_core.evaluate import RIGHT_DEG, RIGHT_M, pose_errors
 from pixloc_core.geometry import Pose
 from pixloc_core.io import Prior, read_poses, read_priors, write_priors
-from pixloc_core.localize import Checks, VerifyConf, verdict
+from pixloc_core.localize import Checks, LocalizeConf, VerifyConf, verdict
 from pixloc_core.synthetic import dataset
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PERMISSIVE = {"min_inliers": 0, "min_inlier_ratio": 0.0, "max_pnp_position_std_m": math.inf,
               "max_pnp_split_shift_m": math.inf, "max_rival_ratio": math.inf, "trust_prior": "low",
               "max_refinement_shift_m": math.inf, "max_refinement_turn_deg": math.inf}
+# The cost caps (LocalizeConf), likewise open in the jobs and applied by the evaluation; a row
+# whose pose was refined from a verified start (PnP, an input pose) gets the refined cap.
+COST_CAPS = ("max_cost", "max_refined_cost")
+VERIFIED_STARTS = ("sparse", "input")
+DEFAULT_CAPS = {cap: getattr(LocalizeConf(), cap) for cap in COST_CAPS}
 
 default_conf = {
     "work_dir": ROOT / "outputs" / "bench" / "precision",
@@ -57,12 +63,13 @@ default_conf = {
     "real_sets": ["fountain-P11", "lund"],
     "workers": 2,
     # The curves: each threshold swept with the others at their defaults. VerifyConf fields, and
-    # max_cost, the cap of an aligned pose's cost (LocalizeConf.max_cost, applied here on top).
+    # max_cost and max_refined_cost, the caps of an aligned pose's cost (COST_CAPS).
     "sweeps": {
         "prior_sigmas": [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0, 1000.0],  # 1000: no prior check
         "max_pnp_split_shift_m": [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 1000.0],
         "max_pnp_position_std_m": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 1000.0],
         "max_cost": [0.05, 0.055, 0.06, 0.065, 0.07, 0.075, 0.08, 0.085, 0.09],
+        "max_refined_cost": [0.06, 0.07, 0.075, 0.08, 0.085, 0.09, 0.1, 1000.0],
     },
 }
 quick_conf = {"refs": [40], "gps_noise_m": [10.0], "queries": 6, "methods": ["sparse"], "full_size_refs": [],
@@ -102,7 +109,8 @@ def noisy_map_priors(gt: dict, sigma: float, seed: int, path: Path) -> Path:
 def localize(map_dir: Path, store: Path, queries: Path, priors: Path, out: Path, method: str, conf: dict,
              query_list: Path | None = None) -> Path:
     localize_job.main(map_dir, str(store), queries, out, query_list=query_list, priors=priors, overwrite=True,
-                      conf={"method": method, "workers": conf["workers"], "shard": {"localize": {"verify": PERMISSIVE}}})
+                      conf={"method": method, "workers": conf["workers"],
+                            "shard": {"localize": {"verify": PERMISSIVE, **{cap: math.inf for cap in COST_CAPS}}}})
     return out
 
 
@@ -128,11 +136,15 @@ def checks_of(row: dict) -> Checks:
     return Checks(**{key: (math.nan if value is None else value) for key, value in values.items()})
 
 
-def precision_recall(rows: list[dict], total: int, conf: VerifyConf, max_cost: float = math.inf) -> dict:
+def precision_recall(rows: list[dict], total: int, conf: VerifyConf, caps: dict[str, float] = DEFAULT_CAPS) -> dict:
     """Success as the job decides it under `conf` (from the recorded checks) and, for a pose that
-    came out of an alignment, a featuremetric cost of at most `max_cost`, against the truth."""
-    successes = [row for row in rows if row["success"] and not verdict(checks_of(row), conf)
-                 and not (math.isfinite(row["cost"]) and row["cost"] > max_cost)]  # inf: a PnP pose
+    came out of an alignment, a featuremetric cost within its cap (`caps`: COST_CAPS), against
+    the truth."""
+    def within_cap(row: dict) -> bool:  # a PnP pose has an infinite cost and no cap
+        cap = caps["max_refined_cost"] if row["hypothesis"] in VERIFIED_STARTS else caps["max_cost"]
+        return not math.isfinite(row["cost"]) or row["cost"] <= cap
+
+    successes = [row for row in rows if row["success"] and not verdict(checks_of(row), conf) and within_cap(row)]
     right = [row for row in successes if row["error_m"] < RIGHT_M and row["error_deg"] < RIGHT_DEG]
     wrong = [row for row in successes if row not in right]
     return {"successes": len(successes), "right": len(right),
@@ -147,8 +159,8 @@ def evaluate_run(results: Path, gt: dict, sweeps: dict[str, list[float]]) -> dic
     default = VerifyConf()
 
     def at(threshold: str, value: float) -> dict:
-        if threshold == "max_cost":
-            return precision_recall(rows, len(gt), default, value)
+        if threshold in COST_CAPS:
+            return precision_recall(rows, len(gt), default, {**DEFAULT_CAPS, threshold: value})
         return precision_recall(rows, len(gt), replace(default, **{threshold: value}))
 
     return {"queries": len(gt), **precision_recall(rows, len(gt), default),
@@ -162,16 +174,16 @@ def real_runs(name: str, conf: dict) -> dict[str, dict]:
 
     work = Path(conf["work_dir"]) / name
     real_conf = {**real.default_conf, "work_dir": Path(conf["work_dir"]), "workers": conf["workers"],
-                 "extractors": ["classic"]}
+                 "extractors": ["classic"], "keypoints": ["sift"]}
     prepared = real.PREPARERS[name](real_conf["data_root"], work / "data", None)
     if name == "fountain-P11":
-        map_dir, stores = real.build(prepared, work, real_conf, ["--reference-model", prepared.reference_model])
+        built = real.build(prepared, work, real_conf, ["--reference-model", prepared.reference_model])
         gt = read_poses(prepared.gt_poses)
     else:
-        map_dir, stores = real.build(prepared, work, real_conf, ["--gps-from-exif"])
-        gt = read_poses(real.lund_pseudo_ground_truth(prepared, map_dir, work, real_conf))
-    return run_methods(map_dir, stores["classic"], prepared.query_dir, prepared.priors, work, gt, conf,
-                       prepared.query_list)
+        built = real.build(prepared, work, real_conf, ["--gps-from-exif"])
+        gt = read_poses(real.lund_pseudo_ground_truth(prepared, built.map_dir, work, real_conf))
+    return run_methods(built.map_dir, built.stores["sift", "classic"], prepared.query_dir, prepared.priors, work, gt,
+                       conf, prepared.query_list)
 
 
 def print_table(report: dict) -> None:

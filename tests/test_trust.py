@@ -25,7 +25,9 @@ from jobs.config import merge_conf, parse_overrides
 from jobs.results import ExistingResults, ResultsWriter, check_output, read_results
 from pixloc_core.geometry import Pose
 from pixloc_core.io import read_priors, read_query_list
-from pixloc_core.localize import Checks, Localization, VerifyConf, best_of, measure, search_on, verdict, verify
+from pixloc_core.align import AlignResult
+from pixloc_core.localize import (Checks, Localization, LocalizeConf, VerifyConf, best_of, checked, measure,
+                                   search_on, verdict, verify)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -255,6 +257,25 @@ def test_measure_and_verify_keep_the_pose_and_give_the_reason():
     assert verified.error == "inconsistent with the prior: 50.0 m from it, sigma 10.0 m"
     dense = replace(refined, hypothesis="ref:r.jpg")
     assert measure(dense, np.zeros(3), 10.0, pnp, Checks(inliers=100, matches=200)).matches == 0  # not a PnP pose
+
+
+def test_a_verified_start_is_refused_for_its_cost_only_above_the_refined_cap():
+    """At a cost between the two caps, a pose aligned from a reference hypothesis fails and one
+    refined from a verified PnP pose does not; above both, both fail."""
+    conf = LocalizeConf()
+    assert conf.max_cost < 0.08 < conf.max_refined_cost
+
+    def aligned(cost: float) -> AlignResult:
+        pose = Pose.from_Rt(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+        return AlignResult(poses=pose[None], cost=torch.tensor([cost]), num_points=torch.tensor([500]),
+                           success=torch.tensor([True]), hessian=1e6 * torch.eye(6, dtype=torch.float64)[None],
+                           failure_reason=[""])
+
+    assert checked(aligned(0.08), 0, "sparse", True, conf).success
+    hypothesis = checked(aligned(0.08), 0, "ref:r.jpg", False, conf)
+    assert not hypothesis.success and hypothesis.error == f"cost too high: 0.0800 > {conf.max_cost}"
+    refined = checked(aligned(0.095), 0, "sparse", True, conf)
+    assert not refined.success and refined.error == f"cost too high: 0.0950 > {conf.max_refined_cost}"
 
 
 def test_bench_precision_jobs_refuse_nothing():
