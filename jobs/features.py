@@ -215,11 +215,11 @@ def extract(store: FeatureStore, scene: SceneMap, items: list[dict], images_dir:
     return failures
 
 
-def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], images_dir: Location, conf: dict,
-           damaged: dict[tuple[str, int], str]) -> list[str]:
-    """Recompute the damaged partitions from all images of their cells and republish them (Ray
-    initialised); nothing is committed, so a failed repair leaves them damaged for the next rerun.
-    Returns the unreadable images' errors."""
+def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], fingerprints: dict[str, str],
+           images_dir: Location, conf: dict, damaged: dict[tuple[str, int], str]) -> list[str]:
+    """Recompute the damaged partitions from all images of their cells (`fingerprints`: the cells'
+    content) and republish them (Ray initialised); nothing is committed, so a failed repair leaves
+    them damaged for the next rerun. Returns the unreadable images' errors."""
     for (cell, level), reason in sorted(damaged.items()):
         logger.warning("repairing cell %s level %s: %s", cell, level, reason)
     parts: dict[tuple[str, int | str], list[PartFile]] = defaultdict(list)
@@ -233,7 +233,7 @@ def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], im
     failures = extract(store, scene, items, images_dir, conf, "repair reference features", collect)
     if not failures:
         for cell, level in damaged:
-            store.publish(cell, level, parts[cell, level], scene.manifest["cell_fingerprints"][cell])
+            store.publish(cell, level, parts[cell, level], fingerprints[cell])
     return failures
 
 
@@ -253,7 +253,7 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
     info = StoreInfo(extractor.extractor_id, scene.fingerprint, strides, channels, conf["aggregate"],
                      sparse_keypoints=scene.keypoints if descriptors else "", sparse_dim=descriptors[1].shape[1] if descriptors else 0)
     store = FeatureStore.create(store_url, info, earlier_maps=scene.earlier_fingerprints)
-    fingerprints = scene.manifest["cell_fingerprints"]
+    fingerprints = scene.cell_fingerprints
     current = {cell for cell in cells if all(store.is_current(cell, level, fingerprints[cell], scene.fingerprint)
                                              for level in info.levels())}
     if store.info.map_fingerprint != scene.fingerprint:
@@ -286,7 +286,7 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
         with init_ray(address, num_cpus=None if address else conf["workers"] * conf["cpus_per_worker"]):
             start = time.perf_counter()
             if damaged:
-                failures += repair(store, scene, cells, images_dir, conf, damaged)
+                failures += repair(store, scene, cells, fingerprints, images_dir, conf, damaged)
 
             def commit_batch(commit: Commit) -> None:
                 nonlocal extracted, first_commit_s

@@ -183,6 +183,14 @@ class SceneMap:
         return self.manifest["fingerprint"]
 
     @property
+    def cell_fingerprints(self) -> dict[str, str]:
+        """Cell -> the fingerprint of its content (see `cell_fingerprints`), computed for a map
+        whose manifest predates them."""
+        if "cell_fingerprints" in self.manifest or self.shards is None:
+            return self.manifest.get("cell_fingerprints", {})
+        return cell_fingerprints(self.reconstruction, self.shards)
+
+    @property
     def earlier_fingerprints(self) -> list[str]:
         """The fingerprints the map had before each of its updates, oldest first."""
         return [entry["previous_fingerprint"] for entry in self.manifest.get("updates", [])

@@ -2,6 +2,7 @@
 the same synthetic scene, the per-image work files, and resuming a job stopped half-way."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -142,6 +143,15 @@ def test_resume_skips_finished_cells(scene, in_cells, tmp_path, ray_cluster):
     assert (root / "features" / "ref_0020.jpg.parquet").is_file()
     assert resumed.reconstruction.num_points3D() == in_cells.reconstruction.num_points3D()
     assert resumed.manifest["cell_fingerprints"] == in_cells.manifest["cell_fingerprints"]
+
+
+def test_a_map_written_before_cell_fingerprints_gets_them_computed(in_cells, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(in_cells.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["cell_fingerprints"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert SceneMap.load(old).cell_fingerprints == in_cells.manifest["cell_fingerprints"]
 
 
 def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions(scene, tmp_path, ray_cluster):
