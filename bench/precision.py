@@ -2,8 +2,8 @@
 poses that are right: error < 1 m and < 5 deg) and recall (right and successful, over all queries)
 per method, on synthetic streets at several reference densities and prior noises, and on the
 real sets of ../shared/data; and the precision/recall curves over the main thresholds (`sweeps`:
-the prior consistency multiplier k, the PnP split shift and std, the cost caps of an aligned and
-of a refined verified pose).
+the prior consistency multiplier k, the PnP split shift and std, and the bounds on an aligned
+pose: its cost cap, the cap of a refined verified pose, its position std).
 
 Each job runs once with every final check at its loosest (`PERMISSIVE`) and records the checks'
 values per row (jobs/results.py); success under any thresholds is then recomputed from those
@@ -42,11 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PERMISSIVE = {"min_inliers": 0, "min_inlier_ratio": 0.0, "max_pnp_position_std_m": math.inf,
               "max_pnp_split_shift_m": math.inf, "max_rival_ratio": math.inf, "trust_prior": "low",
               "max_refinement_shift_m": math.inf, "max_refinement_turn_deg": math.inf}
-# The cost caps (LocalizeConf), likewise open in the jobs and applied by the evaluation; a row
-# whose pose was refined from a verified start (PnP, an input pose) gets the refined cap.
-COST_CAPS = ("max_cost", "max_refined_cost")
+# The bounds on an aligned pose (LocalizeConf), likewise open in the jobs and applied by the
+# evaluation: a pose refined from a verified start (PnP, an input pose) has its cost capped by
+# max_refined_cost, any other aligned pose by max_cost and its position std by max_position_std_m.
+ALIGNMENT_BOUNDS = ("max_cost", "max_refined_cost", "max_position_std_m")
 VERIFIED_STARTS = ("sparse", "input")
-DEFAULT_CAPS = {cap: getattr(LocalizeConf(), cap) for cap in COST_CAPS}
+DEFAULT_BOUNDS = {bound: getattr(LocalizeConf(), bound) for bound in ALIGNMENT_BOUNDS}
 
 default_conf = {
     "work_dir": ROOT / "outputs" / "bench" / "precision",
@@ -57,19 +58,21 @@ default_conf = {
     "width": 320,
     "height": 240,
     "methods": ["sparse", "sparse+dense", "dense"],
+    "extractor": "classic",  # of the dense alignments (their bounds are what it calibrates)
     # The same streets at 640x480 as a user makes them (`synthetic_scene(full_size=True)`), with
     # synth's own geodetic priors (10 m): wrong PnP poses showed there that never did at 320x240.
     "full_size_refs": [40],
     "real_sets": ["fountain-P11", "lund"],
     "workers": 2,
     # The curves: each threshold swept with the others at their defaults. VerifyConf fields, and
-    # max_cost and max_refined_cost, the caps of an aligned pose's cost (COST_CAPS).
+    # and the bounds on an aligned pose (ALIGNMENT_BOUNDS).
     "sweeps": {
         "prior_sigmas": [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0, 1000.0],  # 1000: no prior check
         "max_pnp_split_shift_m": [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 1000.0],
         "max_pnp_position_std_m": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 1000.0],
         "max_cost": [0.05, 0.055, 0.06, 0.065, 0.07, 0.075, 0.08, 0.085, 0.09],
         "max_refined_cost": [0.06, 0.07, 0.075, 0.08, 0.085, 0.09, 0.1, 1000.0],
+        "max_position_std_m": [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1000.0],
     },
 }
 quick_conf = {"refs": [40], "gps_noise_m": [10.0], "queries": 6, "methods": ["sparse"], "full_size_refs": [],
@@ -90,8 +93,10 @@ def synthetic_scene(refs: int, conf: dict, full_size: bool = False) -> tuple[Pat
         map_job.build_map(scene / "mapping", work / "map", reference_model=scene / "reference_model",
                           priors=read_priors(scene / "mapping_priors.csv"),
                           conf=None if full_size else {"sift": {"max_num_features": 1024}, "pairs": {"num_neighbors": 5}})
-    features_job.main(work / "map", scene / "mapping", str(work / "store"), conf={"workers": conf["workers"]})
-    return scene, work / "map", work / "store"
+    store = work / ("store" if conf["extractor"] == "classic" else f"store-{conf['extractor']}")
+    features_job.main(work / "map", scene / "mapping", str(store), conf={"workers": conf["workers"],
+                                                                       "extractor": conf["extractor"]})
+    return scene, work / "map", store
 
 
 def noisy_map_priors(gt: dict, sigma: float, seed: int, path: Path) -> Path:
@@ -110,7 +115,8 @@ def localize(map_dir: Path, store: Path, queries: Path, priors: Path, out: Path,
              query_list: Path | None = None) -> Path:
     localize_job.main(map_dir, str(store), queries, out, query_list=query_list, priors=priors, overwrite=True,
                       conf={"method": method, "workers": conf["workers"],
-                            "shard": {"localize": {"verify": PERMISSIVE, **{cap: math.inf for cap in COST_CAPS}}}})
+                            "extractor": conf["extractor"],
+                            "shard": {"localize": {"verify": PERMISSIVE, **dict.fromkeys(ALIGNMENT_BOUNDS, math.inf)}}})
     return out
 
 
@@ -136,15 +142,18 @@ def checks_of(row: dict) -> Checks:
     return Checks(**{key: (math.nan if value is None else value) for key, value in values.items()})
 
 
-def precision_recall(rows: list[dict], total: int, conf: VerifyConf, caps: dict[str, float] = DEFAULT_CAPS) -> dict:
+def precision_recall(rows: list[dict], total: int, conf: VerifyConf, bounds: dict[str, float] = DEFAULT_BOUNDS) -> dict:
     """Success as the job decides it under `conf` (from the recorded checks) and, for a pose that
-    came out of an alignment, a featuremetric cost within its cap (`caps`: COST_CAPS), against
-    the truth."""
-    def within_cap(row: dict) -> bool:  # a PnP pose has an infinite cost and no cap
-        cap = caps["max_refined_cost"] if row["hypothesis"] in VERIFIED_STARTS else caps["max_cost"]
-        return not math.isfinite(row["cost"]) or row["cost"] <= cap
+    came out of an alignment, within `bounds` (ALIGNMENT_BOUNDS), against the truth."""
+    def within_bounds(row: dict) -> bool:
+        if not math.isfinite(row["cost"]):  # a PnP pose, not aligned
+            return True
+        if row["hypothesis"] in VERIFIED_STARTS:
+            return row["cost"] <= bounds["max_refined_cost"]
+        std = math.nan if row["position_std_m"] is None else row["position_std_m"]
+        return row["cost"] <= bounds["max_cost"] and std <= bounds["max_position_std_m"]
 
-    successes = [row for row in rows if row["success"] and not verdict(checks_of(row), conf) and within_cap(row)]
+    successes = [row for row in rows if row["success"] and not verdict(checks_of(row), conf) and within_bounds(row)]
     right = [row for row in successes if row["error_m"] < RIGHT_M and row["error_deg"] < RIGHT_DEG]
     wrong = [row for row in successes if row not in right]
     return {"successes": len(successes), "right": len(right),
@@ -159,8 +168,8 @@ def evaluate_run(results: Path, gt: dict, sweeps: dict[str, list[float]]) -> dic
     default = VerifyConf()
 
     def at(threshold: str, value: float) -> dict:
-        if threshold in COST_CAPS:
-            return precision_recall(rows, len(gt), default, {**DEFAULT_CAPS, threshold: value})
+        if threshold in ALIGNMENT_BOUNDS:
+            return precision_recall(rows, len(gt), default, {**DEFAULT_BOUNDS, threshold: value})
         return precision_recall(rows, len(gt), replace(default, **{threshold: value}))
 
     return {"queries": len(gt), **precision_recall(rows, len(gt), default),
@@ -174,7 +183,7 @@ def real_runs(name: str, conf: dict) -> dict[str, dict]:
 
     work = Path(conf["work_dir"]) / name
     real_conf = {**real.default_conf, "work_dir": Path(conf["work_dir"]), "workers": conf["workers"],
-                 "extractors": ["classic"], "keypoints": ["sift"]}
+                 "extractors": [conf["extractor"]], "keypoints": ["sift"]}
     prepared = real.PREPARERS[name](real_conf["data_root"], work / "data", None)
     if name == "fountain-P11":
         built = real.build(prepared, work, real_conf, ["--reference-model", prepared.reference_model])
@@ -182,7 +191,7 @@ def real_runs(name: str, conf: dict) -> dict[str, dict]:
     else:
         built = real.build(prepared, work, real_conf, ["--gps-from-exif"])
         gt = read_poses(real.lund_pseudo_ground_truth(prepared, built.map_dir, work, real_conf))
-    return run_methods(built.map_dir, built.stores["sift", "classic"], prepared.query_dir, prepared.priors, work, gt,
+    return run_methods(built.map_dir, built.stores["sift", conf["extractor"]], prepared.query_dir, prepared.priors, work, gt,
                        conf, prepared.query_list)
 
 
