@@ -31,7 +31,7 @@ from jobs.results import read_results
 from pixloc_core.evaluate import RIGHT_DEG, RIGHT_M, pose_errors
 from pixloc_core.geometry import Pose
 from pixloc_core.io import Prior, read_poses, read_priors, write_priors
-from pixloc_core.localize import Checks, LocalizeConf, VerifyConf, verdict
+from pixloc_core.localize import Checks, LocalizeConf, VerifyConf, alignment_verdict, verdict
 from pixloc_core.synthetic import dataset
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ PERMISSIVE = {"min_inliers": 0, "min_inlier_ratio": 0.0, "max_pnp_position_std_m
               "max_pnp_split_shift_m": math.inf, "max_rival_ratio": math.inf, "trust_prior": "low",
               "max_refinement_shift_m": math.inf, "max_refinement_turn_deg": math.inf}
 # The bounds on an aligned pose (LocalizeConf), likewise open in the jobs and applied by the
-# evaluation: a pose refined from a verified start (PnP, an input pose) has its cost capped by
-# max_refined_cost, any other aligned pose by max_cost and its position std by max_position_std_m.
+# evaluation with the job's own `alignment_verdict`; the hypothesis labels of the verified starts
+# (a refined PnP pose, an input pose) tell it which rows had one.
 ALIGNMENT_BOUNDS = ("max_cost", "max_refined_cost", "max_position_std_m")
 VERIFIED_STARTS = ("sparse", "input")
 DEFAULT_BOUNDS = {bound: getattr(LocalizeConf(), bound) for bound in ALIGNMENT_BOUNDS}
@@ -145,13 +145,13 @@ def checks_of(row: dict) -> Checks:
 def precision_recall(rows: list[dict], total: int, conf: VerifyConf, bounds: dict[str, float] = DEFAULT_BOUNDS) -> dict:
     """Success as the job decides it under `conf` (from the recorded checks) and, for a pose that
     came out of an alignment, within `bounds` (ALIGNMENT_BOUNDS), against the truth."""
+    localize_conf = replace(LocalizeConf(), **bounds)
+
     def within_bounds(row: dict) -> bool:
         if not math.isfinite(row["cost"]):  # a PnP pose, not aligned
             return True
-        if row["hypothesis"] in VERIFIED_STARTS:
-            return row["cost"] <= bounds["max_refined_cost"]
         std = math.nan if row["position_std_m"] is None else row["position_std_m"]
-        return row["cost"] <= bounds["max_cost"] and std <= bounds["max_position_std_m"]
+        return not alignment_verdict(row["cost"], std, row["hypothesis"] in VERIFIED_STARTS, localize_conf)
 
     successes = [row for row in rows if row["success"] and not verdict(checks_of(row), conf) and within_bounds(row)]
     right = [row for row in successes if row["error_m"] < RIGHT_M and row["error_deg"] < RIGHT_DEG]

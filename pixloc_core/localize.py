@@ -257,15 +257,22 @@ def checked(result: AlignResult, index: int, label: str, verified: bool, conf: L
         success=True, qvec=tuple(pose.qvec().double().tolist()), tvec=tuple(pose.t.double().tolist()),
         cost=cost, num_points=num_points, hypothesis=label, position_std_m=position_std,
         rotation_std_deg=rotation_std)
-    max_cost = conf.max_refined_cost if verified else conf.max_cost
     if num_points < conf.min_points:
         localization.success, localization.error = False, f"too few points: {num_points} < {conf.min_points}"
-    elif cost > max_cost:
-        localization.success, localization.error = False, f"cost too high: {cost:.4f} > {max_cost}"
-    elif not verified and not position_std <= conf.max_position_std_m:
-        localization.success = False
-        localization.error = f"position too uncertain: std {position_std:.3f} m > {conf.max_position_std_m} m"
+    elif reason := alignment_verdict(cost, position_std, verified, conf):
+        localization.success, localization.error = False, reason
     return localization
+
+
+def alignment_verdict(cost: float, position_std_m: float, verified: bool, conf: LocalizeConf) -> str:
+    """Why an aligned pose is not trusted for its cost or its position std (see `checked`); empty
+    when it is."""
+    max_cost = conf.max_refined_cost if verified else conf.max_cost
+    if cost > max_cost:
+        return f"cost too high: {cost:.4f} > {max_cost}"
+    if not verified and not position_std_m <= conf.max_position_std_m:
+        return f"position too uncertain: std {position_std_m:.3f} m > {conf.max_position_std_m} m"
+    return ""
 
 
 @torch.no_grad()
