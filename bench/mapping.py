@@ -10,9 +10,13 @@ Update: the map of the western part of the first city, then `pixloc map --update
 against the from-scratch build: registered images, wall time, camera centre error of the new
 images; and `pixloc features` into one store before and after the update: its wall time each time,
 the fraction of the store's partitions the update left untouched, and the images read again.
+Lund: `pixloc map --gps-from-exif` in SfM submodels on Ray (submodels.py) and `--single-process`
+(one SfM): registered photos, GPS residuals, and how far the two maps' cameras lie apart after the
+similarity that best aligns them.
 
 JSON: {"sizes": [{"refs", "workers", "wall_s", "cpu_s_per_image", "peak_rss_mb": {"driver",
-"worker"}, "point_error_m", "single_process_wall_s"}], "lund": null (not measured), "update": {...}}
+"worker"}, "point_error_m", "single_process_wall_s"}], "lund": {"registered", "residual_median_m",
+"residual_max_m", "single_process": {...}, "camera_agreement_m": {...}, ...}, "update": {...}}
 """
 from __future__ import annotations
 
@@ -31,11 +35,13 @@ import pycolmap
 
 from cluster.store import MANIFEST_FILE, FeatureStore
 from pixloc_core.map_io import SceneMap
-from pixloc_core.mapping import triangulation
+from pixloc_core.images import list_images
+from pixloc_core.mapping import submodels, triangulation
 from pixloc_core.synthetic import PinholeIntrinsics, SceneConfig, build_scene, dataset, raycast
 
 logger = logging.getLogger(__name__)
 
+ROOT = Path(__file__).resolve().parents[1]
 default_conf = {
     "quick": False,
     "blocks": [[2, 1], [4, 2], [6, 4]],  # about 150, 520 and 1,100 references
@@ -48,6 +54,11 @@ default_conf = {
     "update_fraction": 0.35,  # the eastern part of the first city, added by --update
     "depth_samples_per_image": 50,
     "depth_images": 12,
+    # Lund (../shared/data): SfM from its images and EXIF GPS, in submodels on Ray and in one process
+    "lund": True,
+    "lund_images": ROOT.parent / "shared" / "data" / "opensfm" / "lund" / "images",
+    "lund_max_image_size": 640,
+    "lund_max_num_features": 2048,
 }
 QUICK = {"blocks": [[1, 1], [2, 1]], "workers": [1, 2], "single_process_max_refs": 200}
 
@@ -187,6 +198,45 @@ def measure_update(scene_dir: Path, work: Path, full_map: Path, conf: dict) -> d
             "points_updated": updated.reconstruction.num_points3D(), "points_from_scratch": full.num_points3D()}
 
 
+def sfm_summary(map_dir: Path) -> dict:
+    scene_map = SceneMap.load(map_dir, with_descriptors=False)
+    registration = scene_map.geo.registration
+    return {"registered": scene_map.reconstruction.num_reg_images(), "points": scene_map.reconstruction.num_points3D(),
+            "residual_median_m": registration["median_residual_m"], "residual_max_m": registration["max_residual_m"]}
+
+
+def camera_agreement_m(map_dir: Path, other_dir: Path) -> dict:
+    """Camera centre distances between two maps of the same photos after the similarity that best
+    aligns the first to the second (their common images): how far one SfM's shape is from the other's."""
+    first, second = (submodels.posed_images(SceneMap.load(path, with_descriptors=False).reconstruction)
+                     for path in (map_dir, other_dir))
+    found = submodels.relative_similarity(first, {name: image.cam_from_world() for name, image in second.items()},
+                                          {**submodels.default_conf, "max_alignment_error_m": np.inf})
+    if found is None:
+        return {"common": 0, "median": None, "max": None}
+    similarity = found[0]
+    common = sorted(set(first) & set(second))
+    distances = [np.linalg.norm(similarity.scale * similarity.rotation.matrix() @ first[name].projection_center()
+                                + similarity.translation - second[name].projection_center()) for name in common]
+    return {"common": len(common), "median": float(np.median(distances)), "max": float(np.max(distances))}
+
+
+def measure_lund(work: Path, conf: dict) -> dict:
+    """SfM of Lund's photos from their EXIF GPS in submodels on Ray, against one SfM in one process."""
+    images = Path(conf["lund_images"])
+    args = ["map", "--images", images, "--gps-from-exif", "--max-image-size", str(conf["lund_max_image_size"]),
+            "--conf", f"sift.max_num_features={conf['lund_max_num_features']}"]
+    in_cells = run_pixloc(*args, "--out", work / "lund_cells", "--workers", "2")
+    single = run_pixloc(*args, "--out", work / "lund_single", "--single-process")
+    manifest = json.loads((work / "lund_cells" / "manifest.json").read_text())
+    return {**sfm_summary(work / "lund_cells"), "images": len(list_images(images)), "wall_s": in_cells["wall_s"],
+            "peak_rss_mb": in_cells["peak_rss_mb"], "submodels": manifest["submodels"],
+            "failed_cells": manifest["failed_cells"],
+            "single_process": {**sfm_summary(work / "lund_single"), "wall_s": single["wall_s"],
+                               "peak_rss_mb": single["peak_rss_mb"]},
+            "camera_agreement_m": camera_agreement_m(work / "lund_cells", work / "lund_single")}
+
+
 def main(out: Path | None = None, work_dir: Path | None = None, **conf) -> dict:
     conf = {**default_conf, **(QUICK if conf.get("quick") else {}), **conf}
     pycolmap.logging.minloglevel = 2
@@ -215,6 +265,10 @@ def main(out: Path | None = None, work_dir: Path | None = None, **conf) -> dict:
                 logger.info("%s", row)
         if conf["update"] and first_map:
             report["update"] = measure_update(first_map[0], work / "update", first_map[1], conf)
+        if conf["lund"]:
+            if not Path(conf["lund_images"]).is_dir():
+                raise FileNotFoundError(f"{conf['lund_images']}: Lund's photos not found (lund=false skips them)")
+            report["lund"] = measure_lund(work, conf)
     print_table(report)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -232,3 +286,12 @@ def print_table(report: dict) -> None:
               f"{row['point_error_m']:>11.3f} {single:>11}")
     if report["update"]:
         print("update:", json.dumps(report["update"]))
+    if report["lund"]:
+        lund, single = report["lund"], report["lund"]["single_process"]
+        print(f"{'Lund SfM':<16} {'registered':>10} {'points':>7} {'GPS residual median/max m':>26} {'wall s':>7}")
+        for label, row in (("submodels on Ray", lund), ("one process", single)):
+            print(f"{label:<16} {row['registered']:>6}/{lund['images']:<3} {row['points']:>7} "
+                  f"{row['residual_median_m']:>12.2f} / {row['residual_max_m']:<11.2f} {row['wall_s']:>7.1f}")
+        agreement = lund["camera_agreement_m"]
+        print(f"cameras of the two after a similarity: median {agreement['median']:.2f} m, max {agreement['max']:.2f} m "
+              f"({agreement['common']} common); submodels {lund['submodels']}, rejected {len(lund['failed_cells'])}")

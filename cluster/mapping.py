@@ -1,5 +1,5 @@
 """The distributed stages of `pixloc map`: features per image (Ray Data), matches per chunk of pairs
-(Ray tasks), one triangulation per cell (Ray tasks).
+(Ray tasks), one triangulation or SfM submodel per cell (Ray tasks).
 
 Every stage writes one file per unit of work under MAP/mapping (pixloc_core/mapping/feature_files.py
 and cells.py) and returns only small records to the driver, so no process holds every image's
@@ -7,8 +7,10 @@ features, and a rerun skips the units whose files exist: a killed job resumes wh
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import ray
@@ -104,28 +106,30 @@ def match_pairs(root: Path, grouped_pairs: dict[str, list[str]], conf: dict, ima
 
 
 @ray.remote(num_cpus=1)
-def _triangulate_cell(root: str, cell: str, images_dir: str, conf: dict, features_root: str
-                      ) -> cell_step.CellResult:
+def _run_cell(step: str, root: str, cell: str, images_dir: str, conf: dict, features_root: str
+              ) -> cell_step.CellResult:
     set_torch_threads()
     import pycolmap
 
     pycolmap.logging.minloglevel = 2
-    return cell_step.main(Path(root), cell, Path(images_dir), conf, Path(features_root))
+    return importlib.import_module(step).main(Path(root), cell, Path(images_dir), conf, Path(features_root))
 
 
-def triangulate_cells(root: Path, cells: list[str], images_dir: Path, conf: dict,
-                      features_root: Path | None = None) -> list[cell_step.CellResult]:
-    """One Ray task per cell not done yet (its skeleton written by cells.write_skeleton); the
-    results of every cell, finished before or now."""
-    pending = [cell for cell in cells if not cell_step.is_done(root, cell)]
-    logger.info("triangulation: %d cells, %d already done", len(cells), len(cells) - len(pending))
-    tasks = [_triangulate_cell.remote(str(root), cell, str(Path(images_dir).resolve()), conf,
-                                      str(features_root or root)) for cell in pending]
+def run_cells(step: ModuleType, root: Path, cells: list[str], images_dir: Path, conf: dict,
+              features_root: Path | None = None) -> list[cell_step.CellResult]:
+    """One Ray task per cell not done yet, running `step.main` (a per-cell step: cells.py
+    triangulates a cell, submodels.py reconstructs one); the results of every cell, finished
+    before or now."""
+    pending = [cell for cell in cells if not step.is_done(root, cell)]
+    label = step.__name__.rsplit(".", 1)[-1]
+    logger.info("%s: %d cells, %d already done", label, len(cells), len(cells) - len(pending))
+    tasks = [_run_cell.remote(step.__name__, str(root), cell, str(Path(images_dir).resolve()), conf,
+                              str(features_root or root)) for cell in pending]
     results = {}
-    with tqdm(total=len(pending), desc="cells", unit="cell") as progress:
+    with tqdm(total=len(pending), desc=label, unit="cell") as progress:
         while tasks:
             done, tasks = ray.wait(tasks)
             for result in ray.get(done):
                 results[result.cell] = result
             progress.update(len(done))
-    return [results.get(cell) or cell_step.read_result(root, cell) for cell in cells]
+    return [results.get(cell) or step.read_result(root, cell) for cell in cells]

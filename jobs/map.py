@@ -6,7 +6,10 @@ Three ways in, one map format out (pixloc_core/map_io.py):
                          per shard cell plus halo, merged by shared observations; resumable, see
                          build_map_in_cells), or in one process with --single-process
   (images only)          SIFT, pairs by GPS (else exhaustive), incremental SfM, georegistration;
-                         the model is then transformed into the ENU frame of the priors
+                         the model is then transformed into the ENU frame of the priors. With priors
+                         distributed on Ray: one SfM submodel per shard cell plus halo, aligned
+                         through shared images and merged (build_sfm_in_cells); without priors, or
+                         with --single-process, one SfM in this process
   --import-model DIR     an existing COLMAP model (text or binary), kept as is
 With priors (--priors CSV or --gps-from-exif), the similarity map->ENU and its residuals go to geo.json.
 """
@@ -33,7 +36,7 @@ from pixloc_core.map_io import GeoInfo, SceneMap, Similarity, exif_camera_key
 from cluster import mapping as distributed
 from cluster.runtime import init_ray
 from pixloc_core.mapping import (cells, descriptors, georegister, keypoints, matching, merge, pairs, sfm, sift,
-                                  triangulation)
+                                  submodels, triangulation)
 from pixloc_core.mapping.feature_files import FeatureFiles, group_pairs
 
 from .config import merge_conf
@@ -51,6 +54,7 @@ default_conf = {
     "georegister": georegister.default_conf,
     "shards": shards_conf,
     "merge": merge.default_conf,
+    "submodels": submodels.default_conf,
     "min_registered_images": 3,
 }
 
@@ -204,6 +208,28 @@ def check_work_settings(root: Path, settings: dict) -> None:
         path.write_text(json.dumps(settings, indent=2))
 
 
+def distributed_features(images: Path, names: list[str], root: Path, settings: dict, conf: dict, workers: int
+                         ) -> tuple[FeatureFiles, list[str], list[dict]]:
+    """Feature files of `names` under `root` (Ray Data; a rerun with the same `settings` resumes):
+    the files, the names that have one, and the images skipped as unreadable."""
+    check_work_settings(root, {**settings, "keypoints": conf["keypoints"], "sift": {**sift.default_conf, **conf["sift"]},
+                               "matching": {**matching.default_conf,
+                                            **keypoints.matching_conf(conf["keypoints"], conf)}})
+    features = FeatureFiles(root)
+    skipped = distributed.extract_features(images, names, root, conf["keypoints"], conf["sift"], workers)
+    present = [name for name in names if features.has(name)]
+    if len(present) < conf["min_registered_images"]:
+        raise ValueError(f"{images}: only {len(present)} readable images, a map needs {conf['min_registered_images']}")
+    return features, present, skipped
+
+
+def failed_cells(results: list[cells.CellResult]) -> list[dict]:
+    failed = [{"cell": result.cell, "reason": result.failure} for result in results if result.failure]
+    for failure in failed:
+        logger.warning("%s", failure["reason"])
+    return failed
+
+
 def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: dict[str, Prior] | None = None,
                        conf: dict | None = None, workers: int = 2, address: str | None = None) -> SceneMap:
     """`build_map` with known poses, distributed: features per image, matches per chunk of pairs and
@@ -216,31 +242,21 @@ def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: d
     names = posed_image_names(reference)
     if not names:
         raise ValueError(f"{reference_model}: no posed images to map")
-    matching_conf = keypoints.matching_conf(conf["keypoints"], conf)
-    check_work_settings(root, {"reference_model": str(Path(reference_model).resolve()), "keypoints": conf["keypoints"],
-                               "sift": {**sift.default_conf, **conf["sift"]},
-                               "matching": {**matching.default_conf, **matching_conf}})
-    features = FeatureFiles(root)
     with init_ray(address, num_cpus=None if address else workers):
-        skipped = distributed.extract_features(images, names, root, conf["keypoints"], conf["sift"], workers)
-        present = [name for name in names if features.has(name)]
-        if len(present) < conf["min_registered_images"]:
-            raise ValueError(f"{images}: only {len(present)} readable images, a map needs "
-                             f"{conf['min_registered_images']}")
+        features, present, skipped = distributed_features(
+            images, names, root, {"reference_model": str(Path(reference_model).resolve())}, conf, workers)
         posed = [reference.find_image_with_name(name) for name in present]
         image_pairs = pairs.from_poses(present, np.array([image.projection_center() for image in posed]),
                                        np.array([image.viewing_direction() for image in posed]), conf["pairs"])
-        distributed.match_pairs(root, group_pairs(image_pairs), matching_conf)
+        distributed.match_pairs(root, group_pairs(image_pairs), keypoints.matching_conf(conf["keypoints"], conf))
 
         cell_index = ShardIndex.build({image.name: image.projection_center() for image in posed}, conf["shards"])
         for cell in cell_index.cell_ids:
             if not cells.is_done(root, cell):
                 cells.write_skeleton(root, cell, reference, cell_index.images_of(cell))
-        results = distributed.triangulate_cells(root, cell_index.cell_ids, images,
-                                                {"triangulation": conf["triangulation"]})
-    failed = [{"cell": result.cell, "reason": result.failure} for result in results if result.failure]
-    for failure in failed:
-        logger.warning("%s", failure["reason"])
+        results = distributed.run_cells(cells, root, cell_index.cell_ids, images,
+                                        {"triangulation": conf["triangulation"]})
+    failed = failed_cells(results)
 
     image_keypoints = {image.image_id: features.keypoints(image.name) for image in posed}
     skeleton = merge.skeleton_with_keypoints(reference, image_keypoints)
@@ -252,6 +268,49 @@ def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: d
     focal_px = exif_focal_lengths(images, {name: features.image_size(name) for name in present})
     return finish_map(reconstruction, features, positions, origin, "reference-model", images, out, skipped,
                       focal_px, conf, {"failed_cells": failed})
+
+
+def build_sfm_in_cells(images: Path, out: Path, priors: dict[str, Prior], conf: dict | None = None,
+                       workers: int = 2, address: str | None = None) -> SceneMap:
+    """`build_map` from images and priors, distributed: features and matches as in
+    `build_map_in_cells`, one SfM submodel per shard cell of the priors (core plus halo) as Ray
+    tasks, each registered to its priors; then the submodels aligned through their shared images,
+    merged and georegistered as one (submodels.py). Images without a prior cannot
+    be placed in a cell: they are skipped with that reason."""
+    conf = merge_conf(default_conf, conf)
+    images, out = Path(images), Path(out)
+    root = out / WORK_DIR
+    names = list_images(images)
+    if not names:
+        raise ValueError(f"{images}: no images to map")
+    positions, origin = georegister.priors_to_positions({name: priors[name] for name in names if name in priors})
+    without_prior = [{"name": name, "reason": "no position prior (EXIF GPS or --priors): not in any cell"}
+                     for name in names if name not in positions]
+    for entry in without_prior:
+        logger.warning("skipping %s: %s", entry["name"], entry["reason"])
+    with init_ray(address, num_cpus=None if address else workers):
+        features, present, skipped = distributed_features(
+            images, sorted(positions), root, {"shards": conf["shards"],
+                                         # what the submodels on disk depend on; the merge reads them
+                                         **{key: conf["submodels"][key] for key in submodels.WORK_SETTINGS}}, conf, workers)
+        distributed.match_pairs(root, group_pairs(pairs.main(present, positions, conf["pairs"])),
+                                keypoints.matching_conf(conf["keypoints"], conf))
+        focal_px = exif_focal_lengths(images, {name: features.image_size(name) for name in present})
+        cell_index = ShardIndex.build({name: positions[name] for name in present},
+                                      {**conf["shards"], "halo_m": conf["submodels"]["halo_m"]})
+        for cell in cell_index.cell_ids:
+            if not submodels.is_done(root, cell):
+                submodels.write_input(root, cell, cell_index.images_of(cell), positions, focal_px)
+        results = distributed.run_cells(submodels, root, cell_index.cell_ids, images, conf["submodels"])
+    failed = failed_cells(results)
+    models = {result.cell: submodels.load(root, result.cell) for result in results if not result.failure}
+    if not models:
+        raise ValueError(f"no cell could be reconstructed: {failed[0]['reason'] if failed else 'no cells'}")
+    owner = {name: cell for cell in cell_index.cell_ids for name in cell_index.images_of(cell, with_halo=False)}
+    reconstruction, rejected = submodels.merge_submodels(models, owner, features, conf["submodels"])
+    failed += [{"cell": cell, "reason": reason} for cell, reason in rejected.items()]
+    return finish_map(reconstruction, features, positions, origin, "sfm", images, out, without_prior + skipped,
+                      focal_px, conf, {"failed_cells": failed, "submodels": len(models)})
 
 
 def check_not_degenerate(reconstruction: pycolmap.Reconstruction, min_images: int) -> None:
@@ -285,8 +344,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="Ray workers of a distributed build")
     parser.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://host:port (default: local)")
     parser.add_argument("--single-process", action="store_true",
-                        help="with --reference-model: triangulate all images in this process instead of cell by "
-                        "cell on Ray (the same map, for comparison)")
+                        help="triangulate (--reference-model) or reconstruct (images with priors) all images in "
+                        "this process instead of cell by cell on Ray (for comparison)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -308,11 +367,15 @@ def run(args: argparse.Namespace) -> int:
             if args.import_model:
                 raise ValueError("--update takes --reference-model or GPS priors, not --import-model")
             map_update.main(args.update, args.images, args.reference_model, priors, conf, args.workers, args.address)
-        elif args.reference_model and not args.single_process:
-            if any(files.is_remote(place) for place in (args.images, args.out, args.reference_model)):
+        elif not args.single_process and (args.reference_model or (priors and not args.import_model)):
+            if any(files.is_remote(place) for place in (args.images, args.out, args.reference_model) if place):
                 raise ValueError("s3:// --images/--out/--reference-model need --single-process for now "
                                  "(the cell-by-cell mapping keeps its work files on local disk)")
-            build_map_in_cells(args.images, args.out, args.reference_model, priors, conf, args.workers, args.address)
+            if args.reference_model:
+                build_map_in_cells(args.images, args.out, args.reference_model, priors, conf, args.workers,
+                                   args.address)
+            else:
+                build_sfm_in_cells(args.images, args.out, priors, conf, args.workers, args.address)
         else:
             build_map(args.images, args.out, args.reference_model, args.import_model, priors, conf)
     except (ValueError, FileNotFoundError) as error:

@@ -190,7 +190,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         for cell in touched:
             if not cells.is_done(update_root, cell):
                 cells.write_skeleton(update_root, cell, reconstruction, index.images_of(cell))
-        results = distributed.triangulate_cells(update_root, touched, images, {"triangulation": conf["triangulation"]},
+        results = distributed.run_cells(cells, update_root, touched, images, {"triangulation": conf["triangulation"]},
                                                 features_root=root)
 
     keypoints = {reconstruction.find_image_with_name(name).image_id: features.keypoints(name)

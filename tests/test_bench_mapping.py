@@ -9,7 +9,9 @@ from jobs import bench
 def test_mapping_benchmark_smoke(tmp_path):
     out = tmp_path / "mapping.json"
     report = bench.main("mapping", out, {"blocks": [[1, 1]], "num_refs": 24, "workers": [2],
-                                         "single_process_max_refs": 0})  # the single-process map: not in CI
+                                         # the single-process map and Lund's two SfMs: not in CI
+                                         # (test_submodels.py builds Lund in submodels and in one SfM)
+                                         "single_process_max_refs": 0, "lund": False})
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     (row,) = report["sizes"]
     assert set(row) == {"refs", "workers", "wall_s", "cpu_s_per_image", "peak_rss_mb", "point_error_m",

@@ -6,6 +6,9 @@
     triangulation.main known poses -> 3D points (pycolmap), filtered tracks
     sfm.main           incremental SfM (pycolmap), street-sequence initialisation
     georegister.main   robust similarity model -> prior frame (ENU for GPS)
+    cells.main         one cell's triangulation (known poses), merged by merge.main
+    submodels.main     one cell's SfM submodel, registered to its priors; merged by
+                       submodels.merge_submodels (aligned through shared images)
     descriptors.main   one mean descriptor per 3D point, for sparse localization
 
 `jobs/map.py` chains them into `pixloc map`.

@@ -62,15 +62,21 @@ def read_result(root: Path, cell: str) -> CellResult:
     return CellResult(cell, 0, CellPoints.load(directory / POINTS_FILE).num_points)
 
 
+def record_failure(directory: Path, failed_file: str, result: CellResult) -> CellResult:
+    """Writes the cell's one-line failure under a temporary name, then renames it: never half."""
+    temporary = directory / f".{failed_file}.tmp"
+    temporary.write_text(result.failure + "\n")
+    os.replace(temporary, directory / failed_file)
+    return result
+
+
 def _finish(directory: Path, result: CellResult, points: CellPoints | None) -> CellResult:
     """Writes the cell's outcome under a temporary name, then renames it: done or not, never half."""
-    if points is not None:
-        temporary = directory / f".{POINTS_FILE}.tmp.npz"
-        points.save(temporary)
-        os.replace(temporary, directory / POINTS_FILE)
-    else:
-        (directory / f".{FAILED_FILE}.tmp").write_text(result.failure + "\n")
-        os.replace(directory / f".{FAILED_FILE}.tmp", directory / FAILED_FILE)
+    if points is None:
+        return record_failure(directory, FAILED_FILE, result)
+    temporary = directory / f".{POINTS_FILE}.tmp.npz"
+    points.save(temporary)
+    os.replace(temporary, directory / POINTS_FILE)
     return result
 
 
