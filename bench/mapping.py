@@ -226,7 +226,7 @@ def measure_lund(work: Path, conf: dict) -> dict:
     images = Path(conf["lund_images"])
     args = ["map", "--images", images, "--gps-from-exif", "--max-image-size", str(conf["lund_max_image_size"]),
             "--conf", f"sift.max_num_features={conf['lund_max_num_features']}"]
-    in_cells = run_pixloc(*args, "--out", work / "lund_cells", "--workers", "2")
+    in_cells = run_pixloc(*args, "submodels.single_sfm_max_images=0", "--out", work / "lund_cells", "--workers", "2")
     single = run_pixloc(*args, "--out", work / "lund_single", "--single-process")
     manifest = json.loads((work / "lund_cells" / "manifest.json").read_text())
     return {**sfm_summary(work / "lund_cells"), "images": len(list_images(images)), "wall_s": in_cells["wall_s"],

@@ -6,10 +6,10 @@ Three ways in, one map format out (pixloc_core/map_io.py):
                          per shard cell plus halo, merged by shared observations; resumable, see
                          build_map_in_cells), or in one process with --single-process
   (images only)          SIFT, pairs by GPS (else exhaustive), incremental SfM, georegistration;
-                         the model is then transformed into the ENU frame of the priors. With priors
-                         distributed on Ray: one SfM submodel per shard cell plus halo, aligned
-                         through shared images and merged (build_sfm_in_cells); without priors, or
-                         with --single-process, one SfM in this process
+                         the model is then transformed into the ENU frame of the priors. Above
+                         submodels.single_sfm_max_images images with priors, distributed on Ray: one
+                         SfM submodel per shard cell plus halo, aligned through shared images and
+                         merged (build_sfm_in_cells); otherwise one SfM in this process
   --import-model DIR     an existing COLMAP model (text or binary), kept as is
 With priors (--priors CSV or --gps-from-exif), the similarity map->ENU and its residuals go to geo.json.
 """
@@ -310,7 +310,7 @@ def build_sfm_in_cells(images: Path, out: Path, priors: dict[str, Prior], conf: 
     reconstruction, rejected = submodels.merge_submodels(models, owner, features, conf["submodels"])
     failed += [{"cell": cell, "reason": reason} for cell, reason in rejected.items()]
     return finish_map(reconstruction, features, positions, origin, "sfm", images, out, without_prior + skipped,
-                      focal_px, conf, {"failed_cells": failed, "submodels": len(models)})
+                      focal_px, conf, {"failed_cells": failed, "submodels": len(models) - len(rejected)})
 
 
 def check_not_degenerate(reconstruction: pycolmap.Reconstruction, min_images: int) -> None:
@@ -367,7 +367,9 @@ def run(args: argparse.Namespace) -> int:
             if args.import_model:
                 raise ValueError("--update takes --reference-model or GPS priors, not --import-model")
             map_update.main(args.update, args.images, args.reference_model, priors, conf, args.workers, args.address)
-        elif not args.single_process and (args.reference_model or (priors and not args.import_model)):
+        elif not args.single_process and (args.reference_model or (
+                priors and not args.import_model
+                and len(list_images(args.images)) > conf["submodels"]["single_sfm_max_images"])):
             if any(files.is_remote(place) for place in (args.images, args.out, args.reference_model) if place):
                 raise ValueError("s3:// --images/--out/--reference-model need --single-process for now "
                                  "(the cell-by-cell mapping keeps its work files on local disk)")

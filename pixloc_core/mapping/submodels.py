@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 SUBMODELS_DIR, INPUT_FILE, MODEL_DIR, FAILED_FILE = "submodels", "input.json", "model", "failed.txt"
 
 default_conf = {
+    # `pixloc map` splits a set of images into submodels only above this size: one SfM holds longer
+    # tracks than any submodel (Lund at 1,024 px: 28 of 29 photos registered in one SfM, 25 in 5
+    # submodels, and geotagging through the submodel map lost photo 27), and a few hundred
+    # images fit one process. 0 always splits.
+    "single_sfm_max_images": 300,
     # A submodel is a shard cell (the map's --cell-size) with a wider halo than a query needs: the
     # images near a cell border register only with enough of their neighbours in the same SfM.
     "halo_m": 40.0,
