@@ -216,8 +216,8 @@ def camera_agreement_m(map_dir: Path, other_dir: Path) -> dict:
         return {"common": 0, "median": None, "max": None}
     similarity = found[0]
     common = sorted(set(first) & set(second))
-    distances = [np.linalg.norm(similarity.scale * similarity.rotation.matrix() @ first[name].projection_center()
-                                + similarity.translation - second[name].projection_center()) for name in common]
+    distances = np.linalg.norm(similarity * np.stack([first[name].projection_center() for name in common])
+                               - np.stack([second[name].projection_center() for name in common]), axis=1)
     return {"common": len(common), "median": float(np.median(distances)), "max": float(np.max(distances))}
 
 

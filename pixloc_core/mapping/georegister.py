@@ -88,8 +88,7 @@ def main(reconstruction: pycolmap.Reconstruction, positions: dict[str, np.ndarra
     if estimate is None:
         raise ValueError(f"georegistration failed: no similarity fits {len(names)} camera centres to their priors")
     target_from_model = estimate["tgt_from_src"]
-    aligned = centers * target_from_model.scale @ target_from_model.rotation.matrix().T + target_from_model.translation
-    residuals = np.linalg.norm(aligned - targets, axis=1)
+    residuals = np.linalg.norm(target_from_model * centers - targets, axis=1)
     registration = Registration(target_from_model, len(names), int((residuals <= conf["max_error_m"]).sum()),
                                 dict(zip(names, residuals.tolist())))
     logger.info("georegistration: %d images, %d inliers, residual median %.2f m, max %.2f m",

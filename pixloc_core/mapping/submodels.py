@@ -142,7 +142,7 @@ def relative_similarity(source: dict[str, pycolmap.Image], target: dict[str, pyc
     Rotation from the camera orientations (R = R_target^T R_source per image, averaged), so that it
     is determined even when the shared centres lie on a line, as along a street; then scale and
     translation from the centres, least squares, refitted once without the outliers."""
-    shared = sorted(set(source) & set(target))
+    shared = sorted(name for name in source if name in target)  # `target` grows to the whole map: no set of it
     if len(shared) < conf["min_shared_images"]:
         return None
     rotation = rotation_mean(np.stack([target[name].rotation.matrix().T @ source[name].cam_from_world().rotation.matrix()
@@ -159,11 +159,12 @@ def relative_similarity(source: dict[str, pycolmap.Image], target: dict[str, pyc
             return None
         scale = float((source_offset * target_offset).sum() / spread)
         translation = target_centers[inliers].mean(axis=0) - scale * rotated.mean(axis=0)
-        residuals = np.linalg.norm(scale * source_centers @ rotation.T + translation - target_centers, axis=1)
+        target_from_source = pycolmap.Sim3d(scale, pycolmap.Rotation3d(rotation), translation)
+        residuals = np.linalg.norm(target_from_source * source_centers - target_centers, axis=1)
         inliers = residuals <= conf["max_alignment_error_m"]
         if inliers.sum() < conf["min_shared_images"] or scale <= 0:
             return None
-    return pycolmap.Sim3d(scale, pycolmap.Rotation3d(rotation), translation), int(inliers.sum())
+    return target_from_source, int(inliers.sum())
 
 
 @dataclass
@@ -186,18 +187,21 @@ def align(models: dict[str, pycolmap.Reconstruction], conf: dict | None = None) 
     anchor = max(posed, key=lambda cell: (len(posed[cell]), cell))
     alignment.transforms[anchor] = pycolmap.Sim3d()
     aligned_poses = {name: image.cam_from_world() for name, image in posed[anchor].items()}
-    while True:
-        left = sorted(set(posed) - set(alignment.transforms) - set(alignment.rejected))
-        candidates = [(cell, relative_similarity(posed[cell], aligned_poses, conf)) for cell in left]
-        found = [(cell, result) for cell, result in candidates if result is not None]
-        if not found:
-            break
-        cell, (target_from_source, _) = max(found, key=lambda item: item[1][1])
+    # Each unaligned submodel's fit to the aligned poses; it changes only when a newly aligned
+    # submodel shares one of its images, so only those fits are recomputed.
+    fits = {cell: relative_similarity(posed[cell], aligned_poses, conf) for cell in sorted(posed) if cell != anchor}
+    while found := {cell: fit for cell, fit in fits.items() if fit is not None}:
+        cell = max(sorted(found), key=lambda candidate: found[candidate][1])
+        target_from_source = found[cell][0]
         alignment.transforms[cell] = target_from_source
+        del fits[cell]
         for name, image in posed[cell].items():
             aligned_poses.setdefault(name, target_from_source.transform_camera_world(image.cam_from_world()))
+        for other in fits:
+            if any(name in posed[cell] for name in posed[other]):
+                fits[other] = relative_similarity(posed[other], aligned_poses, conf)
     for cell in sorted(set(posed) - set(alignment.transforms)):
-        shared = len(set(posed[cell]) & set(aligned_poses))
+        shared = sum(name in aligned_poses for name in posed[cell])
         if shared:
             alignment.rejected[cell] = (f"cell {cell}: its {shared} images shared with the other submodels do not fit "
                                         f"them within {conf['max_alignment_error_m']} m")
