@@ -288,11 +288,10 @@ def build_sfm_in_cells(images: Path, out: Path, priors: dict[str, Prior], conf: 
                      for name in names if name not in positions]
     for entry in without_prior:
         logger.warning("skipping %s: %s", entry["name"], entry["reason"])
+    # What the submodels on disk depend on; the merge settings are not among them: it reruns.
+    work_settings = {"shards": conf["shards"], **{key: conf["submodels"][key] for key in submodels.WORK_SETTINGS}}
     with init_ray(address, num_cpus=None if address else workers):
-        features, present, skipped = distributed_features(
-            images, sorted(positions), root, {"shards": conf["shards"],
-                                         # what the submodels on disk depend on; the merge reads them
-                                         **{key: conf["submodels"][key] for key in submodels.WORK_SETTINGS}}, conf, workers)
+        features, present, skipped = distributed_features(images, sorted(positions), root, work_settings, conf, workers)
         distributed.match_pairs(root, group_pairs(pairs.main(present, positions, conf["pairs"])),
                                 keypoints.matching_conf(conf["keypoints"], conf))
         focal_px = exif_focal_lengths(images, {name: features.image_size(name) for name in present})
