@@ -74,7 +74,8 @@ def test_coarsest_level_ends_once_the_kept_hypotheses_have_stopped(problem):
     pruned, _, error_t = align_trials(FeaturemetricAligner(AlignConf(num_kept=1)), problem, T_init)
     everything, _, _ = align_trials(FeaturemetricAligner(), problem, T_init)
     assert pruned.success.tolist() == [False, False, False, True] and error_t[3] < 0.02
-    assert int(everything.cost.argmin()) == 3
+    # A far start may converge to the same pose: a tie (to float rounding, which differs between CPUs).
+    assert torch.isclose(everything.cost[3], everything.cost.min(), rtol=1e-4), everything.cost
     assert pruned.iterations[0] < everything.iterations[0], (pruned.iterations, everything.iterations)
 
 
