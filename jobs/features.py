@@ -25,7 +25,8 @@ import json
 import logging
 import time
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +63,27 @@ default_conf = {
 
 class ReferenceImageError(ValueError):
     """A reference image that cannot be read; the message names the file and the reason."""
+
+
+class ImageFolders:
+    """The folders a map's photos are read from (the build's and each update's): every image from
+    the first folder that holds it. One listing per folder, not one request per image."""
+
+    def __init__(self, folders: Sequence[Location]):
+        self.folders = list(folders)
+        self.paths: dict[str, str] = {}
+        for folder in self.folders:
+            root = files.absolute(folder).rstrip("/")  # names the file from any worker on any node
+            for name in list_images(folder):
+                self.paths.setdefault(name, f"{root}/{name}")
+
+    def locate(self, items: list[dict], map_dir: Location) -> list[dict]:
+        """The items, each with the "path" of its image; all of them must be found."""
+        missing = [item["name"] for item in items if item["name"] not in self.paths]
+        if missing:
+            raise FileNotFoundError(f"{', '.join(map(str, self.folders))}: {len(missing)} reference images of "
+                                    f"{map_dir} not found, e.g. {', '.join(missing[:3])}")
+        return [{**item, "path": self.paths[item["name"]]} for item in items]
 
 
 def map_cells(scene: SceneMap) -> dict[str, list[int]]:
@@ -129,17 +151,15 @@ def sample_reference_image(extractor: Extractor, path: Location, item: dict) -> 
 class ReferenceFeatureWriter:
     """Ray Data callable class: one extractor per worker, reused across batches."""
 
-    def __init__(self, store_url: str, images_dir: str, extractor_name: str, checkpoint: str | None,
-                 map_fingerprint: str):
+    def __init__(self, store_url: str, extractor_name: str, checkpoint: str | None, map_fingerprint: str):
         set_torch_threads()
         self.extractor = load_extractor(extractor_name, checkpoint)
         self.store = FeatureStore.open(store_url, extractor_id=self.extractor.extractor_id)
-        self.images_dir = files.location(images_dir)
         self.map_fingerprint = map_fingerprint
 
     def extract(self, item: dict) -> dict[tuple[str, int | str], pa.Table]:
-        """The observation rows of one image, per partition (cell, level) it writes into."""
-        levels = sample_reference_image(self.extractor, self.images_dir / item["name"], item)
+        """The observation rows of one image (`ImageFolders.locate`d), per partition (cell, level) it writes into."""
+        levels = sample_reference_image(self.extractor, files.location(str(item["path"])), item)
         tables = {}
         for partition in item["partitions"]:
             cell, level = parse_partition_dir(str(partition))
@@ -190,14 +210,13 @@ def map_descriptors(scene: SceneMap) -> tuple[np.ndarray, np.ndarray] | None:
     return scene.point3D_ids, scene.descriptors
 
 
-def extract(store: FeatureStore, scene: SceneMap, items: list[dict], images_dir: Location, conf: dict,
-            description: str, on_commit: Callable[[Commit], None]) -> list[str]:
+def extract(store: FeatureStore, scene: SceneMap, items: list[dict], conf: dict, description: str,
+            on_commit: Callable[[Commit], None]) -> list[str]:
     """Run the workers over `items` (Ray initialised) of the map `scene`; each returned batch goes
     to `on_commit`. Returns the unreadable images' errors."""
     dataset = ray.data.from_items(items).map_batches(
         ReferenceFeatureWriter,
-        fn_constructor_kwargs={"store_url": store.url, "images_dir": files.absolute(images_dir),
-                               "extractor_name": conf["extractor"], "checkpoint": conf["checkpoint"],
+        fn_constructor_kwargs={"store_url": store.url, "extractor_name": conf["extractor"], "checkpoint": conf["checkpoint"],
                                "map_fingerprint": scene.fingerprint},
         batch_size=conf["batch_size"],
         compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
@@ -216,7 +235,7 @@ def extract(store: FeatureStore, scene: SceneMap, items: list[dict], images_dir:
 
 
 def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], fingerprints: dict[str, str],
-           images_dir: Location, conf: dict, damaged: dict[tuple[str, int], str]) -> list[str]:
+           images: ImageFolders, conf: dict, damaged: dict[tuple[str, int], str]) -> list[str]:
     """Recompute the damaged partitions from all images of their cells (`fingerprints`: the cells'
     content) and republish them (Ray initialised); nothing is committed, so a failed repair leaves
     them damaged for the next rerun. Returns the unreadable images' errors."""
@@ -228,19 +247,20 @@ def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], fi
         for part in commit.parts:
             parts[part.cell, part.level].append(part)
 
-    items = partition_items(scene.reconstruction, {partition: cells[partition[0]] for partition in damaged},
-                            map_descriptors(scene))
-    failures = extract(store, scene, items, images_dir, conf, "repair reference features", collect)
+    items = images.locate(partition_items(scene.reconstruction, {partition: cells[partition[0]] for partition in damaged},
+                                          map_descriptors(scene)), scene.path)
+    failures = extract(store, scene, items, conf, "repair reference features", collect)
     if not failures:
         for cell, level in damaged:
             store.publish(cell, level, parts[cell, level], fingerprints[cell])
     return failures
 
 
-def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | None = None,
-         address: str | None = None) -> dict:
+def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, store_url: str,
+         conf: dict | None = None, address: str | None = None) -> dict:
     """Fill the store for every reference image in a cell of the map whose partitions are not
-    current, and recompute damaged partitions; returns counts and timings."""
+    current, and recompute damaged partitions; returns counts and timings. The images are read
+    from `images_dir` (one folder or several); None: the folders the map was built and updated from."""
     conf = merge_conf(default_conf, conf)
     if conf["checkpoint"] is not None:
         conf["checkpoint"] = files.absolute(conf["checkpoint"])  # the workers' working directory may differ
@@ -263,12 +283,12 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
     publisher = PartitionPublisher(store, stale, fingerprints, scene.fingerprint)
     for commit in store.commits(scene.fingerprint):
         publisher.record(commit)
-    items = reference_items(scene.reconstruction, stale, info.levels(), descriptors)
-    available = set(list_images(images_dir))  # one listing, not one request per image
-    missing = [item["name"] for item in items if item["name"] not in available]
-    if missing:
-        raise FileNotFoundError(f"{images_dir}: {len(missing)} reference images of {map_dir} not found, "
-                                f"e.g. {', '.join(missing[:3])}")
+    if images_dir is None:
+        folders = [files.location(folder) for folder in scene.image_folders]
+    else:
+        folders = [images_dir] if isinstance(images_dir, (Path, str)) else list(images_dir)
+    images = ImageFolders(folders)
+    items = images.locate(reference_items(scene.reconstruction, stale, info.levels(), descriptors), map_dir)
     pending = [item for item in items if item["image_id"] not in publisher.committed]
     logger.info("%s: %d reference images in %d cells to fill, %d already committed, %d to extract with %s",
                 store.url, len(items), len(stale), len(items) - len(pending), len(pending), extractor.extractor_id)
@@ -286,7 +306,7 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
         with init_ray(address, num_cpus=None if address else conf["workers"] * conf["cpus_per_worker"]):
             start = time.perf_counter()
             if damaged:
-                failures += repair(store, scene, cells, fingerprints, images_dir, conf, damaged)
+                failures += repair(store, scene, cells, fingerprints, images, conf, damaged)
 
             def commit_batch(commit: Commit) -> None:
                 nonlocal extracted, first_commit_s
@@ -296,7 +316,7 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
                 extracted += len(commit.image_ids)
 
             if pending:
-                failures += extract(store, scene, pending, images_dir, conf, "reference features", commit_batch)
+                failures += extract(store, scene, pending, conf, "reference features", commit_batch)
             seconds = time.perf_counter() - start
     if failures:
         raise ReferenceImageError(f"{len(failures)} reference image(s) unreadable, their cells are not "
@@ -312,8 +332,10 @@ def main(map_dir: Location, images_dir: Location, store_url: str, conf: dict | N
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map", type=files.location, required=True,
                         help="map directory written by `pixloc map` (a local path or s3://bucket/prefix)")
-    parser.add_argument("--images", type=files.location, required=True,
-                        help="folder of the reference images (a local path or s3://bucket/prefix)")
+    parser.add_argument("--images", type=files.location, nargs="+", default=None,
+                        help="folder(s) of the reference images, local paths or s3://bucket/prefix; an image is "
+                             "read from the first that holds it (default: the folders the map was built and "
+                             "updated from, as its manifest records them)")
     parser.add_argument("--store", required=True, help="store URL: a local path or s3://bucket/prefix")
     parser.add_argument("--extractor", default=default_conf["extractor"], help="feature extractor name")
     parser.add_argument("--checkpoint", default=default_conf["checkpoint"],

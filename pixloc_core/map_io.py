@@ -196,6 +196,13 @@ class SceneMap:
         return [entry["previous_fingerprint"] for entry in self.manifest.get("updates", [])
                 if "previous_fingerprint" in entry]
 
+    @property
+    def image_folders(self) -> list[str]:
+        """Where the map's photos were read from: the build's folder, then each update's, as given
+        to `pixloc map` (a relative path is relative to where it ran)."""
+        folders = [self.manifest["images_dir"], *(entry["images_dir"] for entry in self.manifest.get("updates", []))]
+        return list(dict.fromkeys(folders))
+
     def save(self, path: Path, source: str, images_dir: Path, skipped: list[dict],
              manifest_extra: dict | None = None) -> None:
         """Writes every file of the map; the manifest last, with the fingerprint of the model and

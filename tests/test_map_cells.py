@@ -155,20 +155,26 @@ def test_a_map_written_before_cell_fingerprints_gets_them_computed(in_cells, tmp
 
 
 def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions(scene, tmp_path, ray_cluster):
-    """A map of the western part of the street, updated in place with the eastern photos; its
-    feature store follows it, recomputing only the changed cells."""
+    """A map of the western part of the street, updated in place with the eastern photos from a
+    folder of their own; its feature store follows it, recomputing only the changed cells, and
+    reads each photo from the folder the map took it from."""
     reference = read_model(scene / "reference_model")
     centers = {image.name: image.projection_center() for image in reference.images.values()}
     west = {name for name, center in centers.items() if center[0] < np.quantile([c[0] for c in centers.values()], 0.65)}
     (tmp_path / "west").mkdir()
     triangulation.skeleton_from_reference(reference, west).write(tmp_path / "west")
+    west_photos, east_photos = tmp_path / "west_photos", tmp_path / "east_photos"
+    for folder, names in ((west_photos, west), (east_photos, set(centers) - west)):
+        folder.mkdir()
+        for name in names:
+            shutil.copy(scene / "mapping" / name, folder / name)
     map_dir = tmp_path / "map"
-    before = build_map_in_cells(scene / "mapping", map_dir, tmp_path / "west", read_priors(scene / "mapping_priors.csv"),
+    before = build_map_in_cells(west_photos, map_dir, tmp_path / "west", read_priors(scene / "mapping_priors.csv"),
                                 CELLS)
     store_url = str(tmp_path / "store")
-    features.main(map_dir, scene / "mapping", store_url, STORE_CONF)
+    features.main(map_dir, None, store_url, STORE_CONF)  # from the folder the map was built from
     store_files = {path: path.read_bytes() for path in (tmp_path / "store").glob("cell=*/**/*") if path.is_file()}
-    assert cli_main(["map", "--update", str(map_dir), "--images", str(scene / "mapping"),
+    assert cli_main(["map", "--update", str(map_dir), "--images", str(east_photos),
                      "--reference-model", str(scene / "reference_model")]) == 0
 
     after = SceneMap.load(map_dir)
@@ -189,21 +195,22 @@ def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions
     assert set(entry["changed_cells"]) == {cell for cell in new if new[cell] != old.get(cell)}
     assert set(entry["changed_cells"]).isdisjoint(untouched)
     with pytest.raises(SystemExit, match="no image that"):
-        cli_main(["map", "--update", str(map_dir), "--images", str(scene / "mapping"),
+        cli_main(["map", "--update", str(map_dir), "--images", str(east_photos),
                   "--reference-model", str(scene / "reference_model")])
+    assert after.image_folders == [str(west_photos), str(east_photos)]
 
-    # The store: an unreadable new photo stops its cells; the store still names the old map, so
-    # no reader of the new map sees it half updated.
-    images = tmp_path / "images"
-    shutil.copytree(scene / "mapping", images)
+    # The store: the build's folder alone lacks the new photos; an unreadable new photo stops its
+    # cells, and the store still names the old map, so no reader of the new map sees it half updated.
+    with pytest.raises(FileNotFoundError, match=f"{west_photos}: {30 - len(west)} reference images of .* not found"):
+        features.main(map_dir, west_photos, store_url, STORE_CONF)
     broken = sorted(set(centers) - west)[0]
-    (images / broken).write_bytes(b"not a png")
+    (east_photos / broken).write_bytes(b"not a png")
     with pytest.raises(features.ReferenceImageError, match=f"{broken}: cannot decode"):
-        features.main(map_dir, images, store_url, STORE_CONF)
+        features.main(map_dir, None, store_url, STORE_CONF)
     with pytest.raises(StoreMismatchError):
         FeatureStore.open(store_url, map_fingerprint=after.fingerprint)
-    (images / broken).write_bytes((scene / "mapping" / broken).read_bytes())
-    resumed = features.main(map_dir, images, store_url, STORE_CONF)
+    (east_photos / broken).write_bytes((scene / "mapping" / broken).read_bytes())
+    resumed = features.main(map_dir, None, store_url, STORE_CONF)
 
     # The failed run published the changed cells without the broken photo and committed the rest.
     assert resumed["extracted"] == 1
@@ -219,4 +226,6 @@ def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions
         assert store.manifest(cell, 0)["cell_fingerprint"] == new[cell]
         rows = set(store.load_table(cell, 0, ["image_id"]).column("image_id").to_pylist())
         assert rows <= {ids[name] for name in after.shards.images_of(cell)}
-    assert features.main(map_dir, images, store_url, STORE_CONF)["extracted"] == 0
+    assert features.main(map_dir, [west_photos, east_photos], store_url, STORE_CONF)["extracted"] == 0
+    assert cli_main(["features", "--map", str(map_dir), "--images", str(west_photos), str(east_photos),
+                     "--store", store_url]) == 0
