@@ -306,7 +306,7 @@ def build_sfm_in_cells(images: Path, out: Path, priors: dict[str, Prior], conf: 
     if not models:
         raise ValueError(f"no cell could be reconstructed: {failed[0]['reason'] if failed else 'no cells'}")
     owner = {name: cell for cell in cell_index.cell_ids for name in cell_index.images_of(cell, with_halo=False)}
-    reconstruction, rejected = submodels.merge_submodels(models, owner, features, conf["submodels"])
+    reconstruction, rejected = submodels.merge_submodels(models, owner, features, focal_px, conf["submodels"])
     failed += [{"cell": cell, "reason": reason} for cell, reason in rejected.items()]
     return finish_map(reconstruction, features, positions, origin, "sfm", images, out, without_prior + skipped,
                       focal_px, conf, {"failed_cells": failed, "submodels": len(models) - len(rejected)})

@@ -69,6 +69,25 @@ def test_align_chains_submodels_into_the_frame_of_the_largest():
             assert np.allclose(image.projection_center(), middle_from_true * true_center, atol=1e-6), (cell, name)
 
 
+def test_one_camera_per_device_in_the_merged_model():
+    """Each submodel calibrates the phone on its own; the merged model has one camera per device
+    (size and EXIF focal), the median of theirs, as one SfM would."""
+    centers = np.stack([np.linspace(0, 20, 9), np.zeros(9), np.full(9, 1.5)], axis=1)
+    models = {"a": street_model(centers, indices=range(0, 5)), "b": street_model(centers, indices=range(4, 9)),
+              "c": street_model(centers, indices=range(6, 9))}
+    for model, focal in zip(models.values(), (290.0, 310.0, 330.0)):
+        model.cameras[1].params = [focal, 160, 120]
+    other_phone = {"009.jpg"}  # another EXIF focal: its own camera, calibrated by the one submodel that holds it
+    focal_px = {f"{i:03d}.jpg": 400.0 if f"{i:03d}.jpg" in other_phone else 300.0 for i in range(1, 10)}
+    source = {**{f"{i:03d}.jpg": "a" for i in range(1, 6)}, **{f"{i:03d}.jpg": "b" for i in range(6, 8)},
+              "008.jpg": "c", "009.jpg": "b"}
+    cameras = submodels.device_cameras(models, source, focal_px)
+    phone = {cameras[name].camera_id for name in source if name not in other_phone}
+    assert len(phone) == 1 and cameras["009.jpg"].camera_id not in phone
+    assert cameras["001.jpg"].params[0] == pytest.approx(290.0)  # median of 5 x 290, 2 x 310, 1 x 330
+    assert cameras["009.jpg"].params[0] == pytest.approx(310.0)
+
+
 LUND_CONF = {"sift": {"max_image_size": 640, "max_num_features": 2048}}
 
 

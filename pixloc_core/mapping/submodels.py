@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,21 +225,41 @@ def pose_sources(models: dict[str, pycolmap.Reconstruction], owner: dict[str, st
     return chosen
 
 
+def device_cameras(models: dict[str, pycolmap.Reconstruction], source: dict[str, str],
+                   focal_px: dict[str, float]) -> dict[str, pycolmap.Camera]:
+    """Image name -> its camera in the merged model: one per device (size and EXIF focal), as one
+    SfM has (sfm.make_skeleton), with the median of the calibrations of the submodels' images of it.
+    Each submodel calibrated its own (Lund's phone: focal 703-773 px in three), and a query of that
+    device gets one camera: it would not fit the points the others made."""
+    calibrations: dict[tuple, list[pycolmap.Camera]] = defaultdict(list)
+    device = {}
+    for name, cell in sorted(source.items()):
+        camera = models[cell].cameras[models[cell].find_image_with_name(name).camera_id]
+        device[name] = (camera.model, camera.width, camera.height, round(focal_px.get(name, 0.0), 1))
+        calibrations[device[name]].append(camera)
+    cameras = {}
+    for camera_id, (key, calibrated) in enumerate(sorted(calibrations.items(), key=str), start=1):
+        camera = copy.copy(calibrated[0])
+        camera.camera_id = camera_id
+        camera.params = np.median(np.stack([c.params for c in calibrated]), axis=0)
+        cameras[key] = camera
+    return {name: cameras[key] for name, key in device.items()}
+
+
 def bundle_adjustment_options(refine_poses: bool) -> pycolmap.BundleAdjustmentOptions:
     """A robust loss: a track joined across submodels may still hold an observation that fits badly.
-    The cameras stay as their submodels calibrated them."""
+    The shared cameras are calibrated again, to all their images."""
     options = pycolmap.BundleAdjustmentOptions()
     options.print_summary = False
-    options.refine_focal_length = options.refine_extra_params = False
     options.refine_rig_from_world = refine_poses
     options.ceres.loss_function_type = pycolmap.LossFunctionType.SOFT_L1
     return options
 
 
 def merge_submodels(models: dict[str, pycolmap.Reconstruction], owner: dict[str, str], features: FeatureFiles,
-                    conf: dict | None = None) -> tuple[pycolmap.Reconstruction, dict[str, str]]:
-    """One model from the submodels: each image posed once (`pose_sources`), with the cameras of
-    the submodel it comes from; the submodels' points joined into tracks by their shared
+                    focal_px: dict[str, float], conf: dict | None = None) -> tuple[pycolmap.Reconstruction, dict[str, str]]:
+    """One model from the submodels: each image posed once (`pose_sources`), with one camera per
+    device (`device_cameras`; `focal_px`: the images' EXIF focal); the submodels' points joined into tracks by their shared
     observations (merge.py; image ids renumbered over all submodels) and re-fitted to the poses.
     Returns the model and the rejected submodels (`align`). Transforms the models in place."""
     conf = {**default_conf, **(conf or {})}
@@ -248,17 +269,15 @@ def merge_submodels(models: dict[str, pycolmap.Reconstruction], owner: dict[str,
         model.transform(alignment.transforms[cell])
     source = pose_sources(models, owner)
     image_ids = {name: image_id for image_id, name in enumerate(sorted(source), start=1)}
-    skeleton, camera_ids, keypoints = pycolmap.Reconstruction(), {}, {}
+    cameras = device_cameras(models, source, focal_px)
+    skeleton, keypoints = pycolmap.Reconstruction(), {}
+    for camera in {camera.camera_id: camera for camera in cameras.values()}.values():
+        skeleton.add_camera_with_trivial_rig(camera)
     for name, cell in sorted(source.items()):
-        image = models[cell].find_image_with_name(name)
-        if (cell, image.camera_id) not in camera_ids:
-            camera = copy.copy(models[cell].cameras[image.camera_id])
-            camera.camera_id = camera_ids[cell, image.camera_id] = len(camera_ids) + 1
-            skeleton.add_camera_with_trivial_rig(camera)
         keypoints[image_ids[name]] = features.keypoints(name)
         skeleton.add_image_with_trivial_frame(
-            pycolmap.Image(name=name, keypoints=keypoints[image_ids[name]], camera_id=camera_ids[cell, image.camera_id],
-                           image_id=image_ids[name]), image.cam_from_world())
+            pycolmap.Image(name=name, keypoints=keypoints[image_ids[name]], camera_id=cameras[name].camera_id,
+                           image_id=image_ids[name]), models[cell].find_image_with_name(name).cam_from_world())
     parts = []
     for model in models.values():
         points = merge.CellPoints.from_reconstruction(model)
