@@ -12,11 +12,13 @@ images; and `pixloc features` into one store before and after the update: its wa
 the fraction of the store's partitions the update left untouched, and the images read again.
 Lund: `pixloc map --gps-from-exif` in SfM submodels on Ray (submodels.py) and `--single-process`
 (one SfM): registered photos, GPS residuals, and how far the two maps' cameras lie apart after the
-similarity that best aligns them.
+similarity that best aligns them; and `pixloc bench real`'s Lund runs (held-out photos localized
+against the pseudo ground truth registered into each map) on a map of each kind.
 
 JSON: {"sizes": [{"refs", "workers", "wall_s", "cpu_s_per_image", "peak_rss_mb": {"driver",
 "worker"}, "point_error_m", "single_process_wall_s"}], "lund": {"registered", "residual_median_m",
-"residual_max_m", "single_process": {...}, "camera_agreement_m": {...}, ...}, "update": {...}}
+"residual_max_m", "single_process": {...}, "camera_agreement_m": {...}, "localization": {"submodels",
+"single_process": bench real's "sets"}, ...}, "update": {...}}
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ import numpy as np
 import pycolmap
 
 from cluster.store import MANIFEST_FILE, FeatureStore
+from bench import real
+from pixloc_core.evaluate import RECALL_THRESHOLDS, recall_key
 from pixloc_core.map_io import SceneMap
 from pixloc_core.images import list_images
 from pixloc_core.mapping import submodels, triangulation
@@ -59,6 +63,7 @@ default_conf = {
     "lund_images": ROOT.parent / "shared" / "data" / "opensfm" / "lund" / "images",
     "lund_max_image_size": 640,
     "lund_max_num_features": 2048,
+    "lund_localization": True,  # bench real's Lund runs on a submodel map and on one SfM's (minutes)
 }
 QUICK = {"blocks": [[1, 1], [2, 1]], "workers": [1, 2], "single_process_max_refs": 200}
 
@@ -221,12 +226,23 @@ def camera_agreement_m(map_dir: Path, other_dir: Path) -> dict:
     return {"common": len(common), "median": float(np.median(distances)), "max": float(np.max(distances))}
 
 
+SPLIT_INTO_SUBMODELS = "submodels.single_sfm_max_images=0"  # however few the photos
+
+
+def lund_localization(work: Path) -> dict:
+    """bench real's Lund sets (full size and small queries) on a map built in submodels on Ray and
+    on one built by one SfM: does localization against the merged map work as well?"""
+    return {build: real.main(sets=("lund",), work_dir=work / f"real_{build}",
+                             map_conf={"lund": settings})["sets"]
+            for build, settings in (("submodels", [SPLIT_INTO_SUBMODELS]), ("single_process", []))}
+
+
 def measure_lund(work: Path, conf: dict) -> dict:
     """SfM of Lund's photos from their EXIF GPS in submodels on Ray, against one SfM in one process."""
     images = Path(conf["lund_images"])
     args = ["map", "--images", images, "--gps-from-exif", "--max-image-size", str(conf["lund_max_image_size"]),
             "--conf", f"sift.max_num_features={conf['lund_max_num_features']}"]
-    in_cells = run_pixloc(*args, "submodels.single_sfm_max_images=0", "--out", work / "lund_cells", "--workers", "2")
+    in_cells = run_pixloc(*args, SPLIT_INTO_SUBMODELS, "--out", work / "lund_cells", "--workers", "2")
     single = run_pixloc(*args, "--out", work / "lund_single", "--single-process")
     manifest = json.loads((work / "lund_cells" / "manifest.json").read_text())
     return {**sfm_summary(work / "lund_cells"), "images": len(list_images(images)), "wall_s": in_cells["wall_s"],
@@ -234,7 +250,8 @@ def measure_lund(work: Path, conf: dict) -> dict:
             "failed_cells": manifest["failed_cells"],
             "single_process": {**sfm_summary(work / "lund_single"), "wall_s": single["wall_s"],
                                "peak_rss_mb": single["peak_rss_mb"]},
-            "camera_agreement_m": camera_agreement_m(work / "lund_cells", work / "lund_single")}
+            "camera_agreement_m": camera_agreement_m(work / "lund_cells", work / "lund_single"),
+            "localization": lund_localization(work) if conf["lund_localization"] else None}
 
 
 def main(out: Path | None = None, work_dir: Path | None = None, **conf) -> dict:
@@ -295,3 +312,14 @@ def print_table(report: dict) -> None:
         agreement = lund["camera_agreement_m"]
         print(f"cameras of the two after a similarity: median {agreement['median']:.2f} m, max {agreement['max']:.2f} m "
               f"({agreement['common']} common); submodels {lund['submodels']}, rejected {len(lund['failed_cells'])}")
+        threshold = RECALL_THRESHOLDS[1]
+        for build, sets in (lund["localization"] or {}).items():
+            for set_name, methods in sets.items():
+                print(f"localization on the {build} map, {set_name}, recall {threshold[0]:g} m / {threshold[1]:g} deg "
+                      "(precision): " + ", ".join(
+                          f"{method} {100 * entry['recall'][recall_key(*threshold)]:.0f}% ({percent(entry['precision'])})"
+                          for method, entry in methods.items() if "recall" in entry))
+
+
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"

@@ -66,6 +66,9 @@ default_conf = {
     "keypoints": ("sift",),
     "workers": 2,
     "prepare": {},  # per-set overrides of pixloc_core.datasets.default_conf
+    # Per-set `pixloc map --conf` settings of the first map, e.g. Lund's SfM in submodels on Ray:
+    # `--conf 'map_conf={lund: [submodels.single_sfm_max_images=0]}'`.
+    "map_conf": {},
 }
 
 
@@ -204,7 +207,9 @@ def build(prepared: PreparedSet, work: Path, conf: dict, map_args: list) -> Buil
     map and with the first extractor for the others (their `sparse` runs need no CNN)."""
     first, *others = conf["keypoints"]
     maps = {first: work / "map"}
-    run_pixloc("map", "--images", prepared.mapping_dir, "--out", maps[first], "--keypoints", first, *map_args)
+    settings = conf["map_conf"].get(prepared.name, [])
+    run_pixloc("map", "--images", prepared.mapping_dir, "--out", maps[first], "--keypoints", first, *map_args,
+               *(["--conf", *settings] if settings else []))
     priors = [arg for arg in map_args if arg == "--gps-from-exif"]  # the same georegistration
     for kind in others:
         maps[kind] = work / f"map-{kind}"
