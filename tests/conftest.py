@@ -27,6 +27,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def lund_map(shared_data, tmp_path_factory) -> Path:
+    """The map a user builds of Lund's 29 photos, `pixloc map --gps-from-exif` with the default
+    settings (one SfM, georegistered to the EXIF GPS): built once for the tests that read it."""
+    from jobs.cli import main as cli_main
+
+    map_dir = tmp_path_factory.mktemp("lund") / "map"
+    images = shared_data / "opensfm" / "lund" / "images"
+    assert cli_main(["map", "--images", str(images), "--out", str(map_dir), "--gps-from-exif"]) == 0
+    return map_dir
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; its endpoint and fake credentials are exported in the
     environment so that s3fs in this process and in Ray workers started later both reach it."""

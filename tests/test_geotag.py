@@ -208,13 +208,12 @@ def _along_street_m(lat: float, lon: float, heading_deg: float) -> float:
 
 
 @pytest.mark.slow
-def test_geotag_lund_fixes_stale_gps_and_wrong_compass(shared_data, tmp_path):
+def test_geotag_lund_fixes_stale_gps_and_wrong_compass(shared_data, lund_map, tmp_path):
     """The issue's acceptance on opensfm/lund, as a user would run it: a map of the 29 GPS-tagged
     photos, then all of them geotagged through localization (SIFT + PnP, the fastest method). 27-29
     share one stale GPS fix and must come out at distinct positions along the street, in capture
     order; the compass of 01-20 (EXIF ~180 deg) must turn to the street direction (~340 deg)."""
-    images, map_dir, store, out = shared_data / LUND / "images", tmp_path / "map", tmp_path / "store", tmp_path / "out"
-    assert cli_main(["map", "--images", str(images), "--out", str(map_dir), "--gps-from-exif"]) == 0
+    images, map_dir, store, out = shared_data / LUND / "images", lund_map, tmp_path / "store", tmp_path / "out"
     assert cli_main(["features", "--map", str(map_dir), "--images", str(images), "--store", str(store)]) == 0
     assert cli_main(["geotag", "--results", str(tmp_path / "results"), "--images", str(images), "--map", str(map_dir),
                      "--out", str(out), "--store", str(store), "--method", "sparse"]) == 0

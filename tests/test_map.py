@@ -12,7 +12,7 @@ import pycolmap
 import pytest
 
 from jobs.cli import main as cli_main
-from jobs.map import build_map, exif_priors
+from jobs.map import build_map
 from pixloc_core import exif
 from pixloc_core.io import read_poses, read_priors
 from pixloc_core.map_io import SceneMap, model_fingerprint
@@ -156,10 +156,9 @@ def test_degenerate_input_is_a_clear_error(scene, tmp_path):
 
 
 @pytest.mark.slow
-def test_sfm_and_georegistration_on_lund(shared_data, tmp_path):
+def test_sfm_and_georegistration_on_lund(shared_data, lund_map):
     images = shared_data / "opensfm" / "lund" / "images"
-    scene_map = build_map(images, tmp_path / "lund", priors=exif_priors(images, list_images(images)),
-                          conf={"sift": {"max_image_size": 1024, "max_num_features": 4096}})
+    scene_map = SceneMap.load(lund_map)
     assert scene_map.reconstruction.num_reg_images() >= 27
     registration = scene_map.geo.registration
     assert registration["median_residual_m"] < 6.0
@@ -169,11 +168,10 @@ def test_sfm_and_georegistration_on_lund(shared_data, tmp_path):
                            for image in scene_map.reconstruction.images.values()])  # (N, 3) in the world
     assert np.median(image_down[:, 2]) < -0.9
     # Queries from the same phone (same size and EXIF focal) get the map's self-calibrated camera.
-    reloaded = SceneMap.load(tmp_path / "lund")
     exif_focal = exif.read_exif_focal_px(images / "01.jpg", 1024, 768)
-    camera = reloaded.camera_for_exif(1024, 768, exif_focal)
-    assert camera is not None and camera.camera_id == reloaded.reconstruction.find_image_with_name("01.jpg").camera_id
-    assert reloaded.camera_for_exif(1024, 768, exif_focal + 50) is None
+    camera = scene_map.camera_for_exif(1024, 768, exif_focal)
+    assert camera is not None and camera.camera_id == scene_map.reconstruction.find_image_with_name("01.jpg").camera_id
+    assert scene_map.camera_for_exif(1024, 768, exif_focal + 50) is None
 
 
 def test_register_into_needs_the_model_keypoints(triangulated, scene, tmp_path):
