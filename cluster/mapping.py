@@ -4,18 +4,21 @@
 Every stage writes one file per unit of work under MAP/mapping (pixloc_core/mapping/feature_files.py
 and cells.py) and returns only small records to the driver, so no process holds every image's
 features, and a rerun skips the units whose files exist: a killed job resumes where it stopped.
+The images and MAP/mapping may be local (one machine, or a disk every node mounts) or s3://
+prefixes, which every node reads and writes without a shared disk.
 """
 from __future__ import annotations
 
 import importlib
 import logging
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import ray
 from tqdm import tqdm
 
+from pixloc_core import files
+from pixloc_core.files import Location
 from pixloc_core.images import ImageReadError, read_image
 from pixloc_core.mapping import cells as cell_step
 from pixloc_core.mapping import keypoints, matching
@@ -31,8 +34,8 @@ class FeatureFileWriter:
 
     def __init__(self, root: str, images_dir: str, kind: str, sift_conf: dict):
         set_torch_threads()
-        self.files = FeatureFiles(Path(root))
-        self.images_dir = Path(images_dir)
+        self.files = FeatureFiles(files.location(root))
+        self.images_dir = files.location(images_dir)
         self.extractor = keypoints.keypoint_extractor(kind, sift_conf)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -47,17 +50,17 @@ class FeatureFileWriter:
         return {"name": batch["name"], "failure": np.array(failures, dtype=object)}
 
 
-def extract_features(images_dir: Path, names: list[str], root: Path, kind: str, sift_conf: dict, workers: int
-                     ) -> list[dict[str, str]]:
+def extract_features(images_dir: Location, names: list[str], root: Location, kind: str, sift_conf: dict,
+                     workers: int) -> list[dict[str, str]]:
     """Feature files for the images of `names` that have none yet; returns one {"name", "reason"}
     per unreadable image (no file is written for it, so that a rerun retries it)."""
-    files = FeatureFiles(root)
-    pending = [name for name in names if not files.has(name)]
+    written = FeatureFiles(root)
+    pending = [name for name in names if not written.has(name)]
     logger.info("features: %d images, %d already extracted", len(names), len(names) - len(pending))
     if not pending:
         return []
     dataset = ray.data.from_items([{"name": name} for name in pending]).map_batches(
-        FeatureFileWriter, fn_constructor_kwargs={"root": str(root), "images_dir": str(Path(images_dir).resolve()),
+        FeatureFileWriter, fn_constructor_kwargs={"root": files.absolute(root), "images_dir": files.absolute(images_dir),
                                                   "kind": kind, "sift_conf": {**sift_conf, "num_threads": 1}},
         batch_size=4, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     skipped = []
@@ -73,7 +76,7 @@ def _match_chunk(root: str, chunk: list[tuple[str, list[str]]], conf: dict, feat
     """Matches of every pair of `chunk` (name0, its partners), one file per name0; each image's
     descriptors are read once per chunk, and only those of the chunk's images."""
     set_torch_threads()
-    features, matches_files = FeatureFiles(Path(features_root)), MatchFiles(Path(root))
+    features, matches_files = FeatureFiles(features_root), MatchFiles(root)
     descriptors: dict[str, object] = {}
 
     def normalized(name: str):
@@ -87,17 +90,18 @@ def _match_chunk(root: str, chunk: list[tuple[str, list[str]]], conf: dict, feat
     return len(chunk)
 
 
-def match_pairs(root: Path, grouped_pairs: dict[str, list[str]], conf: dict, images_per_task: int = 32,
-                features_root: Path | None = None) -> None:
+def match_pairs(root: Location, grouped_pairs: dict[str, list[str]], conf: dict, images_per_task: int = 32,
+                features_root: Location | None = None) -> None:
     """grouped_pairs: name0 -> partners (feature_files.group_pairs), images with features (under
     `features_root`, default `root`) only; the matches go under `root`. Consecutive names form a
     task, so that the images of a chunk lie near each other."""
     conf = {**matching.default_conf, **conf}
-    files = MatchFiles(root)
-    pending = [(name0, partners) for name0, partners in grouped_pairs.items() if not files.has(name0)]
+    written = MatchFiles(root)
+    pending = [(name0, partners) for name0, partners in grouped_pairs.items() if not written.has(name0)]
     logger.info("matching: %d pairs of %d images, %d images already matched",
                 sum(map(len, grouped_pairs.values())), len(grouped_pairs), len(grouped_pairs) - len(pending))
-    tasks = [_match_chunk.remote(str(root), pending[start:start + images_per_task], conf, str(features_root or root))
+    tasks = [_match_chunk.remote(files.absolute(root), pending[start:start + images_per_task], conf,
+                                 files.absolute(features_root or root))
              for start in range(0, len(pending), images_per_task)]
     with tqdm(total=len(pending), desc="matching", unit="img") as progress:
         while tasks:
@@ -112,19 +116,20 @@ def _run_cell(step: str, root: str, cell: str, images_dir: str, conf: dict, feat
     import pycolmap
 
     pycolmap.logging.minloglevel = 2
-    return importlib.import_module(step).main(Path(root), cell, Path(images_dir), conf, Path(features_root))
+    return importlib.import_module(step).main(files.location(root), cell, files.location(images_dir), conf,
+                                              files.location(features_root))
 
 
-def run_cells(step: ModuleType, root: Path, cells: list[str], images_dir: Path, conf: dict,
-              features_root: Path | None = None) -> list[cell_step.CellResult]:
+def run_cells(step: ModuleType, root: Location, cells: list[str], images_dir: Location, conf: dict,
+              features_root: Location | None = None) -> list[cell_step.CellResult]:
     """One Ray task per cell not done yet, running `step.main` (a per-cell step: cells.py
     triangulates a cell, submodels.py reconstructs one); the results of every cell, finished
     before or now."""
     pending = [cell for cell in cells if not step.is_done(root, cell)]
     label = step.__name__.rsplit(".", 1)[-1]
     logger.info("%s: %d cells, %d already done", label, len(cells), len(cells) - len(pending))
-    tasks = [_run_cell.remote(step.__name__, str(root), cell, str(Path(images_dir).resolve()), conf,
-                              str(features_root or root)) for cell in pending]
+    tasks = [_run_cell.remote(step.__name__, files.absolute(root), cell, files.absolute(images_dir), conf,
+                              files.absolute(features_root or root)) for cell in pending]
     results = {}
     with tqdm(total=len(pending), desc=label, unit="cell") as progress:
         while tasks:

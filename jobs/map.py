@@ -61,11 +61,11 @@ default_conf = {
 WORK_DIR = "mapping"  # MAP/mapping: per-image features, matches and per-cell results of a distributed build
 
 
-def read_model(path: Path) -> pycolmap.Reconstruction:
-    """A COLMAP model directory, binary or text."""
-    path = Path(path)
+def read_model(place: Location) -> pycolmap.Reconstruction:
+    """A COLMAP model directory, binary or text (a remote one through the local cache)."""
+    path = files.local_copy(place)
     if not any((path / f"images.{ext}").is_file() for ext in ("bin", "txt")):
-        raise FileNotFoundError(f"{path}: not a COLMAP model (no images.bin or images.txt)")
+        raise FileNotFoundError(f"{place}: not a COLMAP model (no images.bin or images.txt)")
     reconstruction = pycolmap.Reconstruction()
     reconstruction.read(path)
     return reconstruction
@@ -86,12 +86,12 @@ def exif_priors(image_dir: Location, names: list[str]) -> dict[str, Prior]:
     return priors
 
 
-def exif_focal_lengths(image_dir: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
+def exif_focal_lengths(image_dir: Location, sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
     """EXIF focal lengths in pixels of the images of `sizes` (name -> width, height) that have one."""
     focal = {}
     for name, size in sizes.items():
         try:
-            value = exif.read_exif_focal_px(Path(image_dir) / name, *size)
+            value = exif.read_exif_focal_px(files.location(image_dir) / name, *size)
         except (ValueError, OSError):
             continue
         if value:
@@ -133,7 +133,7 @@ def build_map(images: Location, out: Location, reference_model: Location | None 
     conf = merge_conf(default_conf, conf)  # each step completes its own conf with its defaults
     images_location, images = images, files.local_copy(images)
     given_model = reference_model or import_model
-    source_model = read_model(files.local_copy(given_model)) if given_model else None
+    source_model = read_model(given_model) if given_model else None
     names = posed_image_names(source_model) if source_model else list_images(images)
     if not names:
         raise ValueError(f"{images}: no images to map")
@@ -195,21 +195,20 @@ def finish_map(reconstruction: pycolmap.Reconstruction, features: Mapping[str, s
     return scene_map
 
 
-def check_work_settings(root: Path, settings: dict) -> None:
+def check_work_settings(root: Location, settings: dict) -> None:
     """MAP/mapping/settings.json: the work files of a rerun must come from the same settings."""
-    path = root / "settings.json"
-    if path.is_file():
-        found = json.loads(path.read_text())
+    path = files.location(root) / "settings.json"
+    if files.is_file(path):
+        found = json.loads(files.read_text(path))
         if found != settings:
             raise ValueError(f"{root}: work files of a run with other settings ({found} vs {settings}); "
                              "remove that folder to start over")
     else:
-        root.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2))
+        files.write_text(path, json.dumps(settings, indent=2))
 
 
-def distributed_features(images: Path, names: list[str], root: Path, settings: dict, conf: dict, workers: int
-                         ) -> tuple[FeatureFiles, list[str], list[dict]]:
+def distributed_features(images: Location, names: list[str], root: Location, settings: dict, conf: dict,
+                         workers: int) -> tuple[FeatureFiles, list[str], list[dict]]:
     """Feature files of `names` under `root` (Ray Data; a rerun with the same `settings` resumes):
     the files, the names that have one, and the images skipped as unreadable."""
     check_work_settings(root, {**settings, "keypoints": conf["keypoints"], "sift": {**sift.default_conf, **conf["sift"]},
@@ -230,21 +229,23 @@ def failed_cells(results: list[cells.CellResult]) -> list[dict]:
     return failed
 
 
-def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: dict[str, Prior] | None = None,
-                       conf: dict | None = None, workers: int = 2, address: str | None = None) -> SceneMap:
+def build_map_in_cells(images: Location, out: Location, reference_model: Location,
+                       priors: dict[str, Prior] | None = None, conf: dict | None = None, workers: int = 2,
+                       address: str | None = None) -> SceneMap:
     """`build_map` with known poses, distributed: features per image, matches per chunk of pairs and
     one triangulation per shard cell (core plus halo) as Ray tasks, all written under MAP/mapping
-    (a rerun resumes), then the cells' points merged by their shared observations."""
+    (a rerun resumes), then the cells' points merged by their shared observations. Any of the
+    locations may be an s3:// prefix: the tasks read and write the bucket, so that the nodes of a
+    cluster share no disk."""
     conf = merge_conf(default_conf, conf)
-    images, out = Path(images), Path(out)
-    root = out / WORK_DIR
+    root = files.location(out) / WORK_DIR
     reference = read_model(reference_model)
     names = posed_image_names(reference)
     if not names:
         raise ValueError(f"{reference_model}: no posed images to map")
     with init_ray(address, num_cpus=None if address else workers):
         features, present, skipped = distributed_features(
-            images, names, root, {"reference_model": str(Path(reference_model).resolve())}, conf, workers)
+            images, names, root, {"reference_model": files.absolute(reference_model)}, conf, workers)
         posed = [reference.find_image_with_name(name) for name in present]
         image_pairs = pairs.from_poses(present, np.array([image.projection_center() for image in posed]),
                                        np.array([image.viewing_direction() for image in posed]), conf["pairs"])
@@ -260,8 +261,8 @@ def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: d
 
     image_keypoints = {image.image_id: features.keypoints(image.name) for image in posed}
     skeleton = merge.skeleton_with_keypoints(reference, image_keypoints)
-    reconstruction = merge.main(skeleton, [merge.CellPoints.load(cells.cell_dir(root, result.cell) / cells.POINTS_FILE)
-                                           for result in results if not result.failure],
+    reconstruction = merge.main(skeleton, [cells.load_points(root, result.cell) for result in results
+                                           if not result.failure],
                                 image_keypoints, conf["merge"])
     positions, origin = georegister.priors_to_positions(
         {name: prior for name, prior in (priors or {}).items() if name in set(present)})
@@ -270,16 +271,15 @@ def build_map_in_cells(images: Path, out: Path, reference_model: Path, priors: d
                       focal_px, conf, {"failed_cells": failed})
 
 
-def build_sfm_in_cells(images: Path, out: Path, priors: dict[str, Prior], conf: dict | None = None,
+def build_sfm_in_cells(images: Location, out: Location, priors: dict[str, Prior], conf: dict | None = None,
                        workers: int = 2, address: str | None = None) -> SceneMap:
     """`build_map` from images and priors, distributed: features and matches as in
     `build_map_in_cells`, one SfM submodel per shard cell of the priors (core plus halo) as Ray
     tasks, each registered to its priors; then the submodels aligned through their shared images,
     merged and georegistered as one (submodels.py). Images without a prior cannot
-    be placed in a cell: they are skipped with that reason."""
+    be placed in a cell: they are skipped with that reason. Locations as in `build_map_in_cells`."""
     conf = merge_conf(default_conf, conf)
-    images, out = Path(images), Path(out)
-    root = out / WORK_DIR
+    root = files.location(out) / WORK_DIR
     names = list_images(images)
     if not names:
         raise ValueError(f"{images}: no images to map")
@@ -369,9 +369,6 @@ def run(args: argparse.Namespace) -> int:
         elif not args.single_process and (args.reference_model or (
                 priors and not args.import_model
                 and len(list_images(args.images)) > conf["submodels"]["single_sfm_max_images"])):
-            if any(files.is_remote(place) for place in (args.images, args.out, args.reference_model) if place):
-                raise ValueError("s3:// --images/--out/--reference-model need --single-process for now "
-                                 "(the cell-by-cell mapping keeps its work files on local disk)")
             if args.reference_model:
                 build_map_in_cells(args.images, args.out, args.reference_model, priors, conf, args.workers,
                                    args.address)

@@ -32,7 +32,7 @@ import pycolmap
 
 from cluster import mapping as distributed
 from cluster.runtime import init_ray
-from pixloc_core import exif
+from pixloc_core import exif, files
 from pixloc_core.images import list_images
 from pixloc_core.io import Prior
 from pixloc_core.map_io import SceneMap, cell_fingerprints
@@ -155,8 +155,8 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         nearby = sorted({old for position in positions.values()
                          for old in old_index.images_near(position, conf["region_radius_m"])})
         # A map built in one process has no feature files: its photos near the update get them now.
-        distributed.extract_features(Path(scene.manifest["images_dir"]), nearby, root, scene.keypoints, conf["sift"],
-                                     workers)
+        distributed.extract_features(files.location(scene.manifest["images_dir"]), nearby, root, scene.keypoints,
+                                     conf["sift"], workers)
         region = sorted(set(nearby) | set(positions))
         if reference is not None:
             posed = {name: reference.find_image_with_name(name) for name in positions}
@@ -191,12 +191,11 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
             if not cells.is_done(update_root, cell):
                 cells.write_skeleton(update_root, cell, reconstruction, index.images_of(cell))
         results = distributed.run_cells(cells, update_root, touched, images, {"triangulation": conf["triangulation"]},
-                                                features_root=root)
+                                        features_root=root)
 
     keypoints = {reconstruction.find_image_with_name(name).image_id: features.keypoints(name)
                  for name in sorted(set(nearby) | set(new_ids))}
-    extension = merge.extend(reconstruction, [merge.CellPoints.load(cells.cell_dir(update_root, r.cell) / cells.POINTS_FILE)
-                                              for r in results if not r.failure],
+    extension = merge.extend(reconstruction, [cells.load_points(update_root, r.cell) for r in results if not r.failure],
                              keypoints, set(new_ids.values()), conf["merge"])
     new_point_ids, new_descriptors = descriptors.main(reconstruction, features.subset(set(nearby) | set(new_ids)),
                                                       point_ids=np.array(extension.new_point_ids, dtype=np.int64))
@@ -217,7 +216,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
              **{key: value for key, value in asdict(report).items() if key != "reused_cells"},
              "failed_cells": [{"cell": r.cell, "reason": r.failure} for r in results if r.failure]}
     manifest = scene.manifest
-    scene.save(map_dir, manifest["source"], Path(manifest["images_dir"]), manifest["skipped"],
+    scene.save(map_dir, manifest["source"], files.location(manifest["images_dir"]), manifest["skipped"],
                {"failed_cells": manifest.get("failed_cells", []), "created_utc": manifest["created_utc"],
                 "updates": history + [entry], "cell_fingerprints": fingerprints})
     logger.info("updated %s: %d of %d new images registered, %d new points, %d cells changed, %d unchanged (%.1f s)",

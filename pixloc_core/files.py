@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -274,6 +274,18 @@ def local_copy(folder: Location, skip: Callable[[str], bool] = lambda name: Fals
         if not (path.is_file() and path.stat().st_size == size):
             write_bytes(path, read_bytes(folder / name))
     logger.debug("%s: %d files in the local copy %s", folder, len(wanted), target)
+    return target
+
+
+def local_files(folder: Location, names: Iterable[str], target: Path) -> Path:
+    """A local folder with the files `names` of `folder` (for readers that need the disk, as
+    pycolmap, of a few files: one cell's images): a local folder as it is; from a remote one, copied
+    under `target`, which the caller removes."""
+    folder = location(folder)
+    if not isinstance(folder, Url):
+        return folder
+    for name in names:
+        write_bytes(target / name, read_bytes(folder / name))
     return target
 
 

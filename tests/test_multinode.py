@@ -1,8 +1,8 @@
-"""`pixloc features` and `pixloc localize` on a two-node Ray cluster on this machine
-(`ray.cluster_utils.Cluster`, 1 CPU per node), every input and output in the moto S3 bucket:
-the same results as a local run with local paths, query workers, feature writers and shard
-actors on both nodes, and the second node's shard actor killed mid-job still leaves exactly one
-row per query.
+"""`pixloc map` (cell by cell), `pixloc features` and `pixloc localize` on a two-node Ray cluster
+on this machine (`ray.cluster_utils.Cluster`, 1 CPU per node), every input, output and work file
+in the moto S3 bucket: the same results as a local run with local paths, keypoint writers, query
+workers, feature writers and shard actors on both nodes, and the second node's shard actor killed
+mid-job still leaves exactly one row per query.
 
 The session's local Ray (`ray_cluster`) makes the reference run; the two-node cluster runs in a
 subprocess with its own Ray, so that only one Ray is ever initialised per process.
@@ -21,7 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = {"workers": 2}
-KILLED_FILE = "killed.json"
+MAP_CONF = {"sift": {"max_num_features": 1024}, "pairs": {"num_neighbors": 5}}
+CELLS_CONF = {**MAP_CONF, "shards": {"cell_size_m": 30.0, "halo_m": 10.0}}  # several cells on the street
 
 
 def localize_conf() -> dict:
@@ -40,9 +41,10 @@ def local_run(tmp_path_factory, ray_cluster) -> dict:
     root = tmp_path_factory.mktemp("multinode")
     scene = dataset.main(root / "scene", {"blocks": (1, 1), "num_refs": 48, "num_queries": 6,
                                           "width": 320, "height": 240, "seed": 4})
-    map_job.build_map(scene / "mapping", root / "map", reference_model=scene / "reference_model",
-                      priors=read_priors(scene / "mapping_priors.csv"),
-                      conf={"sift": {"max_num_features": 1024}, "pairs": {"num_neighbors": 5}})
+    priors = read_priors(scene / "mapping_priors.csv")
+    map_job.build_map(scene / "mapping", root / "map", reference_model=scene / "reference_model", priors=priors,
+                      conf=MAP_CONF)
+    map_job.build_map_in_cells(scene / "mapping", root / "map_in_cells", scene / "reference_model", priors, CELLS_CONF)
     features_job.main(root / "map", scene / "mapping", str(root / "store"), conf=WORKERS)
     localize_job.main(root / "map", str(root / "store"), scene / "queries", root / "results",
                       query_list=scene / "queries_with_intrinsics.txt", priors=scene / "priors.csv",
@@ -58,9 +60,9 @@ def test_two_nodes_with_s3_inputs_match_the_local_run(local_run, s3_bucket, tmp_
 
     root, scene = local_run["root"], local_run["scene"]
     bucket = Url(f"s3://{s3_bucket}/city")
-    for folder in ("mapping", "queries"):
+    for folder in ("mapping", "queries", "reference_model"):
         files.upload_folder(scene / folder, bucket / folder)
-    for name in ("priors.csv", "queries_with_intrinsics.txt"):
+    for name in ("priors.csv", "queries_with_intrinsics.txt", "mapping_priors.csv"):
         files.write_bytes(bucket / name, (scene / name).read_bytes())
     files.upload_folder(root / "map", bucket / "map")
 
@@ -74,12 +76,18 @@ def test_two_nodes_with_s3_inputs_match_the_local_run(local_run, s3_bucket, tmp_
 
     # Placement: two alive nodes; every kind of process on both.
     assert len(two_nodes["nodes"]) == 2
-    for kind in ("feature_writer", "query_worker"):
+    for kind in ("keypoint_writer", "feature_writer", "query_worker"):
         assert set(two_nodes["actor_nodes"][kind]) == set(two_nodes["nodes"]), (kind, two_nodes["actor_nodes"])
     # Shard actors: placed by a SPREAD placement group (cluster/router.py), one per node here.
     assert set(two_nodes["killed"]["actor_nodes"]["shard_actor"]) == set(two_nodes["nodes"]), two_nodes["killed"]
     assert two_nodes["killed"]["node"] != two_nodes["driver_node"]
     assert two_nodes["killed"]["name"]
+
+    # Map: built cell by cell with its work files in the bucket, the local cell-by-cell map.
+    from pixloc_core.map_io import SceneMap
+
+    assert two_nodes["map_in_cells"]["cells"] > 1 and not two_nodes["map_in_cells"]["failed_cells"]
+    assert two_nodes["map_in_cells"]["fingerprint"] == SceneMap.load(root / "map_in_cells").fingerprint
 
     # Features: the S3 store holds the same rows as the local one, partition by partition.
     local_store, remote_store = FeatureStore.open(str(root / "store")), FeatureStore.open(bucket / "store")
@@ -119,7 +127,8 @@ def _actor_nodes() -> dict[str, list[str]]:
     """Node ids of every actor of this cluster so far (alive or dead), by kind of process."""
     import ray
 
-    kinds = {"ReferenceFeatureWriter": "feature_writer", "QueryFeaturizer": "query_worker",
+    kinds = {"FeatureFileWriter": "keypoint_writer", "ReferenceFeatureWriter": "feature_writer",
+             "QueryFeaturizer": "query_worker",
              "QueryWorker": "query_worker", "ShardActor": "shard_actor"}
     nodes: dict[str, set[str]] = {kind: set() for kind in kinds.values()}
     for actor in ray._private.state.actors().values():
@@ -159,6 +168,8 @@ def two_node_run(bucket: str, report: Path) -> None:
 
     from jobs import features as features_job
     from jobs import localize as localize_job
+    from jobs import map as map_job
+    from pixloc_core.io import read_priors
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
@@ -166,6 +177,9 @@ def two_node_run(bucket: str, report: Path) -> None:
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         driver_node = ray.get_runtime_context().get_node_id()
+        in_cells = map_job.build_map_in_cells(
+            f"{bucket}/mapping", f"{bucket}/map_in_cells", f"{bucket}/reference_model",
+            read_priors(f"{bucket}/mapping_priors.csv"), CELLS_CONF, address=cluster.address)
         features_job.main(f"{bucket}/map", f"{bucket}/mapping", f"{bucket}/store", conf=WORKERS,
                           address=cluster.address)
         killed: dict = {}
@@ -175,7 +189,10 @@ def two_node_run(bucket: str, report: Path) -> None:
                           on_result=_kill_a_shard_actor_of_the_other_node(killed, driver_node))
         nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
         report.write_text(json.dumps({"nodes": nodes, "driver_node": driver_node, "killed": killed,
-                                      "actor_nodes": _actor_nodes()}))
+                                      "actor_nodes": _actor_nodes(),
+                                      "map_in_cells": {"fingerprint": in_cells.fingerprint,
+                                                       "cells": len(in_cells.shards.cell_ids),
+                                                       "failed_cells": in_cells.manifest["failed_cells"]}}))
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -2,6 +2,8 @@
 maps and results read from and written to s3:// URLs like local paths, with one-line errors."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from pixloc_core.files import StorageError, Url
 from pixloc_core.images import ImageReadError, image_size, list_images, read_image
 from pixloc_core.io import read_poses, read_priors, read_query_list
 from pixloc_core.map_io import SceneMap
+from pixloc_core.mapping import cells
 
 TINY = ["--blocks", "1x1", "--refs", "40", "--queries", "3", "--width", "160", "--height", "120", "--seed", "2"]
 
@@ -111,3 +114,33 @@ def test_results_written_to_the_bucket(s3_bucket):
     assert set(files.list_files(out)) == {"results.parquet", "poses.txt"}
     assert read_results(out).num_rows == 2
     assert read_poses(out / "poses.txt").keys() == {"a.jpg"}
+
+
+def test_map_built_in_cells_in_the_bucket_equals_the_local_one(tiny_scene, scene_in_bucket, tmp_path, ray_cluster,
+                                                              caplog):
+    """Features, matches and cells of a distributed build read and written in the bucket (the work
+    files of a cluster whose nodes share no disk), and a rerun that rebuilds only a removed cell."""
+    conf = {"sift": {"max_num_features": 512}, "pairs": {"num_neighbors": 4},
+            "shards": {"cell_size_m": 30.0, "halo_m": 10.0}}
+    priors = read_priors(tiny_scene / "mapping_priors.csv")
+    local = map_job.build_map_in_cells(tiny_scene / "mapping", tmp_path / "map", tiny_scene / "reference_model",
+                                       priors, conf)
+    url = scene_in_bucket
+    remote = map_job.build_map_in_cells(url / "mapping", url / "map", url / "reference_model", priors, conf)
+    assert len(local.shards.cell_ids) > 1 and not local.manifest["failed_cells"]
+    assert remote.fingerprint == local.fingerprint
+    assert SceneMap.load(url / "map", with_descriptors=False).fingerprint == local.fingerprint
+    work = url / "map" / map_job.WORK_DIR
+    stored = files.list_files(work)
+    assert {f"features/{name}.parquet" for name in list_images(tiny_scene / "mapping")} <= set(stored)
+    points = sorted(name for name in stored if name.endswith(cells.POINTS_FILE))
+    assert len(points) == len(local.shards.cell_ids)
+
+    files.delete(work / points[0])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cluster.mapping"):
+        again = map_job.build_map_in_cells(url / "mapping", url / "map", url / "reference_model", priors, conf)
+    assert again.fingerprint == local.fingerprint and files.is_file(work / points[0])
+    num_images, num_cells = len(list_images(tiny_scene / "mapping")), len(points)
+    assert f"features: {num_images} images, {num_images} already extracted" in caplog.text
+    assert f"cells: {num_cells} cells, {num_cells - 1} already done" in caplog.text

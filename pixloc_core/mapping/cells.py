@@ -5,18 +5,22 @@
                                          the cell done (a rerun skips it)
     MAP/mapping/cells/<cell>/failed.txt  one line: why the cell has no points (too few images, ...)
 
-The cell reads only its own images' feature and match files (feature_files.py).
+The cell reads only its own images' feature and match files (feature_files.py). MAP may be an
+s3:// prefix: pycolmap's files are then written in a local folder and uploaded, and read back
+through a temporary local folder.
 """
 from __future__ import annotations
 
+import io
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pycolmap
 
+from .. import files
+from ..files import Location
 from . import triangulation
 from .feature_files import FeatureFiles, MatchFiles
 from .merge import CellPoints
@@ -39,60 +43,85 @@ class CellResult:
     failure: str | None = None  # one line: why the cell has no points
 
 
-def cell_dir(root: Path, cell: str) -> Path:
-    return Path(root) / CELLS_DIR / cell
+def cell_dir(root: Location, cell: str) -> Location:
+    return files.location(root) / CELLS_DIR / cell
 
 
-def is_done(root: Path, cell: str) -> bool:
-    return (cell_dir(root, cell) / POINTS_FILE).is_file() or (cell_dir(root, cell) / FAILED_FILE).is_file()
+def is_done(root: Location, cell: str) -> bool:
+    return files.is_file(cell_dir(root, cell) / POINTS_FILE) or files.is_file(cell_dir(root, cell) / FAILED_FILE)
 
 
-def write_skeleton(root: Path, cell: str, reference: pycolmap.Reconstruction, image_names: list[str]) -> None:
+def write_model(model: pycolmap.Reconstruction, place: Location) -> None:
+    """A COLMAP model into the folder `place`, local or remote."""
+    local, publish = files.output_folder(place)
+    local.mkdir(parents=True, exist_ok=True)
+    model.write(local)
+    publish()
+
+
+def read_model(place: Location) -> pycolmap.Reconstruction:
+    """The COLMAP model in the folder `place`; a remote one through a temporary folder, not the
+    cache of `files.local_copy`: a rebuilt cell's files may keep their sizes."""
+    model = pycolmap.Reconstruction()
+    if not files.is_remote(place):
+        model.read(place)
+        return model
+    with tempfile.TemporaryDirectory(prefix="pixloc_model_") as local:
+        model.read(files.local_files(place, files.list_files(place), Path(local)))
+    return model
+
+
+def write_skeleton(root: Location, cell: str, reference: pycolmap.Reconstruction, image_names: list[str]) -> None:
     """The cell's input: the cameras and posed images of `reference` among `image_names`."""
-    skeleton = triangulation.skeleton_from_reference(reference, set(image_names))
-    path = cell_dir(root, cell) / SKELETON_DIR
-    path.mkdir(parents=True, exist_ok=True)
-    skeleton.write(path)
+    write_model(triangulation.skeleton_from_reference(reference, set(image_names)), cell_dir(root, cell) / SKELETON_DIR)
 
 
-def read_result(root: Path, cell: str) -> CellResult:
+def read_failure(directory: Location, failed_file: str = FAILED_FILE) -> str | None:
+    """The cell's one-line failure, None when it has none."""
+    return files.read_text(directory / failed_file).strip() if files.is_file(directory / failed_file) else None
+
+
+def read_result(root: Location, cell: str) -> CellResult:
     directory = cell_dir(root, cell)
-    if (directory / FAILED_FILE).is_file():
-        return CellResult(cell, 0, failure=(directory / FAILED_FILE).read_text().strip())
-    return CellResult(cell, 0, CellPoints.load(directory / POINTS_FILE).num_points)
+    failure = read_failure(directory)
+    if failure:
+        return CellResult(cell, 0, failure=failure)
+    return CellResult(cell, 0, load_points(root, cell).num_points)
 
 
-def record_failure(directory: Path, failed_file: str, result: CellResult) -> CellResult:
-    """Writes the cell's one-line failure under a temporary name, then renames it: never half."""
-    temporary = directory / f".{failed_file}.tmp"
-    temporary.write_text(result.failure + "\n")
-    os.replace(temporary, directory / failed_file)
+def load_points(root: Location, cell: str) -> CellPoints:
+    with io.BytesIO(files.read_bytes(cell_dir(root, cell) / POINTS_FILE)) as data:
+        return CellPoints.load(data)
+
+
+def record_failure(directory: Location, failed_file: str, result: CellResult) -> CellResult:
+    """Writes the cell's one-line failure, whole or not at all (files.write_text)."""
+    files.write_text(directory / failed_file, result.failure + "\n")
     return result
 
 
-def _finish(directory: Path, result: CellResult, points: CellPoints | None) -> CellResult:
-    """Writes the cell's outcome under a temporary name, then renames it: done or not, never half."""
+def _finish(directory: Location, result: CellResult, points: CellPoints | None) -> CellResult:
+    """Writes the cell's outcome, whole or not at all: done or not, never half."""
     if points is None:
         return record_failure(directory, FAILED_FILE, result)
-    temporary = directory / f".{POINTS_FILE}.tmp.npz"
-    points.save(temporary)
-    os.replace(temporary, directory / POINTS_FILE)
+    with io.BytesIO() as data:
+        points.save(data)
+        files.write_bytes(directory / POINTS_FILE, data.getvalue())
     return result
 
 
-def main(root: Path, cell: str, image_dir: Path, conf: dict | None = None,
-         features_root: Path | None = None) -> CellResult:
+def main(root: Location, cell: str, image_dir: Location, conf: dict | None = None,
+         features_root: Location | None = None) -> CellResult:
     """Triangulates the cell whose skeleton `write_skeleton` wrote under `root` (MAP/mapping, or
     the folder of an update), with the matches under `root` and the features under
     `features_root` (default: `root`)."""
     conf = {**default_conf, **(conf or {})}
     directory = cell_dir(root, cell)
-    skeleton = pycolmap.Reconstruction()
-    skeleton.read(directory / SKELETON_DIR)
+    skeleton = read_model(directory / SKELETON_DIR)
     names = [image.name for image in skeleton.images.values()]
-    files = FeatureFiles(features_root or root).subset(names)
+    found = FeatureFiles(features_root or root).subset(names)
     # Only this cell's images, read once: the steps below look each image up many times.
-    features = {name: files[name] for name in names if name in files}
+    features = {name: found[name] for name in names if name in found}
     present = sorted(features)
     if len(present) < conf["min_images"]:
         return _finish(directory, CellResult(cell, len(present), failure=(
@@ -101,7 +130,9 @@ def main(root: Path, cell: str, image_dir: Path, conf: dict | None = None,
     matches = MatchFiles(root).among(present)
     try:
         with tempfile.TemporaryDirectory(prefix=f"pixloc_cell_{cell}_") as work_dir:
-            reconstruction = triangulation.main(skeleton, features, matches, image_dir, Path(work_dir),
+            # pycolmap reads the images from the disk, for the points' colours only
+            images = files.local_files(image_dir, present, Path(work_dir) / "images")
+            reconstruction = triangulation.main(skeleton, features, matches, images, Path(work_dir),
                                                 conf["triangulation"])
     except ValueError as error:
         return _finish(directory, CellResult(cell, len(present), failure=f"cell {cell}: {error}"), None)

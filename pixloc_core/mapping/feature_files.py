@@ -6,22 +6,23 @@
     MAP/mapping/matches/<image name>.parquet    one row per pair (this image, name1 > this image):
                                                 name1, idx0 (K,) int32, idx1 (K,) int32
 
-Each file is complete or absent (written under a temporary name, then renamed), so a killed job
-leaves nothing half-written and a rerun skips the images whose files exist. `FeatureFiles` and
-`MatchFiles` read lazily, one image at a time: the mapping steps take them where they took the
-in-memory dicts.
+MAP is a local folder or an s3:// prefix (`pixloc_core.files`): on a cluster without a shared
+disk the work files live in the bucket, where every node's tasks read and write them. Each file is
+complete or absent (a local file is written under a temporary name, then renamed; an S3 object
+appears once its PUT completes), so a killed job leaves nothing half-written and a rerun skips the
+images whose files exist. `FeatureFiles` and `MatchFiles` read lazily, one image at a time: the
+mapping steps take them where they took the in-memory dicts.
 """
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import files
+from ..files import Location
 from .sift import Features
 
 FEATURES_DIR, MATCHES_DIR = "features", "matches"
@@ -39,27 +40,30 @@ def _to_numpy(column: pa.ChunkedArray, width: int, dtype: type) -> np.ndarray:
     return flat.astype(dtype, copy=False).reshape(-1, width)
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    """The file appears complete or not at all (a rename within one directory is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, temporary, compression="zstd")
-    os.replace(temporary, path)
+def _write(table: pa.Table, place: Location) -> None:
+    """The file appears complete or not at all (files.write_bytes)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    files.write_bytes(place, sink.getvalue().to_pybytes())
+
+
+def _read(place: Location, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(pa.BufferReader(files.read_bytes(place)), columns=columns)
 
 
 class FeatureFiles(Mapping):
     """image name -> Features, read from its file on access."""
 
-    def __init__(self, root: Path, names: Iterable[str] | None = None):
-        self.root = Path(root) / FEATURES_DIR
+    def __init__(self, root: Location, names: Iterable[str] | None = None):
+        self.root = files.location(root) / FEATURES_DIR
         # None: every image that has a file (listed on demand); otherwise the images of one subset.
         self._names = None if names is None else sorted(names)
 
-    def path(self, name: str) -> Path:
+    def path(self, name: str) -> Location:
         return self.root / f"{name}.parquet"
 
     def has(self, name: str) -> bool:
-        return self.path(name).is_file()
+        return files.is_file(self.path(name))
 
     def write(self, name: str, features: Features) -> None:
         descriptors = np.asarray(features.descriptors, dtype=np.float16)
@@ -71,23 +75,23 @@ class FeatureFiles(Mapping):
         table = table.replace_schema_metadata({"width": str(width), "height": str(height),
                                                "descriptor_dim": str(descriptors.shape[1]),
                                                "descriptor_dtype": np.dtype(features.descriptors.dtype).name})
-        _write_atomically(table, self.path(name))
+        _write(table, self.path(name))
 
     def image_size(self, name: str) -> tuple[int, int]:
         """(width, height) from the file's metadata, without reading its columns."""
-        metadata = pq.read_schema(self.path(name)).metadata
+        metadata = pq.read_schema(pa.BufferReader(files.read_bytes(self.path(name)))).metadata
         return int(metadata[b"width"]), int(metadata[b"height"])
 
     def keypoints(self, name: str) -> np.ndarray:
         """(N, 2) float64 keypoint positions only, without reading the descriptors."""
-        return _to_numpy(pq.read_table(self.path(name), columns=["keypoints"]).column("keypoints"), 4,
+        return _to_numpy(_read(self.path(name), columns=["keypoints"]).column("keypoints"), 4,
                          np.float64)[:, :2]
 
     def __getitem__(self, name: str) -> Features:
         if self._names is not None and name not in self._names:
             raise KeyError(name)
         try:
-            table = pq.read_table(self.path(name))
+            table = _read(self.path(name))
         except FileNotFoundError:
             raise KeyError(name) from None
         metadata = table.schema.metadata
@@ -102,8 +106,11 @@ class FeatureFiles(Mapping):
     def _all_names(self) -> list[str]:
         if self._names is not None:
             return [name for name in self._names if self.has(name)]
-        return sorted(path.relative_to(self.root).as_posix()[:-len(".parquet")]
-                      for path in self.root.rglob("*.parquet"))
+        try:
+            stored = files.list_files(self.root)
+        except FileNotFoundError:
+            return []
+        return [name[:-len(".parquet")] for name in stored if name.endswith(".parquet")]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._all_names())
@@ -121,14 +128,14 @@ class FeatureFiles(Mapping):
 class MatchFiles:
     """Matches of the pairs (name0, name1), name0 < name1, stored in name0's file."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root) / MATCHES_DIR
+    def __init__(self, root: Location):
+        self.root = files.location(root) / MATCHES_DIR
 
-    def path(self, name0: str) -> Path:
+    def path(self, name0: str) -> Location:
         return self.root / f"{name0}.parquet"
 
     def has(self, name0: str) -> bool:
-        return self.path(name0).is_file()
+        return files.is_file(self.path(name0))
 
     def write(self, name0: str, matches: dict[str, np.ndarray]) -> None:
         """matches: name1 -> (K, 2) keypoint index pairs; every pair of name0, even without matches."""
@@ -138,10 +145,10 @@ class MatchFiles:
             "idx0": pa.array([matches[name][:, 0].astype(np.int32) for name in names1], pa.list_(pa.int32())),
             "idx1": pa.array([matches[name][:, 1].astype(np.int32) for name in names1], pa.list_(pa.int32())),
         })
-        _write_atomically(table, self.path(name0))
+        _write(table, self.path(name0))
 
     def read(self, name0: str) -> dict[str, np.ndarray]:
-        table = pq.read_table(self.path(name0))
+        table = _read(self.path(name0))
         return {name1: np.stack([np.asarray(idx0, np.int64), np.asarray(idx1, np.int64)], axis=1).reshape(-1, 2)
                 for name1, idx0, idx1 in zip(table.column("name1").to_pylist(), table.column("idx0").to_pylist(),
                                              table.column("idx1").to_pylist())}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pycolmap
@@ -55,12 +56,12 @@ class CellPoints:
     def num_points(self) -> int:
         return len(self.xyz)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path | BinaryIO) -> None:
         np.savez(path, xyz=self.xyz, color=self.color, observation_point=self.observation_point,
                  observation_image=self.observation_image, observation_point2D=self.observation_point2D)
 
     @classmethod
-    def load(cls, path: Path) -> CellPoints:
+    def load(cls, path: Path | BinaryIO) -> CellPoints:
         with np.load(path) as data:
             return cls(data["xyz"], data["color"], data["observation_point"], data["observation_image"],
                        data["observation_point2D"])

@@ -3,8 +3,9 @@ reconstructed alone and registered to its priors, then the submodels are aligned
 through the images they share and merged into one model.
 
     MAP/mapping/submodels/<cell>/input.json  the cell's image names, prior positions, EXIF focal lengths
-    MAP/mapping/submodels/<cell>/model/      its COLMAP model in the frame of the priors; renamed into
-                                             place when complete, it marks the cell done
+    MAP/mapping/submodels/<cell>/model/      its COLMAP model in the frame of the priors, and
+                                             summary.json (images, points), written last: it marks
+                                             the cell done
     MAP/mapping/submodels/<cell>/failed.txt  one line: why the cell has no model
 
 Why the submodels are aligned to each other and not each to the GPS alone: phone GPS is good to
@@ -17,8 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,13 +26,16 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
+from .. import files
+from ..files import Location
 from . import georegister, merge, sfm
-from .cells import CellResult, record_failure
+from .cells import CellResult, read_failure, read_model, record_failure, write_model
 from .feature_files import FeatureFiles, MatchFiles
 
 logger = logging.getLogger(__name__)
 
 SUBMODELS_DIR, INPUT_FILE, MODEL_DIR, FAILED_FILE = "submodels", "input.json", "model", "failed.txt"
+SUMMARY_FILE = "summary.json"  # in MODEL_DIR
 
 default_conf = {
     # `pixloc map` splits a set of images into submodels only above this size: one SfM holds longer
@@ -62,43 +64,42 @@ default_conf = {
 WORK_SETTINGS = ("halo_m", "min_images", "sfm", "georegister")  # those the files of `main` depend on
 
 
-def cell_dir(root: Path, cell: str) -> Path:
-    return Path(root) / SUBMODELS_DIR / cell
+def cell_dir(root: Location, cell: str) -> Location:
+    return files.location(root) / SUBMODELS_DIR / cell
 
 
-def is_done(root: Path, cell: str) -> bool:
-    return (cell_dir(root, cell) / MODEL_DIR).is_dir() or (cell_dir(root, cell) / FAILED_FILE).is_file()
+def is_done(root: Location, cell: str) -> bool:
+    directory = cell_dir(root, cell)
+    return files.is_file(directory / MODEL_DIR / SUMMARY_FILE) or files.is_file(directory / FAILED_FILE)
 
 
-def write_input(root: Path, cell: str, names: list[str], positions: dict[str, np.ndarray],
+def write_input(root: Location, cell: str, names: list[str], positions: dict[str, np.ndarray],
                 focal_px: dict[str, float]) -> None:
     """The cell's input: its images (core plus halo), their prior positions and EXIF focal lengths."""
-    directory = cell_dir(root, cell)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / INPUT_FILE).write_text(json.dumps({
+    files.write_text(cell_dir(root, cell) / INPUT_FILE, json.dumps({
         "names": sorted(names),
         "positions": {name: np.asarray(positions[name]).tolist() for name in names if name in positions},
         "focal_px": {name: focal_px[name] for name in names if name in focal_px}}))
 
 
-def read_result(root: Path, cell: str) -> CellResult:
+def read_result(root: Location, cell: str) -> CellResult:
     directory = cell_dir(root, cell)
-    if (directory / FAILED_FILE).is_file():
-        return CellResult(cell, 0, failure=(directory / FAILED_FILE).read_text().strip())
-    model = pycolmap.Reconstruction()
-    model.read(directory / MODEL_DIR)
-    return CellResult(cell, model.num_reg_images(), model.num_points3D())
+    failure = read_failure(directory)
+    if failure:
+        return CellResult(cell, 0, failure=failure)
+    summary = json.loads(files.read_text(directory / MODEL_DIR / SUMMARY_FILE))
+    return CellResult(cell, summary["images"], summary["points"])
 
 
-def main(root: Path, cell: str, image_dir: Path, conf: dict | None = None,
-         features_root: Path | None = None) -> CellResult:
+def main(root: Location, cell: str, image_dir: Location, conf: dict | None = None,
+         features_root: Location | None = None) -> CellResult:
     """SfM on the cell's images alone (the input of `write_input`, features and matches under
     `root`), registered to their priors; the model is written in the frame of the priors."""
     conf = {**default_conf, **(conf or {})}
     directory = cell_dir(root, cell)
-    given = json.loads((directory / INPUT_FILE).read_text())
-    files = FeatureFiles(features_root or root).subset(given["names"])
-    features = {name: files[name] for name in given["names"] if name in files}
+    given = json.loads(files.read_text(directory / INPUT_FILE))
+    found = FeatureFiles(features_root or root).subset(given["names"])
+    features = {name: found[name] for name in given["names"] if name in found}
     if len(features) < conf["min_images"]:
         return record_failure(directory, FAILED_FILE, CellResult(cell, len(features), failure=(
             f"cell {cell}: {len(features)} image(s) with features, a submodel needs {conf['min_images']}")))
@@ -106,23 +107,21 @@ def main(root: Path, cell: str, image_dir: Path, conf: dict | None = None,
     positions = {name: np.array(position) for name, position in given["positions"].items()}
     try:
         with tempfile.TemporaryDirectory(prefix=f"pixloc_submodel_{cell}_") as work_dir:
-            model = sfm.main(features, matches, image_dir, Path(work_dir), given["focal_px"], conf["sfm"])
+            images = files.local_files(image_dir, sorted(features), Path(work_dir) / "images")  # for colours
+            model = sfm.main(features, matches, images, Path(work_dir), given["focal_px"], conf["sfm"])
         registration = georegister.main(model, positions, conf["georegister"])
     except ValueError as error:
         return record_failure(directory, FAILED_FILE, CellResult(cell, len(features), failure=f"cell {cell}: {error}"))
     model.transform(registration.target_from_model)
-    temporary = directory / f".{MODEL_DIR}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    model.write(temporary)
-    os.replace(temporary, directory / MODEL_DIR)
-    return CellResult(cell, model.num_reg_images(), model.num_points3D())
+    result = CellResult(cell, model.num_reg_images(), model.num_points3D())
+    write_model(model, directory / MODEL_DIR)
+    files.write_text(directory / MODEL_DIR / SUMMARY_FILE,
+                     json.dumps({"images": result.num_images, "points": result.num_points}))
+    return result
 
 
-def load(root: Path, cell: str) -> pycolmap.Reconstruction:
-    model = pycolmap.Reconstruction()
-    model.read(cell_dir(root, cell) / MODEL_DIR)
-    return model
+def load(root: Location, cell: str) -> pycolmap.Reconstruction:
+    return read_model(cell_dir(root, cell) / MODEL_DIR)
 
 
 def posed_images(model: pycolmap.Reconstruction) -> dict[str, pycolmap.Image]:
