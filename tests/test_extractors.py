@@ -104,6 +104,15 @@ def test_classic_is_deterministic_and_textured(pyramids):
     assert flat[-1].confidence.max() < 0.01 < pyramids["classic"][-1].confidence.median()
 
 
+@pytest.mark.parametrize("name", ["classic", "intensity"])
+def test_weight_free_extractors_run_where_they_were_moved(name):
+    """On a GPU worker `classic` once ran on the CPU: `extract` took the device of its (no) weights.
+    The meta device stands in for a GPU here: a CPU image must be computed where the module is."""
+    extractor = load_extractor(name).to("meta")
+    assert all(level.features.device.type == "meta" for level in extractor.extract(textured_images()))
+    assert extractor.extractor_id == load_extractor(name).extractor_id  # the buffer is not a weight
+
+
 def test_classic_coarse_level_has_the_wider_basin(pyramids):
     """A shift of 16 image pixels barely changes the coarse features but decorrelates the fine ones."""
     def correlation_after_shift(level, cells: int) -> float:

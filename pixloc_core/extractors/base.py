@@ -40,6 +40,10 @@ def select(pyramid: Pyramid, index: int) -> Pyramid:
     return [level[index] for level in pyramid]
 
 
+# ITU-R BT.601 luma weights.
+LUMA = (0.299, 0.587, 0.114)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -86,6 +90,16 @@ class Extractor(torch.nn.Module):
     # (finest level first), for `FeaturemetricAligner.load_dampings`; None: the aligner's defaults.
     dampings: torch.Tensor | None = None
 
+    def __init__(self):
+        super().__init__()
+        # A buffer, not a constant: `.to(device)` then moves weight-free extractors too, and
+        # `extract` finds their device (without one, `classic` ran on the CPU of a GPU worker).
+        self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
+
+    def grayscale(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB -> (B, 1, H, W) luma."""
+        return (images * self.luma).sum(1, keepdim=True)
+
     def weights_digest(self) -> bytes:
         """Bytes that identify the weights; empty for weight-free extractors."""
         buffer = bytearray()
@@ -101,8 +115,7 @@ class Extractor(torch.nn.Module):
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> Pyramid:
         """Inference entry point: no autograd, on the extractor's device."""
-        device = next(iter(self.parameters()), torch.empty(0)).device
-        return self(images.to(device))
+        return self(images.to(self.luma.device))
 
 
 def sample_feature_map(feature_map: torch.Tensor, p2d: torch.Tensor) -> torch.Tensor:

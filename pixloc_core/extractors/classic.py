@@ -23,8 +23,6 @@ import torch.nn.functional as F
 
 from .base import STRIDES, Extractor, FeatureLevel, Pyramid
 
-# ITU-R BT.601 luma weights.
-LUMA = (0.299, 0.587, 0.114)
 PATCH = 3  # samples per side of each patch
 
 
@@ -107,5 +105,5 @@ class ClassicExtractor(Extractor):
     def forward(self, images: torch.Tensor) -> Pyramid:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"classic extractor: expected images (B, 3, H, W), got {tuple(images.shape)}")
-        gray = (images * images.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        gray = self.grayscale(images)
         return [self.level(gray, stride) for stride in STRIDES]

@@ -16,10 +16,6 @@ import torch.nn.functional as F
 
 from .base import STRIDES, Extractor, FeatureLevel, Pyramid
 
-# ITU-R BT.601 luma weights.
-_LUMA = (0.299, 0.587, 0.114)
-
-
 @dataclass(frozen=True)
 class IntensityConf:
     sigma: float = 1.0  # Gaussian blur in feature pixels, applied after averaging down to the stride
@@ -71,6 +67,5 @@ class IntensityExtractor(Extractor):
     def forward(self, images: torch.Tensor) -> Pyramid:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"intensity extractor: expected images (B, 3, H, W), got {tuple(images.shape)}")
-        luma = images.new_tensor(_LUMA).view(1, 3, 1, 1)
-        gray = (images * luma).sum(1, keepdim=True)
+        gray = self.grayscale(images)
         return [self.level(gray, stride) for stride in STRIDES]
