@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 from pixloc_core.files import StorageAccessDenied, StorageError, is_disk_full
 
-from .store import DamagedPartition
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _PROCESS_IDS = re.compile(r"\s*\((pid|ip|actor_id|task_id)=[^)]*\)")
+
+
+class DamagedPartition(ValueError):
+    """A published partition of the feature store whose file is missing or differs from its manifest."""
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ import torch
 from pixloc_core.align import ReferenceLevel
 from pixloc_core.sparse import SparsePoints
 
+from .errors import DamagedPartition
 from .filesystem import RetryPolicy, Storage
 
 logger = logging.getLogger(__name__)
@@ -77,10 +78,6 @@ SPARSE_LEVEL = "sparse"  # the partition "level" of a cell's sparse points
 
 class StoreMismatchError(ValueError):
     """The store holds features of another extractor or map than the caller expects."""
-
-
-class DamagedPartition(ValueError):
-    """A published partition whose file is missing or differs from its manifest."""
 
 
 class PartitionNotFound(KeyError):

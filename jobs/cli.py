@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the one place where any error becomes a message
         if args.debug:
             raise
-        from cluster.errors import describe  # imports the store (pyarrow): only once something failed
+        from cluster.errors import describe  # only once something failed: it needs neither Ray nor pycolmap
 
         print(f"{prefix}: {describe(error)}", file=sys.stderr)
         return EXIT_FAILED

@@ -6,13 +6,20 @@ Maps and synthetic scenes live in a metric frame; GPS lives in WGS84. The bridge
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
-from pyproj import Transformer
 
 # EPSG:4979 is WGS84 geographic 3D (lat, lon, ellipsoidal height); EPSG:4978 is WGS84 ECEF.
-_TO_ECEF = Transformer.from_crs("EPSG:4979", "EPSG:4978", always_xy=True)
-_FROM_ECEF = Transformer.from_crs("EPSG:4978", "EPSG:4979", always_xy=True)
+WGS84, ECEF = "EPSG:4979", "EPSG:4978"
+
+
+@cache
+def transformer(source: str, target: str):
+    """pyproj imported on first use: the alignment and extractors (GPU machines) need none of it."""
+    from pyproj import Transformer
+
+    return Transformer.from_crs(source, target, always_xy=True)
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,7 @@ class EnuOrigin:
         ])
 
     def ecef(self) -> np.ndarray:
-        return np.array(_TO_ECEF.transform(self.lon, self.lat, self.alt))
+        return np.array(transformer(WGS84, ECEF).transform(self.lon, self.lat, self.alt))
 
     def to_list(self) -> list[float]:
         return [self.lat, self.lon, self.alt]
@@ -40,7 +47,7 @@ class EnuOrigin:
 def wgs84_to_enu(lat, lon, alt, origin: EnuOrigin) -> np.ndarray:
     """Geodetic coordinates (degrees, metres; scalars or arrays) to ENU, shape (..., 3)."""
     lat, lon, alt = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (lat, lon, alt)))
-    ecef = np.stack(_TO_ECEF.transform(lon, lat, alt), axis=-1)
+    ecef = np.stack(transformer(WGS84, ECEF).transform(lon, lat, alt), axis=-1)
     return (ecef - origin.ecef()) @ origin.rotation_ecef_to_enu().T
 
 
@@ -48,5 +55,5 @@ def enu_to_wgs84(xyz, origin: EnuOrigin) -> np.ndarray:
     """ENU points (..., 3) to geodetic (..., 3) as (lat, lon, alt)."""
     xyz = np.asarray(xyz, dtype=np.float64)
     ecef = xyz @ origin.rotation_ecef_to_enu() + origin.ecef()
-    lon, lat, alt = _FROM_ECEF.transform(ecef[..., 0], ecef[..., 1], ecef[..., 2])
+    lon, lat, alt = transformer(ECEF, WGS84).transform(ecef[..., 0], ecef[..., 1], ecef[..., 2])
     return np.stack([lat, lon, alt], axis=-1)

@@ -1,6 +1,8 @@
 """`pixloc bench devices` (CPU-sized smoke run; a GPU, where torch sees one, is timed too) and the
 bench command's --conf overrides."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -20,6 +22,31 @@ def test_devices_benchmark_smoke(tmp_path, capsys):
         assert [row["success_rate"] for row in entry["alignment"].values()] == [1.0, 1.0]
     assert json.loads(out.read_text())["devices"].keys() == report["devices"].keys()
     assert "align 4 hypotheses" in capsys.readouterr().out
+
+
+# What the GPU machines lack (device KINDS.md): only torch, numpy and the like are there.
+ABSENT_ON_GPU_MACHINES = ["ray", "pycolmap", "pyproj", "s3fs", "piexif"]
+
+
+def pixloc_without(absent: list[str], *argv: str) -> subprocess.CompletedProcess:
+    """`pixloc ARGV` in a Python where importing any of `absent` fails."""
+    program = (f"import sys; sys.modules.update(dict.fromkeys({absent!r})); "
+               "from jobs.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True, timeout=300)
+
+
+def test_devices_benchmark_needs_neither_ray_nor_pycolmap(tmp_path):
+    """It runs where the GPUs are, and a failure there is still one line, not a traceback of the
+    error handler's own imports."""
+    tiny = ["--conf", "image_size=[64,48]", "hypotheses=[1]", "speed_only_extractors=[]", "warmup=0", "repeats=1"]
+    done = pixloc_without(ABSENT_ON_GPU_MACHINES, "bench", "devices", "--out", str(tmp_path / "devices.json"), *tiny)
+    assert done.returncode == 0, done.stderr
+    assert "align 1 hypotheses (success 100%" in done.stdout
+
+    (tmp_path / "a_file").write_text("")
+    failed = pixloc_without(ABSENT_ON_GPU_MACHINES, "bench", "devices", "--out", str(tmp_path / "a_file" / "d.json"), *tiny)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith("pixloc bench: ") and "a_file" in failed.stderr
 
 
 def test_speedups_are_cpu_time_over_device_time():
