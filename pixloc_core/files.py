@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -248,32 +249,51 @@ def delete_folder(folder: Location) -> None:
 def list_files(folder: Location) -> dict[str, int]:
     """{relative posix name: size} of every file under `folder` (subfolders included); raises
     FileNotFoundError when it does not exist (an empty S3 prefix does not exist either)."""
-    def walk(filesystem: fsspec.AbstractFileSystem, path: str) -> dict[str, int]:
+    return {name: int(entry["size"]) for name, entry in _file_entries(folder).items()}
+
+
+def _file_entries(folder: Location) -> dict[str, dict]:
+    """{relative posix name: the filesystem's details (size, ETag or mtime, ...)}, sorted by name."""
+    def walk(filesystem: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
         if not filesystem.isdir(path):
             raise FileNotFoundError(f"{folder}: directory does not exist")
         prefix = filesystem._strip_protocol(path).rstrip("/") + "/"  # absolute, as find() answers
         entries = filesystem.find(path, detail=True)
-        return {name.removeprefix(prefix): int(entry["size"]) for name, entry in entries.items()
-                if entry["type"] == "file"}
-    files = _on("list", folder, walk)
-    return dict(sorted(files.items()))
+        return {name.removeprefix(prefix): entry for name, entry in entries.items() if entry["type"] == "file"}
+    return dict(sorted(_on("list", folder, walk).items()))
+
+
+def _version(entry: dict) -> str:
+    """What changes when a listed file is rewritten: S3's ETag (a content hash), else the
+    modification time, with the size."""
+    stamp = entry.get("ETag") or entry.get("LastModified") or entry.get("mtime") or entry.get("created")
+    return f"{entry['size']}:{stamp}"
 
 
 def local_copy(folder: Location, skip: Callable[[str], bool] = lambda name: False) -> Path:
     """A local directory with the files of `folder` (for readers that need the disk, as pycolmap):
     a local folder as it is; a remote one copied into the cache (PIXLOC_CACHE_DIR), fetching only
-    the files whose size changed, each one renamed into place once complete."""
+    the files that changed since the last copy, each one renamed into place once complete.
+
+    Changed means another version in the listing, not another size: a map updated in place rewrites
+    shards.json with new fingerprints of the same length."""
     folder = location(folder)
     if not isinstance(folder, Url):
         return folder
     cache_root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pixloc")
     target = cache_root / hashlib.sha256(folder.encode()).hexdigest()[:16] / folder.name
-    wanted = {name: size for name, size in list_files(folder).items() if not skip(name)}
-    for name, size in wanted.items():
-        path = target / name
-        if not (path.is_file() and path.stat().st_size == size):
-            write_bytes(path, read_bytes(folder / name))
-    logger.debug("%s: %d files in the local copy %s", folder, len(wanted), target)
+    versions_file = target.with_name(f"{folder.name}.versions.json")  # beside the copy, not in it
+    copied = json.loads(versions_file.read_text()) if versions_file.is_file() else {}
+    wanted = {name: _version(entry) for name, entry in _file_entries(folder).items() if not skip(name)}
+    fetched = 0
+    for name, version in wanted.items():
+        if copied.get(name) != version or not (target / name).is_file():
+            write_bytes(target / name, read_bytes(folder / name))
+            copied[name] = version
+            fetched += 1
+    if fetched:
+        write_local_atomically(versions_file, json.dumps(copied, sort_keys=True).encode())
+    logger.debug("%s: %d files in the local copy %s, %d fetched", folder, len(wanted), target, fetched)
     return target
 
 

@@ -56,6 +56,25 @@ def test_files_round_trip_on_s3(s3_bucket):
         files.list_files(Url(f"s3://{s3_bucket}/nothing/here"))
 
 
+def test_the_local_copy_follows_rewrites_of_the_same_size(s3_bucket, tmp_path, monkeypatch):
+    """Remote maps and models are read through a cached local copy. A map updated in place rewrites
+    shards.json with new fingerprints of the same length: the copy must not keep the old one."""
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "cache"))
+    fetched = []
+    read_bytes = files.read_bytes
+    monkeypatch.setattr(files, "read_bytes", lambda place: fetched.append(place) or read_bytes(place))
+    folder = Url(f"s3://{s3_bucket}/map")
+    files.write_text(folder / "shards.json", '{"fingerprint": "aaaa"}')
+    files.write_text(folder / "geo.json", "{}")
+    assert (files.local_copy(folder) / "shards.json").read_text() == '{"fingerprint": "aaaa"}'
+    assert len(fetched) == 2
+    files.write_text(folder / "shards.json", '{"fingerprint": "bbbb"}')
+    assert (files.local_copy(folder) / "shards.json").read_text() == '{"fingerprint": "bbbb"}'
+    assert fetched[2:] == [folder / "shards.json"]  # the unchanged file is not fetched again
+    files.local_copy(folder)
+    assert len(fetched) == 3
+
+
 def test_an_unreachable_endpoint_is_one_line_naming_the_url(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
     with pytest.raises(StorageError) as error:
