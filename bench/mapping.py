@@ -281,7 +281,8 @@ def main(out: Path | None = None, work_dir: Path | None = None, **conf) -> dict:
                 report["sizes"].append(row)
                 logger.info("%s", row)
         if conf["update"] and first_map:
-            report["update"] = measure_update(first_map[0], work / "update", first_map[1], conf)
+            # per city: a later run in the same work_dir on another city must not resume this one's update
+            report["update"] = measure_update(first_map[0], work / f"update_{first_map[0].name}", first_map[1], conf)
         if conf["lund"]:
             if not Path(conf["lund_images"]).is_dir():
                 raise FileNotFoundError(f"{conf['lund_images']}: Lund's photos not found (lund=false skips them)")
