@@ -326,6 +326,11 @@ class FeatureStore:
                                          f"{expected}, found {found}")
         return cls(storage, info)
 
+    @staticmethod
+    def exists(url: str, retry: RetryPolicy = RetryPolicy()) -> bool:
+        """Whether `url` holds a store (its store.json), whatever its extractor and map."""
+        return Storage(url, retry).exists(INFO_FILE)
+
     @classmethod
     def create(cls, url: str, info: StoreInfo, storage: Storage | None = None, retry: RetryPolicy = RetryPolicy(),
                earlier_maps: Collection[str] = ()) -> FeatureStore:

@@ -79,11 +79,14 @@ class ImageFolders:
 
     def locate(self, items: list[dict], map_dir: Location) -> list[dict]:
         """The items, each with the "path" of its image; all of them must be found."""
-        missing = [item["name"] for item in items if item["name"] not in self.paths]
+        self.require([item["name"] for item in items], map_dir)
+        return [{**item, "path": self.paths[item["name"]]} for item in items]
+
+    def require(self, names: list[str], map_dir: Location) -> None:
+        missing = [name for name in names if name not in self.paths]
         if missing:
             raise FileNotFoundError(f"{', '.join(map(str, self.folders))}: {len(missing)} reference images of "
                                     f"{map_dir} not found, e.g. {', '.join(missing[:3])}")
-        return [{**item, "path": self.paths[item["name"]]} for item in items]
 
 
 def map_cells(scene: SceneMap) -> dict[str, list[int]]:
@@ -272,6 +275,15 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
     descriptors = map_descriptors(scene)
     info = StoreInfo(extractor.extractor_id, scene.fingerprint, strides, channels, conf["aggregate"],
                      sparse_keypoints=scene.keypoints if descriptors else "", sparse_dim=descriptors[1].shape[1] if descriptors else 0)
+    if images_dir is None:
+        folders = [files.location(folder) for folder in scene.image_folders]
+    else:
+        folders = [images_dir] if isinstance(images_dir, (Path, str)) else list(images_dir)
+    images = ImageFolders(folders)
+    if not FeatureStore.exists(store_url):
+        # Before the store is created: a first run that cannot read its images must not leave a
+        # store.json behind, which would bind the store to this run's extractor and settings.
+        images.require(sorted({scene.reconstruction.images[i].name for ids in cells.values() for i in ids}), map_dir)
     store = FeatureStore.create(store_url, info, earlier_maps=scene.earlier_fingerprints)
     fingerprints = scene.cell_fingerprints
     current = {cell for cell in cells if all(store.is_current(cell, level, fingerprints[cell], scene.fingerprint)
@@ -283,11 +295,6 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
     publisher = PartitionPublisher(store, stale, fingerprints, scene.fingerprint)
     for commit in store.commits(scene.fingerprint):
         publisher.record(commit)
-    if images_dir is None:
-        folders = [files.location(folder) for folder in scene.image_folders]
-    else:
-        folders = [images_dir] if isinstance(images_dir, (Path, str)) else list(images_dir)
-    images = ImageFolders(folders)
     items = images.locate(reference_items(scene.reconstruction, stale, info.levels(), descriptors), map_dir)
     pending = [item for item in items if item["image_id"] not in publisher.committed]
     logger.info("%s: %d reference images in %d cells to fill, %d already committed, %d to extract with %s",

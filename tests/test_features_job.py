@@ -192,6 +192,8 @@ def test_cli_reports_missing_reference_images_in_one_line(tiny_map, tmp_path, ca
                      str(tmp_path / "store")]) == 1
     assert capsys.readouterr().err == (f"pixloc features: {tmp_path}: 6 reference images of {map_dir} not found, "
                                        "e.g. ref_1.png, ref_2.png, ref_3.png\n")
+    # Nothing was computed: no store.json that would refuse a rerun with another extractor.
+    assert not FeatureStore.exists(str(tmp_path / "store"))
 
 
 def test_a_rerun_recomputes_exactly_the_damaged_partitions(ray_cluster, tiny_map, tmp_path):
