@@ -19,8 +19,10 @@ import argparse
 import json
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pycolmap
@@ -71,32 +73,36 @@ def read_model(place: Location) -> pycolmap.Reconstruction:
     return reconstruction
 
 
+T = TypeVar("T")
+EXIF_THREADS = 16  # EXIF reads wait on the network (one request each on S3), not on the CPU
+
+
+def exif_values(image_dir: Location, names: Iterable[str], read: Callable[[Location, str], T | None]) -> dict[str, T]:
+    """read(path, name) of every image, in threads; the images without a value (None, or an
+    unreadable EXIF) are left out."""
+    folder = files.location(image_dir)
+
+    def value(name: str) -> tuple[str, T | None]:
+        try:
+            return name, read(folder / name, name)
+        except (ValueError, OSError) as error:
+            logger.debug("no EXIF value: %s", error)
+            return name, None
+
+    with ThreadPoolExecutor(EXIF_THREADS) as pool:
+        return {name: found for name, found in pool.map(value, names) if found is not None}
+
+
 def exif_priors(image_dir: Location, names: list[str]) -> dict[str, Prior]:
     """WGS84 priors from the EXIF GPS of the images that have one."""
-    priors = {}
-    for name in names:
-        try:
-            prior = exif.read_exif_prior(files.location(image_dir) / name)
-        except (ValueError, OSError) as error:
-            logger.debug("no EXIF GPS: %s", error)
-            continue
-        if prior is not None:
-            priors[name] = prior
+    priors = exif_values(image_dir, names, lambda path, _: exif.read_exif_prior(path))
     logger.info("EXIF GPS found in %d of %d images", len(priors), len(names))
     return priors
 
 
 def exif_focal_lengths(image_dir: Location, sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
     """EXIF focal lengths in pixels of the images of `sizes` (name -> width, height) that have one."""
-    focal = {}
-    for name, size in sizes.items():
-        try:
-            value = exif.read_exif_focal_px(files.location(image_dir) / name, *size)
-        except (ValueError, OSError):
-            continue
-        if value:
-            focal[name] = value
-    return focal
+    return exif_values(image_dir, sizes, lambda path, name: exif.read_exif_focal_px(path, *sizes[name]) or None)
 
 
 def posed_image_names(model: pycolmap.Reconstruction) -> list[str]:

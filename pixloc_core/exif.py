@@ -28,10 +28,34 @@ def focal_35mm_from_px(focal_px: float, width: int, height: int) -> float:
     return focal_px * FILM_DIAGONAL_MM / math.hypot(width, height)
 
 
+_HEAD_BYTES = 1 << 16  # a JPEG's segments before its EXIF: JFIF, often an ICC profile (a few KB)
+
+
+def remote_exif_bytes(path: Path) -> bytes:
+    """What piexif needs of a remote image: a JPEG's EXIF segment ("Exif\\0\\0" and the TIFF
+    data), by one ranged read (two for a segment past the first 64 KB), not the whole photo (a
+    map's EXIF pass over 10^5 phone photos would download every one); b"" for a JPEG without
+    EXIF; another format, or a JPEG whose layout the walk does not follow, whole."""
+    head = files.read_head(path, _HEAD_BYTES)
+    offset = 2 if head.startswith(b"\xff\xd8") else len(head)
+    while offset + 10 <= len(head) and head[offset] == 0xFF:
+        marker, length = head[offset + 1], struct.unpack(">H", head[offset + 2:offset + 4])[0]
+        if marker == 0xDA:  # start of scan: the image data, no EXIF after it
+            return b""
+        if marker == 0xE1 and head[offset + 4:offset + 10] == b"Exif\x00\x00":
+            end = offset + 2 + length
+            return (head if end <= len(head) else files.read_head(path, end))[offset + 4:end]
+        offset += 2 + length
+    return files.read_bytes(path)
+
+
 def _load(path: Path) -> dict:
     try:
-        return piexif.load(files.read_bytes(path) if files.is_remote(path) else str(path))
-    except (piexif.InvalidImageDataError, ValueError, OSError) as error:
+        if not files.is_remote(path):
+            return piexif.load(str(path))  # piexif reads only the file's head itself
+        data = remote_exif_bytes(path)
+        return piexif.load(data) if data else {}
+    except (piexif.InvalidImageDataError, ValueError, OSError, struct.error) as error:
         raise ValueError(f"{path}: cannot read EXIF ({error})") from None
 
 

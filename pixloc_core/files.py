@@ -190,6 +190,11 @@ def read_bytes(place: Location) -> bytes:
     return _on("read", place, lambda fs, path: fs.cat_file(path))
 
 
+def read_head(place: Location, size: int) -> bytes:
+    """The first `size` bytes (fewer when the file is shorter): one ranged GET on S3."""
+    return _on("read", place, lambda fs, path: fs.cat_file(path, start=0, end=size))
+
+
 def read_text(place: Location) -> str:
     return read_bytes(place).decode()
 

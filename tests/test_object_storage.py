@@ -75,6 +75,42 @@ def test_the_local_copy_follows_rewrites_of_the_same_size(s3_bucket, tmp_path, m
     assert len(fetched) == 3
 
 
+def large_geotagged_jpeg(icc_bytes: int) -> bytes:
+    """A 1.5-megapixel noise JPEG (about 2 MB) with EXIF GPS and focal length, behind an APP2 (ICC
+    profile) segment of `icc_bytes`."""
+    import io
+
+    import piexif
+    from PIL import Image
+
+    from pixloc_core.exif import camera_exif, gps_ifd
+
+    pixels = np.random.default_rng(0).integers(0, 255, (1200, 1600, 3), dtype=np.uint8)
+    exif = {**camera_exif(1400.0, 1600, 1200, "Phone", "One"), "GPS": gps_ifd(55.7, 13.2, 20.0)}
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90, exif=piexif.dump(exif))
+    icc = b"\xff\xe2" + (icc_bytes + 2).to_bytes(2, "big") + bytes(icc_bytes)
+    return buffer.getvalue()[:2] + icc + buffer.getvalue()[2:]
+
+
+@pytest.mark.parametrize("icc_bytes", [3000, 65000])  # the EXIF segment within the first 64 KB, or past them
+def test_the_exif_of_a_photo_in_the_bucket_is_read_from_its_head(s3_bucket, tmp_path, monkeypatch, icc_bytes):
+    """A map's EXIF pass reads GPS and focal length from the start of each photo, not the photo."""
+    from pixloc_core.exif import read_exif_focal_px
+
+    photo = large_geotagged_jpeg(icc_bytes)
+    (tmp_path / "photo.jpg").write_bytes(photo)
+    url = Url(f"s3://{s3_bucket}/photos/photo.jpg")
+    files.write_bytes(url, photo)
+    read = []
+    read_head = files.read_head
+    monkeypatch.setattr(files, "read_head", lambda place, size: read.append(size) or read_head(place, size))
+    monkeypatch.setattr(files, "read_bytes", lambda place: pytest.fail(f"{place} read whole"))
+    assert read_exif_prior(url) == read_exif_prior(tmp_path / "photo.jpg") is not None
+    assert read_exif_focal_px(url, 1600, 1200) == read_exif_focal_px(tmp_path / "photo.jpg", 1600, 1200) > 0
+    assert len(photo) > 1_000_000 and sum(read) < 2 * (icc_bytes + 70_000)
+
+
 def test_an_unreachable_endpoint_is_one_line_naming_the_url(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
     with pytest.raises(StorageError) as error:
