@@ -63,16 +63,6 @@ default_conf = {
 WORK_DIR = "mapping"  # MAP/mapping: per-image features, matches and per-cell results of a distributed build
 
 
-def read_model(place: Location) -> pycolmap.Reconstruction:
-    """A COLMAP model directory, binary or text (a remote one through the local cache)."""
-    path = files.local_copy(place)
-    if not any((path / f"images.{ext}").is_file() for ext in ("bin", "txt")):
-        raise FileNotFoundError(f"{place}: not a COLMAP model (no images.bin or images.txt)")
-    reconstruction = pycolmap.Reconstruction()
-    reconstruction.read(path)
-    return reconstruction
-
-
 T = TypeVar("T")
 EXIF_THREADS = 16  # EXIF reads wait on the network (one request each on S3), not on the CPU
 
@@ -139,7 +129,7 @@ def build_map(images: Location, out: Location, reference_model: Location | None 
     conf = merge_conf(default_conf, conf)  # each step completes its own conf with its defaults
     images_location, images = images, files.local_copy(images)
     given_model = reference_model or import_model
-    source_model = read_model(given_model) if given_model else None
+    source_model = cells.read_model(given_model) if given_model else None
     names = posed_image_names(source_model) if source_model else list_images(images)
     if not names:
         raise ValueError(f"{images}: no images to map")
@@ -245,7 +235,7 @@ def build_map_in_cells(images: Location, out: Location, reference_model: Locatio
     cluster share no disk."""
     conf = merge_conf(default_conf, conf)
     root = files.location(out) / WORK_DIR
-    reference = read_model(reference_model)
+    reference = cells.read_model(reference_model)
     names = posed_image_names(reference)
     if not names:
         raise ValueError(f"{reference_model}: no posed images to map")

@@ -41,7 +41,7 @@ from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles, group_pa
 from pixloc_core.mapping.keypoints import matching_conf
 from pixloc_core.shards import ShardIndex
 
-from .map import WORK_DIR, check_work_settings, default_conf as map_conf, posed_image_names, read_model
+from .map import WORK_DIR, check_work_settings, default_conf as map_conf, posed_image_names
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
     scene = SceneMap.load(map_dir)
     reconstruction = scene.reconstruction
     known = {image.name for image in reconstruction.images.values()}
-    reference = read_model(reference_model) if reference_model else None
+    reference = cells.read_model(reference_model) if reference_model else None
     candidates = posed_image_names(reference) if reference else list_images(images)
     new_names = [name for name in candidates if name not in known]
     if not new_names:

@@ -13,7 +13,7 @@ import pytest
 from cluster.store import FeatureStore, StoreMismatchError
 from jobs import features
 from jobs.cli import main as cli_main
-from jobs.map import WORK_DIR, build_map, build_map_in_cells, read_model
+from jobs.map import WORK_DIR, build_map, build_map_in_cells
 from pixloc_core.io import read_priors
 from pixloc_core.map_io import SceneMap, cell_fingerprints
 from pixloc_core.mapping import cells, merge, triangulation
@@ -158,7 +158,7 @@ def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions
     """A map of the western part of the street, updated in place with the eastern photos from a
     folder of their own; its feature store follows it, recomputing only the changed cells, and
     reads each photo from the folder the map took it from."""
-    reference = read_model(scene / "reference_model")
+    reference = cells.read_model(scene / "reference_model")
     centers = {image.name: image.projection_center() for image in reference.images.values()}
     west = {name for name, center in centers.items() if center[0] < np.quantile([c[0] for c in centers.values()], 0.65)}
     (tmp_path / "west").mkdir()

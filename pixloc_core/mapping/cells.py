@@ -60,14 +60,18 @@ def write_model(model: pycolmap.Reconstruction, place: Location) -> None:
 
 
 def read_model(place: Location) -> pycolmap.Reconstruction:
-    """The COLMAP model in the folder `place`; a remote one through a temporary folder, not the
-    cache of `files.local_copy`: a rebuilt cell's files may keep their sizes."""
+    """The COLMAP model (binary or text) in the folder `place`: a user's reference or imported
+    model, a cell's or submodel's. A remote one is read through a temporary folder, not the cache
+    of `files.local_copy`: caching every cell's model would fill the workers' disks."""
+    names = files.list_files(place)
+    if not {"images.bin", "images.txt"} & set(names):
+        raise FileNotFoundError(f"{place}: not a COLMAP model (no images.bin or images.txt)")
     model = pycolmap.Reconstruction()
     if not files.is_remote(place):
         model.read(place)
         return model
     with tempfile.TemporaryDirectory(prefix="pixloc_model_") as local:
-        model.read(files.local_files(place, files.list_files(place), Path(local)))
+        model.read(files.local_files(place, names, Path(local)))
     return model
 
 
