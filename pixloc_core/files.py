@@ -288,7 +288,10 @@ def local_copy(folder: Location, skip: Callable[[str], bool] = lambda name: Fals
     cache_root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pixloc")
     target = cache_root / hashlib.sha256(folder.encode()).hexdigest()[:16] / folder.name
     versions_file = target.with_name(f"{folder.name}.versions.json")  # beside the copy, not in it
-    copied = json.loads(versions_file.read_text()) if versions_file.is_file() else {}
+    try:
+        copied = json.loads(versions_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # no copy yet, or a damaged record: fetch again
+        copied = {}
     wanted = {name: _version(entry) for name, entry in _file_entries(folder).items() if not skip(name)}
     fetched = 0
     for name, version in wanted.items():

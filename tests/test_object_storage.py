@@ -73,6 +73,9 @@ def test_the_local_copy_follows_rewrites_of_the_same_size(s3_bucket, tmp_path, m
     assert fetched[2:] == [folder / "shards.json"]  # the unchanged file is not fetched again
     files.local_copy(folder)
     assert len(fetched) == 3
+    next((tmp_path / "cache").rglob("*.versions.json")).write_text("{half written")
+    assert (files.local_copy(folder) / "shards.json").read_text() == '{"fingerprint": "bbbb"}'
+    assert len(fetched) == 5  # a damaged record of the copy: every file fetched again
 
 
 def large_geotagged_jpeg(icc_bytes: int) -> bytes:
