@@ -269,10 +269,9 @@ def _file_entries(folder: Location) -> dict[str, dict]:
 
 
 def _version(entry: dict) -> str:
-    """What changes when a listed file is rewritten: S3's ETag (a content hash), else the
-    modification time, with the size."""
-    stamp = entry.get("ETag") or entry.get("LastModified") or entry.get("mtime") or entry.get("created")
-    return f"{entry['size']}:{stamp}"
+    """What changes when a listed S3 object is rewritten (the only remote kind `location` accepts):
+    its ETag, a hash of the content, with the size."""
+    return f"{entry['size']}:{entry.get('ETag')}"
 
 
 def local_copy(folder: Location, skip: Callable[[str], bool] = lambda name: False) -> Path:
