@@ -15,7 +15,6 @@ OUT is a local folder or an s3:// prefix (`pixloc_core.files`).
 """
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def _write_atomically(table: pa.Table, path: Location) -> None:
 
 
 def _read_table(path: Location, schema: pa.Schema | None = SCHEMA) -> pa.Table:
-    return pq.read_table(io.BytesIO(files.read_bytes(path)), schema=schema)
+    return pq.read_table(pa.BufferReader(files.read_arrow_buffer(path)), schema=schema)
 
 
 def _part_names(out_dir: Location) -> list[str]:

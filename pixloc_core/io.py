@@ -197,8 +197,9 @@ def _csv_columns(text: str, header: list[str]) -> dict[str, pa.Array]:
     """The CSV's columns as strings ("" where empty); a row with fields missing at its end reads
     them as empty, as csv.DictReader does."""
     try:
-        table = pyarrow.csv.read_csv(pa.BufferReader(text.encode()), convert_options=pyarrow.csv.ConvertOptions(
-            column_types={column: pa.string() for column in header}))
+        table = pyarrow.csv.read_csv(
+            pa.BufferReader(files.arrow_buffer(text.encode())),
+            convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.string() for column in header}))
         return {column: table[column].combine_chunks() for column in header}
     except pa.ArrowInvalid:  # rows of another length than the header: the slower reader
         rows = list(csv.DictReader(io.StringIO(text, newline="")))

@@ -48,7 +48,7 @@ def _write(table: pa.Table, place: Location) -> None:
 
 
 def _read(place: Location, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(pa.BufferReader(files.read_bytes(place)), columns=columns)
+    return pq.read_table(pa.BufferReader(files.read_arrow_buffer(place)), columns=columns)
 
 
 class FeatureFiles(Mapping):
@@ -79,7 +79,7 @@ class FeatureFiles(Mapping):
 
     def image_size(self, name: str) -> tuple[int, int]:
         """(width, height) from the file's metadata, without reading its columns."""
-        metadata = pq.read_schema(pa.BufferReader(files.read_bytes(self.path(name)))).metadata
+        metadata = pq.read_schema(pa.BufferReader(files.read_arrow_buffer(self.path(name)))).metadata
         return int(metadata[b"width"]), int(metadata[b"height"])
 
     def keypoints(self, name: str) -> np.ndarray:
