@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from bench import write_report
+from bench import ExtractorSpec, write_report
 from pixloc_core.align import FeaturemetricAligner, ReferenceLevel
 from pixloc_core.datasets import FOUNTAIN, read_strecha_camera
-from pixloc_core.extractors import available_extractors, load_extractor
+from pixloc_core.extractors import available_extractors
 from pixloc_core.extractors.base import Extractor, select
 from pixloc_core.geometry import Camera, perturb_poses
 from pixloc_core.mapping.matching import match_descriptors, normalize_descriptors
@@ -49,7 +48,7 @@ default_conf = {
     "success_t_m": 0.05,
     "success_R_deg": 0.5,
     "seed": 0,
-    "extractors": None,  # names, "name=checkpoint" or "name:key=value,..."; None: available_extractors()
+    "extractors": None,  # bench.ExtractorSpec: "name", "name=CHECKPOINT" or "name:key=value,..."; None: all available
     "synthetic": {"scene_seed": 0, "num_pairs": 6, "width": 640, "height": 480, "num_points": 512,
                   "max_baseline_m": 3.0, "max_rotation_deg": 10.0},
     "fountain": {"data_root": SHARED_DATA, "max_size": 640, "num_pairs": 10, "num_points": 512,
@@ -132,17 +131,6 @@ def fountain_pairs(conf: dict) -> list[PosedPair]:
 # ----- the benchmark
 
 
-def _parse_extractor(spec: str) -> tuple[str, Extractor]:
-    """"name", "name=CHECKPOINT" or "name:key=value,key=value" (config overrides, e.g.
-    "alike-n:coarse=encoder"); the spec is the extractor's label in the report."""
-    name, _, options = spec.partition(":")
-    if options:
-        conf = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in options.split(","))}
-        return spec, load_extractor(name, **conf)
-    name, _, checkpoint = spec.partition("=")
-    return name, load_extractor(name, checkpoint=Path(checkpoint) if checkpoint else None)
-
-
 def milliseconds_per_image(extractor: Extractor, images: torch.Tensor, repeats: int = 3) -> float:
     """Best of `repeats` timed extractions of a batch: on a shared machine, the least disturbed run."""
     extractor.extract(images)  # warm-up: allocator, kernels
@@ -217,7 +205,8 @@ def main(out: Path | None = None, quick: bool = False, **overrides) -> dict:
               "trials_per_bin_and_pair": conf["trials"], "threads": torch.get_num_threads(),
               "success": {"t_m": conf["success_t_m"], "R_deg": conf["success_R_deg"]}}
     for spec in specs:
-        name, extractor = _parse_extractor(spec)
+        spec = ExtractorSpec.parse(spec)
+        name, extractor = spec.label, spec.load()
         per_dataset = {dataset: {"bins": evaluate(extractor, pairs, conf, label=f"{name} on {dataset}")}
                        for dataset, pairs in datasets.items()}
         # Over all datasets, each weighted by its number of pairs.

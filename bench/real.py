@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 from PIL import Image, ImageDraw
 
-from bench import write_report
+from bench import ExtractorSpec, write_report
 from cluster.runtime import init_ray
 from jobs.cli import main as pixloc
 from jobs.results import STAGES, read_results, successful_poses
@@ -59,7 +59,9 @@ default_conf = {
     "sets": ("fountain-P11", "lund", "sacre_coeur"),
     "methods": ("sparse", "dense", "sparse+dense"),
     "small_query_size": 480,  # the second run of every set, where SIFT thins out
-    "extractors": ("classic",),  # every dense method runs with each: a store per extractor, one map
+    # Every dense method runs with each (bench.ExtractorSpec: "name" or "name=CHECKPOINT"): a store
+    # per extractor, one map.
+    "extractors": ("classic",),
     # `sparse` runs with each keypoint type: the first's map is built as the set says, every other's
     # triangulated with its keypoints from that map's poses and cameras (the same frame, so the
     # same ground truth), with a store of its own.
@@ -112,7 +114,7 @@ class Run:
         `dense alike-n` (its extractor)."""
         if self.method == "sparse":
             return "sparse" if self.keypoints == "sift" else f"sparse@{self.keypoints}"
-        return f"{self.method} {self.extractor}"
+        return f"{self.method} {ExtractorSpec.parse(self.extractor).label}"
 
 
 def runs(conf: dict) -> list[Run]:
@@ -129,7 +131,7 @@ def localize_all(prepared: PreparedSet, built: BuiltMaps, out_dir: Path, conf: d
     for run in runs(conf):
         args = ["localize", "--map", built.maps[run.keypoints], "--store", built.stores[run.keypoints, run.extractor],
                 "--queries", prepared.query_dir, "--out", results_dir(out_dir, run.label), "--method", run.method,
-                "--extractor", run.extractor, "--workers", str(conf["workers"]), "--overwrite"]
+                *ExtractorSpec.parse(run.extractor).cli_args(), "--workers", str(conf["workers"]), "--overwrite"]
         args += ["--priors", prepared.priors] if prepared.priors else []
         args += ["--query-list", prepared.query_list] if prepared.query_list else []
         run_pixloc(*args)
@@ -161,8 +163,9 @@ def evaluate_set(out_dir: Path, conf: dict, map_dir: Path, gt: dict | None) -> t
     for extractor in conf["extractors"]:
         # goals() compares the methods by name: this extractor's runs under their method names.
         labels = {Run(method, extractor, conf["keypoints"][0]).label: method for method in conf["methods"]}
-        per_extractor[extractor] = goals({labels.get(k, k): v for k, v in entries.items() if k in labels},
-                                         {labels[k]: v for k, v in errors.items() if k in labels})
+        per_extractor[ExtractorSpec.parse(extractor).label] = goals(
+            {labels.get(k, k): v for k, v in entries.items() if k in labels},
+            {labels[k]: v for k, v in errors.items() if k in labels})
     return entries, per_extractor
 
 
@@ -218,10 +221,11 @@ def build(prepared: PreparedSet, work: Path, conf: dict, map_args: list) -> Buil
     stores = {}
     for kind, map_dir in maps.items():
         for extractor in conf["extractors"] if kind == first else conf["extractors"][:1]:
-            name = "store" if extractor == "classic" else f"store-{extractor}"
+            spec = ExtractorSpec.parse(extractor)
+            name = "store" if extractor == "classic" else f"store-{spec.label}"
             stores[kind, extractor] = work / (name if kind == first else f"{name}-{kind}")
             run_pixloc("features", "--map", map_dir, "--images", prepared.mapping_dir,
-                       "--store", stores[kind, extractor], "--extractor", extractor, "--workers", str(conf["workers"]))
+                       "--store", stores[kind, extractor], *spec.cli_args(), "--workers", str(conf["workers"]))
     return BuiltMaps(maps, stores)
 
 

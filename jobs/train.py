@@ -2,6 +2,7 @@
 
     pixloc train --out DIR                                   # synthetic scenes, unet-small
     pixloc train --out DIR --model MODEL --images IMAGES     # a COLMAP model with posed images
+    pixloc train --out DIR --extractor alike-n ...           # ALIKE's confidences and dampings only
 
 Re-running with the same --out resumes from DIR/checkpoint_last.tar; load the result with
 `load_extractor(NAME, checkpoint=DIR/checkpoint_last.tar)` or `--extractor NAME --checkpoint ...`.
@@ -12,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from pixloc_core import train
+from pixloc_core.extractors import TRAINABLE
 
 from .config import merge_conf
 
@@ -21,7 +23,8 @@ default_conf = train.default_conf
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     conf, data = train.default_conf, train.default_conf["data"]
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory (resumed when it has one)")
-    parser.add_argument("--extractor", default=conf["extractor"], choices=["unet-small", "unet-vgg16", "unet-vgg19"])
+    parser.add_argument("--extractor", default=conf["extractor"], choices=TRAINABLE,
+                        help="a UNet (trained whole) or an ALIKE variant (its confidence heads and the dampings)")
     parser.add_argument("--steps", type=int, default=conf["num_steps"], help="total optimisation steps")
     parser.add_argument("--seed", type=int, default=conf["seed"])
     parser.add_argument("--lr", type=float, default=conf["learning_rate"], help="learning rate (Adam)")

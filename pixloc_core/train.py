@@ -8,6 +8,10 @@ The loss is the reprojection error of the 3D points between the refined and the 
 only when the previous one ended within `success_px` x its stride of the truth. Gradients flow
 through the Gauss-Newton steps into the features, the confidences and the dampings.
 
+A UNet is trained whole, from random weights. A pretrained ALIKE variant keeps the authors'
+network frozen: only its confidence heads and the dampings learn (`trainable_extractor`), so a few
+minutes of CPU and a few hundred posed pairs are enough.
+
 Pairs come from synthetic scenes (`synthetic_pairs`, the points ray-cast from the reference view
 and kept where the query sees the same surface) or from a COLMAP model with posed images
 (`colmap_pairs`, the points both images observe). Checkpoints use PixLoc's layout (see
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,7 @@ from tqdm import tqdm
 
 from .align import AlignConf, FeaturemetricAligner, ReferenceLevel
 from .exif import focal_px_from_35mm
-from .extractors import build_unet
+from .extractors import trainable_extractor
 from .extractors.base import STRIDES, Extractor, resize_longest_side, select
 from .extractors.checkpoint import load_extractor_state, read_checkpoint, split_model_state, write_checkpoint
 from .geometry import Camera, Pose, perturb_poses, so3_exp
@@ -39,7 +43,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint_last.tar"
 
 default_conf = {
-    "extractor": "unet-small",
+    "extractor": "unet-small",  # a UNet (trained whole) or an ALIKE variant (its confidences only)
     "seed": 0,
     "num_steps": 1500,
     "pairs_per_step": 2,
@@ -305,10 +309,13 @@ def train(pairs: list[PosedPair], out_dir: Path, conf: dict | None = None) -> Pa
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     torch.manual_seed(conf["seed"])
-    learner = PoseLearner(build_unet(conf["extractor"]), tuple(conf["num_iterations"]))
+    learner = PoseLearner(trainable_extractor(conf["extractor"]), tuple(conf["num_iterations"]))
     damping_parameters = [aligner.damping_raw for aligner in learner.aligners]
+    trained = [parameter for parameter in learner.extractor.parameters() if parameter.requires_grad]
+    # A frozen network keeps its BatchNorm statistics: its layers stay in eval mode.
+    frozen = len(trained) < len(list(learner.extractor.parameters()))
     optimizer = torch.optim.Adam([
-        {"params": list(learner.extractor.parameters()), "lr": conf["learning_rate"]},
+        {"params": trained, "lr": conf["learning_rate"]},
         {"params": damping_parameters, "lr": conf["learning_rate"] * conf["damping_lr_scale"]},
     ])
     step = 0
@@ -322,14 +329,17 @@ def train(pairs: list[PosedPair], out_dir: Path, conf: dict | None = None) -> Pa
         logger.info("Resuming from %s at step %d.", checkpoint_path, step)
 
     # Plain JSON types only (paths become strings): checkpoints are read back with weights_only=True.
-    saved_conf = json.loads(json.dumps({"extractor": conf["extractor"], "extractor_conf": learner.extractor.conf,
-                                        "train": conf}, default=str))
+    extractor_conf = learner.extractor.conf
+    saved_conf = json.loads(json.dumps({"extractor": conf["extractor"], "train": conf, "extractor_conf":
+                                        asdict(extractor_conf) if is_dataclass(extractor_conf) else extractor_conf},
+                                       default=str))
 
     def save() -> None:
         write_checkpoint(checkpoint_path, learner.extractor, learner.raw_dampings(), conf=saved_conf,
                          step=step, train_state={"optimizer": optimizer.state_dict()})
 
     learner.train()
+    learner.extractor.train(not frozen)
     progress = tqdm(total=conf["num_steps"], initial=step, desc="train", unit="step")
     skipped = 0
     while step < conf["num_steps"]:
@@ -374,7 +384,7 @@ def export_weights(checkpoint: Path, destination: Path) -> Path:
     """A copy of a training checkpoint without the optimizer state: what gets shipped."""
     content = read_checkpoint(checkpoint)
     extractor_state, dampings = split_model_state(content, checkpoint)
-    extractor = build_unet(content["conf"]["extractor"])
+    extractor = trainable_extractor(content["conf"]["extractor"], content["conf"].get("extractor_conf"))
     load_extractor_state(extractor, extractor_state, checkpoint)
     write_checkpoint(destination, extractor, dampings, conf=content["conf"], step=content["step"])
     return Path(destination)

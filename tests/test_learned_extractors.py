@@ -155,10 +155,15 @@ def test_missing_or_corrupt_weights(tmp_path, name):
             load_extractor(name, checkpoint=other)
 
 
-def test_basin_extractor_specs_take_config_overrides():
-    from bench.basin import _parse_extractor
+def test_benchmark_extractor_specs(tmp_path):
+    """The benchmarks' names of extractors: config overrides, or a checkpoint labelled by its folder."""
+    from bench import ExtractorSpec
 
-    label, extractor = _parse_extractor("alike-t:coarse=encoder,min_confidence=0.1")
-    assert label == "alike-t:coarse=encoder,min_confidence=0.1"
+    spec = ExtractorSpec.parse("alike-t:coarse=encoder,min_confidence=0.1")
+    assert spec.label == "alike-t:coarse=encoder,min_confidence=0.1"
+    extractor = spec.load()
     assert (extractor.conf.coarse, extractor.conf.min_confidence) == ("encoder", 0.1)
-    assert _parse_extractor("xfeat")[0] == "xfeat"
+    assert ExtractorSpec.parse("xfeat").label == "xfeat"
+    trained = ExtractorSpec.parse(f"alike-n={tmp_path / 'train-lund' / 'checkpoint_last.tar'}")
+    assert trained.label == "alike-n=train-lund"
+    assert trained.cli_args() == ["--extractor", "alike-n", "--checkpoint", str(tmp_path / "train-lund" / "checkpoint_last.tar")]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pixloc_core import train
 from pixloc_core.geometry import perturb_poses
-from pixloc_core.extractors import load_extractor
+from pixloc_core.extractors import CheckpointError, load_extractor
 from pixloc_core.extractors.checkpoint import read_checkpoint
 
 TINY = {
@@ -119,3 +119,26 @@ def test_colmap_model_pairs(pairs, tmp_path):
 
     with pytest.raises(ValueError, match="cannot read COLMAP model"):
         train.colmap_pairs(tmp_path / "images", tmp_path / "images", data)
+
+
+def test_alike_trains_only_its_confidences_and_the_dampings(pairs, tmp_path):
+    """On a pretrained ALIKE the authors' network stays as shipped (weights and BatchNorm
+    statistics); the confidence heads and the dampings learn, and the checkpoint loads by name
+    with its own extractor id and its dampings."""
+    train.train(pairs, tmp_path / "alike", {**TINY, "extractor": "alike-t", "num_steps": 4})
+    checkpoint = tmp_path / "alike" / train.CHECKPOINT_NAME
+    trained, shipped = load_extractor("alike-t", checkpoint=checkpoint), load_extractor("alike-t")
+    assert trained.conf.confidence == "learned" and shipped.conf.confidence == "score"
+    trained_state, shipped_state = trained.state_dict(), shipped.state_dict()
+    assert set(trained_state) - set(shipped_state) == set(trained.head_state())
+    assert all(torch.equal(trained_state[key], value) for key, value in shipped_state.items())
+    assert any(head.weight.abs().sum() > 0 for head in trained.confidence_heads)
+    assert trained.extractor_id != shipped.extractor_id
+    assert trained.dampings.shape == (3, 6)
+    assert not torch.equal(trained.dampings, train.PoseLearner(shipped, TINY["num_iterations"]).raw_dampings())
+
+    pyramid = trained.extract(pairs[0].images)
+    assert all(((level.confidence > 0) & (level.confidence < 1)).all() for level in pyramid)
+
+    with pytest.raises(CheckpointError, match="a checkpoint of 'alike-t', not of 'alike-n'"):
+        load_extractor("alike-n", checkpoint=checkpoint)

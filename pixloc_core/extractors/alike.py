@@ -18,7 +18,10 @@ The alignment pyramid (strides 16, 4, 1) comes from the stride-1 descriptor map,
 the coarse strides (`coarse="pooled"`), or, for the coarsest level, from the encoder's stride-8 and
 stride-32 features resampled to stride 16 (`coarse="encoder"`). The confidence is the score map
 (a keypoint-ness likelihood) box-blurred over the NMS window and averaged to each level, with a
-floor (`confidence="score"`), or 1 everywhere (`confidence="uniform"`).
+floor (`confidence="score"`), 1 everywhere (`confidence="uniform"`), or learned from poses
+(`confidence="learned"`: per level a 1x1 conv over the level's descriptors and its score
+confidence, then a sigmoid; `pixloc train --extractor alike-n` fits these heads and the dampings,
+the authors' network frozen).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ VARIANTS = {
     "alike-l": AlikeArchitecture((32, 64, 128, 128), 128, False),
 }
 COARSE_MODES = ("pooled", "encoder")
-CONFIDENCE_MODES = ("score", "uniform")
+CONFIDENCE_MODES = ("score", "uniform", "learned")
 PAD_MULTIPLE = 32  # the coarsest encoder stride
 
 
@@ -124,6 +127,23 @@ class AlikeExtractor(Extractor):
                                                           for c in architecture.widths)
         self.convhead1 = None if architecture.single_head else nn.Conv2d(dim, dim, kernel_size=1, bias=False)
         self.convhead2 = nn.Conv2d(dim, dim + 1, kernel_size=1, bias=False)
+        # Learned confidences start at 0.5 everywhere (zero weights): uniform, until trained.
+        self.confidence_heads = None
+        if self.conf.confidence == "learned":
+            self.confidence_heads = nn.ModuleList(nn.Conv2d(channels + 1, 1, kernel_size=1)
+                                                  for channels in self.level_channels(architecture))
+            for head in self.confidence_heads:
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+
+    def level_channels(self, architecture: AlikeArchitecture) -> list[int]:
+        """Channels of the pyramid levels, coarse to fine."""
+        coarsest = architecture.dim // 2 if self.conf.coarse == "encoder" else architecture.dim
+        return [coarsest] + [architecture.dim] * (len(STRIDES) - 1)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The parameters that the authors' weights do not hold (the learned confidence heads)."""
+        return {key: value for key, value in self.state_dict().items() if key.startswith("confidence_heads.")}
 
     def dense(self, images: torch.Tensor) -> AlikeOutput:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -146,17 +166,22 @@ class AlikeExtractor(Extractor):
                            projected[2][..., :-(-height // 8), :-(-width // 8)],
                            projected[3][..., :-(-height // 32), :-(-width // 32)])
 
-    def confidence(self, scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """scores (B, H, W) -> confidence (B, h, w) of a level of that size, in (0, 1]."""
+    def confidence(self, scores: torch.Tensor, features: torch.Tensor, level: int) -> torch.Tensor:
+        """scores (B, H, W) and a level's features (B, C, h, w) -> its confidence (B, h, w) in (0, 1]."""
+        size = features.shape[-2:]
         if self.conf.confidence == "uniform":
             return scores.new_ones(scores.shape[0], *size)
-        return pooled_confidence(scores, size, 2 * self.conf.nms_radius + 1, self.conf.min_confidence)
+        score_confidence = pooled_confidence(scores, size, 2 * self.conf.nms_radius + 1, self.conf.min_confidence)
+        if self.confidence_heads is None:
+            return score_confidence
+        head = self.confidence_heads[level](torch.cat([features, score_confidence[:, None]], 1))  # (B, 1, h, w)
+        return torch.sigmoid(head[:, 0])
 
     def forward(self, images: torch.Tensor) -> Pyramid:
         output = self.dense(images)
         height, width = images.shape[-2:]
         pyramid = []
-        for stride in STRIDES:
+        for level, stride in enumerate(STRIDES):
             size = (max(1, round(height / stride)), max(1, round(width / stride)))
             if stride == 1:
                 features = output.descriptors
@@ -166,7 +191,8 @@ class AlikeExtractor(Extractor):
                                      1)  # (B, dim/2, h, w)
             else:
                 features = F.interpolate(output.descriptors, size=size, mode="area")  # (B, dim, h, w)
-            pyramid.append(FeatureLevel(F.normalize(features, dim=1), self.confidence(output.scores, size), stride))
+            features = F.normalize(features, dim=1)
+            pyramid.append(FeatureLevel(features, self.confidence(output.scores, features, level), stride))
         return pyramid
 
     @torch.no_grad()
@@ -180,7 +206,8 @@ class AlikeExtractor(Extractor):
 
 def load_alike(name: str, weights: Path, conf: AlikeConf) -> AlikeExtractor:
     """The variant `name` with the state dict in `weights` (a one-line CheckpointError if the file
-    is missing, unreadable or of another variant)."""
+    is missing, unreadable or of another variant); learned confidence heads, which the authors'
+    weights do not hold, at their initial values."""
     extractor = AlikeExtractor(name, conf)
-    load_extractor_state(extractor, read_state_dict(weights), weights, prefix="")
+    load_extractor_state(extractor, {**extractor.head_state(), **read_state_dict(weights)}, weights, prefix="")
     return extractor

@@ -62,6 +62,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def is_training_checkpoint(path: Path) -> bool:
+    """Whether the file is in PixLoc's checkpoint layout (as `pixloc train` writes), not a plain
+    state dict; a missing or unreadable file raises the one-line CheckpointError."""
+    content = _safe_load(Path(path), "weights file")
+    return isinstance(content, dict) and isinstance(content.get("model"), dict)
+
+
 def read_checkpoint(path: Path) -> dict:
     """torch.load with weights_only=True (no code execution) and a check of the layout.
 
