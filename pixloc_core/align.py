@@ -79,6 +79,11 @@ class AlignResult:
     num_points: torch.Tensor  # (M,) int64, valid points at the finest level
     success: torch.Tensor  # (M,) bool
     hessian: torch.Tensor  # (M, 6, 6) float64, of the final pose at the finest level; 0 on failure
+    # (M,) the confidence-weighted cost per degree of freedom, sum_i w_i rho_i / (N - 6): with the
+    # Hessian, the pose covariance of a weighted least-squares fit, pinv(H) * residual_variance,
+    # which does not change when an extractor's confidences are all scaled (the mean cost does
+    # not, the Hessian does). inf where success is False.
+    residual_variance: torch.Tensor
     failure_reason: list[str]  # (M,) '' where success
     iterations: list[int] = field(default_factory=list)  # batched iterations run per level, coarse to fine
 
@@ -204,6 +209,7 @@ class _System:
     gradient: torch.Tensor  # (M, 6)
     hessian: torch.Tensor  # (M, 6, 6)
     cost: torch.Tensor  # (M,) robust mean cost
+    residual_variance: torch.Tensor  # (M,) see AlignResult
     num_valid: torch.Tensor  # (M,) int64
     motion: torch.Tensor  # (M, 6, 6) mean J^T J of the valid points: delta^T motion delta = their mean squared shift
 
@@ -211,7 +217,7 @@ class _System:
     def failed(cls, num_hypotheses: int, like: torch.Tensor) -> _System:
         """What is reported when no hypothesis reached the end."""
         return cls(like.new_zeros(num_hypotheses, 6), like.new_zeros(num_hypotheses, 6, 6),
-                   like.new_full((num_hypotheses,), math.inf),
+                   like.new_full((num_hypotheses,), math.inf), like.new_full((num_hypotheses,), math.inf),
                    torch.zeros(num_hypotheses, dtype=torch.long, device=like.device),
                    like.new_zeros(num_hypotheses, 6, 6))
 
@@ -309,6 +315,7 @@ class FeaturemetricAligner(torch.nn.Module):
             num_points=system.num_valid.where(success, 0),
             success=success,
             hessian=system.hessian.double().where(success[:, None, None], 0.0),
+            residual_variance=system.residual_variance.where(success, math.inf),
             failure_reason=failures.messages(min_points=self.conf.min_points, num_kept=self.conf.num_kept),
             iterations=iterations,
         )
@@ -385,11 +392,13 @@ class FeaturemetricAligner(torch.nn.Module):
         H_p2d = H_p2d.to(J_p2d_pose)
         H_J = H_p2d[..., :, :1] * J_p2d_pose[..., :1, :] + H_p2d[..., :, 1:] * J_p2d_pose[..., 1:, :]  # (M, N, 2, 6)
         hessian = weighted_J.flatten(1, 2).transpose(1, 2) @ H_J.flatten(1, 2)  # (M, 6, 6)
-        mean_cost = (confidence * cost).sum(-1) / confidence.sum(-1).clamp(min=1e-12)
+        weighted_cost = (confidence * cost).sum(-1)
+        mean_cost = weighted_cost / confidence.sum(-1).clamp(min=1e-12)
         num_valid = valid.sum(-1)
+        residual_variance = weighted_cost / (num_valid - 6).clamp(min=1)
         J_flat = J_p2d_pose.flatten(1, 2)  # (M, 2N, 6), zero where invalid
         motion = J_flat.transpose(1, 2) @ J_flat / num_valid.clamp(min=1)[:, None, None]  # (M, 6, 6)
-        return _System(gradient, hessian, mean_cost, num_valid, motion)
+        return _System(gradient, hessian, mean_cost, residual_variance, num_valid, motion)
 
     def _solve(self, system: _System, damping: torch.Tensor, active: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

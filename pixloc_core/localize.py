@@ -109,10 +109,9 @@ class LocalizeConf:
     # A result needs this many valid points at the finest level and a sane cost (the robust cost
     # of unit features saturates near 0.106). The cost alone does not tell right from wrong
     # poses, so a pose that no geometric check verified (one grown from a reference image's pose,
-    # unlike a SIFT + PnP pose) must also be well constrained: on the synthetic street at 640x480,
-    # wrong ones had a position std of 0.09-1.5 m, right ones 0.01-0.08 m. The cost cap is from
-    # `bench precision`: right aligned poses cost 0.025-0.073 on every scene, while a dense pose of
-    # Lund 3.9 m off passed every other check at 0.079 (its PnP-refined pose: 0.061).
+    # unlike a SIFT + PnP pose) must also be well constrained (pose_uncertainty). The cost cap is
+    # from `bench precision`: right aligned poses cost 0.025-0.073 on every scene, while a dense
+    # pose of Lund 3.9 m off passed every other check at 0.079 (its PnP-refined pose: 0.061).
     min_points: int = 100
     max_cost: float = 0.075
     # The refinement of a verified start (a PnP pose that passed its checks, an input pose) is
@@ -120,7 +119,12 @@ class LocalizeConf:
     # cap of unverified poses refused right ones. In `make demo` (150 references, 640x480) 10 of
     # 40 PnP poses, 2-33 mm from the truth, refined to costs of 0.075-0.082 and were refused.
     max_refined_cost: float = 0.09
-    max_position_std_m: float = 0.05
+    # `bench precision` with `classic` (README): on the synthetic streets the right aligned poses
+    # had stds up to 0.010 m (and three of 0.09-0.15 m), the wrong ones under the cost cap from
+    # 0.031 m (11.6 m off); on the real sets right poses reached 0.025 m. Until the std was made
+    # independent of the confidences' scale (pose_uncertainty) the bound was 0.05 m, about
+    # 2.5x the same stds of `classic`, and out of scale for every other extractor.
+    max_position_std_m: float = 0.025
     # Points per level seen by some hypothesis, coarse to fine (an alignment on the fine levels
     # only takes the last ones): they bound the alignment time. The coarsest level aligns every
     # hypothesis and for the most iterations, while its features, blurred over 16 pixels and
@@ -227,16 +231,17 @@ def visible_points(reference: ReferenceLevel, hypotheses: Pose, camera: Camera, 
     return reference[index]
 
 
-def pose_uncertainty(hessian: torch.Tensor, cost: float, pose: Pose) -> tuple[float, float]:
+def pose_uncertainty(hessian: torch.Tensor, residual_variance: float, pose: Pose) -> tuple[float, float]:
     """1-sigma position (m) and rotation (deg) uncertainty from the Gauss-Newton Hessian (6, 6) of
-    the left update delta = (v, w), scaled by the mean cost as the residual variance.
+    the left update delta = (v, w) and the residual variance (AlignResult.residual_variance): the
+    covariance of a weighted least-squares fit, pinv(H) * variance, whatever the confidences' scale.
 
     Under T <- exp(delta) T the camera centre c = -R^T t moves by -R^T v to first order, so the
     centre covariance is R^T Cov(v) R; its trace is the squared position uncertainty."""
     hessian = hessian.double()
-    if not bool(torch.isfinite(hessian).all()) or not math.isfinite(cost):
+    if not bool(torch.isfinite(hessian).all()) or not math.isfinite(residual_variance):
         return math.nan, math.nan
-    covariance = torch.linalg.pinv(hessian) * cost  # (6, 6)
+    covariance = torch.linalg.pinv(hessian) * residual_variance  # (6, 6)
     R = pose.R.double()
     center_covariance = R.T @ covariance[:3, :3] @ R
     position_std = math.sqrt(max(float(torch.trace(center_covariance)), 0.0))
@@ -252,7 +257,7 @@ def checked(result: AlignResult, index: int, label: str, verified: bool, conf: L
         return Localization.failure(f"{label}: {result.failure_reason[index]}")
     pose = result.poses[index]
     cost, num_points = float(result.cost[index]), int(result.num_points[index])
-    position_std, rotation_std = pose_uncertainty(result.hessian[index], cost, pose)
+    position_std, rotation_std = pose_uncertainty(result.hessian[index], float(result.residual_variance[index]), pose)
     localization = Localization(
         success=True, qvec=tuple(pose.qvec().double().tolist()), tvec=tuple(pose.t.double().tolist()),
         cost=cost, num_points=num_points, hypothesis=label, position_std_m=position_std,

@@ -47,6 +47,25 @@ def test_converges_from_30cm_3deg(problem, aligner):
     assert (eigenvalues[:, -1] > 0).all()
 
 
+def test_pose_uncertainty_does_not_depend_on_the_scale_of_the_confidences(problem, aligner):
+    """Confidences k times larger weigh every point k times more: the Hessian grows k-fold, the
+    uncertainty of the pose must not shrink. With the mean cost as the variance, ALIKE's score
+    confidences (about 0.06 once the reference's and the query's are multiplied) read 16x the std
+    of the same fit with confidences near 1, and no bound fitted one extractor."""
+    from pixloc_core.localize import pose_uncertainty
+
+    T_init = perturb_poses(problem.T_true, 0.1, 1.0, torch.Generator().manual_seed(3), num=1)
+    stds = []
+    for scale in (1.0, 0.05):
+        references = [ReferenceLevel(level.points3D, level.features, level.confidence * scale)
+                      for level in problem.references]
+        with torch.no_grad():
+            result = aligner(problem.query, references, problem.camera, T_init)
+        assert result.success.all()
+        stds.append(pose_uncertainty(result.hessian[0], float(result.residual_variance[0]), result.poses[0])[0])
+    assert stds[1] == pytest.approx(stds[0], rel=1e-3) and 0 < stds[0] < 0.05
+
+
 def test_steps_stop_below_a_fraction_of_a_feature_pixel(problem, aligner):
     # From 5 cm and 0.5 deg every level converges well before its iteration limit.
     T_init = perturb_poses(problem.T_true, 0.05, 0.5, torch.Generator().manual_seed(7), num=4)

@@ -269,7 +269,7 @@ def test_a_verified_start_is_refused_for_its_cost_only_above_the_refined_cap():
         pose = Pose.from_Rt(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
         return AlignResult(poses=pose[None], cost=torch.tensor([cost]), num_points=torch.tensor([500]),
                            success=torch.tensor([True]), hessian=1e6 * torch.eye(6, dtype=torch.float64)[None],
-                           failure_reason=[""])
+                           residual_variance=torch.tensor([cost]), failure_reason=[""])
 
     assert checked(aligned(0.08), 0, "sparse", True, conf).success
     hypothesis = checked(aligned(0.08), 0, "ref:r.jpg", False, conf)
