@@ -119,12 +119,14 @@ class LocalizeConf:
     # cap of unverified poses refused right ones. In `make demo` (150 references, 640x480) 10 of
     # 40 PnP poses, 2-33 mm from the truth, refined to costs of 0.075-0.082 and were refused.
     max_refined_cost: float = 0.09
-    # `bench precision` with `classic` (README): on the synthetic streets the right aligned poses
-    # had stds up to 0.010 m (and three of 0.09-0.15 m), the wrong ones under the cost cap from
-    # 0.031 m (11.6 m off); on the real sets right poses reached 0.025 m. Until the std was made
-    # independent of the confidences' scale (pose_uncertainty) the bound was 0.05 m, about
-    # 2.5x the same stds of `classic`, and out of scale for every other extractor.
-    max_position_std_m: float = 0.025
+    # From `bench precision` (README), `classic` and `alike-n`: on the synthetic streets right
+    # aligned poses had stds up to 0.010 m with `classic` (three more of 0.09-0.15 m), wrong ones
+    # under the cost cap from 0.031 m (11.6 m off, and 6 m outside its 2 m prior); on the real
+    # sets right poses reached 0.027 m (Lund at 480 px), and the lowest wrong one under the cost
+    # cap was `alike-n`'s 0.0375 m (Lund, 4.7 m off). Until the std was made independent of the
+    # confidences' scale (pose_uncertainty) the bound was 0.05 m, about 2.5x the same stds of
+    # `classic`, and out of scale for every other extractor.
+    max_position_std_m: float = 0.03
     # Points per level seen by some hypothesis, coarse to fine (an alignment on the fine levels
     # only takes the last ones): they bound the alignment time. The coarsest level aligns every
     # hypothesis and for the most iterations, while its features, blurred over 16 pixels and
