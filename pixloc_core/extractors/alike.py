@@ -174,8 +174,12 @@ class AlikeExtractor(Extractor):
         score_confidence = pooled_confidence(scores, size, 2 * self.conf.nms_radius + 1, self.conf.min_confidence)
         if self.confidence_heads is None:
             return score_confidence
-        head = self.confidence_heads[level](torch.cat([features, score_confidence[:, None]], 1))  # (B, 1, h, w)
-        return torch.sigmoid(head[:, 0])
+        head = self.confidence_heads[level]
+        # The head's 1x1 conv over [features, score confidence], without concatenating (copying)
+        # the full-resolution descriptor map.
+        logit = (F.conv2d(features, head.weight[:, :-1], head.bias)[:, 0]
+                 + head.weight[0, -1, 0, 0] * score_confidence)  # (B, h, w)
+        return torch.sigmoid(logit)
 
     def forward(self, images: torch.Tensor) -> Pyramid:
         output = self.dense(images)
