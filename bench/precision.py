@@ -45,7 +45,9 @@ PERMISSIVE = {"min_inliers": 0, "min_inlier_ratio": 0.0, "max_pnp_position_std_m
 # The bounds on an aligned pose (LocalizeConf), likewise open in the jobs and applied by the
 # evaluation with the job's own `alignment_verdict`; the hypothesis labels of the verified starts
 # (a refined PnP pose, an input pose) tell it which rows had one.
-ALIGNMENT_BOUNDS = ("max_cost", "max_refined_cost", "max_position_std_m")
+OPEN_BOUNDS = {"max_cost": math.inf, "max_refined_cost": math.inf, "max_position_std_m": math.inf,
+               "min_keypoint_support": 0, "min_keypoint_support_ratio": 0.0}
+ALIGNMENT_BOUNDS = tuple(OPEN_BOUNDS)
 VERIFIED_STARTS = ("sparse", "input")
 DEFAULT_BOUNDS = {bound: getattr(LocalizeConf(), bound) for bound in ALIGNMENT_BOUNDS}
 
@@ -73,6 +75,8 @@ default_conf = {
         "max_cost": [0.05, 0.055, 0.06, 0.065, 0.07, 0.075, 0.08, 0.085, 0.09],
         "max_refined_cost": [0.06, 0.07, 0.075, 0.08, 0.085, 0.09, 0.1, 1000.0],
         "max_position_std_m": [0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.1, 1000.0],
+        "min_keypoint_support": [0, 5, 10, 15, 20, 30, 50],
+        "min_keypoint_support_ratio": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3],
     },
 }
 quick_conf = {"refs": [40], "gps_noise_m": [10.0], "queries": 6, "methods": ["sparse"], "full_size_refs": [],
@@ -116,7 +120,7 @@ def localize(map_dir: Path, store: Path, queries: Path, priors: Path, out: Path,
     localize_job.main(map_dir, str(store), queries, out, query_list=query_list, priors=priors, overwrite=True,
                       conf={"method": method, "workers": conf["workers"],
                             "extractor": conf["extractor"],
-                            "shard": {"localize": {"verify": PERMISSIVE, **dict.fromkeys(ALIGNMENT_BOUNDS, math.inf)}}})
+                            "shard": {"localize": {"verify": PERMISSIVE, **OPEN_BOUNDS}}})
     return out
 
 
@@ -151,7 +155,8 @@ def precision_recall(rows: list[dict], total: int, conf: VerifyConf, bounds: dic
         if not math.isfinite(row["cost"]):  # a PnP pose, not aligned
             return True
         std = math.nan if row["position_std_m"] is None else row["position_std_m"]
-        return not alignment_verdict(row["cost"], std, row["hypothesis"] in VERIFIED_STARTS, localize_conf)
+        return not alignment_verdict(row["cost"], std, row["hypothesis"] in VERIFIED_STARTS, localize_conf,
+                                     checks_of(row))
 
     successes = [row for row in rows if row["success"] and not verdict(checks_of(row), conf) and within_bounds(row)]
     right = [row for row in successes if row["error_m"] < RIGHT_M and row["error_deg"] < RIGHT_DEG]

@@ -45,12 +45,13 @@ from cluster.store import FeatureStore
 from pixloc_core import files, sparse
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import Extractor, resize_longest_side
+from pixloc_core.extractors.keypoints import DetectorExtractor
 from pixloc_core.files import Location
 from pixloc_core.images import list_images, read_image
 from pixloc_core.io import read_priors_table, read_query_list_table
-from pixloc_core.localize import (DENSE_METHODS, METHODS, SPARSE_METHODS, TRUST_PRIOR, Localization, PlanConf, Planner,
-                                  QueryInput, QueryPlan, QueryRequest, SearchConf, VerifyConf, best_of,
-                                  query_positions, query_table, search_on, spatial_order)
+from pixloc_core.localize import (DENSE_METHODS, METHODS, SPARSE_METHODS, TRUST_PRIOR, UNVERIFIED_ALIGNMENT_METHODS,
+                                  Localization, PlanConf, Planner, QueryInput, QueryPlan, QueryRequest, SearchConf,
+                                  VerifyConf, best_of, query_positions, query_table, search_on, spatial_order)
 from pixloc_core.map_io import MapIndex, load_map_index
 
 from .cli import Interrupted
@@ -114,7 +115,12 @@ def query_request(plan: QueryPlan, method: str, levels: tuple[int, ...], extract
     if extractor is not None:
         start = time.perf_counter()
         tensor, scale = resize_longest_side(image, extractor.max_size)
-        pyramid = extractor.extract(tensor[None])
+        if isinstance(extractor, DetectorExtractor) and method in UNVERIFIED_ALIGNMENT_METHODS:
+            pyramid, (keypoints,) = extractor.extract_with_keypoints(tensor[None])
+            pixels["dense_keypoints"] = sparse.QueryKeypoints(keypoints.xy.cpu().double().numpy(),
+                                                              keypoints.descriptors.cpu().half().numpy())
+        else:
+            pyramid = extractor.extract(tensor[None])
         kept = [pyramid[index] for index in levels]
         # (h, w, C): channel-last, as the alignment reads it; one copy with the conversion
         pixels.update(pyramid_scale=float(scale), strides=[level.stride for level in kept],

@@ -60,6 +60,10 @@ SCHEMA = pa.schema([
     ("pnp_split_shift_m", pa.float64()),  # between the PnP poses of the image's left and right halves
     ("refinement_shift_m", pa.float64()),  # how far the featuremetric refinement moved the PnP pose
     ("refinement_turn_deg", pa.float64()),
+    # an aligned pose against the query's own keypoints (extractors that detect them)
+    ("keypoint_matches", pa.int64()),
+    ("keypoint_support", pa.int64()),
+    ("keypoint_support_ratio", pa.float64()),
     *[(f"{stage}_ms", pa.float64()) for stage in STAGES],
     # measured peak resident memory (ru_maxrss) so far of the query worker that made the row and
     # of the shard actor that answered it, in MiB

@@ -23,6 +23,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +40,8 @@ from .io import Prior, QueryIntrinsics
 METHODS = ("dense", "sparse", "sparse+dense")
 SPARSE_METHODS = ("sparse", "sparse+dense")  # those that match keypoints and solve PnP
 DENSE_METHODS = ("dense", "sparse+dense", "refine")  # those that need the query's feature pyramid
+# Those that may align the plan's rough hypotheses, poses no geometric check verified.
+UNVERIFIED_ALIGNMENT_METHODS = ("dense", "sparse+dense")
 
 
 # ----- verification: the checks every pose marked successful passes, whatever method made it
@@ -91,6 +94,12 @@ class Checks:
     prior_sigma_m: float = math.nan
     refinement_shift_m: float = math.nan  # between the PnP pose and its featuremetric refinement
     refinement_turn_deg: float = math.nan
+    # An aligned pose of an extractor that detects keypoints, against the query's own keypoints
+    # (keypoint_support): their matches to the cell's features, how many the pose explains, and
+    # the ratio of the two (NaN: not measured).
+    keypoint_matches: int = 0
+    keypoint_support: int = 0
+    keypoint_support_ratio: float = math.nan
 
     @property
     def inlier_ratio(self) -> float:
@@ -127,6 +136,17 @@ class LocalizeConf:
     # confidences' scale (pose_uncertainty) the bound was 0.05 m, about 2.5x the same stds of
     # `classic`, and out of scale for every other extractor.
     max_position_std_m: float = 0.03
+    # An aligned pose of an extractor that detects keypoints (ALIKE, XFeat) is checked against the
+    # query's own keypoints instead of its std (keypoint_support): at least this many of their
+    # matches to the cell's features within keypoint_support_px (pixels of the image the
+    # extractor saw) of the pose's projections, and that share of the matches. On `bench
+    # precision`'s scenes with `alike-n`, right poses had 22-954 such matches and ratios of
+    # 0.22-0.86, wrong ones at most 11 and 0.21 (Lund 12.jpg, 4.7 m off: 4 and 0.03), while the
+    # std did not separate them on Lund (right 0.037-0.067 m, wrong 0.0375 m).
+    keypoint_support_px: float = 4.0
+    min_keypoint_support: int = 20
+    min_keypoint_support_ratio: float = 0.15
+    max_support_points: int = 8000  # reference features the keypoints are matched to (of those the pose sees)
     # Points per level seen by some hypothesis, coarse to fine (an alignment on the fine levels
     # only takes the last ones): they bound the alignment time. The coarsest level aligns every
     # hypothesis and for the most iterations, while its features, blurred over 16 pixels and
@@ -251,33 +271,69 @@ def pose_uncertainty(hessian: torch.Tensor, residual_variance: float, pose: Pose
     return position_std, rotation_std
 
 
-def checked(result: AlignResult, index: int, label: str, verified: bool, conf: LocalizeConf) -> Localization:
+def keypoint_support(keypoints, reference: ReferenceLevel, pose: Pose, camera: Camera, conf: LocalizeConf) -> Checks:
+    """How well a pose explains the query's own keypoints: their mutual nearest neighbours among
+    the reference features of the points the pose sees (the extractor's finest level, where the
+    features are its descriptors), and how many of those matches the pose projects within
+    conf.keypoint_support_px of their keypoint. The matches depend on the pose only through the
+    points it sees, so a pose in a wrong minimum of the featuremetric cost, or on look-alike
+    structure, explains few of them. keypoints: pixloc_core.sparse.QueryKeypoints in pixels of the
+    image `camera` describes."""
+    from .mapping.matching import match_descriptors
+
+    seen = visible_points(reference, pose[None], camera, conf.max_support_points, conf.max_depth_m)
+    matches = match_descriptors(torch.from_numpy(keypoints.descriptors).float(),
+                                torch.nn.functional.normalize(seen.features.float(), dim=-1),
+                                ratio_threshold=1.0, mutual=True)  # (M, 2)
+    if len(matches) == 0:
+        return Checks(keypoint_support_ratio=0.0)
+    matches = torch.from_numpy(matches)
+    p2d, _ = camera.project(pose.transform(seen.points3D[matches[:, 1]].to(pose.dtype)))  # (M, 2)
+    distance = (torch.from_numpy(keypoints.xy)[matches[:, 0]].to(p2d) - p2d).norm(dim=-1)
+    support = int((distance < conf.keypoint_support_px).sum())
+    return Checks(keypoint_matches=len(matches), keypoint_support=support,
+                  keypoint_support_ratio=support / len(matches))
+
+
+def checked(result: AlignResult, index: int, label: str, verified: bool, conf: LocalizeConf,
+            support: Callable[[Pose], Checks] | None = None) -> Localization:
     """Hypothesis `index` of an alignment, with the success criteria applied; `verified` when its
     initial pose passed a geometric check (PnP inliers), which replaces the uncertainty check and
-    loosens the cost cap."""
+    loosens the cost cap; `support`, for an extractor that detects keypoints, measures the pose
+    against the query's keypoints (keypoint_support), which replaces the uncertainty check."""
     if not bool(result.success[index]):
         return Localization.failure(f"{label}: {result.failure_reason[index]}")
     pose = result.poses[index]
     cost, num_points = float(result.cost[index]), int(result.num_points[index])
     position_std, rotation_std = pose_uncertainty(result.hessian[index], float(result.residual_variance[index]), pose)
+    checks = support(pose) if support is not None and not verified else Checks()
     localization = Localization(
         success=True, qvec=tuple(pose.qvec().double().tolist()), tvec=tuple(pose.t.double().tolist()),
         cost=cost, num_points=num_points, hypothesis=label, position_std_m=position_std,
-        rotation_std_deg=rotation_std)
+        rotation_std_deg=rotation_std, checks=checks)
     if num_points < conf.min_points:
         localization.success, localization.error = False, f"too few points: {num_points} < {conf.min_points}"
-    elif reason := alignment_verdict(cost, position_std, verified, conf):
+    elif reason := alignment_verdict(cost, position_std, verified, conf, checks):
         localization.success, localization.error = False, reason
     return localization
 
 
-def alignment_verdict(cost: float, position_std_m: float, verified: bool, conf: LocalizeConf) -> str:
-    """Why an aligned pose is not trusted for its cost or its position std (see `checked`); empty
-    when it is."""
+def alignment_verdict(cost: float, position_std_m: float, verified: bool, conf: LocalizeConf,
+                      checks: Checks = Checks()) -> str:
+    """Why an aligned pose is not trusted for its cost, its keypoint support or, without one, its
+    position std (see `checked`); empty when it is."""
     max_cost = conf.max_refined_cost if verified else conf.max_cost
     if cost > max_cost:
         return f"cost too high: {cost:.4f} > {max_cost}"
-    if not verified and not position_std_m <= conf.max_position_std_m:
+    if verified:
+        return ""
+    if math.isfinite(checks.keypoint_support_ratio):
+        if (checks.keypoint_support < conf.min_keypoint_support
+                or checks.keypoint_support_ratio < conf.min_keypoint_support_ratio):
+            return (f"too few of the query's keypoints agree with the pose: {checks.keypoint_support} of "
+                    f"{checks.keypoint_matches} matches within {conf.keypoint_support_px:g} px")
+        return ""
+    if not position_std_m <= conf.max_position_std_m:
         return f"position too uncertain: std {position_std_m:.3f} m > {conf.max_position_std_m} m"
     return ""
 
@@ -285,13 +341,14 @@ def alignment_verdict(cost: float, position_std_m: float, verified: bool, conf: 
 @torch.no_grad()
 def align_hypotheses(aligner: FeaturemetricAligner, query: Pyramid, camera: Camera,
                      references: list[ReferenceLevel], hypotheses: Pose, labels: list[str],
-                     conf: LocalizeConf, verified: bool = False) -> Localization:
+                     conf: LocalizeConf, verified: bool = False, keypoints=None) -> Localization:
     """Refine all hypotheses (M,) of one query coarse to fine and keep the lowest cost.
 
     `query` and `references` run coarse to fine with as many levels as the aligner expects (all
     three from rough hypotheses, only the fine ones from poses that are already close); `camera`
     is the query camera at the resolution the pyramid was computed from; `verified`: whether the
-    hypotheses passed a geometric check (see `checked`)."""
+    hypotheses passed a geometric check (see `checked`); `keypoints`: the query's own keypoints,
+    when its extractor detects them (keypoint_support)."""
     if len(hypotheses.shape) != 1 or hypotheses.shape[0] != len(labels):
         raise ValueError(f"need one label per hypothesis, got {tuple(hypotheses.shape)} poses and {len(labels)} labels")
     if hypotheses.shape[0] == 0:
@@ -299,10 +356,12 @@ def align_hypotheses(aligner: FeaturemetricAligner, query: Pyramid, camera: Came
     dtype = torch.promote_types(query[0].features.dtype, torch.float32)  # float16 features are storage only
     hypotheses = hypotheses.to(dtype)
     camera = camera.to(dtype)
+    finest = references[-1]
     references = [visible_points(reference, hypotheses, camera, max_points, conf.max_depth_m)
                   for reference, max_points in zip(references, conf.max_points[-len(references):])]
     result = aligner(query, references, camera, hypotheses)
-    return best_of([checked(result, index, label, verified, conf) for index, label in enumerate(labels)])
+    support = None if keypoints is None else (lambda pose: keypoint_support(keypoints, finest, pose, camera, conf))
+    return best_of([checked(result, index, label, verified, conf, support) for index, label in enumerate(labels)])
 
 
 def search_on(localizations: list[Localization]) -> bool:
@@ -658,6 +717,9 @@ class QueryRequest:
     confidences: list[np.ndarray] | None = None  # per level: (h, w) float16
     strides: list[int] | None = None
     keypoints: object | None = None  # pixloc_core.sparse.QueryKeypoints for the sparse methods
+    # The dense extractor's own keypoints (QueryKeypoints in pixels of the pyramid's image), when
+    # it detects them: an aligned pose is checked against them (keypoint_support).
+    dense_keypoints: object | None = None
 
     @classmethod
     def from_plan(cls, plan: QueryPlan, method: str, **pixels) -> QueryRequest:
@@ -804,7 +866,7 @@ def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, 
     else:
         references = refinement_references(cell, request.reference_image_ids, from_pnp=False, conf=conf)
         localization = align_hypotheses(aligners.coarse_to_fine, pyramid, camera, references, request.hypotheses(),
-                                        request.labels, conf, request.hypotheses_verified)
+                                        request.labels, conf, request.hypotheses_verified, request.dense_keypoints)
         if not localization.success and pnp is not None:
             localization.error = f"{localization.error}; {pnp.error}"
     timings["align_ms"] = 1000 * (time.perf_counter() - start)
@@ -824,8 +886,12 @@ def verified(localization: Localization, request: QueryRequest, refined_from: Lo
 def measure(localization: Localization, prior_xyz: np.ndarray | None, prior_sigma_m: float | None,
             pnp_pose: Pose | None = None, pnp_checks: Checks = Checks()) -> Checks:
     """The check values of a result: PnP statistics when its pose comes from PnP (hypothesis
-    "sparse..."), the distance to the prior, and how far the refinement moved the PnP pose."""
-    checks = Checks(prior_sigma_m=math.nan if prior_sigma_m is None else float(prior_sigma_m))
+    "sparse..."), the distance to the prior, how far the refinement moved the PnP pose, and the
+    keypoint support its alignment measured."""
+    measured = localization.checks  # the keypoint support, measured when the pose was aligned
+    checks = Checks(prior_sigma_m=math.nan if prior_sigma_m is None else float(prior_sigma_m),
+                    keypoint_matches=measured.keypoint_matches, keypoint_support=measured.keypoint_support,
+                    keypoint_support_ratio=measured.keypoint_support_ratio)
     pose = localization.pose()
     if pose is None:
         return checks

@@ -118,6 +118,17 @@ def test_deterministic(extractors, fixture, name):
         assert torch.equal(a.features, b.features) and torch.equal(a.confidence, b.confidence)
 
 
+@pytest.mark.parametrize("name", ["alike-t", "xfeat"])
+def test_one_pass_gives_the_pyramid_and_the_keypoints(extractors, fixture, name):
+    images = upsampled(fixture["image"], 2)
+    pyramid, (keypoints,) = extractors[name].extract_with_keypoints(images)
+    for together, alone in zip(pyramid, extractors[name].extract(images)):
+        assert torch.equal(together.features, alone.features) and torch.equal(together.confidence, alone.confidence)
+    alone = extractors[name].keypoints(images)[0]
+    assert len(keypoints.xy) > 10 and torch.equal(keypoints.xy, alone.xy)
+    assert torch.equal(keypoints.descriptors, alone.descriptors)
+
+
 @pytest.fixture(scope="module")
 def street_image() -> torch.Tensor:
     conf = {"width": 320, "height": 240, "num_points": 64, "max_baseline_m": 1.0, "max_rotation_deg": 1.0}

@@ -365,3 +365,35 @@ def test_a_query_with_a_part_that_could_not_run_is_retried_with_that_cause():
     assert best_of([input_failure, Localization.failure("no pose hypothesis")]) is input_failure
     found = Localization(success=True, qvec=(1.0, 0.0, 0.0, 0.0), tvec=(0.0, 0.0, 0.0), cost=0.05)
     assert best_of([outage, found]) is found
+
+
+def test_an_aligned_pose_is_checked_against_the_querys_own_keypoints():
+    """With an extractor that detects keypoints, an aligned pose must explain the query's
+    keypoints matched to the cell's features (keypoint_support), whatever its std: the right pose
+    explains them, a pose 1 m off does not."""
+    from pixloc_core.align import ReferenceLevel
+    from pixloc_core.geometry import Camera
+    from pixloc_core.localize import Checks, LocalizeConf, alignment_verdict, keypoint_support
+    from pixloc_core.sparse import QueryKeypoints
+
+    generator = torch.Generator().manual_seed(0)
+    camera = Camera("PINHOLE", 640.0, 480.0, torch.tensor([500.0, 500.0, 320.0, 240.0]))
+    points = torch.rand(400, 3, generator=generator) * torch.tensor([8.0, 6.0, 6.0]) + torch.tensor([-4.0, -3.0, 4.0])
+    features = torch.nn.functional.normalize(torch.randn(400, 32, generator=generator), dim=-1)
+    reference = ReferenceLevel(points, features, torch.ones(400))
+    truth = Pose.from_Rt(torch.eye(3), torch.zeros(3))
+    p2d, _ = camera.project(truth.transform(points[:150]))  # the query sees 150 of the points
+    noisy = torch.nn.functional.normalize(features[:150] + 0.1 * torch.randn(150, 32, generator=generator), dim=-1)
+    keypoints = QueryKeypoints((p2d + 0.5).double().numpy(), noisy.half().numpy())
+    conf = LocalizeConf()
+
+    right = keypoint_support(keypoints, reference, truth, camera, conf)
+    assert right.keypoint_matches >= 120 and right.keypoint_support_ratio > 0.9
+    assert alignment_verdict(0.05, position_std_m=5.0, verified=False, conf=conf, checks=right) == ""
+
+    off = keypoint_support(keypoints, reference, Pose.from_Rt(torch.eye(3), torch.tensor([1.0, 0.0, 0.0])), camera, conf)
+    assert off.keypoint_matches >= 100 and off.keypoint_support < conf.min_keypoint_support
+    assert alignment_verdict(0.05, 0.001, False, conf, off).startswith("too few of the query's keypoints agree")
+    # without keypoints, the std decides as before
+    assert alignment_verdict(0.05, 0.001, False, conf, Checks()) == ""
+    assert alignment_verdict(0.05, 5.0, False, conf, Checks()).startswith("position too uncertain")

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import STRIDES, Extractor, FeatureLevel, Pyramid, pooled_confidence
+from .base import STRIDES, FeatureLevel, Pyramid, pooled_confidence
 from .checkpoint import load_extractor_state, read_state_dict
-from .keypoints import Keypoints, extract_keypoints
+from .keypoints import DetectorExtractor, Keypoints, extract_keypoints
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class AlikeOutput:
     stride32: torch.Tensor  # (B, dim/4, H/32, W/32) projected block4 features, cropped
 
 
-class AlikeExtractor(Extractor):
+class AlikeExtractor(DetectorExtractor):
     """images (B, 3, H, W) in [0, 1] -> pyramid at strides 16, 4, 1 (dim channels; dim/2 at
     stride 16 with `coarse="encoder"`), and `keypoints(images)` for the sparse path."""
 
@@ -181,9 +181,8 @@ class AlikeExtractor(Extractor):
                  + head.weight[0, -1, 0, 0] * score_confidence)  # (B, h, w)
         return torch.sigmoid(logit)
 
-    def forward(self, images: torch.Tensor) -> Pyramid:
-        output = self.dense(images)
-        height, width = images.shape[-2:]
+    def pyramid(self, output: AlikeOutput, image_size: tuple[int, int]) -> Pyramid:
+        height, width = image_size
         pyramid = []
         for level, stride in enumerate(STRIDES):
             size = (max(1, round(height / stride)), max(1, round(width / stride)))
@@ -199,10 +198,7 @@ class AlikeExtractor(Extractor):
             pyramid.append(FeatureLevel(features, self.confidence(output.scores, features, level), stride))
         return pyramid
 
-    @torch.no_grad()
-    def keypoints(self, images: torch.Tensor) -> list[Keypoints]:
-        """Keypoints per image of the batch, at the resolution of `images`."""
-        output = self.dense(images.to(next(self.parameters()).device))
+    def detections(self, output: AlikeOutput, image_size: tuple[int, int]) -> list[Keypoints]:
         return [extract_keypoints(scores, descriptors, 1, self.conf.nms_radius, self.conf.score_threshold,
                                   self.conf.max_keypoints)
                 for scores, descriptors in zip(output.scores, output.descriptors)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import sample_feature_map
+from .base import Extractor, Pyramid, sample_feature_map
 
 
 @dataclass
@@ -60,3 +60,35 @@ def extract_keypoints(scores: torch.Tensor, descriptor_map: torch.Tensor, stride
     xy = soft_argmax(scores, peaks, radius)  # (N, 2)
     descriptors = F.normalize(sample_feature_map(descriptor_map, xy / stride), dim=-1)  # (N, D)
     return Keypoints(xy, descriptors, peak_scores)
+
+
+class DetectorExtractor(Extractor):
+    """An extractor whose network also detects keypoints (ALIKE, XFeat): one pass of `dense` gives
+    both the alignment pyramid and the keypoints, which the query workers send together so that
+    an aligned pose can be checked against the query's own keypoints (pixloc_core.localize)."""
+
+    def dense(self, images: torch.Tensor):
+        """The network's outputs for images (B, 3, H, W)."""
+        raise NotImplementedError
+
+    def pyramid(self, output, image_size: tuple[int, int]) -> Pyramid:
+        raise NotImplementedError
+
+    def detections(self, output, image_size: tuple[int, int]) -> list[Keypoints]:
+        """Keypoints per image, in pixels of images of `image_size` (H, W)."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> Pyramid:
+        return self.pyramid(self.dense(images), tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def keypoints(self, images: torch.Tensor) -> list[Keypoints]:
+        """Keypoints per image of the batch, at the resolution of `images`."""
+        return self.detections(self.dense(images.to(self.luma.device)), tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def extract_with_keypoints(self, images: torch.Tensor) -> tuple[Pyramid, list[Keypoints]]:
+        """`extract` and `keypoints` from one pass of the network."""
+        output = self.dense(images.to(self.luma.device))
+        size = tuple(images.shape[-2:])
+        return self.pyramid(output, size), self.detections(output, size)

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Extractor, FeatureLevel, Pyramid, pooled_confidence
+from .base import FeatureLevel, Pyramid, pooled_confidence
 from .checkpoint import load_extractor_state, read_state_dict
-from .keypoints import Keypoints, extract_keypoints
+from .keypoints import DetectorExtractor, Keypoints, extract_keypoints
 
 XFEAT_STRIDES = (16, 8, 4)  # coarse to fine; the network's descriptors are at stride 8
 DESCRIPTOR_STRIDE = 8
@@ -74,7 +74,7 @@ class XFeatOutput:
     keypoint_logits: torch.Tensor  # (B, 65, H/8, W/8)
 
 
-class XFeatExtractor(Extractor):
+class XFeatExtractor(DetectorExtractor):
     """images (B, 3, H, W) in [0, 1] -> pyramid at strides 16, 8, 4 with 64 channels, and
     `keypoints(images)` for the sparse path."""
 
@@ -117,9 +117,8 @@ class XFeatExtractor(Extractor):
         return XFeatOutput(F.normalize(descriptors, dim=1)[..., :cells[0], :cells[1]],
                            reliability[..., :cells[0], :cells[1]], logits[..., :cells[0], :cells[1]])
 
-    def forward(self, images: torch.Tensor) -> Pyramid:
-        output = self.dense(images)
-        height, width = images.shape[-2:]
+    def pyramid(self, output: XFeatOutput, image_size: tuple[int, int]) -> Pyramid:
+        height, width = image_size
         pyramid = []
         for stride in XFEAT_STRIDES:
             size = (max(1, round(height / stride)), max(1, round(width / stride)))
@@ -144,11 +143,8 @@ class XFeatExtractor(Extractor):
                                     align_corners=False)[:, 0]
         return (heatmap * reliability)[..., :size[0], :size[1]]
 
-    @torch.no_grad()
-    def keypoints(self, images: torch.Tensor) -> list[Keypoints]:
-        """Keypoints per image of the batch, at the resolution of `images`."""
-        output = self.dense(images.to(next(self.parameters()).device))
-        scores = self.score_map(output, tuple(images.shape[-2:]))
+    def detections(self, output: XFeatOutput, image_size: tuple[int, int]) -> list[Keypoints]:
+        scores = self.score_map(output, image_size)
         return [extract_keypoints(score, descriptors, DESCRIPTOR_STRIDE, self.conf.nms_radius, self.conf.score_threshold,
                                   self.conf.max_keypoints)
                 for score, descriptors in zip(scores, output.descriptors)]
