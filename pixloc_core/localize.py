@@ -140,8 +140,8 @@ class LocalizeConf:
     # query's own keypoints instead of its std (keypoint_support): at least this many of their
     # matches to the cell's features within keypoint_support_px (pixels of the image the
     # extractor saw) of the pose's projections, and that share of the matches. On `bench
-    # precision`'s scenes with `alike-n`, right poses had 22-954 such matches and ratios of
-    # 0.22-0.86, wrong ones at most 11 and 0.21 (Lund 12.jpg, 4.7 m off: 4 and 0.03), while the
+    # precision` with `alike-n` (README), right aligned poses under the cost cap had 7-705 such
+    # matches, wrong ones 0-10 (ratios up to 0.31; Lund 12.jpg, 4.7 m off: 4 of 122), while the
     # std did not separate them on Lund (right 0.037-0.067 m, wrong 0.0375 m).
     keypoint_support_px: float = 4.0
     min_keypoint_support: int = 20
