@@ -71,6 +71,9 @@ default_conf = {
     # Per-set `pixloc map --conf` settings of the first map, e.g. Lund's SfM in submodels on Ray:
     # `--conf 'map_conf={lund: [submodels.single_sfm_max_images=0]}'`.
     "map_conf": {},
+    # `pixloc localize --conf` settings of every run, e.g. the refinement alone, not combined with
+    # its PnP start: `--conf 'localize_conf=[shard.localize.combine_refinement_with_pnp=false]'`.
+    "localize_conf": (),
 }
 
 
@@ -134,6 +137,7 @@ def localize_all(prepared: PreparedSet, built: BuiltMaps, out_dir: Path, conf: d
                 *ExtractorSpec.parse(run.extractor).cli_args(), "--workers", str(conf["workers"]), "--overwrite"]
         args += ["--priors", prepared.priors] if prepared.priors else []
         args += ["--query-list", prepared.query_list] if prepared.query_list else []
+        args += ["--conf", *conf["localize_conf"]] if conf["localize_conf"] else []
         run_pixloc(*args)
 
 

@@ -118,7 +118,7 @@ class LocalizeConf:
     # A result needs this many valid points at the finest level and a sane cost (the robust cost
     # of unit features saturates near 0.106). The cost alone does not tell right from wrong
     # poses, so a pose that no geometric check verified (one grown from a reference image's pose,
-    # unlike a SIFT + PnP pose) must also be well constrained (pose_uncertainty). The cost cap is
+    # unlike a SIFT + PnP pose) must also be well constrained (alignment_covariance). The cost cap is
     # from `bench precision`: right aligned poses cost 0.025-0.073 on every scene, while a dense
     # pose of Lund 3.9 m off passed every other check at 0.079 (its PnP-refined pose: 0.061).
     min_points: int = 100
@@ -133,7 +133,7 @@ class LocalizeConf:
     # under the cost cap from 0.031 m (11.6 m off, and 6 m outside its 2 m prior); on the real
     # sets right poses reached 0.027 m (Lund at 480 px), and the lowest wrong one under the cost
     # cap was `alike-n`'s 0.0375 m (Lund, 4.7 m off). Until the std was made independent of the
-    # confidences' scale (pose_uncertainty) the bound was 0.05 m, about 2.5x the same stds of
+    # confidences' scale (alignment_covariance) the bound was 0.05 m, about 2.5x the same stds of
     # `classic`, and out of scale for every other extractor.
     max_position_std_m: float = 0.03
     # An aligned pose of an extractor that detects keypoints (ALIKE, XFeat) is checked against the
@@ -154,6 +154,9 @@ class LocalizeConf:
     max_points: tuple[int, ...] = (1000, 2000, 2000)
     max_depth_m: float = 60.0  # farther points are too coarse to help
     sparse_levels: int = 2  # a SIFT+PnP pose is already close: refine it on the finest levels only
+    # A refined PnP pose is combined with its start by their covariances (refined_with_pnp), not
+    # taken alone: the features of a small image are coarser than SIFT's sub-pixel keypoints.
+    combine_refinement_with_pnp: bool = True
     min_selected_points: int = 200  # fewer points seen by the nearby references: use the whole cell
     verify: VerifyConf = VerifyConf()  # the final checks of every pose, whatever method made it
 
@@ -173,6 +176,9 @@ class Localization:
     error: str = ""
     retryable: bool = False  # failed because of the infrastructure (store, process, disk): --resume retries it
     checks: Checks = field(default_factory=Checks)  # the values it was verified on
+    # The 36 values of the (6, 6) covariance of the pose's left update (pose_std); None when its
+    # method gives none. Not a result column: it serves refined_with_pnp.
+    covariance: tuple[float, ...] | None = None
 
     def pose(self) -> Pose | None:
         if self.qvec is None:
@@ -180,10 +186,13 @@ class Localization:
         return Pose.from_qvec_tvec(torch.tensor(self.qvec, dtype=torch.float64),
                                    torch.tensor(self.tvec, dtype=torch.float64))
 
+    def pose_covariance(self) -> torch.Tensor | None:
+        return None if self.covariance is None else torch.tensor(self.covariance, dtype=torch.float64).reshape(6, 6)
+
     def to_dict(self) -> dict:
         """Plain values, the checks' flattened beside the others (one column each in the results)."""
         values = asdict(self)
-        del values["checks"]
+        del values["checks"], values["covariance"]
         return {**values, **self.checks.to_dict()}
 
     @classmethod
@@ -253,20 +262,24 @@ def visible_points(reference: ReferenceLevel, hypotheses: Pose, camera: Camera, 
     return reference[index]
 
 
-def pose_uncertainty(hessian: torch.Tensor, residual_variance: float, pose: Pose) -> tuple[float, float]:
-    """1-sigma position (m) and rotation (deg) uncertainty from the Gauss-Newton Hessian (6, 6) of
-    the left update delta = (v, w) and the residual variance (AlignResult.residual_variance): the
-    covariance of a weighted least-squares fit, pinv(H) * variance, whatever the confidences' scale.
-
-    Under T <- exp(delta) T the camera centre c = -R^T t moves by -R^T v to first order, so the
-    centre covariance is R^T Cov(v) R; its trace is the squared position uncertainty."""
+def alignment_covariance(hessian: torch.Tensor, residual_variance: float) -> torch.Tensor:
+    """(6, 6) covariance of the left update delta = (v, w) of an aligned pose from its Gauss-Newton
+    Hessian (6, 6) and residual variance (AlignResult.residual_variance): the covariance of a
+    weighted least-squares fit, pinv(H) * variance, whatever the confidences' scale; NaN where
+    either is not finite."""
     hessian = hessian.double()
     if not bool(torch.isfinite(hessian).all()) or not math.isfinite(residual_variance):
+        return torch.full((6, 6), math.nan, dtype=torch.float64)
+    return torch.linalg.pinv(hessian) * residual_variance
+
+
+def pose_std(covariance: torch.Tensor) -> tuple[float, float]:
+    """1-sigma position (m) and rotation (deg) uncertainty of a pose from the covariance (6, 6) of
+    its left update. Under T <- exp(delta) T the camera centre c = -R^T t moves by -R^T v to first
+    order, so the centre covariance is R^T Cov(v) R, whose trace is Cov(v)'s."""
+    if not bool(torch.isfinite(covariance).all()):
         return math.nan, math.nan
-    covariance = torch.linalg.pinv(hessian) * residual_variance  # (6, 6)
-    R = pose.R.double()
-    center_covariance = R.T @ covariance[:3, :3] @ R
-    position_std = math.sqrt(max(float(torch.trace(center_covariance)), 0.0))
+    position_std = math.sqrt(max(float(torch.trace(covariance[:3, :3])), 0.0))
     rotation_std = math.degrees(math.sqrt(max(float(torch.trace(covariance[3:, 3:])), 0.0)))
     return position_std, rotation_std
 
@@ -305,12 +318,13 @@ def checked(result: AlignResult, index: int, label: str, verified: bool, conf: L
         return Localization.failure(f"{label}: {result.failure_reason[index]}")
     pose = result.poses[index]
     cost, num_points = float(result.cost[index]), int(result.num_points[index])
-    position_std, rotation_std = pose_uncertainty(result.hessian[index], float(result.residual_variance[index]), pose)
+    covariance = alignment_covariance(result.hessian[index], float(result.residual_variance[index]))
+    position_std, rotation_std = pose_std(covariance)
     checks = support(pose) if support is not None and not verified else Checks()
     localization = Localization(
         success=True, qvec=tuple(pose.qvec().double().tolist()), tvec=tuple(pose.t.double().tolist()),
         cost=cost, num_points=num_points, hypothesis=label, position_std_m=position_std,
-        rotation_std_deg=rotation_std, checks=checks)
+        rotation_std_deg=rotation_std, covariance=tuple(covariance.flatten().tolist()), checks=checks)
     if num_points < conf.min_points:
         localization.success, localization.error = False, f"too few points: {num_points} < {conf.min_points}"
     elif reason := alignment_verdict(cost, position_std, verified, conf, checks):
@@ -812,7 +826,32 @@ def sparse_localization(request: QueryRequest, cell: CellData, sparse_conf: dict
         return replace(Localization.failure(f"sparse: {result.message}"), checks=evidence)
     pose = Pose.from_colmap(result.cam_from_world)
     return Localization(success=True, qvec=tuple(pose.qvec().double().tolist()), tvec=tuple(pose.t.double().tolist()),
-                        num_points=result.num_inliers, hypothesis="sparse", checks=evidence)
+                        num_points=result.num_inliers, hypothesis="sparse", checks=evidence,
+                        covariance=tuple(result.covariance.flatten().tolist()))
+
+
+def refined_with_pnp(refined: Localization, pnp: Localization) -> Localization:
+    """A refined PnP pose combined with its PnP start, each weighed by its information (inverse
+    covariance): the most likely pose given the two as independent Gaussian measurements of it,
+    linearised at the start. The featuremetric fit of a 480 px image is coarser than SIFT's
+    sub-pixel keypoints (bench real, fountain-P11 at 480 px: 3.3 mm for PnP, 6.7 mm refined),
+    while a PnP pose from few or poorly spread keypoints is loosely held and the refinement
+    decides. `refined` keeps the cost and checks it was verified with; its pose, stds and
+    covariance become the combination's."""
+    start, aligned = pnp.pose(), refined.pose()
+    start_covariance, aligned_covariance = pnp.pose_covariance(), refined.pose_covariance()
+    if (start_covariance is None or aligned_covariance is None
+            or not bool(torch.isfinite(start_covariance).all() & torch.isfinite(aligned_covariance).all())):
+        return refined
+    start_information = torch.linalg.pinv(start_covariance)
+    aligned_information = torch.linalg.pinv(aligned_covariance)
+    covariance = torch.linalg.pinv(start_information + aligned_information)
+    delta = (aligned @ start.inv()).log()  # aligned = exp(delta) @ start
+    pose = Pose.exp(covariance @ aligned_information @ delta) @ start
+    position_std, rotation_std = pose_std(covariance)
+    return replace(refined, qvec=tuple(pose.qvec().tolist()), tvec=tuple(pose.t.tolist()),
+                   position_std_m=position_std, rotation_std_deg=rotation_std,
+                   covariance=tuple(covariance.flatten().tolist()))
 
 
 def refinement_references(cell: CellData, reference_image_ids: list[int], from_pnp: bool,
@@ -834,7 +873,8 @@ def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, 
     the result and `sparse_ms`, `align_ms`.
 
     `sparse`: SIFT + PnP. `sparse+dense`: a PnP pose is geometrically verified and already close,
-    so it is refined on the fine levels, and refused if that fails; only without one, and only in
+    so it is refined on the fine levels, and refused if that fails (the refinement is combined with
+    it, refined_with_pnp); only without one, and only in
     the query's first cell, are the reference hypotheses aligned coarse to fine (with weight-free
     features the cost alone does not tell a right pose from a wrong one, so it never overrules a
     verified pose). In bench scale's 10,286-reference city every success a second cell added was
@@ -869,9 +909,13 @@ def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, 
                                         request.labels, conf, request.hypotheses_verified, request.dense_keypoints)
         if not localization.success and pnp is not None:
             localization.error = f"{localization.error}; {pnp.error}"
+    refined_from = pnp if pnp is not None and pnp.success else None
+    # The checks judge the refinement itself (how far it moved from PnP), before any combination.
+    result = verified(localization, request, refined_from, pnp or Localization.failure(""), conf)
+    if refined_from is not None and result.success and conf.combine_refinement_with_pnp:
+        result = refined_with_pnp(result, refined_from)
     timings["align_ms"] = 1000 * (time.perf_counter() - start)
-    return verified(localization, request, pnp if pnp is not None and pnp.success else None,
-                    pnp or Localization.failure(""), conf), timings
+    return result, timings
 
 
 def verified(localization: Localization, request: QueryRequest, refined_from: Localization | None,

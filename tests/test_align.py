@@ -47,12 +47,12 @@ def test_converges_from_30cm_3deg(problem, aligner):
     assert (eigenvalues[:, -1] > 0).all()
 
 
-def test_pose_uncertainty_does_not_depend_on_the_scale_of_the_confidences(problem, aligner):
+def test_pose_std_does_not_depend_on_the_scale_of_the_confidences(problem, aligner):
     """Confidences k times larger weigh every point k times more: the Hessian grows k-fold, the
     uncertainty of the pose must not shrink. With the mean cost as the variance, ALIKE's score
     confidences (about 0.06 once the reference's and the query's are multiplied) read 16x the std
     of the same fit with confidences near 1, and no bound fitted one extractor."""
-    from pixloc_core.localize import pose_uncertainty
+    from pixloc_core.localize import alignment_covariance, pose_std
 
     T_init = perturb_poses(problem.T_true, 0.1, 1.0, torch.Generator().manual_seed(3), num=1)
     stds = []
@@ -62,7 +62,7 @@ def test_pose_uncertainty_does_not_depend_on_the_scale_of_the_confidences(proble
         with torch.no_grad():
             result = aligner(problem.query, references, problem.camera, T_init)
         assert result.success.all()
-        stds.append(pose_uncertainty(result.hessian[0], float(result.residual_variance[0]), result.poses[0])[0])
+        stds.append(pose_std(alignment_covariance(result.hessian[0], float(result.residual_variance[0])))[0])
     assert stds[1] == pytest.approx(stds[0], rel=1e-3) and 0 < stds[0] < 0.05
 
 

@@ -31,7 +31,8 @@ from pixloc_core.io import (Prior, QueryIntrinsics, read_poses, read_priors, rea
                             write_priors, write_query_list)
 from pixloc_core.align import ReferenceLevel
 from pixloc_core.localize import (Aligners, CellData, LocalizeConf, Planner, QueryInput, actor_for_cell,
-                                  localize_in_cell, pose_uncertainty, reference_hypotheses, refinement_references,
+                                  Localization, alignment_covariance, localize_in_cell, pose_std, reference_hypotheses,
+                                  refined_with_pnp, refinement_references,
                                   spatial_order, turned_towards, viewed_points, visible_points)
 from pixloc_core.map_io import load_map_index
 from pixloc_core.synthetic import dataset
@@ -412,15 +413,41 @@ def test_visible_points_keeps_what_some_hypothesis_sees():
     assert kept.points3D.tolist() == [[0.0, 0.0, 5.0], [0.0, 0.0, -5.0]]
 
 
-def test_pose_uncertainty_is_the_inverse_hessian_in_the_world_frame():
+def test_pose_std_is_the_inverse_hessian_times_the_residual_variance():
     hessian = torch.diag(torch.tensor([100.0, 400.0, 2500.0, 1e4, 1e4, 1e4], dtype=torch.float64))
-    turned = Pose.from_aa(torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), torch.tensor([5.0, 1.0, -2.0]))
-    for pose in (Pose.from_Rt(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)), turned):
-        position_std, rotation_std = pose_uncertainty(hessian, 0.04, pose)
-        # the trace of the centre covariance does not depend on the camera's rotation
-        assert position_std == pytest.approx(math.sqrt(0.04 * (1 / 100 + 1 / 400 + 1 / 2500)))
-        assert rotation_std == pytest.approx(math.degrees(math.sqrt(0.04 * 3e-4)))
-    assert all(math.isnan(v) for v in pose_uncertainty(hessian, math.inf, turned))
+    position_std, rotation_std = pose_std(alignment_covariance(hessian, 0.04))
+    assert position_std == pytest.approx(math.sqrt(0.04 * (1 / 100 + 1 / 400 + 1 / 2500)))
+    assert rotation_std == pytest.approx(math.degrees(math.sqrt(0.04 * 3e-4)))
+    assert all(math.isnan(v) for v in pose_std(alignment_covariance(hessian, math.inf)))
+
+
+def _localization(pose: Pose, covariance: torch.Tensor, **values) -> Localization:
+    return Localization(success=True, qvec=tuple(pose.qvec().tolist()), tvec=tuple(pose.t.tolist()),
+                        covariance=tuple(covariance.flatten().tolist()), **values)
+
+
+def test_a_refined_pnp_pose_is_combined_with_its_start_by_their_covariances():
+    start = Pose.from_aa(torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), torch.tensor([5.0, 1.0, -2.0]))
+    delta = torch.tensor([0.02, -0.01, 0.03, 0.004, 0.002, -0.003], dtype=torch.float64)
+    aligned = Pose.exp(delta) @ start
+    loose, tight = torch.eye(6, dtype=torch.float64) * 1e-2, torch.eye(6, dtype=torch.float64) * 1e-6
+    pnp = _localization(start, tight)
+    refined = _localization(aligned, loose, cost=0.05, hypothesis="sparse", position_std_m=0.17)
+
+    # a tight PnP pose holds: the loose refinement moves it by 1e-4 of the way
+    held = refined_with_pnp(refined, pnp)
+    assert torch.allclose((held.pose() @ start.inv()).log(), delta * 1e-4, atol=1e-9)
+    assert held.cost == 0.05 and held.hypothesis == "sparse"
+    assert held.position_std_m == pytest.approx(math.sqrt(3 / (1 / 1e-6 + 1 / 1e-2)))
+    # a loose PnP pose gives way to a tight refinement; equal ones meet halfway
+    moved = refined_with_pnp(_localization(aligned, tight), _localization(start, loose))
+    assert torch.allclose((moved.pose() @ aligned.inv()).log(), torch.zeros(6, dtype=torch.float64), atol=1e-5)
+    halfway = refined_with_pnp(_localization(aligned, tight), _localization(start, tight))
+    assert torch.allclose((halfway.pose() @ start.inv()).log(), delta / 2, atol=1e-5)
+    # without a covariance (or with NaNs) the refinement stands as it is
+    assert refined_with_pnp(replace(refined, covariance=None), pnp) == replace(refined, covariance=None)
+    nan = _localization(start, torch.full((6, 6), math.nan, dtype=torch.float64))
+    assert refined_with_pnp(refined, nan) == refined
 
 
 def test_a_pnp_pose_is_refined_against_every_point_of_the_cell():
