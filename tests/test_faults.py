@@ -220,24 +220,35 @@ def test_planning_errors_are_rows_and_names_keep_their_folders(s3_scene, tmp_pat
 
 
 def test_ctrl_c_saves_the_rows_and_says_how_to_resume(s3_scene, s3_server, tmp_path):
+    """Interrupted once its first row is saved; the scene's queries are listed four times (as
+    symlinks in four folders) so that the job is still running when the signal arrives: with
+    the six queries alone it sometimes finished within the poll and the test had nothing to check."""
     scene, out = s3_scene["scene"], tmp_path / "out"
+    listed, priors = read_query_list(scene / "queries_with_intrinsics.txt"), read_priors(scene / "priors.csv")
+    queries, copies = tmp_path / "queries", [f"copy{index}" for index in range(4)]
+    for copy in copies:
+        (queries / copy).mkdir(parents=True)
+        for name in listed:
+            (queries / copy / name).symlink_to(scene / "queries" / name)
+    write_query_list(tmp_path / "queries.txt", {f"{copy}/{name}": intrinsics for copy in copies
+                                                for name, intrinsics in listed.items()})
+    write_priors(tmp_path / "priors.csv", {f"{copy}/{name}": priors[name] for copy in copies for name in listed})
     arguments = ["localize", "--map", str(s3_scene["map"]), "--store", s3_scene["store"],
-                 "--queries", str(scene / "queries"), "--out", str(out), "--priors", str(scene / "priors.csv"),
-                 "--query-list", str(scene / "queries_with_intrinsics.txt"), "--workers", "1",
+                 "--queries", str(queries), "--out", str(out), "--priors", str(tmp_path / "priors.csv"),
+                 "--query-list", str(tmp_path / "queries.txt"), "--workers", "1",
                  "--conf", "flush_every=1", "queries_per_call=1"]
     job = pixloc_process(arguments, s3_server)
     while job.poll() is None and not list((out / "parts").glob("part-*.parquet")):
-        time.sleep(0.2)  # waiting for the first row, not a timed assertion
+        time.sleep(0.05)  # waiting for the first row, not a timed assertion
     job.send_signal(signal.SIGINT)
     _, stderr = job.communicate()
-    if job.returncode == 0:
-        pytest.skip("the job finished before the interrupt arrived")
     assert job.returncode == 130, stderr
     saved = read_results(out).num_rows
+    assert 0 < saved < 4 * len(listed)
     assert stderr.strip().splitlines()[-1] == (f"pixloc localize: interrupted: {saved} rows saved in {out}, "
                                                "rerun with --resume")
     assert "Traceback" not in stderr
     job = pixloc_process([*arguments, "--resume"], s3_server)
     _, stderr = job.communicate()
     assert job.returncode == 0, stderr
-    assert read_results(out).num_rows == 6
+    assert read_results(out).num_rows == 4 * len(listed)
