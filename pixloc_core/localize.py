@@ -180,6 +180,11 @@ class Localization:
     # method gives none. Not a result column: it serves refined_with_pnp.
     covariance: tuple[float, ...] | None = None
 
+    @staticmethod
+    def pose_fields(pose: Pose) -> dict[str, tuple[float, ...]]:
+        """The qvec and tvec values of an unbatched pose (the inverse of `pose`)."""
+        return {"qvec": tuple(pose.qvec().double().tolist()), "tvec": tuple(pose.t.double().tolist())}
+
     def pose(self) -> Pose | None:
         if self.qvec is None:
             return None
@@ -322,9 +327,9 @@ def checked(result: AlignResult, index: int, label: str, verified: bool, conf: L
     position_std, rotation_std = pose_std(covariance)
     checks = support(pose) if support is not None and not verified else Checks()
     localization = Localization(
-        success=True, qvec=tuple(pose.qvec().double().tolist()), tvec=tuple(pose.t.double().tolist()),
-        cost=cost, num_points=num_points, hypothesis=label, position_std_m=position_std,
-        rotation_std_deg=rotation_std, covariance=tuple(covariance.flatten().tolist()), checks=checks)
+        success=True, **Localization.pose_fields(pose), cost=cost, num_points=num_points, hypothesis=label,
+        position_std_m=position_std, rotation_std_deg=rotation_std, covariance=tuple(covariance.flatten().tolist()),
+        checks=checks)
     if num_points < conf.min_points:
         localization.success, localization.error = False, f"too few points: {num_points} < {conf.min_points}"
     elif reason := alignment_verdict(cost, position_std, verified, conf, checks):
@@ -825,9 +830,8 @@ def sparse_localization(request: QueryRequest, cell: CellData, sparse_conf: dict
     if not result.success:
         return replace(Localization.failure(f"sparse: {result.message}"), checks=evidence)
     pose = Pose.from_colmap(result.cam_from_world)
-    return Localization(success=True, qvec=tuple(pose.qvec().double().tolist()), tvec=tuple(pose.t.double().tolist()),
-                        num_points=result.num_inliers, hypothesis="sparse", checks=evidence,
-                        covariance=tuple(result.covariance.flatten().tolist()))
+    return Localization(success=True, **Localization.pose_fields(pose), num_points=result.num_inliers,
+                        hypothesis="sparse", checks=evidence, covariance=tuple(result.covariance.flatten().tolist()))
 
 
 def refined_with_pnp(refined: Localization, pnp: Localization) -> Localization:
@@ -849,9 +853,8 @@ def refined_with_pnp(refined: Localization, pnp: Localization) -> Localization:
     delta = (aligned @ start.inv()).log()  # aligned = exp(delta) @ start
     pose = Pose.exp(covariance @ aligned_information @ delta) @ start
     position_std, rotation_std = pose_std(covariance)
-    return replace(refined, qvec=tuple(pose.qvec().tolist()), tvec=tuple(pose.t.tolist()),
-                   position_std_m=position_std, rotation_std_deg=rotation_std,
-                   covariance=tuple(covariance.flatten().tolist()))
+    return replace(refined, **Localization.pose_fields(pose), position_std_m=position_std,
+                   rotation_std_deg=rotation_std, covariance=tuple(covariance.flatten().tolist()))
 
 
 def refinement_references(cell: CellData, reference_image_ids: list[int], from_pnp: bool,
