@@ -109,7 +109,7 @@ def cached_vs_recomputed(scene_dir: Path, map_dir: Path, store_url: str, conf: d
     map_index = load_map_index(map_dir)
     extractor = load_extractor(conf["extractor"]).eval()
     store = localize_job.open_store(store_url, extractor.extractor_id, map_index.fingerprint)
-    planner = Planner(map_index)
+    planner = Planner(map_index, feature_max_size=extractor.max_size)
     intrinsics = read_query_list(scene_dir / "queries_with_intrinsics.txt")
     priors = read_priors(scene_dir / "priors.csv")
     paths = localize_job.query_paths(scene_dir / "queries", intrinsics)[:conf["recompute_queries"]]

@@ -44,14 +44,14 @@ from cluster.shard_actor import CellAnswer, ShardConf
 from cluster.store import FeatureStore
 from pixloc_core import files, sparse
 from pixloc_core.extractors import load_extractor
-from pixloc_core.extractors.base import Extractor, resize_longest_side
+from pixloc_core.extractors.base import Extractor, resized
 from pixloc_core.extractors.keypoints import DetectorExtractor
 from pixloc_core.files import Location
 from pixloc_core.images import list_images, read_image
 from pixloc_core.io import read_priors_table, read_query_list_table
 from pixloc_core.localize import (DENSE_METHODS, METHODS, SPARSE_METHODS, TRUST_PRIOR, UNVERIFIED_ALIGNMENT_METHODS,
                                   Localization, PlanConf, Planner, QueryInput, QueryPlan, QueryRequest, SearchConf,
-                                  VerifyConf, best_of, query_positions, query_table, search_on, spatial_order)
+                                  VerifyConf, best_of, feature_scale, query_positions, query_table, search_on, spatial_order)
 from pixloc_core.map_io import MapIndex, load_map_index
 
 from .cli import Interrupted
@@ -76,6 +76,9 @@ default_conf = {
     "blocks_per_worker": 16,
     "flush_every": 8,  # rows per results part file
     "search": SearchConf(),
+    # Resize each query so that its focal length in pixels matches the nearby references' stored
+    # features (pixloc_core.localize.feature_scale); false: only down to the extractor's max_size.
+    "match_reference_scale": True,
     "pool": PoolConf(),
     "shard": ShardConf(),  # levels, alignment, memory budget and the per-query policy (LocalizeConf)
     "sparse": {},  # overrides of pixloc_core.sparse.default_conf (keypoints in the worker, PnP in the shard)
@@ -114,7 +117,7 @@ def query_request(plan: QueryPlan, method: str, levels: tuple[int, ...], extract
     pixels = {}
     if extractor is not None:
         start = time.perf_counter()
-        tensor, scale = resize_longest_side(image, extractor.max_size)
+        tensor, scale = resized(image, feature_scale(plan.intrinsics, plan.reference_focal_px, extractor.max_size))
         if isinstance(extractor, DetectorExtractor) and method in UNVERIFIED_ALIGNMENT_METHODS:
             pyramid, (keypoints,) = extractor.extract_with_keypoints(tensor[None])
             pixels["dense_keypoints"] = sparse.QueryKeypoints(keypoints.xy.cpu().double().numpy(),
@@ -142,9 +145,10 @@ class QueryWorker:
     def __init__(self, map_dir: str, plan_conf: PlanConf, method: str, extractor_name: str, checkpoint: str | None,
                  levels: tuple[int, ...], sparse_conf: dict, shard_names: list[str]):
         threads = set_torch_threads()
-        self.planner = Planner(load_map_index(map_dir), plan_conf)
         self.method, self.levels = method, levels
         self.extractor = load_extractor(extractor_name, checkpoint).eval() if method in DENSE_METHODS else None
+        self.planner = Planner(load_map_index(map_dir), plan_conf,
+                               self.extractor.max_size if self.extractor is not None else None)
         self.keypoints = None
         if method in SPARSE_METHODS:
             conf = {**sparse.default_conf, **sparse_conf}
@@ -369,7 +373,8 @@ def main(map_dir: Location, store_url: str, queries_dir: Location, out_dir: Loca
     queries_dir = files.location(queries_dir)
     queries = query_table(query_names(queries_dir, listed), files.absolute(queries_dir), listed, priors_table,
                           prior_from_exif=priors_table is None)
-    plan_conf = PlanConf(conf["search"], conf["shard"].localize.num_reference_hypotheses)
+    plan_conf = PlanConf(conf["search"], conf["shard"].localize.num_reference_hypotheses,
+                         match_reference_scale=conf["match_reference_scale"])
     return run_job(map_dir, store_url, queries, out_dir, conf, plan_conf, address, resume, overwrite, on_result)
 
 

@@ -45,7 +45,8 @@ def main(map_dir: Location, store_url: str, queries_dir: Location, poses: Locati
     queries_dir = files.location(queries_dir)
     queries = query_table(query_names(queries_dir, listed), files.absolute(queries_dir), listed,
                           poses=read_poses_table(poses))
-    plan_conf = PlanConf(conf["search"], refine=True, pose_sigma_m=conf["pose_sigma_m"])
+    plan_conf = PlanConf(conf["search"], refine=True, pose_sigma_m=conf["pose_sigma_m"],
+                         match_reference_scale=conf["match_reference_scale"])
     return run_job(map_dir, store_url, queries, out_dir, conf, plan_conf, address, resume, overwrite)
 
 

@@ -332,6 +332,7 @@ class ReferenceImages:
     qvecs: np.ndarray  # (R, 4) world-to-camera (w, x, y, z)
     tvecs: np.ndarray  # (R, 3)
     median_depths: np.ndarray  # (R,) median depth of the points it observes along its axis; NaN: none
+    camera_ids: np.ndarray  # (R,) int64, keys of `cameras`
     cameras: dict[int, pycolmap.Camera]  # camera_id -> camera, of the map
     fingerprint: str  # of the map model it was derived from
 
@@ -359,6 +360,7 @@ class ReferenceImages:
             depths.append(float(np.median((xyz @ pose.rotation.matrix().T + pose.translation)[:, 2])))
         return cls(np.array(image_ids, np.int64), names, np.array(qvecs, np.float64).reshape(-1, 4),
                    np.array(tvecs, np.float64).reshape(-1, 3), np.array(depths, np.float64),
+                   np.array([reconstruction.images[i].camera_id for i in image_ids], np.int64),
                    dict(reconstruction.cameras.items()), scene.fingerprint)
 
     def save(self, path: Path) -> None:
@@ -368,24 +370,37 @@ class ReferenceImages:
         cameras = {str(i): [camera.model.name, camera.width, camera.height, list(camera.params)]
                    for i, camera in self.cameras.items()}
         table = pa.table({"image_id": self.image_ids, "name": self.names, "qvec": list(self.qvecs),
-                          "tvec": list(self.tvecs), "median_depth": self.median_depths})
+                          "tvec": list(self.tvecs), "median_depth": self.median_depths,
+                          "camera_id": self.camera_ids})
         table = table.replace_schema_metadata({"fingerprint": self.fingerprint, "cameras": json.dumps(cameras)})
         temporary = Path(path).with_name(f".{Path(path).name}.tmp")
         pq.write_table(table, temporary)
         temporary.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> ReferenceImages:
+    def load(cls, path: Path) -> ReferenceImages | None:
+        """The table, or None when it was written before a column it needs existed (it is then
+        derived again, like a table of another model)."""
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
+        if "camera_id" not in table.column_names:
+            return None
         metadata = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
         cameras = {int(i): pycolmap.Camera(camera_id=int(i), model=model, width=width, height=height, params=params)
                    for i, (model, width, height, params) in json.loads(metadata["cameras"]).items()}
         return cls(table.column("image_id").to_numpy(), table.column("name").to_pylist(),
                    np.array(table.column("qvec").to_pylist(), np.float64).reshape(-1, 4),
                    np.array(table.column("tvec").to_pylist(), np.float64).reshape(-1, 3),
-                   table.column("median_depth").to_numpy(), cameras, metadata["fingerprint"])
+                   table.column("median_depth").to_numpy(), table.column("camera_id").to_numpy(), cameras,
+                   metadata["fingerprint"])
+
+    def feature_focal_px(self, rows: np.ndarray, max_size: int) -> np.ndarray:
+        """(K,) the mean focal length in pixels of the given rows' cameras at the size their features
+        were computed at: the image resized so that its longest side is at most max_size."""
+        cameras = [self.cameras[int(camera_id)] for camera_id in self.camera_ids[rows]]
+        return np.array([camera.mean_focal_length() * min(1.0, max_size / max(camera.width, camera.height))
+                         for camera in cameras], np.float64).reshape(-1)
 
     def centers(self) -> np.ndarray:
         """(R, 3) camera centres, -R^T t."""
@@ -440,8 +455,8 @@ def write_reference_table(scene: SceneMap, map_dir: Location) -> ReferenceImages
 
 
 def load_map_index(map_dir: Location) -> MapIndex:
-    """The compact map; the reference table is derived from the model, once, when it is missing or
-    belongs to another model (a map written before the table existed, or rebuilt since)."""
+    """The compact map; the reference table is derived from the model, once, when it is missing,
+    lacks a column (written by an older version) or belongs to another model (rebuilt since)."""
     map_dir = files.local_copy(map_dir, skip=lambda name: name == DESCRIPTORS_FILE)  # s3:// maps: cached
     manifest_path = map_dir / MANIFEST_FILE
     if not manifest_path.is_file():

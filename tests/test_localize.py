@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from PIL import Image
 
 from cluster.router import PoolConf
 from cluster.shard_actor import ShardConf
@@ -26,12 +27,14 @@ from pixloc_core import sparse
 from pixloc_core.evaluate import pose_errors
 from pixloc_core.extractors import load_extractor, shipped_weights
 from pixloc_core.extractors.checkpoint import write_checkpoint
-from pixloc_core.geometry import Pose
+from pixloc_core.extractors.base import resized
+from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import (Prior, QueryIntrinsics, read_poses, read_priors, read_query_list, write_poses,
                             write_priors, write_query_list)
 from pixloc_core.align import ReferenceLevel
-from pixloc_core.localize import (Aligners, CellData, LocalizeConf, Planner, QueryInput, actor_for_cell,
-                                  Localization, alignment_covariance, localize_in_cell, pose_std, reference_hypotheses,
+from pixloc_core.localize import (Aligners, CellData, LocalizeConf, PlanConf, Planner, QueryInput, actor_for_cell,
+                                  Localization, alignment_covariance, feature_scale, localize_in_cell, pose_std,
+                                  reference_hypotheses,
                                   refined_with_pnp, refinement_references,
                                   spatial_order, turned_towards, viewed_points, visible_points)
 from pixloc_core.map_io import load_map_index
@@ -339,6 +342,49 @@ def test_plan_and_policy_run_without_ray(scene):
     far = Prior((1e4, 0.0, 1.6), geodetic=False, sigma_m=5.0)
     plan = planner.plan(QueryInput("far", str(scene["scene"] / "queries" / name), intrinsics[name], far))
     assert "outside the map" in plan.error
+
+
+def test_a_small_query_is_featurized_at_the_scale_of_the_reference_features(scene, tmp_path):
+    """A query at half the references' resolution is resized back to their focal length before
+    its features are computed (feature_scale), so the camera of its pyramid is the references'."""
+    references_table = scene["map"] / "references.parquet"
+    table = pq.read_table(references_table)
+    pq.write_table(table.drop_columns(["camera_id"]).replace_schema_metadata(table.schema.metadata), references_table)
+    map_index = load_map_index(scene["map"])  # a table without the column is derived again
+    assert "camera_id" in pq.read_table(references_table).column_names
+    extractor = load_extractor("classic").eval()
+    name = sorted(read_poses(scene["scene"] / "gt_queries.txt"))[0]
+    full = read_query_list(scene["scene"] / "queries_with_intrinsics.txt")[name]
+    Image.open(scene["scene"] / "queries" / name).resize((full.width // 2, full.height // 2), Image.LANCZOS).save(
+        tmp_path / name, quality=95)
+    half = QueryIntrinsics(full.model, full.width // 2, full.height // 2, tuple(v / 2 for v in full.params))
+    query = QueryInput(name, str(tmp_path / name), half, read_priors(scene["scene"] / "priors.csv")[name])
+    levels = ShardConf().levels
+    for match, expected_camera in ((True, full), (False, half)):
+        planner = Planner(map_index, PlanConf(match_reference_scale=match), feature_max_size=extractor.max_size)
+        plan = planner.plan(query)
+        assert not plan.error
+        if match:  # the synthetic references share the query camera's focal length
+            assert plan.reference_focal_px == pytest.approx(full.params[0])
+        request, _ = localize_job.query_request(plan, "dense", levels, extractor)
+        camera = request.camera().scale(request.pyramid_scale)
+        expected = Camera.from_query_intrinsics(expected_camera)
+        assert torch.allclose(camera.params, expected.params) and torch.equal(camera.size, expected.size)
+        finest = request.pyramid()[-1]
+        assert finest.features.shape[-2:] == (expected_camera.height, expected_camera.width)
+
+
+def test_feature_scale_matches_the_reference_focal_within_max_size():
+    query = QueryIntrinsics("SIMPLE_PINHOLE", 480, 320, (400.0, 240.0, 160.0))
+    assert feature_scale(query, 850.0, 1024) == pytest.approx(850 / 400)  # up, to the references' focal
+    assert feature_scale(query, 850.0, 640) == pytest.approx(640 / 480)  # no further than max_size
+    assert feature_scale(query, 200.0, 1024) == pytest.approx(0.5)  # down as well
+    assert feature_scale(query, None, 1024) == 1.0 and feature_scale(query, None, 240) == 0.5
+    assert feature_scale(query, math.nan, 1024) == 1.0
+    tensor, scale = resized(np.zeros((320, 480, 3), np.uint8), 850 / 400)
+    assert tensor.shape == (3, 680, 1020) and scale == 1020 / 480
+    tensor, scale = resized(np.zeros((320, 480, 3), np.uint8), 1.0001)
+    assert tensor.shape == (3, 320, 480) and scale == 1.0
 
 
 def test_spatial_order_groups_cells_and_keeps_unknown_positions_last():

@@ -49,19 +49,22 @@ def default_device() -> torch.device:
 
 
 def resize_longest_side(image: np.ndarray, max_size: int) -> tuple[torch.Tensor, float]:
-    """HxWx3 uint8 RGB -> (3, H', W') float in [0, 1] with max(H', W') <= max_size, and the scale.
+    """HxWx3 uint8 RGB -> (3, H', W') float in [0, 1] with max(H', W') <= max_size, and the scale."""
+    return resized(image, min(1.0, max_size / max(image.shape[:2])))
 
-    Scaling a COLMAP camera (pixel corner at 0) by the returned factor matches the resized image;
-    the scale is the one of the width, which is what `Camera.scale` expects.
-    """
+
+def resized(image: np.ndarray, scale: float) -> tuple[torch.Tensor, float]:
+    """HxWx3 uint8 RGB -> (3, H', W') float in [0, 1], resized by about `scale` (area averaging
+    down, bilinear up), and the scale it was resized by: that of the width, after rounding the size
+    to whole pixels (1.0 when the size does not change), which is what `Camera.scale` expects of a
+    COLMAP camera (pixel corner at 0) to match the resized image."""
     tensor = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)  # a copy: PIL arrays are read-only
     height, width = tensor.shape[-2:]
-    scale = min(1.0, max_size / max(height, width))
-    if scale < 1.0:
-        size = (round(height * scale), round(width * scale))
-        tensor = F.interpolate(tensor[None], size=size, mode="area")[0]
-        scale = size[1] / width
-    return tensor, scale
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if size == (height, width):
+        return tensor, 1.0
+    mode = {"mode": "area"} if size[1] < width else {"mode": "bilinear", "align_corners": False}
+    return F.interpolate(tensor[None], size=size, **mode)[0], size[1] / width
 
 
 def config_hash(*parts) -> str:
