@@ -9,10 +9,13 @@ traceback only with `--debug`; Ctrl-C says what was saved.
 """
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
+import threading
 
 from .config import merge_conf, parse_overrides
 
@@ -35,6 +38,35 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 class Interrupted(Exception):
     """Ctrl-C, with what the job saved before it stopped (the message)."""
+
+
+@contextlib.contextmanager
+def interrupts_kept():
+    """Ctrl-C never lost. Python raises KeyboardInterrupt wherever the main thread is when the
+    signal is handled; inside a finalizer (a `__del__`, of which a Ray driver runs many as it
+    drops object references, or a weakref callback) it cannot propagate, and Python only reports
+    it to sys.unraisablehook: the job then ran to its end (exit 0) as if never interrupted. Here
+    such an interrupt is raised again in the main thread a moment later, outside the finalizer,
+    or when the block ends before that."""
+    previous, timers = sys.unraisablehook, []
+
+    def hook(unraisable) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            timers.append(threading.Timer(0.05, _thread.interrupt_main))
+            timers[-1].start()
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+        pending = [timer for timer in timers if timer.is_alive()]
+        for timer in pending:
+            timer.cancel()
+    if pending:
+        raise KeyboardInterrupt
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -71,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return args.run(args)
+        with interrupts_kept():
+            return args.run(args)
     except (KeyboardInterrupt, Interrupted) as interruption:
         print(f"{prefix}: {interruption or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED

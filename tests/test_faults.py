@@ -219,12 +219,43 @@ def test_planning_errors_are_rows_and_names_keep_their_folders(s3_scene, tmp_pat
     assert set(read_poses(tmp_path / "out" / "poses.txt")) == {name for name, row in rows.items() if row["success"]}
 
 
+FINALIZER_INTERRUPTED = """
+import os, signal, sys, time
+from jobs.cli import interrupts_kept
+
+class Reference:  # like the object references a Ray driver drops all the time
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(10000))  # the signal is handled here, inside the finalizer
+
+block = interrupts_kept() if sys.argv[1] == "kept" else open(os.devnull)
+try:
+    with block:
+        Reference()
+        time.sleep(1.0)
+    print("ran to its end")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("mode, expected", [("kept", "interrupted"), ("plain", "ran to its end")])
+def test_ctrl_c_in_a_finalizer_is_not_lost(mode, expected):
+    """Python drops a KeyboardInterrupt raised inside a __del__ (the plain case: the job would run
+    on to its end); the CLI raises it again outside (jobs.cli.interrupts_kept)."""
+    done = subprocess.run([sys.executable, "-c", FINALIZER_INTERRUPTED, mode], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == expected, done.stderr
+
+
 def test_ctrl_c_saves_the_rows_and_says_how_to_resume(s3_scene, s3_server, tmp_path):
     """Interrupted once its first row is saved; the scene's queries are listed four times (as
     symlinks in four folders) so that the job is still running when the signal arrives: with the
-    six queries alone it often finished first. In two fresh-clone runs of the whole suite the job
-    still ran to its end after the signal, with exit status 0 (not understood yet): then there is
-    nothing to check."""
+    six queries alone it often finished first. In three fresh-clone runs of the whole suite the job
+    still ran to its end after the signal, with exit status 0, presumably because the interrupt
+    was raised inside a finalizer, where Python drops it (the CLI now raises it again:
+    test_ctrl_c_in_a_finalizer_is_not_lost). Should it happen again, the skip shows the job's
+    stderr."""
     scene, out = s3_scene["scene"], tmp_path / "out"
     listed, priors = read_query_list(scene / "queries_with_intrinsics.txt"), read_priors(scene / "priors.csv")
     queries, copies = tmp_path / "queries", [f"copy{index}" for index in range(4)]
@@ -245,7 +276,7 @@ def test_ctrl_c_saves_the_rows_and_says_how_to_resume(s3_scene, s3_server, tmp_p
     job.send_signal(signal.SIGINT)
     _, stderr = job.communicate()
     if job.returncode == 0:
-        pytest.skip("the job ran to its end after the interrupt")
+        pytest.skip(f"the job ran to its end after the interrupt; its stderr ended: {stderr.strip()[-600:]!r}")
     assert job.returncode == 130, stderr
     saved = read_results(out).num_rows
     assert 0 < saved < 4 * len(listed)
