@@ -237,7 +237,7 @@ def test_planning_errors_are_rows_and_names_keep_their_folders(s3_scene, tmp_pat
 
 
 FINALIZER_INTERRUPTED = """
-import os, signal, sys, time
+import contextlib, os, signal, sys, time
 from jobs.cli import interrupts_kept
 
 class Reference:  # like the object references a Ray driver drops all the time
@@ -245,7 +245,7 @@ class Reference:  # like the object references a Ray driver drops all the time
         os.kill(os.getpid(), signal.SIGINT)
         sum(range(10000))  # the signal is handled here, inside the finalizer
 
-block = interrupts_kept() if sys.argv[1] == "kept" else open(os.devnull)
+block = interrupts_kept() if sys.argv[1] == "kept" else contextlib.nullcontext()
 try:
     with block:
         Reference()
