@@ -466,24 +466,28 @@ class CellSearch:
 
 class ReferencePoses:
     """The map's reference images as poses (R,), for hypotheses; from the compact reference table
-    (pixloc_core.map_io.ReferenceImages), not from the model."""
+    (pixloc_core.map_io.ReferenceImages), not from the model. `feature_max_size`: the longest side
+    the store's features were computed at (the extractor's max_size), for feature_focal_px."""
 
-    def __init__(self, table):
+    def __init__(self, table, feature_max_size: int | None = None):
         self.table = table
         self.names = table.names
         self.id_of = dict(zip(table.names, table.image_ids.tolist()))
         self.poses = Pose.from_qvec_tvec(torch.from_numpy(table.qvecs), torch.from_numpy(table.tvecs))
         self.median_depths = torch.from_numpy(np.asarray(table.median_depths, np.float64))
         self.row_of = {name: row for row, name in enumerate(table.names)}
+        self.feature_focals = None if feature_max_size is None else table.feature_focal_px(feature_max_size)  # (R,)
 
     def ids(self, names: list[str]) -> list[int]:
         return [self.id_of[name] for name in names if name in self.id_of]
 
-    def feature_focal_px(self, names: list[str], max_size: int) -> float | None:
-        """The median focal length in pixels of these references' stored features (their images
-        resized to at most max_size); None without any."""
-        rows = np.array([self.row_of[name] for name in names if name in self.row_of], np.int64)
-        return float(np.median(self.table.feature_focal_px(rows, max_size))) if len(rows) else None
+    def feature_focal_px(self, names: list[str]) -> float | None:
+        """The median focal length in pixels of these references' stored features; None without
+        any, or without a feature_max_size."""
+        rows = [self.row_of[name] for name in names if name in self.row_of]
+        if self.feature_focals is None or not rows:
+            return None
+        return float(np.median(self.feature_focals[rows]))
 
     def hypotheses(self, prior_xyz: np.ndarray, k: int) -> tuple[Pose, list[str]]:
         """The poses (K,) that `dense` starts from: the k references nearest to the prior (3,),
@@ -663,8 +667,8 @@ class Planner:
         self.map_index = map_index
         self.conf = conf
         self.search = CellSearch(map_index.shards, conf.search)
-        self.references = ReferencePoses(map_index.references)
-        self.feature_max_size = feature_max_size if conf.match_reference_scale else None
+        self.references = ReferencePoses(map_index.references,
+                                         feature_max_size if conf.match_reference_scale else None)
 
     def prior(self, query: QueryInput) -> tuple[np.ndarray, float | None, Pose | None]:
         """(3,) map-frame prior position, its sigma, and the pose to refine (None unless refining)."""
@@ -700,8 +704,7 @@ class Planner:
             plan.cells = self.search.cells(plan.prior_xyz, plan.sigma_m)
             nearby = self.search.reference_images(plan.prior_xyz, plan.sigma_m)
             plan.reference_image_ids = self.references.ids(nearby)
-            if self.feature_max_size is not None:
-                plan.reference_focal_px = self.references.feature_focal_px(nearby, self.feature_max_size)
+            plan.reference_focal_px = self.references.feature_focal_px(nearby)
             if pose is not None:
                 # external poses (e.g. hloc's PnP) count as verified, as in PixLoc's post-processing
                 plan.hypotheses, plan.labels, plan.verified = pose[None], ["input"], True

@@ -395,12 +395,12 @@ class ReferenceImages:
                    table.column("median_depth").to_numpy(), table.column("camera_id").to_numpy(), cameras,
                    metadata["fingerprint"])
 
-    def feature_focal_px(self, rows: np.ndarray, max_size: int) -> np.ndarray:
-        """(K,) the mean focal length in pixels of the given rows' cameras at the size their features
+    def feature_focal_px(self, max_size: int) -> np.ndarray:
+        """(R,) the mean focal length in pixels of each image's camera at the size its features
         were computed at: the image resized so that its longest side is at most max_size."""
-        cameras = [self.cameras[int(camera_id)] for camera_id in self.camera_ids[rows]]
-        return np.array([camera.mean_focal_length() * min(1.0, max_size / max(camera.width, camera.height))
-                         for camera in cameras], np.float64).reshape(-1)
+        focal = {camera_id: camera.mean_focal_length() * min(1.0, max_size / max(camera.width, camera.height))
+                 for camera_id, camera in self.cameras.items()}
+        return np.array([focal[int(camera_id)] for camera_id in self.camera_ids], np.float64)
 
     def centers(self) -> np.ndarray:
         """(R, 3) camera centres, -R^T t."""
