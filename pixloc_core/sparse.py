@@ -31,7 +31,13 @@ default_conf = {
     # Without a shard index to select the points near the prior, SparseLocalizer takes those seen
     # by reference images within this distance (the shard actors use the job's search radius).
     "search_radius_m": 150.0,
+    # RANSAC's inlier threshold is an angle: 12 px (hloc's) for an image whose longest side is
+    # ransac_image_size_px, in proportion for others (ransac_max_error). 12 px held for 320x240
+    # queries let wrong poses gather a consensus from a few close matches: on bench scale's four
+    # cities (800 queries) 13 wrong PnP poses passed every check at 12 px, 3 at 3.75 px (1.1-1.4 m
+    # off), with as many right ones (882).
     "ransac_max_error_px": 12.0,
+    "ransac_image_size_px": 1024,
     # RANSAC's sampling seed: the same query gets the same pose in every run (pycolmap's default,
     # -1, seeds from the clock: a query with a marginal set of matches flipped between a right
     # pose and one 6 m off from one benchmark run to the next).
@@ -132,7 +138,7 @@ def localize_against(query: QueryKeypoints, points: SparsePoints, rows: np.ndarr
         return SparseResult(False, None, len(query.xy), len(matches), 0,
                             f"{len(matches)} 2D-3D matches, fewer than {conf['min_inliers']}")
     estimation = pycolmap.AbsolutePoseEstimationOptions()
-    estimation.ransac.max_error = conf["ransac_max_error_px"]
+    estimation.ransac.max_error = ransac_max_error(camera, conf)
     estimation.ransac.random_seed = conf["ransac_seed"]
     refinement = pycolmap.AbsolutePoseRefinementOptions()
     if prior_position is not None and prior_sigma_m:
@@ -157,6 +163,11 @@ def localize_against(query: QueryKeypoints, points: SparsePoints, rows: np.ndarr
     return SparseResult(True, estimate["cam_from_world"], len(query.xy), len(matches), num_inliers,
                         position_std_m=centre_std_m(covariance), covariance=covariance * noise,
                         rival_inliers=rival, split_shift_m=split)
+
+
+def ransac_max_error(camera: pycolmap.Camera, conf: dict) -> float:
+    """RANSAC's inlier threshold in the camera's pixels: conf's at its reference image size."""
+    return conf["ransac_max_error_px"] * max(camera.width, camera.height) / conf["ransac_image_size_px"]
 
 
 def reprojection_variance(xy: np.ndarray, xyz: np.ndarray, camera: pycolmap.Camera,

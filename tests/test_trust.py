@@ -311,7 +311,7 @@ def test_a_second_consensus_elsewhere_is_a_rival():
     left-out matches of the same pose (support the first missed) are not."""
     import pycolmap
 
-    from pixloc_core.sparse import default_conf, rival_inliers
+    from pixloc_core.sparse import default_conf, ransac_max_error, rival_inliers
 
     rng = np.random.default_rng(0)
     camera = pycolmap.Camera(model="SIMPLE_PINHOLE", width=320, height=240, params=[250.0, 160.0, 120.0])
@@ -323,7 +323,7 @@ def test_a_second_consensus_elsewhere_is_a_rival():
         return np.array([camera.img_from_cam(pose * point) for point in xyz])
 
     options = pycolmap.AbsolutePoseEstimationOptions()
-    options.ransac.max_error = default_conf["ransac_max_error_px"]
+    options.ransac.max_error = ransac_max_error(camera, default_conf)
     assert rival_inliers(seen_from(elsewhere), xyz, camera, options, first, default_conf) >= 35
     assert rival_inliers(seen_from(first), xyz, camera, options, first, default_conf) == 0
     assert rival_inliers(seen_from(first)[:3], xyz[:3], camera, options, first, default_conf) == 0
