@@ -37,8 +37,8 @@ from pixloc_core.images import list_images
 from pixloc_core.map_io import GeoInfo, SceneMap, Similarity, exif_camera_key
 from cluster import mapping as distributed
 from cluster.runtime import init_ray
-from pixloc_core.mapping import (cells, descriptors, georegister, keypoints, matching, merge, pairs, sfm, sift,
-                                  submodels, triangulation)
+from pixloc_core.mapping import (cell_adjustment, cells, descriptors, georegister, keypoints, matching, merge, pairs,
+                                  sfm, sift, submodels, triangulation)
 from pixloc_core.mapping.feature_files import FeatureFiles, group_pairs
 
 from .config import merge_conf
@@ -297,15 +297,37 @@ def build_sfm_in_cells(images: Location, out: Location, priors: dict[str, Prior]
             if not submodels.is_done(root, cell):
                 submodels.write_input(root, cell, cell_index.images_of(cell), positions, focal_px)
         results = distributed.run_cells(submodels, root, cell_index.cell_ids, images, conf["submodels"])
-    failed = failed_cells(results)
-    models = {result.cell: submodels.load(root, result.cell) for result in results if not result.failure}
-    if not models:
-        raise ValueError(f"no cell could be reconstructed: {failed[0]['reason'] if failed else 'no cells'}")
-    owner = {name: cell for cell in cell_index.cell_ids for name in cell_index.images_of(cell, with_halo=False)}
-    reconstruction, rejected = submodels.merge_submodels(models, owner, features, focal_px, conf["submodels"])
-    failed += [{"cell": cell, "reason": reason} for cell, reason in rejected.items()]
+        failed = failed_cells(results)
+        models = {result.cell: submodels.load(root, result.cell) for result in results if not result.failure}
+        if not models:
+            raise ValueError(f"no cell could be reconstructed: {failed[0]['reason'] if failed else 'no cells'}")
+        owner = {name: cell for cell in cell_index.cell_ids for name in cell_index.images_of(cell, with_halo=False)}
+        reconstruction, rejected = submodels.merge_submodels(models, owner, features, focal_px, conf["submodels"])
+        failed += [{"cell": cell, "reason": reason} for cell, reason in rejected.items()]
+        unadjusted = adjust_cells(reconstruction, owner, features, root, images, conf["submodels"])
+    submodels.refit(reconstruction)
     return finish_map(reconstruction, features, positions, origin, "sfm", images, out, without_prior + skipped,
-                      focal_px, conf, {"failed_cells": failed, "submodels": len(models) - len(rejected)})
+                      focal_px, conf, {"failed_cells": failed, "submodels": len(models) - len(rejected),
+                                       "unadjusted_cells": unadjusted})
+
+
+def adjust_cells(reconstruction: pycolmap.Reconstruction, owner: dict[str, str], features: FeatureFiles,
+                 root: Location, images: Location, conf: dict) -> list[dict]:
+    """The merged poses and points refined cell by cell in Ray tasks (cell_adjustment.py), in
+    place; returns the cells left as merged, with the reason."""
+    if not conf["adjust_cells"]:
+        return []
+    image_cell = {image_id: owner[image.name] for image_id, image in reconstruction.images.items()
+                  if image.name in owner}
+    layout = cell_adjustment.Layout.of(reconstruction, image_cell)
+    settled = {cell_adjustment.anchor_cell(image_cell)}
+    results = []
+    for cells_now in cell_adjustment.rounds(set(image_cell.values()), next(iter(settled))):
+        cell_adjustment.write_parts(root, reconstruction, layout, features.keypoints, cells_now, settled)
+        results += distributed.run_cells(cell_adjustment, root, cells_now, images, conf["adjustment"])
+        cell_adjustment.apply(reconstruction, root, cells_now)
+        settled.update(cells_now)
+    return failed_cells(results)
 
 
 def check_not_degenerate(reconstruction: pycolmap.Reconstruction, min_images: int) -> None:

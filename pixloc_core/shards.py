@@ -33,6 +33,12 @@ def cell_id(ix: int, iy: int) -> str:
     return f"x{ix:+05d}_y{iy:+05d}"
 
 
+def cell_coordinates(cell: str) -> tuple[int, int]:
+    """The inverse of `cell_id`."""
+    x, y = cell.split("_")
+    return int(x[1:]), int(y[1:])
+
+
 def _keys(cells: np.ndarray) -> np.ndarray:
     """(N, 2) int64 cell coordinates -> (N,) int64 keys."""
     return (cells[:, 0] + _KEY_OFFSET) * (1 << 31) + (cells[:, 1] + _KEY_OFFSET)

@@ -2,6 +2,7 @@
 built from images and EXIF GPS cell by cell on Ray against the single-process SfM."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from jobs.map import WORK_DIR, build_map, build_sfm_in_cells, exif_priors
 from pixloc_core.images import list_images
-from pixloc_core.mapping import submodels
+from pixloc_core.mapping import cell_adjustment, submodels
 
 pycolmap.logging.minloglevel = 2
 
@@ -127,17 +128,22 @@ def test_lund_in_submodels_matches_one_sfm_and_resumes(lund, tmp_path, ray_clust
                                                                        "max_alignment_error_m": 0.5})
     assert agreeing >= 0.9 * len(set(merged) & set(one)) >= 0.9 * 18
 
-    # A rerun resumes: finished submodels are kept as they are, a removed one is rebuilt.
+    # A rerun resumes: finished submodels are kept as they are, a removed one is rebuilt. This one
+    # also adjusts the merged poses cell by cell (Ray tasks), every cell but the anchor.
     root = out / WORK_DIR / submodels.SUBMODELS_DIR
     kept = {cell.name: (cell / submodels.MODEL_DIR).stat().st_mtime_ns for cell in root.iterdir()
             if (cell / submodels.MODEL_DIR).is_dir()}
     removed = sorted(kept)[0]
     shutil.rmtree(root / removed / submodels.MODEL_DIR)
-    again = build_sfm_in_cells(images, out, priors, LUND_CONF)
+    again = build_sfm_in_cells(images, out, priors, {**LUND_CONF, "submodels": {"adjust_cells": True}})
     assert (root / removed / submodels.MODEL_DIR).is_dir()
     assert all((root / cell / submodels.MODEL_DIR).stat().st_mtime_ns == mtime
                for cell, mtime in kept.items() if cell != removed)
     assert again.reconstruction.num_reg_images() == reconstruction.num_reg_images()
+    summaries = [json.loads(path.read_text()) for path in (out / WORK_DIR / cell_adjustment.ADJUSTMENT_DIR).glob(
+        f"*/{cell_adjustment.MODEL_DIR}/{cell_adjustment.SUMMARY_FILE}")]
+    assert len(summaries) >= 2 and again.manifest["unadjusted_cells"] == []
+    assert all(after < before for before, after in (summary["reprojection_error_px"] for summary in summaries))
 
 
 def test_a_submodel_with_too_few_images_gets_a_reason(tmp_path):

@@ -9,6 +9,7 @@
     cells.main         one cell's triangulation (known poses), merged by merge.main
     submodels.main     one cell's SfM submodel, registered to its priors; merged by
                        submodels.merge_submodels (aligned through shared images)
+    cell_adjustment.main  bundle adjustment of one cell of a merged SfM map, its border fixed
     descriptors.main   one mean descriptor per 3D point, for sparse localization
 
 `jobs/map.py` chains them into `pixloc map`.

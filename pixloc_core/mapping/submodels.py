@@ -28,7 +28,7 @@ import pycolmap
 
 from .. import files
 from ..files import Location
-from . import georegister, merge, sfm
+from . import cell_adjustment, georegister, merge, sfm
 from .cells import CellResult, read_failure, read_model, record_failure, write_model
 from .feature_files import FeatureFiles, MatchFiles
 
@@ -56,10 +56,16 @@ default_conf = {
     # The parts of a track come from submodels that each bent a little: a looser reprojection bound
     # than the known-pose merge; the merged points are then re-fitted to the merged poses.
     "merge": {**merge.default_conf, "max_reprojection_error_px": 4.0},
-    # The merged model's points are re-fitted to the merged poses. Refining the poses as well
-    # (one global bundle adjustment) bent Lund's merged street: 0.22 -> 0.79 m median, 0.51 -> 6.7 m
-    # max camera distance to the single-process SfM after a similarity, at 640 px.
-    "refine_poses": False,
+    # The points and cameras of the merged model are re-fitted to the merged poses (`refit`).
+    # With adjust_cells, the poses are refined first, cell by cell against the cells already
+    # settled (cell_adjustment.py). Off by default: on Lund at 640 px it moved the merged cameras
+    # away from the single-process SfM (0.058 -> 0.087 m median, 0.13 -> 0.39 m max distance after
+    # a similarity), as refining every pose at once did (one global bundle adjustment: 0.22 -> 0.79 m
+    # median, 0.51 -> 6.7 m max, before the merge kept one camera per device): each submodel was
+    # adjusted when it was reconstructed, and few points hold a street's poses. It repairs a cell
+    # whose merged poses are off (tests/test_cell_adjustment.py: 0.3 m -> under 0.08 m).
+    "adjust_cells": False,
+    "adjustment": cell_adjustment.default_conf,
 }
 WORK_SETTINGS = ("halo_m", "min_images", "sfm", "georegister")  # those the files of `main` depend on
 
@@ -245,22 +251,29 @@ def device_cameras(models: dict[str, pycolmap.Reconstruction], source: dict[str,
     return {name: cameras[key] for name, key in device.items()}
 
 
-def bundle_adjustment_options(refine_poses: bool) -> pycolmap.BundleAdjustmentOptions:
-    """A robust loss: a track joined across submodels may still hold an observation that fits badly.
-    The shared cameras are calibrated again, to all their images."""
+def refit(reconstruction: pycolmap.Reconstruction) -> None:
+    """The points and the cameras of the merged model fitted to its poses, in place: the shared
+    cameras calibrated again to all their images. A robust loss: a track joined across submodels may
+    still hold an observation that fits badly."""
+    if not reconstruction.num_points3D():
+        return
     options = pycolmap.BundleAdjustmentOptions()
     options.print_summary = False
-    options.refine_rig_from_world = refine_poses
+    options.refine_rig_from_world = False
     options.ceres.loss_function_type = pycolmap.LossFunctionType.SOFT_L1
-    return options
+    before = reconstruction.compute_mean_reprojection_error()
+    pycolmap.bundle_adjustment(reconstruction, options)
+    logger.info("points and cameras re-fitted to the merged poses: mean reprojection error %.2f -> %.2f px",
+                before, reconstruction.compute_mean_reprojection_error())
 
 
 def merge_submodels(models: dict[str, pycolmap.Reconstruction], owner: dict[str, str], features: FeatureFiles,
                     focal_px: dict[str, float], conf: dict | None = None) -> tuple[pycolmap.Reconstruction, dict[str, str]]:
     """One model from the submodels: each image posed once (`pose_sources`), with one camera per
     device (`device_cameras`; `focal_px`: the images' EXIF focal); the submodels' points joined into tracks by their shared
-    observations (merge.py; image ids renumbered over all submodels) and re-fitted to the poses.
-    Returns the model and the rejected submodels (`align`). Transforms the models in place."""
+    observations (merge.py; image ids renumbered over all submodels). Returns the model, to be
+    adjusted (cell_adjustment.py, `refit`), and the rejected submodels (`align`). Transforms the
+    models in place."""
     conf = {**default_conf, **(conf or {})}
     alignment = align(models, conf)
     models = {cell: model for cell, model in models.items() if cell in alignment.transforms}
@@ -286,10 +299,4 @@ def merge_submodels(models: dict[str, pycolmap.Reconstruction], owner: dict[str,
         kept = points.observation_image > 0
         parts.append(merge.CellPoints(points.xyz, points.color, points.observation_point[kept],
                                       points.observation_image[kept], points.observation_point2D[kept]))
-    reconstruction = merge.main(skeleton, parts, keypoints, conf["merge"])
-    if reconstruction.num_points3D():
-        before = reconstruction.compute_mean_reprojection_error()
-        pycolmap.bundle_adjustment(reconstruction, bundle_adjustment_options(conf["refine_poses"]))
-        logger.info("bundle adjustment of the merged model: mean reprojection error %.2f -> %.2f px",
-                    before, reconstruction.compute_mean_reprojection_error())
-    return reconstruction, alignment.rejected
+    return merge.main(skeleton, parts, keypoints, conf["merge"]), alignment.rejected

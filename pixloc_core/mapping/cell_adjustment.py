@@ -1,0 +1,277 @@
+"""Bundle adjustment of a merged map, cell by cell: the poses and points of each shard cell are
+refined in a task of their own, against the cells around it that are already settled.
+
+A point belongs to the cell that owns most of the images observing it (ties: the first cell in
+name order). A cell's part of the model holds its own images and points, which the adjustment
+refines, and, held constant, the images of settled cells that observe its points and the points
+of settled cells its images observe. Every pose and every point is refined in one part at most,
+so the parts' results combine without conflict, and a task holds one cell and its border whatever
+the size of the map. The cameras stay as they are: they are shared between cells (one per device)
+and are calibrated afterwards on the whole map, the poses fixed (submodels.py).
+
+Which cells are settled: a cell adjusted against a border that is itself wrong bends to fit it (on
+a test street, a right cell moved 0.4-1 m to fit a neighbour whose poses were 0.3 m off). The
+cell with the most images (the frame the others were aligned to, in effect) is settled as merged:
+its submodel was bundle adjusted when it was reconstructed. The others are adjusted in rounds
+(`rounds`), ring by ring around it, each ring in four groups by the parity of the grid
+coordinates, so that no two cells of a round touch: each adjusts against the settled cells of the
+inner rings and of the earlier groups, and ignores those not yet adjusted.
+
+    MAP/mapping/adjustment/<cell>/input/      the cell's part of the merged model, and part.json:
+                                              the ids of its own images and points, the part's digest
+    MAP/mapping/adjustment/<cell>/model/      the adjusted part, and summary.json, written last: it
+                                              marks the cell done
+    MAP/mapping/adjustment/<cell>/failed.txt  one line: why the part was not adjusted (kept as merged)
+
+A rerun keeps a cell's result when its part is the same as before (the merge is deterministic: the
+same submodels give the same parts); a changed part is written again and adjusted again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+
+from .. import files
+from ..files import Location
+from ..shards import cell_coordinates
+from .cells import CellResult, read_failure, read_model, record_failure, write_model
+from .merge import CellPoints
+
+logger = logging.getLogger(__name__)
+
+ADJUSTMENT_DIR, INPUT_DIR, PART_FILE, MODEL_DIR, FAILED_FILE = "adjustment", "input", "part.json", "model", "failed.txt"
+SUMMARY_FILE = "summary.json"  # in MODEL_DIR
+
+default_conf = {
+    "max_num_iterations": 100,
+    # A track joined across submodels may still hold an observation that fits badly.
+    "loss": "SOFT_L1",
+}
+
+
+def cell_dir(root: Location, cell: str) -> Location:
+    return files.location(root) / ADJUSTMENT_DIR / cell
+
+
+def is_done(root: Location, cell: str) -> bool:
+    directory = cell_dir(root, cell)
+    return files.is_file(directory / MODEL_DIR / SUMMARY_FILE) or files.is_file(directory / FAILED_FILE)
+
+
+def read_result(root: Location, cell: str) -> CellResult:
+    directory = cell_dir(root, cell)
+    failure = read_failure(directory, FAILED_FILE)
+    if failure:
+        return CellResult(cell, 0, failure=failure)
+    summary = json.loads(files.read_text(directory / MODEL_DIR / SUMMARY_FILE))
+    return CellResult(cell, summary["images"], summary["points"])
+
+
+def read_own(root: Location, cell: str) -> dict:
+    """The ids of the cell's own images and points ("images", "points") in its part."""
+    return json.loads(files.read_text(cell_dir(root, cell) / PART_FILE))
+
+
+def point_owners(points: CellPoints, image_cell: dict[int, str]) -> np.ndarray:
+    """(P,) the cell of each point of `points` (flat arrays of the merged model): the cell owning
+    most of its observing images; "" for a point no owned image observes."""
+    cells = sorted(set(image_cell.values()))
+    column = {cell: index for index, cell in enumerate(cells)}
+    observer_cell = np.array([column.get(image_cell.get(image_id, ""), -1)
+                              for image_id in points.observation_image.tolist()], dtype=np.int64)  # (M,)
+    owned = observer_cell >= 0
+    votes, count = np.unique(points.observation_point[owned] * len(cells) + observer_cell[owned], return_counts=True)
+    point, cell = votes // max(len(cells), 1), votes % max(len(cells), 1)  # (V,) each (point, cell) voted
+    order = np.lexsort((cell, -count, point))  # per point, the most votes first, then name order
+    first = order[np.r_[True, point[order][1:] != point[order][:-1]]] if len(order) else order
+    owners = np.full(points.num_points, "", dtype=object)
+    owners[point[first]] = np.array(cells, dtype=object)[cell[first]]
+    return owners
+
+
+@dataclass
+class Layout:
+    """Which cell owns each image and point of the merged model, and the points' observations as
+    flat arrays: computed once, they hold for every round (adjustments move poses and points,
+    never observations)."""
+
+    image_cell: dict[int, str]  # image id -> its cell
+    points: CellPoints  # the observations (xyz as merged: current positions are the model's)
+    point_ids: np.ndarray  # (P,) the ids of the rows of `points`
+    point_cell: np.ndarray  # (P,) object: each point's cell (point_owners)
+
+    @classmethod
+    def of(cls, reconstruction: pycolmap.Reconstruction, image_cell: dict[int, str]) -> Layout:
+        points = CellPoints.from_reconstruction(reconstruction)
+        return cls(image_cell, points, np.array(sorted(reconstruction.point3D_ids()), dtype=np.int64),
+                   point_owners(points, image_cell))
+
+
+def anchor_cell(image_cell: dict[int, str]) -> str:
+    """The cell settled as merged: the one owning the most images (ties: name order)."""
+    counts: dict[str, int] = {}
+    for cell in image_cell.values():
+        counts[cell] = counts.get(cell, 0) + 1
+    return min(counts, key=lambda cell: (-counts[cell], cell))
+
+
+def rounds(cells: Iterable[str], anchor: str) -> list[list[str]]:
+    """The cells other than `anchor` in groups adjusted one after the other (module docstring):
+    by ring around the anchor, then by the parity of the grid coordinates."""
+    ax, ay = cell_coordinates(anchor)
+    groups: dict[tuple[int, int, int], list[str]] = {}
+    for cell in sorted(set(cells) - {anchor}):
+        ix, iy = cell_coordinates(cell)
+        groups.setdefault((max(abs(ix - ax), abs(iy - ay)), ix % 2, iy % 2), []).append(cell)
+    return [groups[key] for key in sorted(groups)]
+
+
+def cell_part(reconstruction: pycolmap.Reconstruction, layout: Layout, cell: str, settled: set[str],
+              keypoints: Callable[[str], np.ndarray]) -> tuple[pycolmap.Reconstruction, list[int], list[int]]:
+    """The cell's part of the merged model (module docstring), the ids of its own images and of
+    its own points in it. keypoints: image name -> (N, 2) its 2D points."""
+    points, point_cell = layout.points, layout.point_cell
+    own_images = sorted(image_id for image_id, owner in layout.image_cell.items() if owner == cell)
+    settled_images = [image_id for image_id, owner in layout.image_cell.items() if owner in settled]
+    own_rows = np.flatnonzero(point_cell == cell)
+    # The points of settled cells the cell's images see hold its poses.
+    held_rows = np.unique(points.observation_point[np.isin(points.observation_image, own_images)])
+    held_rows = held_rows[np.isin(point_cell[held_rows], list(settled))]
+    by_settled = np.isin(points.observation_image, settled_images)  # (M,)
+    border_images = np.unique(points.observation_image[by_settled & np.isin(points.observation_point,
+                                                                            np.union1d(own_rows, held_rows))])
+    image_ids = sorted(set(own_images) | set(border_images.tolist()))
+    in_part = np.isin(points.observation_image, image_ids)  # (M,)
+    # A point takes part with two views in the part at least (one does not place it).
+    views = np.bincount(points.observation_point[in_part], minlength=points.num_points)  # (P,)
+    own_rows, held_rows = own_rows[views[own_rows] >= 2], held_rows[views[held_rows] >= 2]
+
+    part = pycolmap.Reconstruction()
+    for camera_id in sorted({reconstruction.image(image_id).camera_id for image_id in image_ids}):
+        part.add_camera_with_trivial_rig(reconstruction.camera(camera_id))
+    for image_id in image_ids:
+        image = reconstruction.image(image_id)
+        part.add_image_with_trivial_frame(
+            pycolmap.Image(name=image.name, keypoints=keypoints(image.name), camera_id=image.camera_id,
+                           image_id=image_id), image.cam_from_world())
+    rows = np.union1d(own_rows, held_rows)
+    order = np.argsort(points.observation_point, kind="stable")  # observations grouped by point
+    starts = np.searchsorted(points.observation_point[order], rows)
+    ends = np.searchsorted(points.observation_point[order], rows, side="right")
+    for row, start, end in zip(rows.tolist(), starts.tolist(), ends.tolist()):
+        track = pycolmap.Track()
+        for observation in order[start:end][in_part[order[start:end]]].tolist():
+            track.add_element(int(points.observation_image[observation]), int(points.observation_point2D[observation]))
+        point_id = int(layout.point_ids[row])
+        merged = reconstruction.point3D(point_id)  # where earlier rounds left it
+        part.add_point3D_with_id(point_id, pycolmap.Point3D(xyz=merged.xyz, track=track, color=merged.color))
+    return part, own_images, layout.point_ids[own_rows].tolist()
+
+
+def write_parts(root: Location, reconstruction: pycolmap.Reconstruction, layout: Layout,
+                keypoints: Callable[[str], np.ndarray], cells: list[str], settled: set[str]) -> None:
+    """The part of each of `cells` under `root` (`settled`: the cells they are adjusted against),
+    where it differs from the one already there (whose result is then dropped)."""
+    kept = 0
+    for cell in cells:
+        part, own_images, own_points = cell_part(reconstruction, layout, cell, settled, keypoints)
+        with tempfile.TemporaryDirectory(prefix=f"pixloc_part_{cell}_") as local:
+            part.write(local)
+            digest = folder_digest(Path(local))
+        directory = cell_dir(root, cell)
+        if files.is_file(directory / PART_FILE) and read_own(root, cell)["digest"] == digest:
+            kept += 1
+            continue
+        if files.exists(directory / MODEL_DIR):
+            files.delete_folder(directory / MODEL_DIR)
+        if files.is_file(directory / FAILED_FILE):
+            files.delete(directory / FAILED_FILE)
+        write_model(part, directory / INPUT_DIR)
+        files.write_text(directory / PART_FILE, json.dumps({"images": own_images, "points": own_points,
+                                                           "digest": digest}))
+    logger.info("cell adjustment: %d parts written, %d unchanged since the last run", len(cells) - kept, kept)
+
+
+def folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def adjustment_config(part: pycolmap.Reconstruction, own_images: Iterable[int], own_points: Iterable[int]
+                      ) -> pycolmap.BundleAdjustmentConfig:
+    """The part's own poses and points free; the settled images and points, and every camera, constant."""
+    own_images, own_points = set(own_images), set(own_points)
+    config = pycolmap.BundleAdjustmentConfig()
+    border = 0
+    for image_id in part.reg_image_ids():
+        config.add_image(image_id)
+        if image_id not in own_images:
+            config.set_constant_rig_from_world_pose(part.image(image_id).frame_id)
+            border += 1
+    for camera_id in part.cameras:
+        config.set_constant_cam_intrinsics(camera_id)
+    held = 0
+    for point_id in part.point3D_ids():
+        if point_id not in own_points:
+            config.add_constant_point(point_id)
+            held += 1
+    if not border and not held:  # nothing settled around it fixes the frame
+        config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+    return config
+
+
+def main(root: Location, cell: str, image_dir: Location | None = None, conf: dict | None = None,
+         features_root: Location | None = None) -> CellResult:
+    """Adjusts the cell's part (write_parts) and writes it; the part of a cell whose adjustment
+    fails is kept as merged, with the reason."""
+    conf = {**default_conf, **(conf or {})}
+    directory = cell_dir(root, cell)
+    own = read_own(root, cell)
+    part = read_model(directory / INPUT_DIR)
+    options = pycolmap.BundleAdjustmentOptions()
+    options.print_summary = False
+    options.ceres.loss_function_type = getattr(pycolmap.LossFunctionType, conf["loss"])
+    options.ceres.solver_options.max_num_iterations = conf["max_num_iterations"]
+    part.update_point_3d_errors()
+    before = part.compute_mean_reprojection_error()
+    try:
+        summary = pycolmap.create_default_bundle_adjuster(
+            options, adjustment_config(part, own["images"], own["points"]), part).solve()
+        problem = "" if summary.is_solution_usable() else str(summary.termination_type)
+    except (ValueError, RuntimeError) as error:  # pycolmap's checks of the problem
+        problem = str(error)
+    if problem:
+        return record_failure(directory, FAILED_FILE, CellResult(cell, len(own["images"]), failure=(
+            f"cell {cell}: bundle adjustment failed ({problem}); its poses are kept as merged")))
+    part.update_point_3d_errors()
+    result = CellResult(cell, len(own["images"]), len(own["points"]))
+    write_model(part, directory / MODEL_DIR)
+    files.write_text(directory / MODEL_DIR / SUMMARY_FILE, json.dumps({
+        "images": result.num_images, "points": result.num_points,
+        "reprojection_error_px": [before, part.compute_mean_reprojection_error()]}))
+    return result
+
+
+def apply(reconstruction: pycolmap.Reconstruction, root: Location, cells: list[str]) -> None:
+    """The adjusted poses and points of every adjusted cell into `reconstruction`, in place."""
+    for cell in cells:
+        directory = cell_dir(root, cell)
+        if not files.is_file(directory / MODEL_DIR / SUMMARY_FILE):
+            continue
+        own = read_own(root, cell)
+        part = read_model(directory / MODEL_DIR)
+        for image_id in own["images"]:
+            reconstruction.frame(reconstruction.image(image_id).frame_id).rig_from_world = part.image(image_id).cam_from_world()
+        for point_id in own["points"]:
+            reconstruction.point3D(point_id).xyz = part.point3D(point_id).xyz
