@@ -107,12 +107,13 @@ class Layout:
     points: CellPoints  # the observations (xyz as merged: current positions are the model's)
     point_ids: np.ndarray  # (P,) the ids of the rows of `points`
     point_cell: np.ndarray  # (P,) object: each point's cell (point_owners)
+    by_point: np.ndarray  # (M,) the observations' indices grouped by point
 
     @classmethod
     def of(cls, reconstruction: pycolmap.Reconstruction, image_cell: dict[int, str]) -> Layout:
         points = CellPoints.from_reconstruction(reconstruction)
         return cls(image_cell, points, np.array(sorted(reconstruction.point3D_ids()), dtype=np.int64),
-                   point_owners(points, image_cell))
+                   point_owners(points, image_cell), np.argsort(points.observation_point, kind="stable"))
 
 
 def anchor_cell(image_cell: dict[int, str]) -> str:
@@ -163,7 +164,7 @@ def cell_part(reconstruction: pycolmap.Reconstruction, layout: Layout, cell: str
             pycolmap.Image(name=image.name, keypoints=keypoints(image.name), camera_id=image.camera_id,
                            image_id=image_id), image.cam_from_world())
     rows = np.union1d(own_rows, held_rows)
-    order = np.argsort(points.observation_point, kind="stable")  # observations grouped by point
+    order = layout.by_point
     starts = np.searchsorted(points.observation_point[order], rows)
     ends = np.searchsorted(points.observation_point[order], rows, side="right")
     for row, start, end in zip(rows.tolist(), starts.tolist(), ends.tolist()):
