@@ -12,12 +12,15 @@ images; and `pixloc features` into one store before and after the update: its wa
 the fraction of the store's partitions the update left untouched, and the images read again.
 Lund: `pixloc map --gps-from-exif` in SfM submodels on Ray (submodels.py) and `--single-process`
 (one SfM): registered photos, GPS residuals, and how far the two maps' cameras lie apart after the
-similarity that best aligns them; and `pixloc bench real`'s Lund runs (held-out photos localized
-against the pseudo ground truth registered into each map) on a map of each kind.
+similarity that best aligns them, also for the submodels merged with a bundle adjustment per cell
+(`submodels.adjust_cells=true`, resumed from the same submodels); and `pixloc bench real`'s Lund
+runs (held-out photos localized against the pseudo ground truth registered into each map) on a map
+of each kind.
 
 JSON: {"sizes": [{"refs", "workers", "wall_s", "cpu_s_per_image", "peak_rss_mb": {"driver",
 "worker"}, "point_error_m", "single_process_wall_s"}], "lund": {"registered", "residual_median_m",
-"residual_max_m", "single_process": {...}, "camera_agreement_m": {...}, "localization": {"submodels",
+"residual_max_m", "single_process": {...}, "camera_agreement_m": {...}, "cells_adjusted": {"registered",
+..., "camera_agreement_m"}, "localization": {"submodels",
 "single_process": bench real's "sets"}, ...}, "update": {...}}
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -244,6 +248,11 @@ def measure_lund(work: Path, conf: dict) -> dict:
             "--conf", f"sift.max_num_features={conf['lund_max_num_features']}"]
     in_cells = run_pixloc(*args, SPLIT_INTO_SUBMODELS, "--out", work / "lund_cells", "--workers", "2")
     single = run_pixloc(*args, "--out", work / "lund_single", "--single-process")
+    # The same submodels merged again with a bundle adjustment per cell (a copy: the run resumes them)
+    if not (work / "lund_cells_adjusted").is_dir():
+        shutil.copytree(work / "lund_cells", work / "lund_cells_adjusted")
+    adjusted = run_pixloc(*args, SPLIT_INTO_SUBMODELS, "submodels.adjust_cells=true", "--out",
+                          work / "lund_cells_adjusted", "--workers", "2")
     manifest = json.loads((work / "lund_cells" / "manifest.json").read_text())
     return {**sfm_summary(work / "lund_cells"), "images": len(list_images(images)), "wall_s": in_cells["wall_s"],
             "peak_rss_mb": in_cells["peak_rss_mb"], "submodels": manifest["submodels"],
@@ -251,6 +260,9 @@ def measure_lund(work: Path, conf: dict) -> dict:
             "single_process": {**sfm_summary(work / "lund_single"), "wall_s": single["wall_s"],
                                "peak_rss_mb": single["peak_rss_mb"]},
             "camera_agreement_m": camera_agreement_m(work / "lund_cells", work / "lund_single"),
+            "cells_adjusted": {**sfm_summary(work / "lund_cells_adjusted"), "wall_s": adjusted["wall_s"],
+                               "camera_agreement_m": camera_agreement_m(work / "lund_cells_adjusted",
+                                                                        work / "lund_single")},
             "localization": lund_localization(work) if conf["lund_localization"] else None}
 
 
@@ -310,9 +322,12 @@ def print_table(report: dict) -> None:
         for label, row in (("submodels on Ray", lund), ("one process", single)):
             print(f"{label:<16} {row['registered']:>6}/{lund['images']:<3} {row['points']:>7} "
                   f"{row['residual_median_m']:>12.2f} / {row['residual_max_m']:<11.2f} {row['wall_s']:>7.1f}")
-        agreement = lund["camera_agreement_m"]
-        print(f"cameras of the two after a similarity: median {agreement['median']:.2f} m, max {agreement['max']:.2f} m "
+        agreement, adjusted = lund["camera_agreement_m"], lund["cells_adjusted"]
+        print(f"cameras of the two after a similarity: median {agreement['median']:.3f} m, max {agreement['max']:.3f} m "
               f"({agreement['common']} common); submodels {lund['submodels']}, rejected {len(lund['failed_cells'])}")
+        print(f"with a bundle adjustment per cell (submodels.adjust_cells=true, resumed: {adjusted['wall_s']:.1f} s): "
+              f"median {adjusted['camera_agreement_m']['median']:.3f} m, max {adjusted['camera_agreement_m']['max']:.3f} m "
+              f"from one process's; GPS residual {adjusted['residual_median_m']:.2f} / {adjusted['residual_max_m']:.2f} m")
         threshold = RECALL_THRESHOLDS[1]
         for build, sets in (lund["localization"] or {}).items():
             for set_name, methods in sets.items():
