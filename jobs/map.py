@@ -320,9 +320,9 @@ def adjust_cells(reconstruction: pycolmap.Reconstruction, owner: dict[str, str],
     image_cell = {image_id: owner[image.name] for image_id, image in reconstruction.images.items()
                   if image.name in owner}
     layout = cell_adjustment.Layout.of(reconstruction, image_cell)
-    settled = {cell_adjustment.anchor_cell(image_cell)}
-    results = []
-    for cells_now in cell_adjustment.rounds(set(image_cell.values()), next(iter(settled))):
+    anchor = cell_adjustment.anchor_cell(image_cell)
+    settled, results = {anchor}, []
+    for cells_now in cell_adjustment.rounds(set(image_cell.values()), anchor):
         cell_adjustment.write_parts(root, reconstruction, layout, features.keypoints, cells_now, settled)
         results += distributed.run_cells(cell_adjustment, root, cells_now, images, conf["adjustment"])
         cell_adjustment.apply(reconstruction, root, cells_now)

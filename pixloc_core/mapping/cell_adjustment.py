@@ -28,30 +28,27 @@ same submodels give the same parts); a changed part is written again and adjuste
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pycolmap
 
 from .. import files
 from ..files import Location
+from ..map_io import model_fingerprint
 from ..shards import cell_coordinates
-from .cells import CellResult, read_failure, read_model, record_failure, write_model
+from .cells import (FAILED_FILE, MODEL_DIR, SUMMARY_FILE, CellResult, finish_with_model, model_done, read_model,
+                    read_model_result, record_failure)
 from .merge import CellPoints
 
 logger = logging.getLogger(__name__)
 
-ADJUSTMENT_DIR, INPUT_DIR, PART_FILE, MODEL_DIR, FAILED_FILE = "adjustment", "input", "part.json", "model", "failed.txt"
-SUMMARY_FILE = "summary.json"  # in MODEL_DIR
+ADJUSTMENT_DIR, INPUT_DIR, PART_FILE = "adjustment", "input", "part.json"
 
 default_conf = {
-    "max_num_iterations": 100,
     # A track joined across submodels may still hold an observation that fits badly.
     "loss": "SOFT_L1",
 }
@@ -62,17 +59,11 @@ def cell_dir(root: Location, cell: str) -> Location:
 
 
 def is_done(root: Location, cell: str) -> bool:
-    directory = cell_dir(root, cell)
-    return files.is_file(directory / MODEL_DIR / SUMMARY_FILE) or files.is_file(directory / FAILED_FILE)
+    return model_done(cell_dir(root, cell))
 
 
 def read_result(root: Location, cell: str) -> CellResult:
-    directory = cell_dir(root, cell)
-    failure = read_failure(directory, FAILED_FILE)
-    if failure:
-        return CellResult(cell, 0, failure=failure)
-    summary = json.loads(files.read_text(directory / MODEL_DIR / SUMMARY_FILE))
-    return CellResult(cell, summary["images"], summary["points"])
+    return read_model_result(cell_dir(root, cell), cell)
 
 
 def read_own(root: Location, cell: str) -> dict:
@@ -184,29 +175,33 @@ def write_parts(root: Location, reconstruction: pycolmap.Reconstruction, layout:
     kept = 0
     for cell in cells:
         part, own_images, own_points = cell_part(reconstruction, layout, cell, settled, keypoints)
-        with tempfile.TemporaryDirectory(prefix=f"pixloc_part_{cell}_") as local:
-            part.write(local)
-            digest = folder_digest(Path(local))
         directory = cell_dir(root, cell)
-        if files.is_file(directory / PART_FILE) and read_own(root, cell)["digest"] == digest:
+        before = read_own(root, cell)["digest"] if files.is_file(directory / PART_FILE) else None
+        # Written whole again even when unchanged: pycolmap writes only to a folder, which its
+        # digest needs (a remote one is staged locally and uploaded).
+        local, publish = files.output_folder(directory / INPUT_DIR)
+        local.mkdir(parents=True, exist_ok=True)
+        part.write(local)
+        digest = model_fingerprint(local)
+        publish()
+        if digest == before:
             kept += 1
             continue
         if files.exists(directory / MODEL_DIR):
             files.delete_folder(directory / MODEL_DIR)
         if files.is_file(directory / FAILED_FILE):
             files.delete(directory / FAILED_FILE)
-        write_model(part, directory / INPUT_DIR)
         files.write_text(directory / PART_FILE, json.dumps({"images": own_images, "points": own_points,
                                                            "digest": digest}))
     logger.info("cell adjustment: %d parts written, %d unchanged since the last run", len(cells) - kept, kept)
 
 
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+def bundle_adjustment_options(conf: dict = default_conf) -> pycolmap.BundleAdjustmentOptions:
+    """Quiet, with conf's robust loss (also submodels.refit's)."""
+    options = pycolmap.BundleAdjustmentOptions()
+    options.print_summary = False
+    options.ceres.loss_function_type = getattr(pycolmap.LossFunctionType, conf["loss"])
+    return options
 
 
 def adjustment_config(part: pycolmap.Reconstruction, own_images: Iterable[int], own_points: Iterable[int]
@@ -240,15 +235,11 @@ def main(root: Location, cell: str, image_dir: Location | None = None, conf: dic
     directory = cell_dir(root, cell)
     own = read_own(root, cell)
     part = read_model(directory / INPUT_DIR)
-    options = pycolmap.BundleAdjustmentOptions()
-    options.print_summary = False
-    options.ceres.loss_function_type = getattr(pycolmap.LossFunctionType, conf["loss"])
-    options.ceres.solver_options.max_num_iterations = conf["max_num_iterations"]
     part.update_point_3d_errors()
     before = part.compute_mean_reprojection_error()
     try:
         summary = pycolmap.create_default_bundle_adjuster(
-            options, adjustment_config(part, own["images"], own["points"]), part).solve()
+            bundle_adjustment_options(conf), adjustment_config(part, own["images"], own["points"]), part).solve()
         problem = "" if summary.is_solution_usable() else str(summary.termination_type)
     except (ValueError, RuntimeError) as error:  # pycolmap's checks of the problem
         problem = str(error)
@@ -256,12 +247,8 @@ def main(root: Location, cell: str, image_dir: Location | None = None, conf: dic
         return record_failure(directory, FAILED_FILE, CellResult(cell, len(own["images"]), failure=(
             f"cell {cell}: bundle adjustment failed ({problem}); its poses are kept as merged")))
     part.update_point_3d_errors()
-    result = CellResult(cell, len(own["images"]), len(own["points"]))
-    write_model(part, directory / MODEL_DIR)
-    files.write_text(directory / MODEL_DIR / SUMMARY_FILE, json.dumps({
-        "images": result.num_images, "points": result.num_points,
-        "reprojection_error_px": [before, part.compute_mean_reprojection_error()]}))
-    return result
+    return finish_with_model(directory, part, CellResult(cell, len(own["images"]), len(own["points"])),
+                             reprojection_error_px=[before, part.compute_mean_reprojection_error()])
 
 
 def apply(reconstruction: pycolmap.Reconstruction, root: Location, cells: list[str]) -> None:

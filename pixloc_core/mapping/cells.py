@@ -12,6 +12,7 @@ through a temporary local folder.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from .merge import CellPoints
 logger = logging.getLogger(__name__)
 
 CELLS_DIR, SKELETON_DIR, POINTS_FILE, FAILED_FILE = "cells", "skeleton", "points.npz", "failed.txt"
+# A step whose outcome per cell is a COLMAP model (submodels.py, cell_adjustment.py): the model,
+# then its summary.json, written last: it marks the cell done.
+MODEL_DIR, SUMMARY_FILE = "model", "summary.json"
 
 default_conf = {
     "min_images": 2,
@@ -96,6 +100,29 @@ def read_result(root: Location, cell: str) -> CellResult:
 def load_points(root: Location, cell: str) -> CellPoints:
     with io.BytesIO(files.read_bytes(cell_dir(root, cell) / POINTS_FILE)) as data:
         return CellPoints.load(data)
+
+
+def model_done(directory: Location) -> bool:
+    """Whether the cell's model step has an outcome in `directory`: its model or its failure."""
+    return files.is_file(directory / MODEL_DIR / SUMMARY_FILE) or files.is_file(directory / FAILED_FILE)
+
+
+def finish_with_model(directory: Location, model: pycolmap.Reconstruction, result: CellResult,
+                      **summary) -> CellResult:
+    """Writes the cell's model, then its summary (the result's images and points, and `summary`)."""
+    write_model(model, directory / MODEL_DIR)
+    files.write_text(directory / MODEL_DIR / SUMMARY_FILE,
+                     json.dumps({"images": result.num_images, "points": result.num_points, **summary}))
+    return result
+
+
+def read_model_result(directory: Location, cell: str) -> CellResult:
+    """The outcome a model step left in `directory` (finish_with_model, or its failure)."""
+    failure = read_failure(directory)
+    if failure:
+        return CellResult(cell, 0, failure=failure)
+    summary = json.loads(files.read_text(directory / MODEL_DIR / SUMMARY_FILE))
+    return CellResult(cell, summary["images"], summary["points"])
 
 
 def record_failure(directory: Location, failed_file: str, result: CellResult) -> CellResult:

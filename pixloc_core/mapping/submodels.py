@@ -29,13 +29,13 @@ import pycolmap
 from .. import files
 from ..files import Location
 from . import cell_adjustment, georegister, merge, sfm
-from .cells import CellResult, read_failure, read_model, record_failure, write_model
+from .cells import (FAILED_FILE, MODEL_DIR, CellResult, finish_with_model, model_done, read_model,
+                    read_model_result, record_failure)
 from .feature_files import FeatureFiles, MatchFiles
 
 logger = logging.getLogger(__name__)
 
-SUBMODELS_DIR, INPUT_FILE, MODEL_DIR, FAILED_FILE = "submodels", "input.json", "model", "failed.txt"
-SUMMARY_FILE = "summary.json"  # in MODEL_DIR
+SUBMODELS_DIR, INPUT_FILE = "submodels", "input.json"
 
 default_conf = {
     # `pixloc map` splits a set of images into submodels only above this size: one SfM holds longer
@@ -75,8 +75,7 @@ def cell_dir(root: Location, cell: str) -> Location:
 
 
 def is_done(root: Location, cell: str) -> bool:
-    directory = cell_dir(root, cell)
-    return files.is_file(directory / MODEL_DIR / SUMMARY_FILE) or files.is_file(directory / FAILED_FILE)
+    return model_done(cell_dir(root, cell))
 
 
 def write_input(root: Location, cell: str, names: list[str], positions: dict[str, np.ndarray],
@@ -89,12 +88,7 @@ def write_input(root: Location, cell: str, names: list[str], positions: dict[str
 
 
 def read_result(root: Location, cell: str) -> CellResult:
-    directory = cell_dir(root, cell)
-    failure = read_failure(directory)
-    if failure:
-        return CellResult(cell, 0, failure=failure)
-    summary = json.loads(files.read_text(directory / MODEL_DIR / SUMMARY_FILE))
-    return CellResult(cell, summary["images"], summary["points"])
+    return read_model_result(cell_dir(root, cell), cell)
 
 
 def main(root: Location, cell: str, image_dir: Location, conf: dict | None = None,
@@ -119,11 +113,7 @@ def main(root: Location, cell: str, image_dir: Location, conf: dict | None = Non
     except ValueError as error:
         return record_failure(directory, FAILED_FILE, CellResult(cell, len(features), failure=f"cell {cell}: {error}"))
     model.transform(registration.target_from_model)
-    result = CellResult(cell, model.num_reg_images(), model.num_points3D())
-    write_model(model, directory / MODEL_DIR)
-    files.write_text(directory / MODEL_DIR / SUMMARY_FILE,
-                     json.dumps({"images": result.num_images, "points": result.num_points}))
-    return result
+    return finish_with_model(directory, model, CellResult(cell, model.num_reg_images(), model.num_points3D()))
 
 
 def load(root: Location, cell: str) -> pycolmap.Reconstruction:
@@ -253,14 +243,11 @@ def device_cameras(models: dict[str, pycolmap.Reconstruction], source: dict[str,
 
 def refit(reconstruction: pycolmap.Reconstruction) -> None:
     """The points and the cameras of the merged model fitted to its poses, in place: the shared
-    cameras calibrated again to all their images. A robust loss: a track joined across submodels may
-    still hold an observation that fits badly."""
+    cameras calibrated again to all their images, with the robust loss of the per-cell adjustment."""
     if not reconstruction.num_points3D():
         return
-    options = pycolmap.BundleAdjustmentOptions()
-    options.print_summary = False
+    options = cell_adjustment.bundle_adjustment_options()
     options.refine_rig_from_world = False
-    options.ceres.loss_function_type = pycolmap.LossFunctionType.SOFT_L1
     before = reconstruction.compute_mean_reprojection_error()
     pycolmap.bundle_adjustment(reconstruction, options)
     logger.info("points and cameras re-fitted to the merged poses: mean reprojection error %.2f -> %.2f px",
