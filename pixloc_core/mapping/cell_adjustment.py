@@ -71,40 +71,90 @@ def read_own(root: Location, cell: str) -> dict:
     return json.loads(files.read_text(cell_dir(root, cell) / PART_FILE))
 
 
+def observation_cells(points: CellPoints, image_cell: dict[int, str]) -> tuple[list[str], np.ndarray]:
+    """The cells in name order, and (M,) the index in them of each observation's image's cell (-1: none)."""
+    cells = sorted(set(image_cell.values()))
+    column = {cell: index for index, cell in enumerate(cells)}
+    image_column = {image_id: column[cell] for image_id, cell in image_cell.items()}
+    return cells, np.array([image_column.get(image_id, -1) for image_id in points.observation_image.tolist()],
+                           dtype=np.int64)
+
+
+def owner_indices(points: CellPoints, observation_cell: np.ndarray, num_cells: int) -> np.ndarray:
+    """(P,) the index of each point's cell (point_owners) given its observations' (M,) cell
+    indices (observation_cells); -1 for a point no owned image observes."""
+    owned = observation_cell >= 0
+    votes, count = np.unique(points.observation_point[owned] * num_cells + observation_cell[owned], return_counts=True)
+    point, cell = votes // max(num_cells, 1), votes % max(num_cells, 1)  # (V,) each (point, cell) voted
+    order = np.lexsort((cell, -count, point))  # per point, the most votes first, then name order
+    first = order[np.r_[True, point[order][1:] != point[order][:-1]]] if len(order) else order
+    owners = np.full(points.num_points, -1, dtype=np.int64)
+    owners[point[first]] = cell[first]
+    return owners
+
+
 def point_owners(points: CellPoints, image_cell: dict[int, str]) -> np.ndarray:
     """(P,) the cell of each point of `points` (flat arrays of the merged model): the cell owning
     most of its observing images; "" for a point no owned image observes."""
-    cells = sorted(set(image_cell.values()))
-    column = {cell: index for index, cell in enumerate(cells)}
-    observer_cell = np.array([column.get(image_cell.get(image_id, ""), -1)
-                              for image_id in points.observation_image.tolist()], dtype=np.int64)  # (M,)
-    owned = observer_cell >= 0
-    votes, count = np.unique(points.observation_point[owned] * len(cells) + observer_cell[owned], return_counts=True)
-    point, cell = votes // max(len(cells), 1), votes % max(len(cells), 1)  # (V,) each (point, cell) voted
-    order = np.lexsort((cell, -count, point))  # per point, the most votes first, then name order
-    first = order[np.r_[True, point[order][1:] != point[order][:-1]]] if len(order) else order
-    owners = np.full(points.num_points, "", dtype=object)
-    owners[point[first]] = np.array(cells, dtype=object)[cell[first]]
-    return owners
+    cells, observation_cell = observation_cells(points, image_cell)
+    return np.array([*cells, ""], dtype=object)[owner_indices(points, observation_cell, len(cells))]
+
+
+@dataclass
+class Groups:
+    """The indices of an array's entries grouped by their key, to take the entries of a few keys
+    without scanning the whole array."""
+
+    order: np.ndarray  # (M,) entry indices, keys ascending (stable)
+    sorted_keys: np.ndarray  # (M,) keys[order]
+
+    @classmethod
+    def of(cls, keys: np.ndarray) -> Groups:
+        order = np.argsort(keys, kind="stable")
+        return cls(order, keys[order])
+
+    def entries(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The entries of `keys` (K,), key by key, and (K + 1,) where each key's entries start in them."""
+        starts = np.searchsorted(self.sorted_keys, keys)
+        ends = np.searchsorted(self.sorted_keys, keys, side="right")
+        bounds = np.concatenate([[0], np.cumsum(ends - starts)])
+        if not len(keys):
+            return np.empty(0, np.int64), bounds
+        return np.concatenate([self.order[start:end] for start, end in zip(starts.tolist(), ends.tolist())]), bounds
 
 
 @dataclass
 class Layout:
     """Which cell owns each image and point of the merged model, and the points' observations as
-    flat arrays: computed once, they hold for every round (adjustments move poses and points,
-    never observations)."""
+    flat arrays grouped by point and by image: computed once, they hold for every round
+    (adjustments move poses and points, never observations), and a cell's part then costs the
+    size of the cell, not of the map."""
 
-    image_cell: dict[int, str]  # image id -> its cell
     points: CellPoints  # the observations (xyz as merged: current positions are the model's)
     point_ids: np.ndarray  # (P,) the ids of the rows of `points`
-    point_cell: np.ndarray  # (P,) object: each point's cell (point_owners)
-    by_point: np.ndarray  # (M,) the observations' indices grouped by point
+    cells: list[str]  # in name order; the cell indices below are into it
+    cell_images: dict[str, list[int]]  # cell -> the ids of the images it owns, ascending
+    point_cell: np.ndarray  # (P,) each point's cell index (point_owners; -1: none)
+    observation_cell: np.ndarray  # (M,) the cell index of each observation's image (-1: none)
+    points_by_cell: Groups  # point rows by cell index
+    by_point: Groups  # observations by point row
+    by_image: Groups  # observations by image id
 
     @classmethod
     def of(cls, reconstruction: pycolmap.Reconstruction, image_cell: dict[int, str]) -> Layout:
         points = CellPoints.from_reconstruction(reconstruction)
-        return cls(image_cell, points, np.array(sorted(reconstruction.point3D_ids()), dtype=np.int64),
-                   point_owners(points, image_cell), np.argsort(points.observation_point, kind="stable"))
+        cells, observation_cell = observation_cells(points, image_cell)
+        point_cell = owner_indices(points, observation_cell, len(cells))
+        cell_images: dict[str, list[int]] = {cell: [] for cell in cells}
+        for image_id in sorted(image_cell):
+            cell_images[image_cell[image_id]].append(image_id)
+        return cls(points, np.array(sorted(reconstruction.point3D_ids()), dtype=np.int64), cells, cell_images,
+                   point_cell, observation_cell, Groups.of(point_cell), Groups.of(points.observation_point),
+                   Groups.of(points.observation_image))
+
+    def cell_indices(self, cells: Iterable[str]) -> np.ndarray:
+        column = {cell: index for index, cell in enumerate(self.cells)}
+        return np.array([column[cell] for cell in cells if cell in column], dtype=np.int64)
 
 
 def anchor_cell(image_cell: dict[int, str]) -> str:
@@ -130,21 +180,20 @@ def cell_part(reconstruction: pycolmap.Reconstruction, layout: Layout, cell: str
               keypoints: Callable[[str], np.ndarray]) -> tuple[pycolmap.Reconstruction, list[int], list[int]]:
     """The cell's part of the merged model (module docstring), the ids of its own images and of
     its own points in it. keypoints: image name -> (N, 2) its 2D points."""
-    points, point_cell = layout.points, layout.point_cell
-    own_images = sorted(image_id for image_id, owner in layout.image_cell.items() if owner == cell)
-    settled_images = [image_id for image_id, owner in layout.image_cell.items() if owner in settled]
-    own_rows = np.flatnonzero(point_cell == cell)
+    points, settled_cells = layout.points, layout.cell_indices(settled)
+    own_images = layout.cell_images.get(cell, [])
+    own_rows = np.sort(layout.points_by_cell.entries(layout.cell_indices([cell]))[0])
     # The points of settled cells the cell's images see hold its poses.
-    held_rows = np.unique(points.observation_point[np.isin(points.observation_image, own_images)])
-    held_rows = held_rows[np.isin(point_cell[held_rows], list(settled))]
-    by_settled = np.isin(points.observation_image, settled_images)  # (M,)
-    border_images = np.unique(points.observation_image[by_settled & np.isin(points.observation_point,
-                                                                            np.union1d(own_rows, held_rows))])
-    image_ids = sorted(set(own_images) | set(border_images.tolist()))
-    in_part = np.isin(points.observation_image, image_ids)  # (M,)
+    held_rows = np.unique(points.observation_point[layout.by_image.entries(np.array(own_images, np.int64))[0]])
+    held_rows = held_rows[np.isin(layout.point_cell[held_rows], settled_cells)]
+    rows = np.union1d(own_rows, held_rows)
+    observations, bounds = layout.by_point.entries(rows)  # the rows' observations, row by row
+    by_settled = np.isin(layout.observation_cell[observations], settled_cells)
+    image_ids = sorted(set(own_images) | set(points.observation_image[observations[by_settled]].tolist()))
+    in_part = np.isin(points.observation_image[observations], image_ids)
     # A point takes part with two views in the part at least (one does not place it).
-    views = np.bincount(points.observation_point[in_part], minlength=points.num_points)  # (P,)
-    own_rows, held_rows = own_rows[views[own_rows] >= 2], held_rows[views[held_rows] >= 2]
+    views = np.add.reduceat(in_part.astype(np.int64), bounds[:-1]) if len(rows) else np.zeros(0, np.int64)
+    kept = views >= 2
 
     part = pycolmap.Reconstruction()
     for camera_id in sorted({reconstruction.image(image_id).camera_id for image_id in image_ids}):
@@ -154,18 +203,15 @@ def cell_part(reconstruction: pycolmap.Reconstruction, layout: Layout, cell: str
         part.add_image_with_trivial_frame(
             pycolmap.Image(name=image.name, keypoints=keypoints(image.name), camera_id=image.camera_id,
                            image_id=image_id), image.cam_from_world())
-    rows = np.union1d(own_rows, held_rows)
-    order = layout.by_point
-    starts = np.searchsorted(points.observation_point[order], rows)
-    ends = np.searchsorted(points.observation_point[order], rows, side="right")
-    for row, start, end in zip(rows.tolist(), starts.tolist(), ends.tolist()):
+    for index in np.flatnonzero(kept).tolist():
         track = pycolmap.Track()
-        for observation in order[start:end][in_part[order[start:end]]].tolist():
+        for observation in observations[bounds[index]:bounds[index + 1]][in_part[bounds[index]:bounds[index + 1]]].tolist():
             track.add_element(int(points.observation_image[observation]), int(points.observation_point2D[observation]))
-        point_id = int(layout.point_ids[row])
+        point_id = int(layout.point_ids[rows[index]])
         merged = reconstruction.point3D(point_id)  # where earlier rounds left it
         part.add_point3D_with_id(point_id, pycolmap.Point3D(xyz=merged.xyz, track=track, color=merged.color))
-    return part, own_images, layout.point_ids[own_rows].tolist()
+    own_kept = rows[kept][np.isin(rows[kept], own_rows)]
+    return part, own_images, layout.point_ids[own_kept].tolist()
 
 
 def write_parts(root: Location, reconstruction: pycolmap.Reconstruction, layout: Layout,
