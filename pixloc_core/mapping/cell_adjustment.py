@@ -192,8 +192,8 @@ def cell_part(reconstruction: pycolmap.Reconstruction, layout: Layout, cell: str
     image_ids = sorted(set(own_images) | set(points.observation_image[observations[by_settled]].tolist()))
     in_part = np.isin(points.observation_image[observations], image_ids)
     # A point takes part with two views in the part at least (one does not place it).
-    views = np.add.reduceat(in_part.astype(np.int64), bounds[:-1]) if len(rows) else np.zeros(0, np.int64)
-    kept = views >= 2
+    row_of = np.repeat(np.arange(len(rows)), np.diff(bounds))  # (observations,) index into rows
+    kept = np.bincount(row_of[in_part], minlength=len(rows)) >= 2
 
     part = pycolmap.Reconstruction()
     for camera_id in sorted({reconstruction.image(image_id).camera_id for image_id in image_ids}):
@@ -204,8 +204,8 @@ def cell_part(reconstruction: pycolmap.Reconstruction, layout: Layout, cell: str
             pycolmap.Image(name=image.name, keypoints=keypoints(image.name), camera_id=image.camera_id,
                            image_id=image_id), image.cam_from_world())
     for index in np.flatnonzero(kept).tolist():
-        track = pycolmap.Track()
-        for observation in observations[bounds[index]:bounds[index + 1]][in_part[bounds[index]:bounds[index + 1]]].tolist():
+        track, span = pycolmap.Track(), slice(bounds[index], bounds[index + 1])
+        for observation in observations[span][in_part[span]].tolist():
             track.add_element(int(points.observation_image[observation]), int(points.observation_point2D[observation]))
         point_id = int(layout.point_ids[rows[index]])
         merged = reconstruction.point3D(point_id)  # where earlier rounds left it
