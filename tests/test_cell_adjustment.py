@@ -75,6 +75,15 @@ def test_points_belong_to_one_cell_each(merged_street):
     assert (owners[only_west] == WEST).all()
 
 
+def test_groups_take_the_entries_of_a_few_keys_in_order():
+    groups = cell_adjustment.Groups.of(np.array([5, 3, 5, 9, 3, 5]))
+    entries, bounds = groups.entries(np.array([3, 4, 5]))
+    # key 3 at 1 and 4, key 4 nowhere, key 5 at 0, 2 and 5: each key's entries in their order
+    assert entries.tolist() == [1, 4, 0, 2, 5] and bounds.tolist() == [0, 2, 2, 5]
+    entries, bounds = groups.entries(np.array([], dtype=np.int64))
+    assert len(entries) == 0 and bounds.tolist() == [0]
+
+
 def test_rounds_never_adjust_neighbours_together_and_go_outwards():
     cells = [cell_id(ix, iy) for ix in range(-2, 3) for iy in range(-1, 3)]
     rounds = cell_adjustment.rounds(cells, cell_id(0, 0))
