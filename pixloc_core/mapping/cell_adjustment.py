@@ -132,7 +132,7 @@ class Layout:
 
     points: CellPoints  # the observations (xyz as merged: current positions are the model's)
     point_ids: np.ndarray  # (P,) the ids of the rows of `points`
-    cells: list[str]  # in name order; the cell indices below are into it
+    cell_index: dict[str, int]  # cell -> its index in name order (the cell indices below)
     cell_images: dict[str, list[int]]  # cell -> the ids of the images it owns, ascending
     point_cell: np.ndarray  # (P,) each point's cell index (point_owners; -1: none)
     observation_cell: np.ndarray  # (M,) the cell index of each observation's image (-1: none)
@@ -148,13 +148,13 @@ class Layout:
         cell_images: dict[str, list[int]] = {cell: [] for cell in cells}
         for image_id in sorted(image_cell):
             cell_images[image_cell[image_id]].append(image_id)
-        return cls(points, np.array(sorted(reconstruction.point3D_ids()), dtype=np.int64), cells, cell_images,
+        return cls(points, np.array(sorted(reconstruction.point3D_ids()), dtype=np.int64),
+                   {cell: index for index, cell in enumerate(cells)}, cell_images,
                    point_cell, observation_cell, Groups.of(point_cell), Groups.of(points.observation_point),
                    Groups.of(points.observation_image))
 
     def cell_indices(self, cells: Iterable[str]) -> np.ndarray:
-        column = {cell: index for index, cell in enumerate(self.cells)}
-        return np.array([column[cell] for cell in cells if cell in column], dtype=np.int64)
+        return np.array([self.cell_index[cell] for cell in cells if cell in self.cell_index], dtype=np.int64)
 
 
 def anchor_cell(image_cell: dict[int, str]) -> str:
@@ -176,13 +176,14 @@ def rounds(cells: Iterable[str], anchor: str) -> list[list[str]]:
     return [groups[key] for key in sorted(groups)]
 
 
-def cell_part(reconstruction: pycolmap.Reconstruction, layout: Layout, cell: str, settled: set[str],
+def cell_part(reconstruction: pycolmap.Reconstruction, layout: Layout, cell: str, settled_cells: np.ndarray,
               keypoints: Callable[[str], np.ndarray]) -> tuple[pycolmap.Reconstruction, list[int], list[int]]:
     """The cell's part of the merged model (module docstring), the ids of its own images and of
-    its own points in it. keypoints: image name -> (N, 2) its 2D points."""
-    points, settled_cells = layout.points, layout.cell_indices(settled)
+    its own points in it. settled_cells: the indices (Layout.cell_indices) of the settled cells;
+    keypoints: image name -> (N, 2) its 2D points."""
+    points = layout.points
     own_images = layout.cell_images.get(cell, [])
-    own_rows = np.sort(layout.points_by_cell.entries(layout.cell_indices([cell]))[0])
+    own_rows = layout.points_by_cell.entries(layout.cell_indices([cell]))[0]  # ascending: the grouping is stable
     # The points of settled cells the cell's images see hold its poses.
     held_rows = np.unique(points.observation_point[layout.by_image.entries(np.array(own_images, np.int64))[0]])
     held_rows = held_rows[np.isin(layout.point_cell[held_rows], settled_cells)]
@@ -218,9 +219,9 @@ def write_parts(root: Location, reconstruction: pycolmap.Reconstruction, layout:
                 keypoints: Callable[[str], np.ndarray], cells: list[str], settled: set[str]) -> None:
     """The part of each of `cells` under `root` (`settled`: the cells they are adjusted against),
     where it differs from the one already there (whose result is then dropped)."""
-    kept = 0
+    kept, settled_cells = 0, layout.cell_indices(settled)
     for cell in cells:
-        part, own_images, own_points = cell_part(reconstruction, layout, cell, settled, keypoints)
+        part, own_images, own_points = cell_part(reconstruction, layout, cell, settled_cells, keypoints)
         directory = cell_dir(root, cell)
         before = read_own(root, cell)["digest"] if files.is_file(directory / PART_FILE) else None
         # Written whole again even when unchanged: pycolmap writes only to a folder, which its
