@@ -38,7 +38,7 @@ from pixloc_core.evaluate import evaluate, format_summary
 from pixloc_core.extractors import load_extractor
 from pixloc_core.io import read_poses, read_priors, read_query_list
 from pixloc_core.localize import METHODS, CellData, Planner, QueryInput, localize_in_cell
-from pixloc_core.map_io import SceneMap, load_map_index
+from pixloc_core.map_io import MapIndex, load_map_index
 from pixloc_core.synthetic import dataset
 
 logger = logging.getLogger(__name__)
@@ -87,16 +87,13 @@ def stage_ms(table: pa.Table) -> dict[str, float]:
             for stage in STAGES}
 
 
-def recomputed_cell(cell: str, image_ids: list[int], items: dict[int, dict], extractor, images_dir: Path
-                    ) -> CellData:
+def recomputed_cell(cell: str, image_ids: list[int], map_index: MapIndex, map_dir: Path, extractor,
+                    images_dir: Path) -> CellData:
     """What the reference PixLoc does for every query: the reference features of the query's
     nearest reference images computed from their images, instead of read from the store."""
-    levels = []
-    for image_id in image_ids:
-        item = items[image_id]
-        sampled = features_job.sample_reference_image(extractor, images_dir / item["name"], item)
-        levels.append([ReferenceLevel(torch.from_numpy(item["xyz"]), features, confidence)
-                       for features, confidence in sampled])
+    levels = [[ReferenceLevel(torch.from_numpy(observed.xyz), features, confidence) for features, confidence in sampled]
+              for observed, sampled in features_job.sample_reference_images(extractor, map_index, map_dir, images_dir,
+                                                                            image_ids)]
     references = [ReferenceLevel(*(torch.cat([getattr(level[i], name) for level in levels])
                                    for name in ("points3D", "features", "confidence")))
                   for i in range(len(levels[0]))]
@@ -115,9 +112,6 @@ def cached_vs_recomputed(scene_dir: Path, map_dir: Path, store_url: str, conf: d
     paths = localize_job.query_paths(scene_dir / "queries", intrinsics)[:conf["recompute_queries"]]
     shard_conf = ShardConf(with_sparse=False)
     cached = ShardActor(store.url, store.info.extractor_id, store.info.map_fingerprint, shard_conf)
-    scene = SceneMap.load(map_dir, with_descriptors=False)
-    items = {item["image_id"]: item for item in features_job.reference_items(
-        scene.reconstruction, features_job.map_cells(scene))}
     timings = {"cached": [], "recompute": []}
     for path in paths:
         plan = planner.plan(QueryInput(path.name, str(path), intrinsics[path.name], priors.get(path.name)))
@@ -130,7 +124,7 @@ def cached_vs_recomputed(scene_dir: Path, map_dir: Path, store_url: str, conf: d
         cached.localize(cell, request)
         timings["cached"].append(1000 * (time.perf_counter() - start))
         start = time.perf_counter()
-        data = recomputed_cell(cell, plan.reference_image_ids[:conf["recompute_neighbours"]], items, extractor,
+        data = recomputed_cell(cell, plan.reference_image_ids[:conf["recompute_neighbours"]], map_index, map_dir, extractor,
                                scene_dir / "mapping")
         localize_in_cell(request, data, cached.aligners, shard_conf.localize, cached.sparse_conf)
         timings["recompute"].append(1000 * (time.perf_counter() - start))

@@ -25,7 +25,7 @@ from cluster.runtime import init_ray
 from cluster.store import FeatureStore
 from jobs import cli, features
 from pixloc_core.extractors import load_extractor
-from pixloc_core.map_io import SceneMap
+from pixloc_core.map_io import load_map_index
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def measure(map_dir: Path, images_dir: Path, store_url: str, conf: dict) -> dict
     """Fill the store from a map, then time reads against recomputation."""
     stats = features.main(map_dir, images_dir, store_url, {"extractor": conf["extractor"], "workers": conf["workers"]})
     first_batch = features.default_conf["batch_size"]
-    scene = SceneMap.load(map_dir, with_descriptors=False)
-    reconstruction, cells = scene.reconstruction, features.map_cells(scene)
+    map_index = load_map_index(map_dir)
+    cells = features.map_cells(map_index)
     store = FeatureStore.open(store_url)
     num_levels = len(store.info.strides)
 
@@ -72,17 +72,15 @@ def measure(map_dir: Path, images_dir: Path, store_url: str, conf: dict) -> dict
                                  for level in range(num_levels)], conf["repeats"])
 
     # Queries at reference positions spread over the map; each uses its nearest references.
-    items = {item["image_id"]: item for item in features.reference_items(reconstruction, cells)}
-    image_ids = np.array(sorted(items))
-    centers = np.array([reconstruction.images[i].projection_center() for i in image_ids])
+    image_ids, centers = map_index.references.image_ids, map_index.references.centers()
     extractor = load_extractor(conf["extractor"])
     recompute_s, cached_s = [], []
     for query in np.linspace(0, len(image_ids) - 1, conf["num_queries"]).round().astype(int):
         nearest = image_ids[np.argsort(np.linalg.norm(centers - centers[query], axis=1))[:conf["neighbours"]]]
         cell = max(cells, key=lambda c: len(set(cells[c]) & set(nearest.tolist())))
         references = sorted(set(cells[cell]) & set(nearest.tolist()))
-        recompute_s.append(timed(lambda: [features.sample_reference_image(
-            extractor, images_dir / items[i]["name"], items[i]) for i in references], conf["repeats"]))
+        recompute_s.append(timed(lambda: features.sample_reference_images(extractor, map_index, map_dir, images_dir,
+                                                                          references), conf["repeats"]))
         cached_s.append(timed(lambda: [store.load_cell(cell, level, image_ids=references)
                                        for level in range(num_levels)], conf["repeats"]))
     return {

@@ -61,6 +61,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pixloc_core.align import ReferenceLevel
+from pixloc_core.columns import FEATURE_DTYPE, XYZ_DTYPE, column_numpy, column_vectors, vector_column, vector_field
 from pixloc_core.sparse import SparsePoints
 
 from .errors import DamagedPartition
@@ -161,46 +162,6 @@ def parse_partition_dir(path: str) -> tuple[str, int | str]:
 
 def crc32_hex(data: bytes) -> str:
     return f"{zlib.crc32(data):08x}"
-
-
-# Vectors (xyz, features, descriptors) are stored one row per value of a fixed-size binary
-# column holding the row's little-endian numbers: Parquet decodes it about 15x faster than a
-# fixed_size_list, which carries a repetition level per number. The field's metadata names the
-# dtype and width, so that other readers can decode it.
-XYZ_DTYPE, FEATURE_DTYPE = np.dtype("<f8"), np.dtype("<f2")
-
-
-def vector_field(name: str, dtype: np.dtype, width: int) -> pa.Field:
-    return pa.field(name, pa.binary(dtype.itemsize * width),
-                    metadata={"dtype": dtype.str, "width": str(width)})
-
-
-def vector_column(values: np.ndarray, dtype: np.dtype) -> pa.FixedSizeBinaryArray:
-    """(N, K) array -> N fixed-size binary values of K numbers each."""
-    values = np.ascontiguousarray(values, dtype=dtype)
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(values.itemsize * values.shape[1]), len(values),
-                                                [None, pa.py_buffer(values)])
-
-
-def _one_array(column: pa.ChunkedArray) -> pa.Array:
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-
-
-def column_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    """A numeric column without nulls as one array, without a copy when it is one chunk; read from
-    its buffer because Arrow's to_numpy imports pandas (0.7 s of a shard actor's first load)."""
-    array = _one_array(column)
-    dtype = np.dtype(array.type.to_pandas_dtype())
-    return np.frombuffer(array.buffers()[1], dtype, count=len(array), offset=array.offset * dtype.itemsize)
-
-
-def column_vectors(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
-    """vector_column's inverse: (N, K), without a copy when the column is one chunk."""
-    array = _one_array(column)
-    row_bytes = array.type.byte_width
-    width = row_bytes // dtype.itemsize
-    return np.frombuffer(array.buffers()[1], dtype, count=len(array) * width,
-                         offset=array.offset * row_bytes).reshape(len(array), width)
 
 
 def observation_schema(channels: int) -> pa.Schema:

@@ -1,14 +1,16 @@
 """`pixloc features`: precompute the reference features of a map into the Parquet store.
 
 A Ray Data job over the reference images. A pool of stateful workers (a callable class holding the
-extractor) loads each image, extracts its pyramid and samples every level at the observations of
-the 3D points the image sees (the model's 2D keypoints: exact, no reprojection error), then writes
-one part file per batch and partition (cell, level), and into the cell's sparse partition the map's
-descriptor of each observed point with its position, for SIFT + PnP inside the cell's shard actor. An image belongs to every cell that lists it,
-core or halo, so its rows are written into each of them. The driver commits each returned batch
-and publishes a cell's partitions once all its images are committed; a rerun skips committed
-images (see cluster/store.py for the layout and the commit protocol). It also writes the map's
-compact reference table (MAP/references.parquet) that localization plans from.
+extractor) reads the observations of its batch's images from the map's MAP/observations.parquet
+(the 2D keypoints of the model that observe a 3D point: exact, no reprojection error), loads each
+image, extracts its pyramid and samples every level there, then writes one part file per batch and
+partition (cell, level), and into the cell's sparse partition the map's descriptor of each observed
+point with its position, for SIFT + PnP inside the cell's shard actor. An image belongs to every
+cell that lists it, core or halo, so its rows are written into each of them. The driver holds only
+the map's compact tables (reference images, shard index, manifest: O(images), no 3D points, no
+descriptors), commits each returned batch and publishes a cell's partitions once all its images
+are committed; a rerun skips committed images (see cluster/store.py for the layout and the commit
+protocol). A map written before its tables existed gets them derived from its model, once.
 
 After `pixloc map --update`, the same store follows the map: the cells whose fingerprint the
 update left unchanged keep their partitions, and only the images of the changed and new cells are
@@ -30,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pycolmap
 import ray
 import torch
 from tqdm import tqdm
@@ -43,7 +44,8 @@ from pixloc_core.extractors.base import STRIDES, Extractor, resize_longest_side,
 from pixloc_core import files
 from pixloc_core.files import Location
 from pixloc_core.images import ImageReadError, list_images, read_image
-from pixloc_core.map_io import SceneMap, observations, write_reference_table
+from pixloc_core.map_io import (ImageObservations, MapIndex, ReferenceImages, load_map_index, observation_table_info,
+                                read_observations)
 
 from .config import merge_conf
 
@@ -89,102 +91,90 @@ class ImageFolders:
                                     f"{map_dir} not found, e.g. {', '.join(missing[:3])}")
 
 
-def map_cells(scene: SceneMap) -> dict[str, list[int]]:
+def map_cells(map_index: MapIndex) -> dict[str, list[int]]:
     """Cell id -> the ids of its reference images, core and halo."""
-    if scene.shards is None:
-        raise FileNotFoundError(f"{scene.path}: the map has no shard index (shards.json); rebuild it with `pixloc map`")
-    image_ids = {image.name: image_id for image_id, image in scene.reconstruction.images.items()}
-    return {cell: sorted(image_ids[name] for name in scene.shards.images_of(cell)) for cell in scene.shards.cell_ids}
+    if map_index.shards is None:
+        raise FileNotFoundError(f"{map_index.path}: the map has no shard index (shards.json); rebuild it with `pixloc map`")
+    references = map_index.references
+    image_ids = dict(zip(references.names, references.image_ids.tolist()))
+    return {cell: sorted(image_ids[name] for name in map_index.shards.images_of(cell)) for cell in map_index.shards.cell_ids}
 
 
-def reference_items(reconstruction: pycolmap.Reconstruction, cells: dict[str, list[int]],
-                    levels: tuple[int | str, ...] = tuple(range(len(STRIDES))),
-                    descriptors: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
-    """One Ray Data row per reference image in some cell: its observations and the partitions
-    (`partition_dir` strings: every level of each of its cells) it writes into."""
-    return partition_items(reconstruction, {(cell, level): image_ids for cell, image_ids in cells.items()
-                                            for level in levels}, descriptors)
-
-
-def partition_items(reconstruction: pycolmap.Reconstruction, partitions: dict[tuple[str, int | str], list[int]],
-                    descriptors: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
-    """One Ray Data row per reference image of some partition (cell, level) -> image ids; with the
-    map's descriptors (point3D_ids (P,) ascending, descriptors (P, D)), those of its points for
-    the sparse partitions."""
+def partition_items(references: ReferenceImages, partitions: dict[tuple[str, int | str], list[int]]) -> list[dict]:
+    """One Ray Data row per reference image of some partition (cell, level) -> image ids: its id,
+    name, camera size and the partitions (`partition_dir` strings) it writes into; the workers
+    read its observations themselves."""
     partitions_of_image = defaultdict(list)
     for (cell_id, level), image_ids in sorted(partitions.items(), key=str):
         for image_id in image_ids:
             partitions_of_image[image_id].append(partition_dir(cell_id, level))
-    items = []
-    for image_id in sorted(partitions_of_image):
-        image = reconstruction.images[image_id]
-        camera = reconstruction.cameras[image.camera_id]
-        observed = observations(image)
-        sparse = {}
-        if descriptors is not None:
-            point3D_ids, point_descriptors = descriptors
-            rows = np.searchsorted(point3D_ids, observed.point3D_ids).clip(0, max(len(point3D_ids) - 1, 0))
-            described = np.flatnonzero(point3D_ids[rows] == observed.point3D_ids) if len(point3D_ids) else rows[:0]
-            sparse = {"sparse_observations": described, "descriptors": point_descriptors[rows[described]]}
-        items.append({
-            "image_id": image_id,
-            "name": image.name,
-            "camera_size": np.array([camera.width, camera.height], dtype=np.float64),
-            "partitions": partitions_of_image[image_id],
-            "point3D_ids": observed.point3D_ids,  # (N,)
-            "points2D": observed.xy,  # (N, 2)
-            "xyz": np.array([reconstruction.points3D[i].xyz for i in observed.point3D_ids.tolist()]).reshape(-1, 3),
-            **sparse,
-        })
-    return items
+    return [{"image_id": image_id, "name": references.names[references.row(image_id)],
+             "camera_size": references.camera_size(image_id), "partitions": partitions_of_image[image_id]}
+            for image_id in sorted(partitions_of_image)]
 
 
-def sample_reference_image(extractor: Extractor, path: Location, item: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def sample_reference_image(extractor: Extractor, path: Location, xy: np.ndarray,
+                           camera_size: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per level (coarse to fine): features (N, C) and confidences (N,) of a reference image at
-    the pixels where it observes its 3D points (`item` as made by `reference_items`)."""
+    the pixels `xy` (N, 2) of its observations, in the model's camera of size (w, h)."""
     image, _ = resize_longest_side(read_image(path), extractor.max_size)
     pyramid = extractor.extract(image[None])
     # The observations are in pixels of the model's camera; sampling normalises by its size,
     # so the resized image needs no camera of its own.
-    p2d = torch.from_numpy(item["points2D"]).float()  # (N, 2)
-    camera_size = torch.from_numpy(item["camera_size"]).float()  # (2,) w, h
-    return [sample_level(level[0].to("cpu"), p2d, camera_size) for level in pyramid]
+    p2d = torch.from_numpy(xy).float()  # (N, 2)
+    return [sample_level(level[0].to("cpu"), p2d, torch.as_tensor(camera_size).float()) for level in pyramid]
+
+
+def sample_reference_images(extractor: Extractor, map_index: MapIndex, map_url: Location, images_dir: Location,
+                            image_ids: list[int]) -> list[tuple[ImageObservations, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """What the reference PixLoc does for every query, for the benchmarks that compare with the
+    store: per image, its observations and `sample_reference_image`, computed from the photo."""
+    observed = read_observations(map_url, image_ids)
+    references = map_index.references
+    return [(observed[image_id], sample_reference_image(
+                extractor, files.location(images_dir) / references.names[references.row(image_id)],
+                observed[image_id].xy, references.camera_size(image_id)))
+            for image_id in image_ids]
 
 
 class ReferenceFeatureWriter:
     """Ray Data callable class: one extractor per worker, reused across batches."""
 
-    def __init__(self, store_url: str, extractor_name: str, checkpoint: str | None, map_fingerprint: str):
+    def __init__(self, store_url: str, extractor_name: str, checkpoint: str | None, map_url: str,
+                 map_fingerprint: str):
         set_torch_threads()
         self.extractor = load_extractor(extractor_name, checkpoint)
         self.store = FeatureStore.open(store_url, extractor_id=self.extractor.extractor_id)
+        self.map_url = files.location(map_url)
         self.map_fingerprint = map_fingerprint
 
-    def extract(self, item: dict) -> dict[tuple[str, int | str], pa.Table]:
-        """The observation rows of one image (`ImageFolders.locate`d), per partition (cell, level) it writes into."""
-        levels = sample_reference_image(self.extractor, files.location(str(item["path"])), item)
+    def extract(self, item: dict, observed: ImageObservations) -> dict[tuple[str, int | str], pa.Table]:
+        """The rows of one image (`ImageFolders.locate`d), per partition (cell, level) it writes into."""
+        levels = sample_reference_image(self.extractor, files.location(str(item["path"])), observed.xy,
+                                        item["camera_size"])
+        image_ids = np.full(len(observed.point3D_ids), item["image_id"], np.int32)
         tables = {}
         for partition in item["partitions"]:
             cell, level = parse_partition_dir(str(partition))
             if level == SPARSE_LEVEL:
-                rows = item["sparse_observations"]
-                tables[cell, level] = sparse_table(item["point3D_ids"][rows], np.full(len(rows), item["image_id"], np.int32),
-                                                   item["xyz"][rows], item["descriptors"])
+                rows = observed.described
+                tables[cell, level] = sparse_table(observed.point3D_ids[rows], image_ids[rows], observed.xyz[rows],
+                                                   observed.descriptors)
                 continue
             features, confidence = levels[level]
-            tables[cell, level] = observation_table(
-                item["point3D_ids"], np.full(len(features), item["image_id"], np.int32), item["xyz"],
-                features.numpy(), confidence.numpy())
+            tables[cell, level] = observation_table(observed.point3D_ids, image_ids, observed.xyz,
+                                                    features.numpy(), confidence.numpy())
         return tables
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Writes the batch's part files; returns its commit record (JSON, empty when no image
         succeeded) and the unreadable images, which are left out of it so that a rerun retries them."""
         rows = [{column: values[i] for column, values in batch.items()} for i in range(len(batch["image_id"]))]
+        observed = read_observations(self.map_url, batch["image_id"].tolist())
         partitions, image_ids, failures = defaultdict(list), [], []
         for row in rows:
             try:
-                tables = self.extract(row)
+                tables = self.extract(row, observed[int(row["image_id"])])
             except ImageReadError as error:
                 failures.append(str(error))
                 continue
@@ -206,21 +196,14 @@ def pyramid_shape(extractor: Extractor) -> tuple[tuple[int, ...], tuple[int, ...
     return tuple(level.stride for level in pyramid), tuple(level.features.shape[1] for level in pyramid)
 
 
-def map_descriptors(scene: SceneMap) -> tuple[np.ndarray, np.ndarray] | None:
-    """The map's (point3D_ids, descriptors) for the sparse partitions; None for a map without."""
-    if scene.descriptors is None or len(scene.descriptors) == 0:
-        return None
-    return scene.point3D_ids, scene.descriptors
-
-
-def extract(store: FeatureStore, scene: SceneMap, items: list[dict], conf: dict, description: str,
-            on_commit: Callable[[Commit], None]) -> list[str]:
-    """Run the workers over `items` (Ray initialised) of the map `scene`; each returned batch goes
-    to `on_commit`. Returns the unreadable images' errors."""
+def extract(store: FeatureStore, map_index: MapIndex, map_url: Location, items: list[dict], conf: dict,
+            description: str, on_commit: Callable[[Commit], None]) -> list[str]:
+    """Run the workers over `items` (Ray initialised) of the map `map_index` at `map_url`; each
+    returned batch goes to `on_commit`. Returns the unreadable images' errors."""
     dataset = ray.data.from_items(items).map_batches(
         ReferenceFeatureWriter,
         fn_constructor_kwargs={"store_url": store.url, "extractor_name": conf["extractor"], "checkpoint": conf["checkpoint"],
-                               "map_fingerprint": scene.fingerprint},
+                               "map_url": files.absolute(map_url), "map_fingerprint": map_index.fingerprint},
         batch_size=conf["batch_size"],
         compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
         num_cpus=conf["cpus_per_worker"], num_gpus=gpus_per_worker(conf))
@@ -237,11 +220,11 @@ def extract(store: FeatureStore, scene: SceneMap, items: list[dict], conf: dict,
     return failures
 
 
-def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], fingerprints: dict[str, str],
+def repair(store: FeatureStore, map_index: MapIndex, map_url: Location, cells: dict[str, list[int]],
            images: ImageFolders, conf: dict, damaged: dict[tuple[str, int], str]) -> list[str]:
-    """Recompute the damaged partitions from all images of their cells (`fingerprints`: the cells'
-    content) and republish them (Ray initialised); nothing is committed, so a failed repair leaves
-    them damaged for the next rerun. Returns the unreadable images' errors."""
+    """Recompute the damaged partitions from all images of their cells and republish them (Ray
+    initialised); nothing is committed, so a failed repair leaves them damaged for the next rerun.
+    Returns the unreadable images' errors."""
     for (cell, level), reason in sorted(damaged.items()):
         logger.warning("repairing cell %s level %s: %s", cell, level, reason)
     parts: dict[tuple[str, int | str], list[PartFile]] = defaultdict(list)
@@ -250,10 +233,11 @@ def repair(store: FeatureStore, scene: SceneMap, cells: dict[str, list[int]], fi
         for part in commit.parts:
             parts[part.cell, part.level].append(part)
 
-    items = images.locate(partition_items(scene.reconstruction, {partition: cells[partition[0]] for partition in damaged},
-                                          map_descriptors(scene)), scene.path)
-    failures = extract(store, scene, items, conf, "repair reference features", collect)
+    items = images.locate(partition_items(map_index.references, {partition: cells[partition[0]] for partition in damaged}),
+                          map_url)
+    failures = extract(store, map_index, map_url, items, conf, "repair reference features", collect)
     if not failures:
+        fingerprints = map_index.manifest["cell_fingerprints"]
         for cell, level in damaged:
             store.publish(cell, level, parts[cell, level], fingerprints[cell])
     return failures
@@ -267,35 +251,40 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
     conf = merge_conf(default_conf, conf)
     if conf["checkpoint"] is not None:
         conf["checkpoint"] = files.absolute(conf["checkpoint"])  # the workers' working directory may differ
-    scene = SceneMap.load(map_dir)  # the one process besides the map builder that reads the whole map
-    write_reference_table(scene, map_dir)
-    cells = map_cells(scene)
+    # The compact map (O(images)); the workers read the observations of their images themselves.
+    map_index = load_map_index(map_dir, with_observations=True)
+    cells = map_cells(map_index)
     extractor = load_extractor(conf["extractor"], conf["checkpoint"])
     strides, channels = pyramid_shape(extractor)
-    descriptors = map_descriptors(scene)
-    info = StoreInfo(extractor.extractor_id, scene.fingerprint, strides, channels, conf["aggregate"],
-                     sparse_keypoints=scene.keypoints if descriptors else "", sparse_dim=descriptors[1].shape[1] if descriptors else 0)
+    _, descriptor_dim = observation_table_info(map_dir)
+    info = StoreInfo(extractor.extractor_id, map_index.fingerprint, strides, channels, conf["aggregate"],
+                     sparse_keypoints=map_index.manifest.get("keypoints", "sift") if descriptor_dim else "",
+                     sparse_dim=descriptor_dim)
     if images_dir is None:
-        folders = [files.location(folder) for folder in scene.image_folders]
+        folders = [files.location(folder) for folder in map_index.image_folders]
     else:
         folders = [images_dir] if isinstance(images_dir, (Path, str)) else list(images_dir)
     images = ImageFolders(folders)
     if not FeatureStore.exists(store_url):
         # Before the store is created: a first run that cannot read its images must not leave a
         # store.json behind, which would bind the store to this run's extractor and settings.
-        images.require(sorted({scene.reconstruction.images[i].name for ids in cells.values() for i in ids}), map_dir)
-    store = FeatureStore.create(store_url, info, earlier_maps=scene.earlier_fingerprints)
-    fingerprints = scene.cell_fingerprints
-    current = {cell for cell in cells if all(store.is_current(cell, level, fingerprints[cell], scene.fingerprint)
+        in_cells = {image_id for image_ids in cells.values() for image_id in image_ids}
+        images.require(sorted(name for name, image_id in zip(map_index.references.names,
+                                                             map_index.references.image_ids.tolist())
+                              if image_id in in_cells), map_dir)
+    store = FeatureStore.create(store_url, info, earlier_maps=map_index.earlier_fingerprints)
+    fingerprints = map_index.manifest["cell_fingerprints"]
+    current = {cell for cell in cells if all(store.is_current(cell, level, fingerprints[cell], map_index.fingerprint)
                                              for level in info.levels())}
-    if store.info.map_fingerprint != scene.fingerprint:
+    if store.info.map_fingerprint != map_index.fingerprint:
         logger.info("%s: store of the map before its update: %d of %d cells unchanged, their partitions reused",
                     store.url, len(current), len(cells))
     stale = {cell: image_ids for cell, image_ids in cells.items() if cell not in current}
-    publisher = PartitionPublisher(store, stale, fingerprints, scene.fingerprint)
-    for commit in store.commits(scene.fingerprint):
+    publisher = PartitionPublisher(store, stale, fingerprints, map_index.fingerprint)
+    for commit in store.commits(map_index.fingerprint):
         publisher.record(commit)
-    items = images.locate(reference_items(scene.reconstruction, stale, info.levels(), descriptors), map_dir)
+    items = images.locate(partition_items(map_index.references, {(cell, level): image_ids for cell, image_ids in stale.items()
+                                                                 for level in info.levels()}), map_dir)
     pending = [item for item in items if item["image_id"] not in publisher.committed]
     logger.info("%s: %d reference images in %d cells to fill, %d already committed, %d to extract with %s",
                 store.url, len(items), len(stale), len(items) - len(pending), len(pending), extractor.extractor_id)
@@ -313,7 +302,7 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
         with init_ray(address, num_cpus=None if address else conf["workers"] * conf["cpus_per_worker"]):
             start = time.perf_counter()
             if damaged:
-                failures += repair(store, scene, cells, fingerprints, images, conf, damaged)
+                failures += repair(store, map_index, map_dir, cells, images, conf, damaged)
 
             def commit_batch(commit: Commit) -> None:
                 nonlocal extracted, first_commit_s
@@ -323,12 +312,12 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
                 extracted += len(commit.image_ids)
 
             if pending:
-                failures += extract(store, scene, pending, conf, "reference features", commit_batch)
+                failures += extract(store, map_index, map_dir, pending, conf, "reference features", commit_batch)
             seconds = time.perf_counter() - start
     if failures:
         raise ReferenceImageError(f"{len(failures)} reference image(s) unreadable, their cells are not "
                                   f"published (fix them and rerun to resume): {'; '.join(failures[:3])}")
-    store.adopt_map(scene.fingerprint)
+    store.adopt_map(map_index.fingerprint)
     # seconds: the Ray Data job(s), worker start-up included; first_commit_s: until the first batch.
     num_images = len({image_id for image_ids in cells.values() for image_id in image_ids})
     return {"images": num_images, "skipped": num_images - len(pending), "extracted": extracted,

@@ -12,6 +12,11 @@
                            "source_to_map": similarity applied to the source model to make the map
                                             frame, or null (provenance only)}
     MAP/shards.json       the shard index (pixloc_core/shards.py)
+    MAP/references.parquet  per registered image: id, name, pose, camera, median point depth: what
+                          localization plans from (`ReferenceImages`)
+    MAP/observations.parquet  per observation of a 3D point, by image: image_id, point3D_id, xy, xyz and
+                          the point's descriptor: what the feature workers sample and store, read per
+                          batch of images (`read_observations`)
     MAP/manifest.json     {"fingerprint", "source", "keypoints", "images_dir", "num_images", "num_points3D",
                            "skipped": [{"name", "reason"}], "exif_cameras": {"WxH@F": camera_id},
                            "cell_fingerprints": {cell: sha256 of what its store partitions hold},
@@ -26,19 +31,27 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
+from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pycolmap
 
 from . import files
+from .columns import FEATURE_DTYPE, XYZ_DTYPE, column_numpy, column_validity, column_vectors, vector_column, vector_field
 from .files import Location
 from .geo import EnuOrigin, wgs84_to_enu
 from .io import Prior
 from .shards import ShardIndex
+
+logger = logging.getLogger(__name__)
 
 MODEL_DIR, DESCRIPTORS_FILE, GEO_FILE, SHARDS_FILE, MANIFEST_FILE = (
     "model", "descriptors.npz", "geo.json", "shards.json", "manifest.json")
@@ -166,29 +179,14 @@ def parse_exif_camera_key(key: str) -> tuple[int, int, float]:
     return int(width), int(height), float(focal)
 
 
-@dataclass
-class SceneMap:
-    reconstruction: pycolmap.Reconstruction
-    geo: GeoInfo = field(default_factory=GeoInfo)
-    shards: ShardIndex | None = None
-    manifest: dict = field(default_factory=dict)
-    point3D_ids: np.ndarray | None = None  # (P,) int64
-    descriptors: np.ndarray | None = None  # (P, D) float16, unit norm
-    keypoints: str = "sift"  # the type of the 2D points and the descriptors (mapping/keypoints.py)
-    exif_cameras: dict[str, int] = field(default_factory=dict)  # exif_camera_key -> camera_id (SfM maps)
-    path: Path | None = None
+class ManifestFacts:
+    """What a map's manifest says, for the full map and the compact one alike."""
+
+    manifest: dict
 
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
-
-    @property
-    def cell_fingerprints(self) -> dict[str, str]:
-        """Cell -> the fingerprint of its content (see `cell_fingerprints`), computed for a map
-        whose manifest predates them."""
-        if "cell_fingerprints" in self.manifest or self.shards is None:
-            return self.manifest.get("cell_fingerprints", {})
-        return cell_fingerprints(self.reconstruction, self.shards)
 
     @property
     def earlier_fingerprints(self) -> list[str]:
@@ -202,6 +200,27 @@ class SceneMap:
         to `pixloc map` (a relative path is relative to where it ran)."""
         folders = [self.manifest["images_dir"], *(entry["images_dir"] for entry in self.manifest.get("updates", []))]
         return list(dict.fromkeys(folders))
+
+
+@dataclass
+class SceneMap(ManifestFacts):
+    reconstruction: pycolmap.Reconstruction
+    geo: GeoInfo = field(default_factory=GeoInfo)
+    shards: ShardIndex | None = None
+    manifest: dict = field(default_factory=dict)
+    point3D_ids: np.ndarray | None = None  # (P,) int64
+    descriptors: np.ndarray | None = None  # (P, D) float16, unit norm
+    keypoints: str = "sift"  # the type of the 2D points and the descriptors (mapping/keypoints.py)
+    exif_cameras: dict[str, int] = field(default_factory=dict)  # exif_camera_key -> camera_id (SfM maps)
+    path: Path | None = None
+
+    @property
+    def cell_fingerprints(self) -> dict[str, str]:
+        """Cell -> the fingerprint of its content (see `cell_fingerprints`), computed for a map
+        whose manifest predates them."""
+        if "cell_fingerprints" in self.manifest or self.shards is None:
+            return self.manifest.get("cell_fingerprints", {})
+        return cell_fingerprints(self.reconstruction, self.shards)
 
     def save(self, path: Path, source: str, images_dir: Path, skipped: list[dict],
              manifest_extra: dict | None = None) -> None:
@@ -229,8 +248,9 @@ class SceneMap:
         }
         if "cell_fingerprints" not in self.manifest:
             self.manifest["cell_fingerprints"] = cell_fingerprints(self.reconstruction, self.shards) if self.shards else {}
-        (path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
         self.path = path
+        write_derived_tables(self, path)
+        (path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
 
     @classmethod
     def load(cls, path: Location, with_descriptors: bool = True) -> SceneMap:
@@ -364,9 +384,6 @@ class ReferenceImages:
                    dict(reconstruction.cameras.items()), scene.fingerprint)
 
     def save(self, path: Path) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         cameras = {str(i): [camera.model.name, camera.width, camera.height, list(camera.params)]
                    for i, camera in self.cameras.items()}
         table = pa.table({"image_id": self.image_ids, "name": self.names, "qvec": list(self.qvecs),
@@ -381,8 +398,6 @@ class ReferenceImages:
     def load(cls, path: Path) -> ReferenceImages | None:
         """The table, or None when it was written before a column it needs existed (it is then
         derived again, like a table of another model)."""
-        import pyarrow.parquet as pq
-
         table = pq.read_table(path)
         if "camera_id" not in table.column_names:
             return None
@@ -394,6 +409,15 @@ class ReferenceImages:
                    np.array(table.column("tvec").to_pylist(), np.float64).reshape(-1, 3),
                    table.column("median_depth").to_numpy(), table.column("camera_id").to_numpy(), cameras,
                    metadata["fingerprint"])
+
+    def row(self, image_id: int) -> int:
+        """The row of the image with this id."""
+        return int(np.searchsorted(self.image_ids, image_id))  # ids are ascending
+
+    def camera_size(self, image_id: int) -> np.ndarray:
+        """(2,) width and height of the image's camera."""
+        camera = self.cameras[int(self.camera_ids[self.row(image_id)])]
+        return np.array([camera.width, camera.height], np.float64)
 
     def feature_focal_px(self, max_size: int) -> np.ndarray:
         """(R,) the mean focal length in pixels of each image's camera at the size its features
@@ -413,7 +437,7 @@ class ReferenceImages:
 
 
 @dataclass
-class MapIndex:
+class MapIndex(ManifestFacts):
     """What localization plans from: the shard index, the georegistration and the reference images'
     table; unlike SceneMap, no 3D points and no descriptors (those are read per cell from the store)."""
 
@@ -422,10 +446,6 @@ class MapIndex:
     manifest: dict
     references: ReferenceImages
     path: Path | None = None
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
 
     def camera_for_exif(self, width: int, height: int, exif_focal_px: float) -> pycolmap.Camera | None:
         return camera_for_exif(self.references.cameras, self.manifest.get("exif_cameras", {}), width, height,
@@ -443,29 +463,156 @@ class MapIndex:
         return float(np.median(self.references.centers()[:, 2]))
 
 
-def write_reference_table(scene: SceneMap, map_dir: Location) -> ReferenceImages:
-    """MAP/references.parquet from the model (done once, by whoever holds the model); written
-    beside the loaded model (the local cache of a remote map) and to a remote map as well."""
+# ----- what the feature workers sample each reference image at (no 3D model needed)
+
+OBSERVATIONS_FILE = "observations.parquet"
+IMAGES_PER_ROW_GROUP = 16  # what one read fetches: a worker's batch of images reads a group or two
+
+
+@dataclass
+class ImageObservations:
+    """A reference image's observations of 3D points: where its features are sampled, and what its
+    store rows hold."""
+
+    xy: np.ndarray  # (N, 2) float64 pixels of the model's camera, COLMAP convention
+    point3D_ids: np.ndarray  # (N,) int64
+    xyz: np.ndarray  # (N, 3) float64
+    described: np.ndarray  # (N,) bool: the observations whose point has a map descriptor
+    descriptors: np.ndarray  # (M, D) float16, the described observations' points', in order; D = 0: none
+
+
+def observation_schema(descriptor_dim: int) -> pa.Schema:
+    fields = [("image_id", pa.int64()), ("point3D_id", pa.int64()),
+              vector_field("xy", XYZ_DTYPE, 2), vector_field("xyz", XYZ_DTYPE, 3)]
+    if descriptor_dim:
+        fields.append(vector_field("descriptor", FEATURE_DTYPE, descriptor_dim))
+    return pa.schema(fields)
+
+
+def write_observation_table(scene: SceneMap, path: Path) -> None:
+    """MAP/observations.parquet from the model: one row per observation, by image id, in row groups
+    of a few images, so that a worker reads the observations of its images (ranged reads on S3)
+    and no process but the map's writer holds those of the whole map."""
+    reconstruction = scene.reconstruction
+    xyz = {point_id: point.xyz for point_id, point in reconstruction.points3D.items()}
+    point3D_ids = scene.point3D_ids if scene.descriptors is not None else np.zeros(0, np.int64)  # (P,) ascending
+    dim = scene.descriptors.shape[1] if len(point3D_ids) else 0
+    schema = observation_schema(dim).with_metadata({"fingerprint": scene.fingerprint, "keypoints": scene.keypoints})
+    image_ids = sorted(i for i, image in reconstruction.images.items() if image.has_pose)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with pq.ParquetWriter(temporary, schema, compression="zstd") as writer:
+        for start in range(0, len(image_ids), IMAGES_PER_ROW_GROUP):
+            columns = defaultdict(list)
+            for image_id in image_ids[start:start + IMAGES_PER_ROW_GROUP]:
+                observed = observations(reconstruction.images[image_id])
+                columns["image_id"].append(np.full(len(observed.point3D_ids), image_id, np.int64))
+                columns["point3D_id"].append(observed.point3D_ids)
+                columns["xy"].append(observed.xy)
+                columns["xyz"].append(np.array([xyz[i] for i in observed.point3D_ids.tolist()]).reshape(-1, 3))
+                if dim:
+                    rows = np.searchsorted(point3D_ids, observed.point3D_ids).clip(0, len(point3D_ids) - 1)
+                    columns["described"].append(point3D_ids[rows] == observed.point3D_ids)
+                    columns["descriptor"].append(scene.descriptors[rows])
+            group = {name: np.concatenate(values) for name, values in columns.items()}
+            if not len(group["image_id"]):
+                continue
+            arrays = [pa.array(group["image_id"]), pa.array(group["point3D_id"]),
+                      vector_column(group["xy"], XYZ_DTYPE), vector_column(group["xyz"], XYZ_DTYPE)]
+            if dim:
+                arrays.append(vector_column(group["descriptor"], FEATURE_DTYPE, valid=group["described"]))
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=len(group["image_id"]))
+    temporary.replace(path)
+
+
+def read_observations(map_dir: Location, image_ids: Collection[int]) -> dict[int, ImageObservations]:
+    """The observations of these reference images (an image without any: empty), from the row
+    groups of MAP/observations.parquet that hold them."""
+    wanted = np.unique(np.fromiter(image_ids, np.int64))
+
+    def holding_wanted(metadata: pq.FileMetaData) -> list[int]:
+        column = metadata.schema.to_arrow_schema().get_field_index("image_id")
+        groups = []
+        for group in range(metadata.num_row_groups):
+            statistics = metadata.row_group(group).column(column).statistics
+            first = np.searchsorted(wanted, statistics.min)
+            if first < len(wanted) and wanted[first] <= statistics.max:
+                groups.append(group)
+        return groups
+
+    table = files.read_parquet(files.location(map_dir) / OBSERVATIONS_FILE, holding_wanted)
+    table_ids = column_numpy(table.column("image_id"))  # ascending
+    xy, xyz = column_vectors(table.column("xy"), XYZ_DTYPE), column_vectors(table.column("xyz"), XYZ_DTYPE)
+    point3D_ids = column_numpy(table.column("point3D_id"))
+    has_descriptors = "descriptor" in table.column_names
+    if has_descriptors:
+        descriptors = column_vectors(table.column("descriptor"), FEATURE_DTYPE)
+        described = column_validity(table.column("descriptor"))
+    result = {}
+    for image_id in wanted.tolist():
+        rows = slice(*np.searchsorted(table_ids, [image_id, image_id + 1]))
+        if has_descriptors:
+            image_described = described[rows]
+            image_descriptors = descriptors[rows][image_described]
+        else:
+            image_described, image_descriptors = np.zeros(rows.stop - rows.start, bool), np.zeros((0, 0), np.float16)
+        result[image_id] = ImageObservations(xy[rows], point3D_ids[rows], xyz[rows], image_described, image_descriptors)
+    return result
+
+
+def observation_table_info(map_dir: Location) -> tuple[str, int] | None:
+    """Of MAP/observations.parquet, from its footer: the fingerprint of the model it was derived
+    from and the dimension of its descriptors (0: none); None when the map has no table."""
+    path = files.location(map_dir) / OBSERVATIONS_FILE
+    if not files.is_file(path):
+        return None
+    schema = files.read_parquet(path, lambda metadata: []).schema
+    fingerprint = (schema.metadata or {}).get(b"fingerprint", b"").decode()
+    if "descriptor" not in schema.names:
+        return fingerprint, 0
+    return fingerprint, int(schema.field("descriptor").metadata[b"width"])
+
+
+def write_derived_tables(scene: SceneMap, map_dir: Location, with_observations: bool = True) -> ReferenceImages:
+    """MAP/references.parquet and (with the map's descriptors loaded) MAP/observations.parquet from
+    the model, by whoever holds it (the map's writer, or once for a map written before them): beside
+    the loaded model (the local copy of a remote map) and to a remote map as well."""
     references = ReferenceImages.from_scene(scene)
-    local = Path(scene.path or map_dir) / REFERENCES_FILE
-    references.save(local)
+    local = Path(scene.path or map_dir)
+    references.save(local / REFERENCES_FILE)
+    names = [REFERENCES_FILE]
+    if with_observations:
+        write_observation_table(scene, local / OBSERVATIONS_FILE)
+        names.append(OBSERVATIONS_FILE)
     if files.is_remote(map_dir):
-        files.write_bytes(files.location(map_dir) / REFERENCES_FILE, local.read_bytes())
+        for name in names:
+            files.write_bytes(files.location(map_dir) / name, (local / name).read_bytes())
     return references
 
 
-def load_map_index(map_dir: Location) -> MapIndex:
-    """The compact map; the reference table is derived from the model, once, when it is missing,
-    lacks a column (written by an older version) or belongs to another model (rebuilt since)."""
-    map_dir = files.local_copy(map_dir, skip=lambda name: name == DESCRIPTORS_FILE)  # s3:// maps: cached
-    manifest_path = map_dir / MANIFEST_FILE
+def load_map_index(map_dir: Location, with_observations: bool = False) -> MapIndex:
+    """The compact map. Its tables are derived from the model, once, when they are missing, lack
+    a column (written by an older version) or belong to another model (rebuilt since); with
+    `with_observations`, MAP/observations.parquet too (for the feature workers), and a manifest
+    without cell fingerprints gets them."""
+    # s3:// maps: cached, without what only the feature workers read, by ranged reads
+    map_dir_local = files.local_copy(map_dir, skip=lambda name: name in (DESCRIPTORS_FILE, OBSERVATIONS_FILE))
+    manifest_path = map_dir_local / MANIFEST_FILE
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{map_dir}: not a map directory (no {MANIFEST_FILE}); build one with `pixloc map`")
     manifest = json.loads(manifest_path.read_text())
-    table_path = map_dir / REFERENCES_FILE
+    table_path = map_dir_local / REFERENCES_FILE
     references = ReferenceImages.load(table_path) if table_path.is_file() else None
-    if references is None or references.fingerprint != manifest["fingerprint"]:
-        references = write_reference_table(SceneMap.load(map_dir, with_descriptors=False), map_dir)
-    return MapIndex(GeoInfo.from_dict(json.loads((map_dir / GEO_FILE).read_text())),
-                    ShardIndex.load(map_dir / SHARDS_FILE) if (map_dir / SHARDS_FILE).is_file() else None,
-                    manifest, references, map_dir)
+    current = references is not None and references.fingerprint == manifest["fingerprint"]
+    if with_observations:
+        current = (current and "cell_fingerprints" in manifest
+                   and (observation_table_info(map_dir) or ("", 0))[0] == manifest["fingerprint"])
+    if not current:
+        logger.info("%s: deriving the map's tables from its model (once)", map_dir)
+        scene = SceneMap.load(map_dir, with_descriptors=with_observations)
+        references = write_derived_tables(scene, map_dir, with_observations)
+        if with_observations and "cell_fingerprints" not in manifest:
+            manifest["cell_fingerprints"] = scene.cell_fingerprints
+            files.write_text(files.location(map_dir) / MANIFEST_FILE, json.dumps(manifest, indent=2))
+    return MapIndex(GeoInfo.from_dict(json.loads((map_dir_local / GEO_FILE).read_text())),
+                    ShardIndex.load(map_dir_local / SHARDS_FILE) if (map_dir_local / SHARDS_FILE).is_file() else None,
+                    manifest, references, map_dir_local)

@@ -302,7 +302,7 @@ def test_plan_and_policy_run_without_ray(scene):
     """Planner (from the compact map) and localize_in_cell (on a cell read straight from the store)
     in this process: what the query workers and shard actors run, without them."""
     map_index = load_map_index(scene["map"])
-    assert (scene["map"] / "references.parquet").is_file()  # written by `pixloc features`
+    assert (scene["map"] / "references.parquet").is_file()  # written with the map
     extractor = load_extractor("classic").eval()
     store = localize_job.open_store(str(scene["store"]), extractor.extractor_id, map_index.fingerprint)
     planner = Planner(map_index)

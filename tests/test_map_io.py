@@ -1,14 +1,21 @@
 """SceneMap's camera lookup for query photos by EXIF: the map's calibrated camera, also for
-resized copies of mapping-device photos."""
+resized copies of mapping-device photos; the tables a map is written with, and derived for a map
+written before them."""
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
+import pyarrow.parquet as pq
 import pycolmap
 import pytest
 
-from pixloc_core import exif
+from pixloc_core import exif, files
 from pixloc_core.datasets import copy_image
-from pixloc_core.map_io import SceneMap, exif_camera_key
+from pixloc_core.map_io import (IMAGES_PER_ROW_GROUP, OBSERVATIONS_FILE, SceneMap, exif_camera_key, load_map_index,
+                                observation_table_info, observations, read_observations)
 
 FOCAL_35MM = 35.0
 
@@ -62,3 +69,104 @@ def test_resized_lund_photo_reads_back_as_the_map_device(shared_data, tmp_path):
     camera = scene.camera_for_exif(width, height, exif.read_exif_focal_px(tmp_path / "04.jpg", width, height))
     assert camera is not None
     assert camera.params[0] == pytest.approx(890.0 * width / 1024)
+
+
+# ----- the tables a map is written with: what planning and the feature workers read
+
+def _posed_scene(num_images: int) -> SceneMap:
+    """Cameras 1 m apart along x, looking at random points 4-6 m ahead (each seen by every camera
+    it projects into); a descriptor for the points of even id only, like an imported model whose
+    points are not all matched to a keypoint."""
+    rng = np.random.default_rng(0)
+    reconstruction = pycolmap.Reconstruction()
+    reconstruction.add_camera_with_trivial_rig(pycolmap.Camera(
+        camera_id=1, model="PINHOLE", width=160, height=120, params=[100.0, 100.0, 80.0, 60.0]))
+    points = rng.uniform([-2.0, -2.0, 4.0], [num_images + 2.0, 2.0, 6.0], (20 * num_images, 3))
+    tracks = [pycolmap.Track() for _ in points]
+    for image_id in range(1, num_images + 1):
+        center = np.array([image_id, 0.0, 0.0])
+        p_cam = points - center
+        xy = 100.0 * p_cam[:, :2] / p_cam[:, 2:] + [80.0, 60.0]
+        visible = np.flatnonzero((xy >= 0).all(1) & (xy < [160, 120]).all(1))
+        reconstruction.add_image_with_trivial_frame(
+            pycolmap.Image(name=f"{image_id:03d}.jpg", camera_id=1, image_id=image_id,
+                           points2D=[pycolmap.Point2D(xy[i]) for i in visible]),
+            pycolmap.Rigid3d(pycolmap.Rotation3d(np.eye(3)), -center))
+        for point2D_index, point_index in enumerate(visible):
+            tracks[point_index].add_element(image_id, point2D_index)
+    for xyz, track in zip(points, tracks):
+        if track.length() >= 2:
+            reconstruction.add_point3D(xyz, track)
+    described = np.array([i for i in sorted(reconstruction.point3D_ids()) if i % 2 == 0], np.int64)
+    descriptors = rng.normal(size=(len(described), 8)).astype(np.float16)
+    return SceneMap(reconstruction, point3D_ids=described, descriptors=descriptors)
+
+
+@pytest.fixture(scope="module")
+def saved_scene(tmp_path_factory) -> tuple[SceneMap, Path]:
+    scene = _posed_scene(2 * IMAGES_PER_ROW_GROUP + 5)
+    path = tmp_path_factory.mktemp("map") / "map"
+    scene.save(path, "test", path.parent / "images", skipped=[])
+    return scene, path
+
+
+def test_a_worker_reads_the_observations_of_its_images_and_no_others(saved_scene, monkeypatch):
+    scene, path = saved_scene
+    rows_read = []
+    read_parquet = files.read_parquet
+    monkeypatch.setattr(files, "read_parquet", lambda *args: rows_read.append(read_parquet(*args).num_rows) or
+                        read_parquet(*args))
+    wanted = [IMAGES_PER_ROW_GROUP + 2, IMAGES_PER_ROW_GROUP + 3]  # both in the second row group
+    observed = read_observations(path, wanted)
+
+    assert sorted(observed) == wanted
+    group = range(IMAGES_PER_ROW_GROUP + 1, 2 * IMAGES_PER_ROW_GROUP + 1)
+    assert rows_read == [sum(len(observations(scene.reconstruction.images[i]).point3D_ids) for i in group)]
+    descriptor_of = dict(zip(scene.point3D_ids.tolist(), scene.descriptors))
+    for image_id in wanted:
+        expected = observations(scene.reconstruction.images[image_id])
+        got = observed[image_id]
+        np.testing.assert_array_equal(got.point3D_ids, expected.point3D_ids)
+        np.testing.assert_array_equal(got.xy, expected.xy)
+        np.testing.assert_array_equal(got.xyz, [scene.reconstruction.points3D[i].xyz for i in expected.point3D_ids])
+        np.testing.assert_array_equal(got.described, expected.point3D_ids % 2 == 0)
+        np.testing.assert_array_equal(got.descriptors, [descriptor_of[i] for i in expected.point3D_ids[got.described]])
+    assert observation_table_info(path) == (scene.fingerprint, 8)
+
+
+def test_an_image_without_observations_reads_as_empty(saved_scene):
+    _, path = saved_scene
+    observed = read_observations(path, [10_000])[10_000]
+    assert observed.xy.shape == (0, 2) and observed.point3D_ids.shape == (0,) and not observed.described.any()
+
+
+def test_a_map_written_before_its_tables_gets_them_derived_once(saved_scene, tmp_path, monkeypatch):
+    scene, path = saved_scene
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    for name in (OBSERVATIONS_FILE, "references.parquet"):
+        (old / name).unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["cell_fingerprints"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+
+    assert load_map_index(old).references.names == load_map_index(path).references.names
+    assert not (old / OBSERVATIONS_FILE).exists()  # planning alone does not need it
+    derived = load_map_index(old, with_observations=True)
+    assert (old / OBSERVATIONS_FILE).read_bytes() == (path / OBSERVATIONS_FILE).read_bytes()
+    assert derived.manifest["cell_fingerprints"] == json.loads((old / "manifest.json").read_text())["cell_fingerprints"]
+
+    # then never again: the model is not read
+    monkeypatch.setattr(SceneMap, "load", lambda *args, **kwargs: pytest.fail("the model was read"))
+    assert load_map_index(old, with_observations=True).fingerprint == scene.fingerprint
+
+
+def test_a_table_of_another_model_is_derived_again(saved_scene, tmp_path):
+    scene, path = saved_scene
+    stale = tmp_path / "stale"
+    shutil.copytree(path, stale)
+    table = pq.read_table(stale / OBSERVATIONS_FILE)
+    pq.write_table(table.slice(0, 10).replace_schema_metadata({"fingerprint": "another model"}), stale / OBSERVATIONS_FILE)
+    load_map_index(stale, with_observations=True)
+    assert observation_table_info(stale) == (scene.fingerprint, 8)
+    assert (stale / OBSERVATIONS_FILE).read_bytes() == (path / OBSERVATIONS_FILE).read_bytes()
