@@ -530,10 +530,14 @@ def read_observations(map_dir: Location, image_ids: Collection[int]) -> dict[int
     wanted = np.unique(np.fromiter(image_ids, np.int64))
 
     def holding_wanted(metadata: pq.FileMetaData) -> list[int]:
-        column = metadata.schema.to_arrow_schema().get_field_index("image_id")
         groups = []
         for group in range(metadata.num_row_groups):
-            statistics = metadata.row_group(group).column(column).statistics
+            # Not metadata.schema: it and the metadata refer to each other, and a worker would hold
+            # every footer it read (megabytes each, at city scale) until the garbage collector's
+            # rare full pass.
+            row_group = metadata.row_group(group)
+            column = next(i for i in range(row_group.num_columns) if row_group.column(i).path_in_schema == "image_id")
+            statistics = row_group.column(column).statistics
             first = np.searchsorted(wanted, statistics.min)
             if first < len(wanted) and wanted[first] <= statistics.max:
                 groups.append(group)
