@@ -345,9 +345,9 @@ def local_files(folder: Location, names: Iterable[str], target: Path) -> Path:
     return target
 
 
-def upload_folder(local: Path, destination: Url) -> None:
-    """Every file under `local` to `destination`, the manifest-like files last: a reader that sees
-    `manifest.json` sees the whole folder."""
+def copy_folder(local: Path, destination: Location) -> None:
+    """Every file under the local folder `local` to `destination` (a bucket prefix or another local
+    folder), the manifest-like files last: a reader that sees `manifest.json` sees the whole folder."""
     names = sorted(path.relative_to(local).as_posix() for path in Path(local).rglob("*") if path.is_file())
     for name in sorted(names, key=lambda name: name.endswith("manifest.json")):
         write_bytes(destination / name, (Path(local) / name).read_bytes())
@@ -362,6 +362,6 @@ def output_folder(destination: Location) -> tuple[Path, Callable[[], None]]:
     staging = Path(tempfile.mkdtemp(prefix="pixloc_out_"))
 
     def publish() -> None:
-        upload_folder(staging, destination)
+        copy_folder(staging, destination)
         shutil.rmtree(staging)
     return staging, publish

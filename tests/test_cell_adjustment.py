@@ -122,12 +122,14 @@ def test_a_cell_adjusted_against_its_settled_neighbour_comes_back_and_resumes(me
 
     # The same part again (a rerun of the merge): the result is kept; a changed part is adjusted again.
     summary = tmp_path / "adjustment" / EAST / "model" / "summary.json"
-    adjusted = summary.stat().st_mtime_ns
+    part_images = tmp_path / "adjustment" / EAST / "input" / "images.bin"
+    adjusted, written = summary.stat().st_mtime_ns, part_images.stat().st_mtime_ns
     cell_adjustment.write_parts(tmp_path, original, cell_adjustment.Layout.of(original, image_cell),
                                 keypoints.__getitem__, [EAST], {WEST})
     assert cell_adjustment.is_done(tmp_path, EAST) and summary.stat().st_mtime_ns == adjusted
+    assert part_images.stat().st_mtime_ns == written  # not even written again
     frame = original.frame(original.image(20).frame_id)
     frame.rig_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(), np.array([0.0, 0.0, 0.05])) * frame.rig_from_world
     cell_adjustment.write_parts(tmp_path, original, cell_adjustment.Layout.of(original, image_cell),
                                 keypoints.__getitem__, [EAST], {WEST})
-    assert not cell_adjustment.is_done(tmp_path, EAST)
+    assert not cell_adjustment.is_done(tmp_path, EAST) and part_images.stat().st_mtime_ns != written

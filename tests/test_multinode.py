@@ -61,10 +61,10 @@ def test_two_nodes_with_s3_inputs_match_the_local_run(local_run, s3_bucket, tmp_
     root, scene = local_run["root"], local_run["scene"]
     bucket = Url(f"s3://{s3_bucket}/city")
     for folder in ("mapping", "queries", "reference_model"):
-        files.upload_folder(scene / folder, bucket / folder)
+        files.copy_folder(scene / folder, bucket / folder)
     for name in ("priors.csv", "queries_with_intrinsics.txt", "mapping_priors.csv"):
         files.write_bytes(bucket / name, (scene / name).read_bytes())
-    files.upload_folder(root / "map", bucket / "map")
+    files.copy_folder(root / "map", bucket / "map")
 
     report = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), files.CACHE_ENV: str(tmp_path / "cache")}

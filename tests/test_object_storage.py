@@ -31,7 +31,7 @@ def tiny_scene(tmp_path_factory):
 @pytest.fixture
 def scene_in_bucket(tiny_scene, s3_bucket) -> Url:
     url = Url(f"s3://{s3_bucket}/datasets/street")
-    files.upload_folder(tiny_scene, url)
+    files.copy_folder(tiny_scene, url)
     return url
 
 

@@ -23,15 +23,18 @@ inner rings and of the earlier groups, and ignores those not yet adjusted.
                                               marks the cell done
     MAP/mapping/adjustment/<cell>/failed.txt  one line: why the part was not adjusted (kept as merged)
 
-A rerun keeps a cell's result when its part is the same as before (the merge is deterministic: the
-same submodels give the same parts); a changed part is written again and adjusted again.
+A rerun keeps a cell's part and result when its part is the same as before (the merge is
+deterministic: the same submodels give the same parts), without writing it again; a changed part
+is written again and adjusted again.
 """
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pycolmap
@@ -218,22 +221,20 @@ def cell_part(reconstruction: pycolmap.Reconstruction, layout: Layout, cell: str
 def write_parts(root: Location, reconstruction: pycolmap.Reconstruction, layout: Layout,
                 keypoints: Callable[[str], np.ndarray], cells: list[str], settled: set[str]) -> None:
     """The part of each of `cells` under `root` (`settled`: the cells they are adjusted against),
-    where it differs from the one already there (whose result is then dropped)."""
+    where it differs from the one already there (whose result is then dropped); each is written to
+    a local folder first, for its digest, and copied there only when it differs."""
     kept, settled_cells = 0, layout.cell_indices(settled)
     for cell in cells:
         part, own_images, own_points = cell_part(reconstruction, layout, cell, settled_cells, keypoints)
         directory = cell_dir(root, cell)
         before = read_own(root, cell)["digest"] if files.is_file(directory / PART_FILE) else None
-        # Written whole again even when unchanged: pycolmap writes only to a folder, which its
-        # digest needs (a remote one is staged locally and uploaded).
-        local, publish = files.output_folder(directory / INPUT_DIR)
-        local.mkdir(parents=True, exist_ok=True)
-        part.write(local)
-        digest = model_fingerprint(local)
-        publish()
-        if digest == before:
-            kept += 1
-            continue
+        with tempfile.TemporaryDirectory(prefix="pixloc_part_") as staging:  # pycolmap writes only to a folder
+            part.write(staging)
+            digest = model_fingerprint(Path(staging))
+            if digest == before:
+                kept += 1
+                continue
+            files.copy_folder(Path(staging), directory / INPUT_DIR)
         if files.exists(directory / MODEL_DIR):
             files.delete_folder(directory / MODEL_DIR)
         if files.is_file(directory / FAILED_FILE):
