@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import os
 import resource
 import shutil
@@ -61,7 +62,8 @@ default_conf = {
     "nodes_queries": 60,  # 1 vs 2 simulated nodes, on the smallest size (0: skip)
     "sample_interval_s": 0.2,
     # Process kinds by Ray's process title (`ray::<class>...`); the driver is the job's process.
-    "kinds": {"query_worker": ["QueryFeaturizer", "QueryWorker"], "shard_actor": ["ShardActor"]},
+    "kinds": {"query_worker": ["QueryFeaturizer", "QueryWorker"], "shard_actor": ["ShardActor"],
+              "feature_worker": ["ReferenceFeatureWriter"]},
     "job_timeout_s": 7200,
     "plot": True,
 }
@@ -267,7 +269,11 @@ def ensure_store(root: Path, conf: dict) -> dict:
         logger.warning("%s: store refused, rebuilding it (%s)", store, str(error).splitlines()[0])
         shutil.rmtree(store, ignore_errors=True)
         run = run_job(args, conf, root / "features.log")
-    return {"wall_s": round(run.seconds, 1), "cpu_s": round(run.tree["cpu_s"], 1)}
+    extracted = re.search(r"\((\d+) extracted", run.log)
+    # The memory of an extracting job: a rerun on a current store only plans.
+    return {"wall_s": round(run.seconds, 1), "cpu_s": round(run.tree["cpu_s"], 1),
+            "extracted": int(extracted.group(1)) if extracted else None,
+            "peak_rss_mb": {kind: run.tree["peak_rss_mb"].get(kind) for kind in ("driver", "feature_worker")}}
 
 
 def localize_args(root: Path, query_list: Path, out: Path, conf: dict, workers: int,
@@ -405,6 +411,11 @@ def print_table(report: dict) -> None:
         print(f"{size['refs']:>6} {size['points']:>8} {size['cells']:>5} {size['queries']:>4} "
               f"{size['queries_per_s']:>5.2f} {size['cpu_s_per_query']:>7.2f} {rss:>20} {size['actor_processes']:>6} "
               f"{size['cell_loads']:>5} {traffic:>8} {100 * size['recall']['0.25m_2deg']:>5.1f}% {precision:>5}  {stages}")
+        features = size["details"]["build"]["features"]
+        if features.get("extracted"):
+            rss = features["peak_rss_mb"]
+            print(f"{'':>6} pixloc features: {features['extracted']} images in {features['wall_s']:.0f} s, "
+                  f"peak RSS MB driver {rss['driver']:.0f} / worker {rss['feature_worker'] or 0:.0f}")
         if len(size["runs"]["cpu_s_per_query"]) > 1:
             print(f"{'':>6} CPU s/q of each run: " + ", ".join(f"{cpu:.2f}" for cpu in size["runs"]["cpu_s_per_query"]))
     if report["order"]:
