@@ -395,10 +395,10 @@ class ReferenceImages:
         temporary.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> ReferenceImages | None:
+    def load(cls, path: Location) -> ReferenceImages | None:
         """The table, or None when it was written before a column it needs existed (it is then
         derived again, like a table of another model)."""
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(files.read_arrow_buffer(path)))
         if "camera_id" not in table.column_names:
             return None
         metadata = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
@@ -445,7 +445,7 @@ class MapIndex(ManifestFacts):
     shards: ShardIndex | None
     manifest: dict
     references: ReferenceImages
-    path: Path | None = None
+    path: Location | None = None
 
     def camera_for_exif(self, width: int, height: int, exif_focal_px: float) -> pycolmap.Camera | None:
         return camera_for_exif(self.references.cameras, self.manifest.get("exif_cameras", {}), width, height,
@@ -594,18 +594,18 @@ def write_derived_tables(scene: SceneMap, map_dir: Location, with_observations: 
 
 
 def load_map_index(map_dir: Location, with_observations: bool = False) -> MapIndex:
-    """The compact map. Its tables are derived from the model, once, when they are missing, lack
-    a column (written by an older version) or belong to another model (rebuilt since); with
+    """The compact map, read straight from its folder (local or remote: a few small files, not the
+    model). Its tables are derived from the model, once, when they are missing, lack a column
+    (written by an older version) or belong to another model (rebuilt since); with
     `with_observations`, MAP/observations.parquet too (for the feature workers), and a manifest
     without cell fingerprints gets them."""
-    # s3:// maps: cached, without what only the feature workers read, by ranged reads
-    map_dir_local = files.local_copy(map_dir, skip=lambda name: name in (DESCRIPTORS_FILE, OBSERVATIONS_FILE))
-    manifest_path = map_dir_local / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{map_dir}: not a map directory (no {MANIFEST_FILE}); build one with `pixloc map`")
-    manifest = json.loads(manifest_path.read_text())
-    table_path = map_dir_local / REFERENCES_FILE
-    references = ReferenceImages.load(table_path) if table_path.is_file() else None
+    map_dir = files.location(map_dir)
+    try:
+        manifest = json.loads(files.read_text(map_dir / MANIFEST_FILE))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{map_dir}: not a map directory (no {MANIFEST_FILE}); build one with `pixloc map`") from None
+    table_path = map_dir / REFERENCES_FILE
+    references = ReferenceImages.load(table_path) if files.is_file(table_path) else None
     current = references is not None and references.fingerprint == manifest["fingerprint"]
     if with_observations:
         current = (current and "cell_fingerprints" in manifest
@@ -616,7 +616,7 @@ def load_map_index(map_dir: Location, with_observations: bool = False) -> MapInd
         references = write_derived_tables(scene, map_dir, with_observations)
         if with_observations and "cell_fingerprints" not in manifest:
             manifest["cell_fingerprints"] = scene.cell_fingerprints
-            files.write_text(files.location(map_dir) / MANIFEST_FILE, json.dumps(manifest, indent=2))
-    return MapIndex(GeoInfo.from_dict(json.loads((map_dir_local / GEO_FILE).read_text())),
-                    ShardIndex.load(map_dir_local / SHARDS_FILE) if (map_dir_local / SHARDS_FILE).is_file() else None,
-                    manifest, references, map_dir_local)
+            files.write_text(map_dir / MANIFEST_FILE, json.dumps(manifest, indent=2))
+    shards = json.loads(files.read_text(map_dir / SHARDS_FILE)) if files.is_file(map_dir / SHARDS_FILE) else None
+    return MapIndex(GeoInfo.from_dict(json.loads(files.read_text(map_dir / GEO_FILE))),
+                    ShardIndex.from_dict(shards) if shards is not None else None, manifest, references, map_dir)

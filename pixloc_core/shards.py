@@ -154,8 +154,11 @@ class ShardIndex:
 
     @classmethod
     def load(cls, path: Path) -> ShardIndex:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShardIndex:
         """The cells are recomputed from the image centres, so they always match the grid."""
-        data = json.loads(Path(path).read_text())
         names = list(data["images"])
         centers = np.array([data["images"][name] for name in names]).reshape(-1, 3)
         return cls(data["cell_size_m"], data["halo_m"], names, centers)
