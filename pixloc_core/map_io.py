@@ -34,10 +34,11 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +53,7 @@ from .io import Prior
 from .shards import ShardIndex
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODEL_DIR, DESCRIPTORS_FILE, GEO_FILE, SHARDS_FILE, MANIFEST_FILE = (
     "model", "descriptors.npz", "geo.json", "shards.json", "manifest.json")
@@ -565,15 +567,28 @@ def read_observations(map_dir: Location, image_ids: Collection[int]) -> dict[int
 
 def observation_table_info(map_dir: Location) -> tuple[str, int] | None:
     """Of MAP/observations.parquet, from its footer: the fingerprint of the model it was derived
-    from and the dimension of its descriptors (0: none); None when the map has no table."""
+    from and the dimension of its descriptors (0: none); None when the map has no table, or a
+    damaged one."""
     path = files.location(map_dir) / OBSERVATIONS_FILE
-    if not files.is_file(path):
+    schema = readable_table(path, lambda: files.read_parquet(path, lambda metadata: []).schema)
+    if schema is None:
         return None
-    schema = files.read_parquet(path, lambda metadata: []).schema
     fingerprint = (schema.metadata or {}).get(b"fingerprint", b"").decode()
     if "descriptor" not in schema.names:
         return fingerprint, 0
     return fingerprint, int(schema.field("descriptor").metadata[b"width"])
+
+
+def readable_table(path: Location, read: Callable[[], T]) -> T | None:
+    """read() of a table derived from the model; None when it is missing or damaged (it is then
+    derived again). A storage failure is not damage: it is raised."""
+    if not files.is_file(path):
+        return None
+    try:
+        return read()
+    except pa.ArrowInvalid as error:
+        logger.warning("%s: damaged (%s), derived again from the model", path, " ".join(str(error).split()))
+        return None
 
 
 def write_derived_tables(scene: SceneMap, map_dir: Location, with_observations: bool = True) -> ReferenceImages:
@@ -605,7 +620,7 @@ def load_map_index(map_dir: Location, with_observations: bool = False) -> MapInd
     except FileNotFoundError:
         raise FileNotFoundError(f"{map_dir}: not a map directory (no {MANIFEST_FILE}); build one with `pixloc map`") from None
     table_path = map_dir / REFERENCES_FILE
-    references = ReferenceImages.load(table_path) if files.is_file(table_path) else None
+    references = readable_table(table_path, lambda: ReferenceImages.load(table_path))
     current = references is not None and references.fingerprint == manifest["fingerprint"]
     if with_observations:
         current = (current and "cell_fingerprints" in manifest

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -185,3 +186,15 @@ def test_a_table_of_another_model_is_derived_again(saved_scene, tmp_path):
     load_map_index(stale, with_observations=True)
     assert observation_table_info(stale) == (scene.fingerprint, 8)
     assert (stale / OBSERVATIONS_FILE).read_bytes() == (path / OBSERVATIONS_FILE).read_bytes()
+
+
+@pytest.mark.parametrize("name", [OBSERVATIONS_FILE, "references.parquet"])
+def test_a_damaged_table_is_derived_again(saved_scene, tmp_path, name, caplog):
+    _, path = saved_scene
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    (damaged / name).write_bytes((damaged / name).read_bytes()[:100])  # a truncated copy
+    with caplog.at_level(logging.WARNING, logger="pixloc_core.map_io"):
+        load_map_index(damaged, with_observations=True)
+    assert f"{damaged / name}: damaged" in caplog.text
+    assert (damaged / name).read_bytes() == (path / name).read_bytes()
