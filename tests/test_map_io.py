@@ -141,13 +141,17 @@ def test_a_read_leaves_no_reference_cycle(saved_scene):
     collector's rare full pass (a worker grew to 1.1 GB at 10,286 references)."""
     _, path = saved_scene
     gc.collect()
-    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds is kept in gc.garbage
     try:
         read_observations(path, [1, IMAGES_PER_ROW_GROUP + 1])
         observation_table_info(path)
-        assert gc.collect() == 0
+        gc.collect()
+        # Only Arrow's: the session's other threads (Ray's, the S3 server's) make garbage of their own.
+        cycles = [type(thing).__name__ for thing in gc.garbage if type(thing).__module__.startswith("pyarrow")]
     finally:
-        gc.enable()
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not cycles
 
 
 def test_an_image_without_observations_reads_as_empty(saved_scene):
