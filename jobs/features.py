@@ -40,7 +40,7 @@ from cluster.runtime import gpus_per_worker, init_ray, set_torch_threads
 from cluster.store import (SPARSE_LEVEL, Commit, FeatureStore, PartFile, PartitionPublisher, StoreInfo, batch_key,
                            observation_table, parse_partition_dir, partition_dir, sparse_table)
 from pixloc_core.extractors import load_extractor
-from pixloc_core.extractors.base import STRIDES, Extractor, resize_longest_side, sample_level
+from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level
 from pixloc_core import files
 from pixloc_core.files import Location
 from pixloc_core.images import ImageReadError, list_images, read_image

@@ -483,7 +483,7 @@ class ImageObservations:
     descriptors: np.ndarray  # (M, D) float16, the described observations' points', in order; D = 0: none
 
 
-def observation_schema(descriptor_dim: int) -> pa.Schema:
+def observation_table_schema(descriptor_dim: int) -> pa.Schema:
     fields = [("image_id", pa.int64()), ("point3D_id", pa.int64()),
               vector_field("xy", XYZ_DTYPE, 2), vector_field("xyz", XYZ_DTYPE, 3)]
     if descriptor_dim:
@@ -499,7 +499,7 @@ def write_observation_table(scene: SceneMap, path: Path) -> None:
     xyz = {point_id: point.xyz for point_id, point in reconstruction.points3D.items()}
     point3D_ids = scene.point3D_ids if scene.descriptors is not None else np.zeros(0, np.int64)  # (P,) ascending
     dim = scene.descriptors.shape[1] if len(point3D_ids) else 0
-    schema = observation_schema(dim).with_metadata({"fingerprint": scene.fingerprint, "keypoints": scene.keypoints})
+    schema = observation_table_schema(dim).with_metadata({"fingerprint": scene.fingerprint, "keypoints": scene.keypoints})
     image_ids = sorted(i for i, image in reconstruction.images.items() if image.has_pose)
     temporary = path.with_name(f".{path.name}.tmp")
     with pq.ParquetWriter(temporary, schema, compression="zstd") as writer:
