@@ -15,7 +15,7 @@ from pixloc_core.exif import read_exif_prior
 from pixloc_core.files import StorageError, Url
 from pixloc_core.images import ImageReadError, image_size, list_images, read_image
 from pixloc_core.io import read_poses, read_priors, read_query_list
-from pixloc_core.map_io import SceneMap, load_map_index
+from pixloc_core.map_io import OBSERVATIONS_FILE, SceneMap, load_map_index
 from pixloc_core.mapping import cells
 
 TINY = ["--blocks", "1x1", "--refs", "40", "--queries", "3", "--width", "160", "--height", "120", "--seed", "2"]
@@ -165,6 +165,11 @@ def test_map_from_and_to_the_bucket_equals_the_local_map(tiny_scene, scene_in_bu
     assert index.references.names == load_map_index(tmp_path / "map").references.names
     assert index.shards.cell_ids == local.shards.cell_ids and index.fingerprint == local.fingerprint
     assert not (tmp_path / "worker_cache").exists()
+
+    # A remote map without its observation table (written before it) gets it derived and uploaded.
+    files.delete(url / "map" / OBSERVATIONS_FILE)
+    load_map_index(url / "map", with_observations=True)
+    assert files.read_bytes(url / "map" / OBSERVATIONS_FILE) == (tmp_path / "map" / OBSERVATIONS_FILE).read_bytes()
 
 
 def test_results_written_to_the_bucket(s3_bucket):
