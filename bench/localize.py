@@ -87,13 +87,11 @@ def stage_ms(table: pa.Table) -> dict[str, float]:
             for stage in STAGES}
 
 
-def recomputed_cell(cell: str, image_ids: list[int], map_index: MapIndex, map_dir: Path, extractor,
-                    images_dir: Path) -> CellData:
+def recomputed_cell(cell: str, image_ids: list[int], map_index: MapIndex, extractor, images_dir: Path) -> CellData:
     """What the reference PixLoc does for every query: the reference features of the query's
     nearest reference images computed from their images, instead of read from the store."""
     levels = [[ReferenceLevel(torch.from_numpy(observed.xyz), features, confidence) for features, confidence in sampled]
-              for observed, sampled in features_job.sample_reference_images(extractor, map_index, map_dir, images_dir,
-                                                                            image_ids)]
+              for observed, sampled in features_job.sample_reference_images(extractor, map_index, images_dir, image_ids)]
     references = [ReferenceLevel(*(torch.cat([getattr(level[i], name) for level in levels])
                                    for name in ("points3D", "features", "confidence")))
                   for i in range(len(levels[0]))]
@@ -124,7 +122,7 @@ def cached_vs_recomputed(scene_dir: Path, map_dir: Path, store_url: str, conf: d
         cached.localize(cell, request)
         timings["cached"].append(1000 * (time.perf_counter() - start))
         start = time.perf_counter()
-        data = recomputed_cell(cell, plan.reference_image_ids[:conf["recompute_neighbours"]], map_index, map_dir, extractor,
+        data = recomputed_cell(cell, plan.reference_image_ids[:conf["recompute_neighbours"]], map_index, extractor,
                                scene_dir / "mapping")
         localize_in_cell(request, data, cached.aligners, shard_conf.localize, cached.sparse_conf)
         timings["recompute"].append(1000 * (time.perf_counter() - start))

@@ -79,7 +79,7 @@ def measure(map_dir: Path, images_dir: Path, store_url: str, conf: dict) -> dict
         nearest = image_ids[np.argsort(np.linalg.norm(centers - centers[query], axis=1))[:conf["neighbours"]]]
         cell = max(cells, key=lambda c: len(set(cells[c]) & set(nearest.tolist())))
         references = sorted(set(cells[cell]) & set(nearest.tolist()))
-        recompute_s.append(timed(lambda: features.sample_reference_images(extractor, map_index, map_dir, images_dir,
+        recompute_s.append(timed(lambda: features.sample_reference_images(extractor, map_index, images_dir,
                                                                           references), conf["repeats"]))
         cached_s.append(timed(lambda: [store.load_cell(cell, level, image_ids=references)
                                        for level in range(num_levels)], conf["repeats"]))

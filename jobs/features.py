@@ -125,11 +125,11 @@ def sample_reference_image(extractor: Extractor, path: Location, xy: np.ndarray,
     return [sample_level(level[0].to("cpu"), p2d, torch.as_tensor(camera_size).float()) for level in pyramid]
 
 
-def sample_reference_images(extractor: Extractor, map_index: MapIndex, map_url: Location, images_dir: Location,
+def sample_reference_images(extractor: Extractor, map_index: MapIndex, images_dir: Location,
                             image_ids: list[int]) -> list[tuple[ImageObservations, list[tuple[torch.Tensor, torch.Tensor]]]]:
     """What the reference PixLoc does for every query, for the benchmarks that compare with the
     store: per image, its observations and `sample_reference_image`, computed from the photo."""
-    observed = read_observations(map_url, image_ids)
+    observed = read_observations(map_index.path, image_ids)
     references = map_index.references
     return [(observed[image_id], sample_reference_image(
                 extractor, files.location(images_dir) / references.names[references.row(image_id)],
@@ -196,14 +196,14 @@ def pyramid_shape(extractor: Extractor) -> tuple[tuple[int, ...], tuple[int, ...
     return tuple(level.stride for level in pyramid), tuple(level.features.shape[1] for level in pyramid)
 
 
-def extract(store: FeatureStore, map_index: MapIndex, map_url: Location, items: list[dict], conf: dict,
-            description: str, on_commit: Callable[[Commit], None]) -> list[str]:
-    """Run the workers over `items` (Ray initialised) of the map `map_index` at `map_url`; each
-    returned batch goes to `on_commit`. Returns the unreadable images' errors."""
+def extract(store: FeatureStore, map_index: MapIndex, items: list[dict], conf: dict, description: str,
+            on_commit: Callable[[Commit], None]) -> list[str]:
+    """Run the workers over `items` (Ray initialised) of the map `map_index`; each returned batch
+    goes to `on_commit`. Returns the unreadable images' errors."""
     dataset = ray.data.from_items(items).map_batches(
         ReferenceFeatureWriter,
         fn_constructor_kwargs={"store_url": store.url, "extractor_name": conf["extractor"], "checkpoint": conf["checkpoint"],
-                               "map_url": files.absolute(map_url), "map_fingerprint": map_index.fingerprint},
+                               "map_url": files.absolute(map_index.path), "map_fingerprint": map_index.fingerprint},
         batch_size=conf["batch_size"],
         compute=ray.data.ActorPoolStrategy(size=conf["workers"]),
         num_cpus=conf["cpus_per_worker"], num_gpus=gpus_per_worker(conf))
@@ -220,7 +220,7 @@ def extract(store: FeatureStore, map_index: MapIndex, map_url: Location, items: 
     return failures
 
 
-def repair(store: FeatureStore, map_index: MapIndex, map_url: Location, cells: dict[str, list[int]],
+def repair(store: FeatureStore, map_index: MapIndex, cells: dict[str, list[int]],
            images: ImageFolders, conf: dict, damaged: dict[tuple[str, int], str]) -> list[str]:
     """Recompute the damaged partitions from all images of their cells and republish them (Ray
     initialised); nothing is committed, so a failed repair leaves them damaged for the next rerun.
@@ -234,8 +234,8 @@ def repair(store: FeatureStore, map_index: MapIndex, map_url: Location, cells: d
             parts[part.cell, part.level].append(part)
 
     items = images.locate(partition_items(map_index.references, {partition: cells[partition[0]] for partition in damaged}),
-                          map_url)
-    failures = extract(store, map_index, map_url, items, conf, "repair reference features", collect)
+                          map_index.path)
+    failures = extract(store, map_index, items, conf, "repair reference features", collect)
     if not failures:
         fingerprints = map_index.manifest["cell_fingerprints"]
         for cell, level in damaged:
@@ -302,7 +302,7 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
         with init_ray(address, num_cpus=None if address else conf["workers"] * conf["cpus_per_worker"]):
             start = time.perf_counter()
             if damaged:
-                failures += repair(store, map_index, map_dir, cells, images, conf, damaged)
+                failures += repair(store, map_index, cells, images, conf, damaged)
 
             def commit_batch(commit: Commit) -> None:
                 nonlocal extracted, first_commit_s
@@ -312,7 +312,7 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
                 extracted += len(commit.image_ids)
 
             if pending:
-                failures += extract(store, map_index, map_dir, pending, conf, "reference features", commit_batch)
+                failures += extract(store, map_index, pending, conf, "reference features", commit_batch)
             seconds = time.perf_counter() - start
     if failures:
         raise ReferenceImageError(f"{len(failures)} reference image(s) unreadable, their cells are not "

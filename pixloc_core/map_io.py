@@ -447,7 +447,7 @@ class MapIndex(ManifestFacts):
     shards: ShardIndex | None
     manifest: dict
     references: ReferenceImages
-    path: Location | None = None
+    path: Location | None = None  # the map folder it was read from (a local path or an s3:// URL)
 
     def camera_for_exif(self, width: int, height: int, exif_focal_px: float) -> pycolmap.Camera | None:
         return camera_for_exif(self.references.cameras, self.manifest.get("exif_cameras", {}), width, height,
