@@ -107,7 +107,7 @@ def cached_vs_recomputed(scene_dir: Path, map_dir: Path, store_url: str, conf: d
     planner = Planner(map_index, feature_max_size=extractor.max_size)
     intrinsics = read_query_list(scene_dir / "queries_with_intrinsics.txt")
     priors = read_priors(scene_dir / "priors.csv")
-    paths = localize_job.query_paths(scene_dir / "queries", intrinsics)[:conf["recompute_queries"]]
+    paths = [scene_dir / "queries" / name for name in intrinsics][:conf["recompute_queries"]]  # the listed queries
     shard_conf = ShardConf(with_sparse=False)
     cached = ShardActor(store.url, store.info.extractor_id, store.info.map_fingerprint, shard_conf)
     timings = {"cached": [], "recompute": []}
