@@ -7,7 +7,6 @@ import pycolmap
 import pytest
 
 from pixloc_core.mapping import cell_adjustment
-from pixloc_core.mapping.merge import CellPoints
 from pixloc_core.shards import cell_coordinates, cell_id
 
 pycolmap.logging.minloglevel = 2
@@ -66,8 +65,9 @@ def merged_street():
 
 def test_points_belong_to_one_cell_each(merged_street):
     _, merged, _, image_cell = merged_street
-    points = CellPoints.from_reconstruction(merged)
-    owners = cell_adjustment.point_owners(points, image_cell)
+    layout = cell_adjustment.Layout.of(merged, image_cell)
+    points = layout.points
+    owners = np.array([*sorted(layout.cell_index, key=layout.cell_index.get), ""], dtype=object)[layout.point_cell]
     assert set(owners.tolist()) == {WEST, EAST}
     west_images = [image_id for image_id, cell in image_cell.items() if cell == WEST]
     only_west = np.array([np.isin(points.observation_image[points.observation_point == row], west_images).all()

@@ -84,8 +84,9 @@ def observation_cells(points: CellPoints, image_cell: dict[int, str]) -> tuple[l
 
 
 def owner_indices(points: CellPoints, observation_cell: np.ndarray, num_cells: int) -> np.ndarray:
-    """(P,) the index of each point's cell (point_owners) given its observations' (M,) cell
-    indices (observation_cells); -1 for a point no owned image observes."""
+    """(P,) the index of each point's cell, the cell owning most of its observing images (ties: the
+    first in name order), given its observations' (M,) cell indices (observation_cells); -1 for a
+    point no owned image observes."""
     owned = observation_cell >= 0
     votes, count = np.unique(points.observation_point[owned] * num_cells + observation_cell[owned], return_counts=True)
     point, cell = votes // max(num_cells, 1), votes % max(num_cells, 1)  # (V,) each (point, cell) voted
@@ -94,13 +95,6 @@ def owner_indices(points: CellPoints, observation_cell: np.ndarray, num_cells: i
     owners = np.full(points.num_points, -1, dtype=np.int64)
     owners[point[first]] = cell[first]
     return owners
-
-
-def point_owners(points: CellPoints, image_cell: dict[int, str]) -> np.ndarray:
-    """(P,) the cell of each point of `points` (flat arrays of the merged model): the cell owning
-    most of its observing images; "" for a point no owned image observes."""
-    cells, observation_cell = observation_cells(points, image_cell)
-    return np.array([*cells, ""], dtype=object)[owner_indices(points, observation_cell, len(cells))]
 
 
 @dataclass
@@ -137,7 +131,7 @@ class Layout:
     point_ids: np.ndarray  # (P,) the ids of the rows of `points`
     cell_index: dict[str, int]  # cell -> its index in name order (the cell indices below)
     cell_images: dict[str, list[int]]  # cell -> the ids of the images it owns, ascending
-    point_cell: np.ndarray  # (P,) each point's cell index (point_owners; -1: none)
+    point_cell: np.ndarray  # (P,) each point's cell index (owner_indices; -1: none)
     observation_cell: np.ndarray  # (M,) the cell index of each observation's image (-1: none)
     points_by_cell: Groups  # point rows by cell index
     by_point: Groups  # observations by point row
