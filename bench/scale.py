@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import os
+import re
 import resource
 import shutil
 import subprocess
