@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # VerifyConf with nothing refused: every pose a method finds keeps success=true in the job's rows
 # (the methods' own minimums, e.g. sparse's 15 PnP inliers, still apply).
 PERMISSIVE = {"min_inliers": 0, "min_inlier_ratio": 0.0, "max_pnp_position_std_m": math.inf,
-              "max_pnp_split_shift_m": math.inf, "max_rival_ratio": math.inf, "trust_prior": "low",
+              "max_pnp_split_shift_m": math.inf, "max_pnp_leave_one_out_std_m": math.inf, "max_rival_ratio": math.inf,
+              "trust_prior": "low",
               "max_refinement_shift_m": math.inf, "max_refinement_turn_deg": math.inf}
 # The bounds on an aligned pose (LocalizeConf), likewise open in the jobs and applied by the
 # evaluation with the job's own `alignment_verdict`; the hypothesis labels of the verified starts
@@ -72,6 +73,7 @@ default_conf = {
         "prior_sigmas": [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0, 1000.0],  # 1000: no prior check
         "max_pnp_split_shift_m": [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 1000.0],
         "max_pnp_position_std_m": [0.25, 0.33, 0.4, 0.5, 0.75, 1.0, 1.5, 3.0, 1000.0],
+        "max_pnp_leave_one_out_std_m": [0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 1000.0],
         "max_cost": [0.05, 0.055, 0.06, 0.065, 0.07, 0.075, 0.08, 0.085, 0.09],
         "max_refined_cost": [0.06, 0.07, 0.075, 0.08, 0.085, 0.09, 0.1, 1000.0],
         "max_position_std_m": [0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.1, 1000.0],

@@ -58,6 +58,7 @@ SCHEMA = pa.schema([
     ("pnp_position_std_m", pa.float64()),
     ("rival_inliers", pa.int64()),  # inliers of the best other PnP pose (ambiguity)
     ("pnp_split_shift_m", pa.float64()),  # between the PnP poses of the image's left and right halves
+    ("pnp_leave_one_out_std_m", pa.float64()),  # the PnP std without the inlier it hinges on most
     ("refinement_shift_m", pa.float64()),  # how far the featuremetric refinement moved the PnP pose
     ("refinement_turn_deg", pa.float64()),
     # an aligned pose against the query's own keypoints (extractors that detect them)

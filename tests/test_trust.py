@@ -23,7 +23,7 @@ from cluster.store import FeatureStore
 from jobs import cli
 from jobs.config import merge_conf, parse_overrides
 from jobs.results import ExistingResults, ResultsWriter, check_output, read_results
-from pixloc_core.geometry import Pose
+from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import read_priors, read_query_list
 from pixloc_core.align import AlignResult
 from pixloc_core.localize import (Checks, Localization, LocalizeConf, VerifyConf, best_of, checked, measure,
@@ -222,8 +222,8 @@ def test_a_full_disk_is_one_line_with_the_path(tmp_path):
 
 def test_every_check_can_refuse_a_pose():
     conf = VerifyConf()
-    pnp = dict(inliers=120, matches=300, pnp_position_std_m=0.05, pnp_split_shift_m=0.1, prior_distance_m=8.0,
-               prior_sigma_m=10.0, refinement_shift_m=0.02, refinement_turn_deg=0.1)
+    pnp = dict(inliers=120, matches=300, pnp_position_std_m=0.05, pnp_split_shift_m=0.1, pnp_leave_one_out_std_m=0.06,
+               prior_distance_m=8.0, prior_sigma_m=10.0, refinement_shift_m=0.02, refinement_turn_deg=0.1)
     assert verdict(Checks(**pnp), conf) == ""
     assert verdict(Checks(**{**pnp, "inliers": 10}), conf) == "too few PnP inliers: 10 < 20"
     assert verdict(Checks(**{**pnp, "matches": 1200}), conf).startswith(
@@ -232,6 +232,9 @@ def test_every_check_can_refuse_a_pose():
     assert verdict(Checks(**{**pnp, "pnp_split_shift_m": 4.2}), conf) == (
         "the image's halves disagree on the PnP pose: their poses lie 4.20 m apart > 3.0 m")
     assert verdict(Checks(**{**pnp, "pnp_split_shift_m": math.inf}), conf).startswith("the image's halves disagree")
+    assert verdict(Checks(**{**pnp, "pnp_leave_one_out_std_m": 4.33}), conf) == (
+        "the PnP pose hinges on one match: without it its std is 4.33 m > 1.5 m")
+    assert verdict(Checks(**{**pnp, "pnp_leave_one_out_std_m": math.inf}), conf).startswith("the PnP pose hinges")
     assert verdict(Checks(**{**pnp, "rival_inliers": 80}), conf).startswith("ambiguous PnP: another pose has 80")
     assert verdict(Checks(**{**pnp, "inliers": 120, "matches": 1000}), conf).startswith("too few matches agree")
     assert verdict(Checks(**{**pnp, "refinement_shift_m": 4.0}), conf).startswith("refinement disagrees with PnP")
@@ -248,7 +251,8 @@ def test_measure_and_verify_keep_the_pose_and_give_the_reason():
                            hypothesis="sparse", cost=0.05, num_points=500)
     pnp = Pose.from_Rt(torch.eye(3, dtype=torch.float64), torch.tensor([-30.0, -40.5, -1.0], dtype=torch.float64))
     checks = measure(refined, np.zeros(3), 10.0, pnp,
-                     Checks(inliers=100, matches=200, pnp_position_std_m=0.1, pnp_split_shift_m=0.1))
+                     Checks(inliers=100, matches=200, pnp_position_std_m=0.1, pnp_split_shift_m=0.1,
+                            pnp_leave_one_out_std_m=0.11))
     assert checks.prior_distance_m == pytest.approx(50.0)  # horizontal: the centre is at (30, 40, 1)
     assert checks.refinement_shift_m == pytest.approx(0.5) and checks.refinement_turn_deg == pytest.approx(0.0)
     assert checks.to_dict()["inlier_ratio"] == 0.5
@@ -284,8 +288,8 @@ def test_bench_precision_jobs_refuse_nothing():
     from bench.precision import PERMISSIVE
 
     worst = Checks(inliers=1, matches=1000, pnp_position_std_m=math.inf, rival_inliers=999,
-                   pnp_split_shift_m=math.inf, prior_distance_m=1e6, prior_sigma_m=1.0,
-                   refinement_shift_m=1e3, refinement_turn_deg=180.0)
+                   pnp_split_shift_m=math.inf, pnp_leave_one_out_std_m=math.inf, prior_distance_m=1e6,
+                   prior_sigma_m=1.0, refinement_shift_m=1e3, refinement_turn_deg=180.0)
     assert verdict(worst, replace(VerifyConf(), **PERMISSIVE)) == ""
     # every bound is relaxed (the prior's two are moot with trust_prior low)
     assert set(PERMISSIVE) | {"prior_sigmas", "prior_margin_m"} == set(VerifyConf.__dataclass_fields__)
@@ -347,6 +351,40 @@ def test_the_halves_of_a_view_explained_by_two_poses_disagree():
     right = xy[:, 0] >= np.median(xy[:, 0])
     xy[right] = camera.img_from_cam(beside * xyz[right])
     assert split_shift(xy, xyz, camera, pose) > 2.0
+
+
+def test_a_pose_that_hinges_on_one_match_is_told_apart():
+    """Thirty points on a facade 55 m away, all at one depth in a narrow strip of the view, fix
+    the direction to it but hardly the distance; a 31st point 167 m away fixes that alone (q_0009
+    of bench precision, where that match was wrong). Without it the centre's std grows tenfold,
+    while points spread in depth and across the view each matter little. The closed form
+    (Woodbury) equals leaving each match out and inverting again."""
+    import pycolmap
+
+    from pixloc_core.sparse import leave_one_out_centre_std
+
+    def centre_stds(xyz, camera, pose):  # with every match, and with each left out in turn, from scratch
+        world_to_camera = Pose.from_colmap(pose).double()
+        points = world_to_camera * torch.from_numpy(xyz)
+        J = Camera.from_colmap(camera).double().J_project(points) @ world_to_camera.J_transform(points)
+        information = J.transpose(-1, -2) @ J  # (N, 6, 6)
+
+        def std(matrix):
+            return float(torch.linalg.inv(matrix)[:3, :3].trace().sqrt())
+        return std(information.sum(0)), [std(information.sum(0) - one) for one in information]
+
+    rng = np.random.default_rng(0)
+    camera = pycolmap.Camera(model="SIMPLE_RADIAL", width=640, height=480, params=[500.0, 320.0, 240.0, 0.02])
+    pose = pycolmap.Rigid3d(pycolmap.Rotation3d(np.eye(3)), np.zeros(3))
+    facade = np.column_stack([rng.uniform(0.0, 3.0, 30), rng.uniform(-4, 4, 30), rng.uniform(54.5, 55.5, 30)])
+    decided = np.vstack([facade, [[10.0, -2.0, 167.0]]])
+    with_all, left_out = centre_stds(decided, camera, pose)
+    assert leave_one_out_centre_std(decided, camera, pose) == pytest.approx(max(left_out), rel=1e-6)
+    assert max(left_out) > 10 * with_all
+    spread = np.column_stack([rng.uniform(-8, 8, 31), rng.uniform(-4, 4, 31), rng.uniform(6, 40, 31)])
+    with_all, left_out = centre_stds(spread, camera, pose)
+    assert leave_one_out_centre_std(spread, camera, pose) == pytest.approx(max(left_out), rel=1e-6)
+    assert max(left_out) < 1.2 * with_all
 
 
 def test_a_query_searches_its_next_cell_only_while_none_gave_a_verified_pose():
