@@ -202,12 +202,13 @@ def centre_std_m(covariance: np.ndarray) -> float:
 
 
 def leave_one_out_centre_std(xyz: np.ndarray, camera: pycolmap.Camera, cam_from_world: pycolmap.Rigid3d) -> float:
-    """The camera centre's std (one pixel of keypoint noise, as position_std_m) had the inlier that
-    constrains it most been left out: the largest over the inliers xyz (N, 3). A right pose does not
-    hinge on one match; on a far facade at one depth the others fix the direction to it but not the
-    distance, and one wrong match decided it (bench precision, 640x480 street, q_0009: 30 true
-    inliers 54-57 m away and one wrong 167 m away held a pose 5.3 m off at a std of 0.41 m, 4.3 m
-    without that match).
+    """The camera centre's std (one pixel of keypoint noise, as position_std_m, but from the
+    inliers' reprojections alone: no prior, no robust loss) had the inlier that constrains it most
+    been left out: the largest over the inliers xyz (N, 3). A right pose does not hinge on one
+    match; on a far facade at one depth the others fix the direction to it but not the distance,
+    and one wrong match decided it (bench precision, 640x480 street, q_0009: 30 true inliers
+    54-57 m away and one wrong 167 m away held a pose 5.3 m off at a std of 0.41 m, 4.3 m without
+    that match).
 
     With the inliers' Jacobians J_i (2, 6) and C = (sum J_i^T J_i)^-1, leaving match i out gives
     (Woodbury) C_i = C + G_i^T (I - H_i)^-1 G_i, with G_i = J_i C and H_i = G_i J_i^T its block
