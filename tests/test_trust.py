@@ -145,6 +145,21 @@ def test_earlier_results_need_resume_or_overwrite_and_survive_until_replaced(tmp
     assert read_results(out).column("name").to_pylist() == ["new.jpg"] and not (out / ".replaced").exists()
 
 
+def test_results_of_a_run_before_a_check_was_added_still_read(tmp_path):
+    """`--resume` reads parts flushed by an older version: a check column it did not write
+    (e.g. pnp_leave_one_out_std_m) reads as null, the rest as written."""
+    import pyarrow as pa
+
+    from jobs.results import PARTS_DIR, SCHEMA
+
+    older = pa.schema([field for field in SCHEMA if field.name != "pnp_leave_one_out_std_m"])
+    (tmp_path / PARTS_DIR).mkdir()
+    pq.write_table(pa.Table.from_pylist([{"name": "a.jpg", "success": True, "pnp_position_std_m": 0.2}], schema=older),
+                   tmp_path / PARTS_DIR / "part-00000.parquet")
+    (row,) = read_results(tmp_path).to_pylist()
+    assert row["name"] == "a.jpg" and row["pnp_position_std_m"] == 0.2 and row["pnp_leave_one_out_std_m"] is None
+
+
 def test_bad_input_leaves_earlier_results_untouched(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
