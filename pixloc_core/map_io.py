@@ -224,6 +224,15 @@ class SceneMap(ManifestFacts):
             return self.manifest.get("cell_fingerprints", {})
         return cell_fingerprints(self.reconstruction, self.shards)
 
+    def descriptor_rows(self, point3D_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For point ids (N,): the row of each one's descriptor (N,) and whether it has one (N,)
+        bool (a point without one gets some row: mask with the second)."""
+        described_ids = self.point3D_ids if self.descriptors is not None else np.zeros(0, np.int64)  # (P,) ascending
+        if not len(described_ids):
+            return np.zeros(len(point3D_ids), np.int64), np.zeros(len(point3D_ids), bool)
+        rows = np.searchsorted(described_ids, point3D_ids).clip(0, len(described_ids) - 1)
+        return rows, described_ids[rows] == point3D_ids
+
     def save(self, path: Path, source: str, images_dir: Path, skipped: list[dict],
              manifest_extra: dict | None = None) -> None:
         """Writes every file of the map; the manifest last, with the fingerprint of the model and
@@ -497,8 +506,7 @@ def write_observation_table(scene: SceneMap, path: Path) -> None:
     and no process but the map's writer holds those of the whole map."""
     reconstruction = scene.reconstruction
     xyz = {point_id: point.xyz for point_id, point in reconstruction.points3D.items()}
-    point3D_ids = scene.point3D_ids if scene.descriptors is not None else np.zeros(0, np.int64)  # (P,) ascending
-    dim = scene.descriptors.shape[1] if len(point3D_ids) else 0
+    dim = scene.descriptors.shape[1] if scene.descriptors is not None and len(scene.point3D_ids) else 0
     schema = observation_table_schema(dim).with_metadata({"fingerprint": scene.fingerprint, "keypoints": scene.keypoints})
     image_ids = sorted(i for i, image in reconstruction.images.items() if image.has_pose)
     temporary = path.with_name(f".{path.name}.tmp")
@@ -512,8 +520,8 @@ def write_observation_table(scene: SceneMap, path: Path) -> None:
                 columns["xy"].append(observed.xy)
                 columns["xyz"].append(np.array([xyz[i] for i in observed.point3D_ids.tolist()]).reshape(-1, 3))
                 if dim:
-                    rows = np.searchsorted(point3D_ids, observed.point3D_ids).clip(0, len(point3D_ids) - 1)
-                    columns["described"].append(point3D_ids[rows] == observed.point3D_ids)
+                    rows, described = scene.descriptor_rows(observed.point3D_ids)
+                    columns["described"].append(described)
                     columns["descriptor"].append(scene.descriptors[rows])
             group = {name: np.concatenate(values) for name, values in columns.items()}
             if not len(group["image_id"]):

@@ -279,8 +279,7 @@ class SparseLocalizer:
             point_ids.append(ids)
             image_ids.append(np.full(len(ids), image_id, np.int32))
         point_ids, image_ids = np.concatenate(point_ids), np.concatenate(image_ids)
-        rows = np.searchsorted(scene_map.point3D_ids, point_ids).clip(0, len(scene_map.point3D_ids) - 1)
-        described = scene_map.point3D_ids[rows] == point_ids
+        rows, described = scene_map.descriptor_rows(point_ids)
         xyz = np.array([reconstruction.points3D[i].xyz for i in point_ids[described].tolist()]).reshape(-1, 3)
         self.points = SparsePoints.from_observations(point_ids[described], image_ids[described], xyz,
                                                      scene_map.descriptors[rows[described]])
