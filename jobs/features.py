@@ -108,7 +108,7 @@ def partition_items(references: ReferenceImages, partitions: dict[tuple[str, int
     for (cell_id, level), image_ids in sorted(partitions.items(), key=str):
         for image_id in image_ids:
             partitions_of_image[image_id].append(partition_dir(cell_id, level))
-    return [{"image_id": image_id, "name": references.names[references.row(image_id)],
+    return [{"image_id": image_id, "name": references.name(image_id),
              "camera_size": references.camera_size(image_id), "partitions": partitions_of_image[image_id]}
             for image_id in sorted(partitions_of_image)]
 
@@ -132,7 +132,7 @@ def sample_reference_images(extractor: Extractor, map_index: MapIndex, images_di
     observed = read_observations(map_index.path, image_ids)
     references = map_index.references
     return [(observed[image_id], sample_reference_image(
-                extractor, files.location(images_dir) / references.names[references.row(image_id)],
+                extractor, files.location(images_dir) / references.name(image_id),
                 observed[image_id].xy, references.camera_size(image_id)))
             for image_id in image_ids]
 
@@ -268,10 +268,7 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
     if not FeatureStore.exists(store_url):
         # Before the store is created: a first run that cannot read its images must not leave a
         # store.json behind, which would bind the store to this run's extractor and settings.
-        in_cells = {image_id for image_ids in cells.values() for image_id in image_ids}
-        images.require(sorted(name for name, image_id in zip(map_index.references.names,
-                                                             map_index.references.image_ids.tolist())
-                              if image_id in in_cells), map_dir)
+        images.require(sorted({name for cell in cells for name in map_index.shards.images_of(cell)}), map_dir)
     store = FeatureStore.create(store_url, info, earlier_maps=map_index.earlier_fingerprints)
     fingerprints = map_index.manifest["cell_fingerprints"]
     current = {cell for cell in cells if all(store.is_current(cell, level, fingerprints[cell], map_index.fingerprint)

@@ -425,6 +425,9 @@ class ReferenceImages:
         """The row of the image with this id."""
         return int(np.searchsorted(self.image_ids, image_id))  # ids are ascending
 
+    def name(self, image_id: int) -> str:
+        return self.names[self.row(image_id)]
+
     def camera_size(self, image_id: int) -> np.ndarray:
         """(2,) width and height of the image's camera."""
         camera = self.cameras[int(self.camera_ids[self.row(image_id)])]
