@@ -35,7 +35,7 @@ from cluster.runtime import init_ray
 from pixloc_core import exif, files
 from pixloc_core.images import list_images
 from pixloc_core.io import Prior
-from pixloc_core.map_io import SceneMap, cell_fingerprints
+from pixloc_core.map_io import MapEdit, ReferenceImages, SceneMap, cell_fingerprints
 from pixloc_core.mapping import cells, descriptors, merge, pairs, sfm
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles, group_pairs
 from pixloc_core.mapping.keypoints import matching_conf
@@ -193,19 +193,24 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         results = distributed.run_cells(cells, update_root, touched, images, {"triangulation": conf["triangulation"]},
                                         features_root=root)
 
-    keypoints = {reconstruction.find_image_with_name(name).image_id: features.keypoints(name)
-                 for name in sorted(set(nearby) | set(new_ids))}
+    image_ids = {image.name: image_id for image_id, image in reconstruction.images.items()}
+    keypoints = {image_ids[name]: features.keypoints(name) for name in sorted(set(nearby) | set(new_ids))}
     extension = merge.extend(reconstruction, [cells.load_points(update_root, r.cell) for r in results if not r.failure],
                              keypoints, set(new_ids.values()), conf["merge"])
-    new_point_ids, new_descriptors = descriptors.main(reconstruction, features.subset(set(nearby) | set(new_ids)),
+    # Every observation of a new point is in a changed image: only their feature files are read.
+    changed_names = {reconstruction.images[image_id].name for image_id in extension.changed_image_ids}
+    new_point_ids, new_descriptors = descriptors.main(reconstruction, features.subset(changed_names),
                                                       point_ids=np.array(extension.new_point_ids, dtype=np.int64))
     point_ids = np.concatenate([scene.point3D_ids, new_point_ids])
     order = np.argsort(point_ids)
     scene.point3D_ids, scene.descriptors = point_ids[order], np.concatenate([scene.descriptors, new_descriptors])[order]
     scene.shards = ShardIndex.build(scene.image_centers(), shard_conf)
 
+    # Only the images with a new observation (the new ones among them) are derived again, not the map.
+    edit = MapEdit(map_dir, scene.fingerprint, frozenset(extension.changed_image_ids | set(new_ids.values())))
+    references = ReferenceImages.from_scene(scene, edit)
     old_fingerprints = scene.manifest.get("cell_fingerprints", {})
-    fingerprints = cell_fingerprints(reconstruction, scene.shards)
+    fingerprints = cell_fingerprints(references.digests_by_name(), scene.shards)
     report = UpdateReport(len(new_names), len(new_ids), len(extension.new_point_ids),
                           sorted(cell for cell in fingerprints if old_fingerprints.get(cell) != fingerprints[cell]),
                           sorted(cell for cell in fingerprints if old_fingerprints.get(cell) == fingerprints[cell]),
@@ -218,7 +223,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
     manifest = scene.manifest
     scene.save(map_dir, manifest["source"], files.location(manifest["images_dir"]), manifest["skipped"],
                {"failed_cells": manifest.get("failed_cells", []), "created_utc": manifest["created_utc"],
-                "updates": history + [entry], "cell_fingerprints": fingerprints})
+                "updates": history + [entry], "cell_fingerprints": fingerprints}, edit, references)
     logger.info("updated %s: %d of %d new images registered, %d new points, %d cells changed, %d unchanged (%.1f s)",
                 map_dir, report.registered, report.new_images, report.new_points, len(report.changed_cells),
                 len(report.reused_cells), report.seconds)

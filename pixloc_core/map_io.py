@@ -12,8 +12,8 @@
                            "source_to_map": similarity applied to the source model to make the map
                                             frame, or null (provenance only)}
     MAP/shards.json       the shard index (pixloc_core/shards.py)
-    MAP/references.parquet  per registered image: id, name, pose, camera, median point depth: what
-                          localization plans from (`ReferenceImages`)
+    MAP/references.parquet  per registered image: id, name, pose, camera, median point depth, digest
+                          (`image_digest`): what localization plans from (`ReferenceImages`)
     MAP/observations.parquet  per observation of a 3D point, by image: image_id, point3D_id, xy, xyz and
                           the point's descriptor: what the feature workers sample and store, read per
                           batch of images (`read_observations`)
@@ -34,8 +34,8 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -144,28 +144,28 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def image_digests(reconstruction: pycolmap.Reconstruction) -> dict[str, str]:
-    """Per posed image: sha256 of what a feature store partition holds about it (its id, camera,
-    pose, and per observation the keypoint, the 3D point id and position)."""
-    xyz = {point_id: point.xyz for point_id, point in reconstruction.points3D.items()}
-    digests = {}
-    for image_id, image in reconstruction.images.items():
-        if not image.has_pose:
-            continue
-        observed = observations(image)
-        digest = hashlib.sha256(f"{image.name}:{image_id}:{reconstruction.cameras[image.camera_id].model}".encode())
-        for array in (reconstruction.cameras[image.camera_id].params, image.cam_from_world().matrix(), observed.xy,
-                      observed.point3D_ids, np.array([xyz[i] for i in observed.point3D_ids.tolist()])):
-            digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
-        digests[image.name] = digest.hexdigest()
-    return digests
+def point_positions(reconstruction: pycolmap.Reconstruction, point3D_ids: np.ndarray) -> dict[int, np.ndarray]:
+    """Point id -> (3,) position, of these points only (each read once from the model)."""
+    return {point_id: reconstruction.points3D[point_id].xyz for point_id in np.unique(point3D_ids).tolist()}
 
 
-def cell_fingerprints(reconstruction: pycolmap.Reconstruction, shards: ShardIndex) -> dict[str, str]:
-    """Per cell: sha256 over its images' digests (core and halo), so that a cell changes its
-    fingerprint exactly when the content of its store partitions would change."""
-    digests = image_digests(reconstruction)
-    return {cell: hashlib.sha256(",".join(f"{name}={digests[name]}" for name in sorted(shards.images_of(cell))
+def image_digest(reconstruction: pycolmap.Reconstruction, image_id: int, observed: Observations,
+                 xyz: np.ndarray) -> str:
+    """sha256 of what a feature store partition holds about a posed image: its id, camera and pose,
+    and per observation (`observed`, with its points' positions `xyz` (N, 3)) the keypoint, the 3D
+    point id and position."""
+    image = reconstruction.images[image_id]
+    camera = reconstruction.cameras[image.camera_id]
+    digest = hashlib.sha256(f"{image.name}:{image_id}:{camera.model}".encode())
+    for array in (camera.params, image.cam_from_world().matrix(), observed.xy, observed.point3D_ids, xyz):
+        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def cell_fingerprints(image_digests: Mapping[str, str], shards: ShardIndex) -> dict[str, str]:
+    """Per cell: sha256 over its images' digests (core and halo; image name -> `image_digest`), so
+    that a cell changes its fingerprint exactly when the content of its store partitions would change."""
+    return {cell: hashlib.sha256(",".join(f"{name}={image_digests[name]}" for name in sorted(shards.images_of(cell))
                                           ).encode()).hexdigest() for cell in shards.cell_ids}
 
 
@@ -222,7 +222,7 @@ class SceneMap(ManifestFacts):
         whose manifest predates them."""
         if "cell_fingerprints" in self.manifest or self.shards is None:
             return self.manifest.get("cell_fingerprints", {})
-        return cell_fingerprints(self.reconstruction, self.shards)
+        return cell_fingerprints(ReferenceImages.from_scene(self).digests_by_name(), self.shards)
 
     def descriptor_rows(self, point3D_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For point ids (N,): the row of each one's descriptor (N,) and whether it has one (N,)
@@ -234,9 +234,12 @@ class SceneMap(ManifestFacts):
         return rows, described_ids[rows] == point3D_ids
 
     def save(self, path: Path, source: str, images_dir: Path, skipped: list[dict],
-             manifest_extra: dict | None = None) -> None:
+             manifest_extra: dict | None = None, edit: MapEdit | None = None,
+             references: ReferenceImages | None = None) -> None:
         """Writes every file of the map; the manifest last, with the fingerprint of the model and
-        of each cell. `manifest_extra`: more manifest entries (failed cells, update history)."""
+        of each cell. `manifest_extra`: more manifest entries (failed cells, update history).
+        `edit`: what changed since the map was last written there (the rest of its tables is kept);
+        `references`: the table of reference images, when the caller derived it already."""
         path = Path(path)
         (path / MODEL_DIR).mkdir(parents=True, exist_ok=True)
         self.reconstruction.write(path / MODEL_DIR)
@@ -257,10 +260,11 @@ class SceneMap(ManifestFacts):
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **(manifest_extra or {}),
         }
-        if "cell_fingerprints" not in self.manifest:
-            self.manifest["cell_fingerprints"] = cell_fingerprints(self.reconstruction, self.shards) if self.shards else {}
         self.path = path
-        write_derived_tables(self, path)
+        references = write_derived_tables(self, path, edit=edit, references=references)
+        if "cell_fingerprints" not in self.manifest:
+            self.manifest["cell_fingerprints"] = (cell_fingerprints(references.digests_by_name(), self.shards)
+                                                  if self.shards else {})
         (path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
 
     @classmethod
@@ -363,6 +367,7 @@ class ReferenceImages:
     qvecs: np.ndarray  # (R, 4) world-to-camera (w, x, y, z)
     tvecs: np.ndarray  # (R, 3)
     median_depths: np.ndarray  # (R,) median depth of the points it observes along its axis; NaN: none
+    digests: list[str]  # (R,) image_digest: what a feature store partition holds about it
     camera_ids: np.ndarray  # (R,) int64, keys of `cameras`
     cameras: dict[int, pycolmap.Camera]  # camera_id -> camera, of the map
     fingerprint: str  # of the map model it was derived from
@@ -371,10 +376,13 @@ class ReferenceImages:
     max_depth_samples = 256
 
     @classmethod
-    def from_scene(cls, scene: SceneMap) -> ReferenceImages:
+    def from_scene(cls, scene: SceneMap, edit: MapEdit | None = None) -> ReferenceImages:
+        """The table of the map's model. With `edit`, the images it did not change keep the median
+        depth and digest of the table the map had (which need every observation of an image)."""
         reconstruction = scene.reconstruction
+        previous = edit.previous_references() if edit else None
         image_ids = sorted(i for i, image in reconstruction.images.items() if image.has_pose)
-        names, qvecs, tvecs, depths = [], [], [], []
+        names, qvecs, tvecs, depths, digests = [], [], [], [], []
         for image_id in image_ids:
             image = reconstruction.images[image_id]
             pose = image.cam_from_world()
@@ -382,15 +390,19 @@ class ReferenceImages:
             names.append(image.name)
             qvecs.append([quaternion[3], quaternion[0], quaternion[1], quaternion[2]])
             tvecs.append(pose.translation)
-            point3D_ids = observations(image).point3D_ids
-            if len(point3D_ids) == 0:
-                depths.append(math.nan)
+            if previous is not None and image_id not in edit.changed_image_ids and previous.holds(image_id):
+                depths.append(previous.median_depths[previous.row(image_id)])
+                digests.append(previous.digests[previous.row(image_id)])
                 continue
-            samples = np.linspace(0, len(point3D_ids) - 1, min(len(point3D_ids), cls.max_depth_samples)).round()
-            xyz = np.array([reconstruction.points3D[i].xyz for i in point3D_ids[samples.astype(int)].tolist()])
-            depths.append(float(np.median((xyz @ pose.rotation.matrix().T + pose.translation)[:, 2])))
+            observed = observations(image)
+            xyz = point_positions(reconstruction, observed.point3D_ids)
+            observed_xyz = np.array([xyz[i] for i in observed.point3D_ids.tolist()]).reshape(-1, 3)
+            digests.append(image_digest(reconstruction, image_id, observed, observed_xyz))
+            samples = np.linspace(0, len(observed_xyz) - 1, min(len(observed_xyz), cls.max_depth_samples)).round()
+            camera_xyz = observed_xyz[samples.astype(int)] @ pose.rotation.matrix().T + pose.translation
+            depths.append(float(np.median(camera_xyz[:, 2])) if len(camera_xyz) else math.nan)
         return cls(np.array(image_ids, np.int64), names, np.array(qvecs, np.float64).reshape(-1, 4),
-                   np.array(tvecs, np.float64).reshape(-1, 3), np.array(depths, np.float64),
+                   np.array(tvecs, np.float64).reshape(-1, 3), np.array(depths, np.float64), digests,
                    np.array([reconstruction.images[i].camera_id for i in image_ids], np.int64),
                    dict(reconstruction.cameras.items()), scene.fingerprint)
 
@@ -399,7 +411,7 @@ class ReferenceImages:
                    for i, camera in self.cameras.items()}
         table = pa.table({"image_id": self.image_ids, "name": self.names, "qvec": list(self.qvecs),
                           "tvec": list(self.tvecs), "median_depth": self.median_depths,
-                          "camera_id": self.camera_ids})
+                          "digest": self.digests, "camera_id": self.camera_ids})
         table = table.replace_schema_metadata({"fingerprint": self.fingerprint, "cameras": json.dumps(cameras)})
         temporary = Path(path).with_name(f".{Path(path).name}.tmp")
         pq.write_table(table, temporary)
@@ -410,7 +422,7 @@ class ReferenceImages:
         """The table, or None when it was written before a column it needs existed (it is then
         derived again, like a table of another model)."""
         table = pq.read_table(pa.BufferReader(files.read_arrow_buffer(path)))
-        if "camera_id" not in table.column_names:
+        if not {"camera_id", "digest"} <= set(table.column_names):
             return None
         metadata = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
         cameras = {int(i): pycolmap.Camera(camera_id=int(i), model=model, width=width, height=height, params=params)
@@ -418,12 +430,19 @@ class ReferenceImages:
         return cls(table.column("image_id").to_numpy(), table.column("name").to_pylist(),
                    np.array(table.column("qvec").to_pylist(), np.float64).reshape(-1, 4),
                    np.array(table.column("tvec").to_pylist(), np.float64).reshape(-1, 3),
-                   table.column("median_depth").to_numpy(), table.column("camera_id").to_numpy(), cameras,
-                   metadata["fingerprint"])
+                   table.column("median_depth").to_numpy(), table.column("digest").to_pylist(),
+                   table.column("camera_id").to_numpy(), cameras, metadata["fingerprint"])
 
     def row(self, image_id: int) -> int:
         """The row of the image with this id."""
         return int(np.searchsorted(self.image_ids, image_id))  # ids are ascending
+
+    def holds(self, image_id: int) -> bool:
+        row = self.row(image_id)
+        return row < len(self.image_ids) and self.image_ids[row] == image_id
+
+    def digests_by_name(self) -> dict[str, str]:
+        return dict(zip(self.names, self.digests))
 
     def name(self, image_id: int) -> str:
         return self.names[self.row(image_id)]
@@ -503,38 +522,98 @@ def observation_table_schema(descriptor_dim: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def write_observation_table(scene: SceneMap, path: Path) -> None:
+def write_observation_table(scene: SceneMap, path: Path, edit: MapEdit | None = None) -> None:
     """MAP/observations.parquet from the model: one row per observation, by image id, in row groups
     of a few images, so that a worker reads the observations of its images (ranged reads on S3)
-    and no process but the map's writer holds those of the whole map."""
+    and no process but the map's writer holds those of the whole map. With `edit`, the row groups
+    of images it did not change are copied from the table the map had."""
     reconstruction = scene.reconstruction
-    xyz = {point_id: point.xyz for point_id, point in reconstruction.points3D.items()}
     dim = scene.descriptors.shape[1] if scene.descriptors is not None and len(scene.point3D_ids) else 0
     schema = observation_table_schema(dim).with_metadata({"fingerprint": scene.fingerprint, "keypoints": scene.keypoints})
+    previous = edit.previous_observations(schema) if edit else None
     image_ids = sorted(i for i, image in reconstruction.images.items() if image.has_pose)
     temporary = path.with_name(f".{path.name}.tmp")
     with pq.ParquetWriter(temporary, schema, compression="zstd") as writer:
         for start in range(0, len(image_ids), IMAGES_PER_ROW_GROUP):
-            columns = defaultdict(list)
-            for image_id in image_ids[start:start + IMAGES_PER_ROW_GROUP]:
-                observed = observations(reconstruction.images[image_id])
-                columns["image_id"].append(np.full(len(observed.point3D_ids), image_id, np.int64))
-                columns["point3D_id"].append(observed.point3D_ids)
-                columns["xy"].append(observed.xy)
-                columns["xyz"].append(np.array([xyz[i] for i in observed.point3D_ids.tolist()]).reshape(-1, 3))
-                if dim:
-                    rows, described = scene.descriptor_rows(observed.point3D_ids)
-                    columns["described"].append(described)
-                    columns["descriptor"].append(scene.descriptors[rows])
-            group = {name: np.concatenate(values) for name, values in columns.items()}
-            if not len(group["image_id"]):
-                continue
-            arrays = [pa.array(group["image_id"]), pa.array(group["point3D_id"]),
-                      vector_column(group["xy"], XYZ_DTYPE), vector_column(group["xyz"], XYZ_DTYPE)]
-            if dim:
-                arrays.append(vector_column(group["descriptor"], FEATURE_DTYPE, valid=group["described"]))
-            writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=len(group["image_id"]))
+            chunk = image_ids[start:start + IMAGES_PER_ROW_GROUP]
+            kept = previous.take(chunk[0], chunk[-1]) if previous is not None else None
+            if kept is None or edit.changed_image_ids.intersection(chunk):
+                kept = observation_rows(scene, chunk, schema)
+            if len(kept):
+                writer.write_table(kept, row_group_size=len(kept))
     temporary.replace(path)
+
+
+def observation_rows(scene: SceneMap, image_ids: list[int], schema: pa.Schema) -> pa.Table:
+    """The observation table's rows of these images, from the model."""
+    reconstruction = scene.reconstruction
+    columns = defaultdict(list)
+    for image_id in image_ids:
+        observed = observations(reconstruction.images[image_id])
+        xyz = point_positions(reconstruction, observed.point3D_ids)
+        columns["image_id"].append(np.full(len(observed.point3D_ids), image_id, np.int64))
+        columns["point3D_id"].append(observed.point3D_ids)
+        columns["xy"].append(observed.xy)
+        columns["xyz"].append(np.array([xyz[i] for i in observed.point3D_ids.tolist()]).reshape(-1, 3))
+        if "descriptor" in schema.names:
+            rows, described = scene.descriptor_rows(observed.point3D_ids)
+            columns["described"].append(described)
+            columns["descriptor"].append(scene.descriptors[rows])
+    group = {name: np.concatenate(values) for name, values in columns.items()}
+    arrays = [pa.array(group["image_id"]), pa.array(group["point3D_id"]),
+              vector_column(group["xy"], XYZ_DTYPE), vector_column(group["xyz"], XYZ_DTYPE)]
+    if "descriptor" in schema.names:
+        arrays.append(vector_column(group["descriptor"], FEATURE_DTYPE, valid=group["described"]))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class TableRowsByImage:
+    """The rows of a table sorted by image id, handed out for ascending ranges of image ids, read a
+    row group at a time: never the whole table at once."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.file = pq.ParquetFile(path)
+        self.schema = schema  # of the table written: the rows are the same, the metadata is not
+        self.next_group = 0
+        self.pending = schema.empty_table()
+
+    def take(self, first: int, last: int) -> pa.Table:
+        """The rows of image ids first..last (both included), after those of earlier calls."""
+        while self.next_group < self.file.num_row_groups and (
+                not len(self.pending) or self.pending.column("image_id")[-1].as_py() <= last):
+            group = self.file.read_row_group(self.next_group)
+            self.pending = pa.concat_tables([self.pending, pa.Table.from_arrays(group.columns, schema=self.schema)])
+            self.next_group += 1
+        start, stop = np.searchsorted(column_numpy(self.pending.column("image_id")), [first, last + 1])
+        rows, self.pending = self.pending.slice(start, stop - start), self.pending.slice(stop)
+        return rows.combine_chunks()
+
+
+@dataclass(frozen=True)
+class MapEdit:
+    """A map changed in place (`pixloc map --update`): every image but `changed_image_ids` keeps
+    its pose, camera and observations, and their points keep position and descriptor, so that the
+    rows of those images in the tables the map had (derived from the model of `fingerprint`) stay
+    valid: writing the map copies them instead of deriving them again from every observation."""
+
+    map_dir: Path
+    fingerprint: str  # of the map's model before the change
+    changed_image_ids: frozenset[int]
+
+    def previous_references(self) -> ReferenceImages | None:
+        """The map's table of reference images before the change; None if it is not that model's."""
+        path = self.map_dir / REFERENCES_FILE
+        references = readable_table(path, lambda: ReferenceImages.load(path))
+        return references if references is not None and references.fingerprint == self.fingerprint else None
+
+    def previous_observations(self, schema: pa.Schema) -> TableRowsByImage | None:
+        """The map's observation table before the change, to be read along with the new one;
+        None if it is not that model's, or differs from `schema` in more than its metadata."""
+        path = self.map_dir / OBSERVATIONS_FILE
+        previous = readable_table(path, lambda: pq.read_schema(path))
+        if previous is None or (previous.metadata or {}).get(b"fingerprint") != self.fingerprint.encode():
+            return None
+        return TableRowsByImage(path, schema) if previous.equals(schema) else None
 
 
 def read_observations(map_dir: Location, image_ids: Collection[int]) -> dict[int, ImageObservations]:
@@ -602,16 +681,19 @@ def readable_table(path: Location, read: Callable[[], T]) -> T | None:
         return None
 
 
-def write_derived_tables(scene: SceneMap, map_dir: Location, with_observations: bool = True) -> ReferenceImages:
+def write_derived_tables(scene: SceneMap, map_dir: Location, with_observations: bool = True,
+                         edit: MapEdit | None = None, references: ReferenceImages | None = None) -> ReferenceImages:
     """MAP/references.parquet and (with the map's descriptors loaded) MAP/observations.parquet from
     the model, by whoever holds it (the map's writer, or once for a map written before them): beside
-    the loaded model (the local copy of a remote map) and to a remote map as well."""
-    references = ReferenceImages.from_scene(scene)
+    the loaded model (the local copy of a remote map) and to a remote map as well. With `edit`,
+    what it did not change is copied from the tables the map had; `references`: derived already
+    (for this model, under whichever fingerprint it had then)."""
+    references = replace(references or ReferenceImages.from_scene(scene, edit), fingerprint=scene.fingerprint)
     local = Path(scene.path or map_dir)
     references.save(local / REFERENCES_FILE)
     names = [REFERENCES_FILE]
     if with_observations:
-        write_observation_table(scene, local / OBSERVATIONS_FILE)
+        write_observation_table(scene, local / OBSERVATIONS_FILE, edit)
         names.append(OBSERVATIONS_FILE)
     if files.is_remote(map_dir):
         for name in names:

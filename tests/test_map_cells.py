@@ -15,7 +15,7 @@ from jobs import features
 from jobs.cli import main as cli_main
 from jobs.map import WORK_DIR, build_map, build_map_in_cells
 from pixloc_core.io import read_priors
-from pixloc_core.map_io import SceneMap, cell_fingerprints
+from pixloc_core.map_io import OBSERVATIONS_FILE, REFERENCES_FILE, ReferenceImages, SceneMap, cell_fingerprints, load_map_index
 from pixloc_core.mapping import cells, merge, triangulation
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles
 from pixloc_core.mapping.sift import Features
@@ -74,7 +74,7 @@ def test_map_built_in_cells_equals_the_single_process_map(single, in_cells):
     assert loaded.manifest["source"] == "reference-model"
     assert len(loaded.point3D_ids) == cell_map.num_points3D()
     assert loaded.geo.registration["num_images"] == 30
-    assert loaded.manifest["cell_fingerprints"] == cell_fingerprints(loaded.reconstruction, loaded.shards)
+    assert loaded.manifest["cell_fingerprints"] == fingerprints_from_model(loaded)
     assert set(loaded.manifest["cell_fingerprints"]) == set(loaded.shards.cell_ids)
     # The merged points were triangulated from the same keypoints as the single-process map.
     assert np.allclose(cell_map.images[1].points2D[0].xy, one_map.images[1].points2D[0].xy)
@@ -154,6 +154,10 @@ def test_a_map_written_before_cell_fingerprints_gets_them_computed(in_cells, tmp
     assert SceneMap.load(old).cell_fingerprints == in_cells.manifest["cell_fingerprints"]
 
 
+def fingerprints_from_model(scene_map: SceneMap) -> dict[str, str]:
+    return cell_fingerprints(ReferenceImages.from_scene(scene_map).digests_by_name(), scene_map.shards)
+
+
 def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions(scene, tmp_path, ray_cluster):
     """A map of the western part of the street, updated in place with the eastern photos from a
     folder of their own; its feature store follows it, recomputing only the changed cells, and
@@ -187,7 +191,13 @@ def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions
     assert len(after.point3D_ids) == after.reconstruction.num_points3D()
     (entry,) = after.manifest["updates"]
     assert entry["new_images"] == entry["registered"] == 30 - len(west)
-    assert after.manifest["cell_fingerprints"] == cell_fingerprints(after.reconstruction, after.shards)
+    assert after.manifest["cell_fingerprints"] == fingerprints_from_model(after)
+    # The map's tables, written from the images the update changed, are those of its model.
+    fresh = tmp_path / "fresh"
+    shutil.copytree(map_dir, fresh, ignore=shutil.ignore_patterns(WORK_DIR, OBSERVATIONS_FILE, REFERENCES_FILE))
+    load_map_index(fresh, with_observations=True)  # derives them from the model
+    for name in (OBSERVATIONS_FILE, REFERENCES_FILE):
+        assert (map_dir / name).read_bytes() == (fresh / name).read_bytes(), name
     # Cells that no new photo reaches (core or halo) keep their fingerprints; the others change.
     old, new = before.manifest["cell_fingerprints"], after.manifest["cell_fingerprints"]
     untouched = [cell for cell in after.shards.cell_ids if not set(after.shards.images_of(cell)) - west]

@@ -16,8 +16,9 @@ import pytest
 
 from pixloc_core import exif, files
 from pixloc_core.datasets import copy_image
-from pixloc_core.map_io import (IMAGES_PER_ROW_GROUP, OBSERVATIONS_FILE, SceneMap, exif_camera_key, load_map_index,
-                                observation_table_info, observations, read_observations)
+from pixloc_core.map_io import (IMAGES_PER_ROW_GROUP, OBSERVATIONS_FILE, MapEdit, ReferenceImages, SceneMap,
+                                exif_camera_key, load_map_index, observation_table_info, observations,
+                                read_observations)
 
 FOCAL_35MM = 35.0
 
@@ -152,6 +153,36 @@ def test_a_read_leaves_no_reference_cycle(saved_scene):
         gc.set_debug(0)
         gc.garbage.clear()
     assert not cycles
+
+
+@pytest.mark.parametrize("previous_fingerprint", ["of the model", "another model"])
+def test_an_edited_map_copies_the_rows_of_the_images_it_did_not_change(saved_scene, tmp_path, previous_fingerprint):
+    """The edit names the images it changed: theirs (and, in the observation table, their row
+    group's) are derived from the model, the others copied from the map's tables, unless those
+    belong to another model. Here every point moves, so that copied rows show."""
+    scene, path = saved_scene
+    edited = tmp_path / "edited"
+    shutil.copytree(path, edited)
+    scene = SceneMap.load(edited)
+    for point in scene.reconstruction.points3D.values():
+        point.xyz += 1.0
+    changed = 2 * IMAGES_PER_ROW_GROUP + 1  # alone in the map's third row group
+    fingerprint = scene.fingerprint if previous_fingerprint == "of the model" else "another"
+    scene.save(edited, "test", edited.parent / "images", skipped=[],
+               edit=MapEdit(edited, fingerprint, frozenset({changed})))
+
+    image_ids = sorted(scene.reconstruction.images)
+    before, after = read_observations(path, image_ids), read_observations(edited, image_ids)
+    old_digests, new_digests = (ReferenceImages.load(map_dir / "references.parquet").digests_by_name()
+                                for map_dir in (path, edited))
+    copied = previous_fingerprint == "of the model"
+    for image_id in image_ids:
+        derived = not copied or image_id > 2 * IMAGES_PER_ROW_GROUP
+        np.testing.assert_array_equal(after[image_id].xyz, before[image_id].xyz + (1.0 if derived else 0.0))
+        np.testing.assert_array_equal(after[image_id].point3D_ids, before[image_id].point3D_ids)
+        name = scene.reconstruction.images[image_id].name
+        assert (new_digests[name] == old_digests[name]) == (copied and image_id != changed)
+    assert observation_table_info(edited) == (scene.fingerprint, 8)
 
 
 def test_an_image_without_observations_reads_as_empty(saved_scene):
