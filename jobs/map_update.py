@@ -11,16 +11,19 @@ photos do not reach keep their fingerprints and their feature-store partitions s
 4. Triangulation per shard cell around the new photos (Ray tasks), then merge.extend: a track that
    shares an observation with a map point joins it, the others become new points.
 5. The map written back: new points' descriptors appended, shards and cell fingerprints redone,
-   one entry more in the manifest's "updates" history.
+   one entry more in the manifest's "updates" history. It is written whole beside the map first
+   (MAP/mapping/update-<k>/staged-map), then its files replace the map's, the manifest last.
 
 Work files go to MAP/mapping/update-<k>/ (k = the number of earlier updates): a killed update
-resumes on rerun.
+resumes on rerun, and one killed while its files replaced the map's finishes replacing them.
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +38,7 @@ from cluster.runtime import init_ray
 from pixloc_core import exif, files
 from pixloc_core.images import list_images
 from pixloc_core.io import Prior
-from pixloc_core.map_io import MapEdit, ReferenceImages, SceneMap, cell_fingerprints
+from pixloc_core.map_io import MANIFEST_FILE, MapEdit, ReferenceImages, SceneMap, cell_fingerprints
 from pixloc_core.mapping import cells, descriptors, merge, pairs, sfm
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles, group_pairs
 from pixloc_core.mapping.keypoints import matching_conf
@@ -50,6 +53,7 @@ default_conf = {
     # Map photos within this distance of a new photo are matched with it and reach its cells.
     "region_radius_m": 30.0,
 }
+STAGED_DIR = "staged-map"  # in the update's work folder: the updated map, whole, before it replaces the map
 
 
 @dataclass
@@ -61,6 +65,14 @@ class UpdateReport:
     reused_cells: list[str]
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> UpdateReport:
+        """The report of the map's last update, from its history entry."""
+        entry = manifest["updates"][-1]
+        return cls(entry["new_images"], entry["registered"], entry["new_points"], entry["changed_cells"],
+                   sorted(set(manifest["cell_fingerprints"]) - set(entry["changed_cells"])), entry["skipped"],
+                   entry["seconds"])
 
 
 def add_camera(reconstruction: pycolmap.Reconstruction, camera: pycolmap.Camera) -> int:
@@ -121,6 +133,16 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
     conf = {**default_conf, **(conf or {})}
     start = time.perf_counter()
     map_dir, images = Path(map_dir), Path(images)
+    root = map_dir / WORK_DIR
+    history = json.loads((map_dir / MANIFEST_FILE).read_text()).get("updates", []) \
+        if (map_dir / MANIFEST_FILE).is_file() else []
+    update_root = root / f"update-{len(history):03d}"
+    staged = update_root / STAGED_DIR
+    if (staged / MANIFEST_FILE).is_file():
+        logger.info("%s: an earlier run wrote this update whole; replacing the map's files with it", staged)
+        report = UpdateReport.from_manifest(json.loads((staged / MANIFEST_FILE).read_text()))
+        replace_map_files(staged, map_dir)
+        return report
     scene = SceneMap.load(map_dir)
     reconstruction = scene.reconstruction
     known = {image.name for image in reconstruction.images.values()}
@@ -131,9 +153,6 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         raise ValueError(f"{images}: no image that {map_dir} does not hold already")
     if reference is None and not priors:
         raise ValueError("an update without --reference-model needs GPS priors (--gps-from-exif or --priors)")
-    root = map_dir / WORK_DIR
-    history = scene.manifest.get("updates", [])
-    update_root = root / f"update-{len(history):03d}"
     check_work_settings(update_root, {"images": str(images.resolve()), "new_images": new_names,
                                       "reference_model": str(Path(reference_model).resolve()) if reference_model
                                       else None})
@@ -221,13 +240,28 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
              **{key: value for key, value in asdict(report).items() if key != "reused_cells"},
              "failed_cells": [{"cell": r.cell, "reason": r.failure} for r in results if r.failure]}
     manifest = scene.manifest
-    scene.save(map_dir, manifest["source"], files.location(manifest["images_dir"]), manifest["skipped"],
+    shutil.rmtree(staged, ignore_errors=True)  # what a run stopped while writing it left
+    scene.save(staged, manifest["source"], files.location(manifest["images_dir"]), manifest["skipped"],
                {"failed_cells": manifest.get("failed_cells", []), "created_utc": manifest["created_utc"],
                 "updates": history + [entry], "cell_fingerprints": fingerprints}, edit, references)
+    replace_map_files(staged, map_dir)
     logger.info("updated %s: %d of %d new images registered, %d new points, %d cells changed, %d unchanged (%.1f s)",
                 map_dir, report.registered, report.new_images, report.new_points, len(report.changed_cells),
                 len(report.reused_cells), report.seconds)
     return report
+
+
+def replace_map_files(staged: Path, map_dir: Path) -> None:
+    """Moves the files of the map written whole at `staged` over those of `map_dir`, one rename
+    each, the manifest last: until then the map's manifest names the map before the update (and
+    its tables, by fingerprint, are current only for that), and a rerun finishes the moves."""
+    for path in sorted(staged.rglob("*")):
+        if path.is_file() and path != staged / MANIFEST_FILE:
+            target = map_dir / path.relative_to(staged)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    os.replace(staged / MANIFEST_FILE, map_dir / MANIFEST_FILE)
+    shutil.rmtree(staged)
 
 
 def register(scene: SceneMap, region: list[str], positions: dict[str, np.ndarray], features: FeatureFiles,

@@ -3,6 +3,8 @@ the same synthetic scene, the per-image work files, and resuming a job stopped h
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pycolmap
 import pytest
 
 from cluster.store import FeatureStore, StoreMismatchError
-from jobs import features
+from jobs import features, map_update
 from jobs.cli import main as cli_main
 from jobs.map import WORK_DIR, build_map, build_map_in_cells
 from pixloc_core.io import read_priors
@@ -158,7 +160,8 @@ def fingerprints_from_model(scene_map: SceneMap) -> dict[str, str]:
     return cell_fingerprints(ReferenceImages.from_scene(scene_map).digests_by_name(), scene_map.shards)
 
 
-def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions(scene, tmp_path, ray_cluster):
+def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions(scene, tmp_path, ray_cluster,
+                                                                                   monkeypatch, caplog):
     """A map of the western part of the street, updated in place with the eastern photos from a
     folder of their own; its feature store follows it, recomputing only the changed cells, and
     reads each photo from the folder the map took it from."""
@@ -178,8 +181,26 @@ def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions
     store_url = str(tmp_path / "store")
     features.main(map_dir, None, store_url, STORE_CONF)  # from the folder the map was built from
     store_files = {path: path.read_bytes() for path in (tmp_path / "store").glob("cell=*/**/*") if path.is_file()}
-    assert cli_main(["map", "--update", str(map_dir), "--images", str(east_photos),
-                     "--reference-model", str(scene / "reference_model")]) == 0
+    update = ["map", "--update", str(map_dir), "--images", str(east_photos), "--reference-model",
+              str(scene / "reference_model")]
+    # Stopped after two of the updated map's files replaced the map's: the map still names its old
+    # self, and the rerun finishes the replacement without doing the update again.
+    replace, replaced = os.replace, []
+
+    def stopped_midway(source, target):
+        if map_update.STAGED_DIR in Path(source).parts and map_update.STAGED_DIR not in Path(target).parts:
+            if len(replaced) == 2:
+                raise OSError(28, "No space left on device")
+            replaced.append(target)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", stopped_midway)
+    assert cli_main(update) == 1
+    monkeypatch.undo()
+    assert len(replaced) == 2 and json.loads((map_dir / "manifest.json").read_text()) == before.manifest
+    with caplog.at_level(logging.INFO, logger="jobs.map_update"):
+        assert cli_main(update) == 0
+    assert "an earlier run wrote this update whole" in caplog.text
 
     after = SceneMap.load(map_dir)
     assert after.reconstruction.num_reg_images() == 30
