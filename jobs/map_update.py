@@ -220,9 +220,10 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
     changed_names = {reconstruction.images[image_id].name for image_id in extension.changed_image_ids}
     new_point_ids, new_descriptors = descriptors.main(reconstruction, features.subset(changed_names),
                                                       point_ids=np.array(extension.new_point_ids, dtype=np.int64))
-    point_ids = np.concatenate([scene.point3D_ids, new_point_ids])
-    order = np.argsort(point_ids)
-    scene.point3D_ids, scene.descriptors = point_ids[order], np.concatenate([scene.descriptors, new_descriptors])[order]
+    # New points' ids are above the map's (merge.extend checks it): appended, the ids stay sorted,
+    # without a sorted copy of every descriptor of the map.
+    scene.point3D_ids = np.concatenate([scene.point3D_ids, new_point_ids])
+    scene.descriptors = np.concatenate([scene.descriptors, new_descriptors])
     scene.shards = ShardIndex.build(scene.image_centers(), shard_conf)
 
     # Only the images with a new observation (the new ones among them) are derived again, not the map.

@@ -210,6 +210,7 @@ def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions
     assert after.reconstruction.num_points3D() > before.reconstruction.num_points3D()
     assert set(before.point3D_ids) <= set(after.point3D_ids)  # map points keep their ids
     assert len(after.point3D_ids) == after.reconstruction.num_points3D()
+    assert (np.diff(after.point3D_ids) > 0).all()  # ascending, as the descriptors' lookups need
     (entry,) = after.manifest["updates"]
     assert entry["new_images"] == entry["registered"] == 30 - len(west)
     assert after.manifest["cell_fingerprints"] == fingerprints_from_model(after)
