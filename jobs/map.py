@@ -242,7 +242,8 @@ def build_map_in_cells(images: Location, out: Location, reference_model: Locatio
     with init_ray(address, num_cpus=None if address else workers):
         features, present, skipped = distributed_features(
             images, names, root, {"reference_model": files.absolute(reference_model)}, conf, workers)
-        posed = [reference.find_image_with_name(name) for name in present]
+        reference_images = triangulation.images_by_name(reference)
+        posed = [reference_images[name] for name in present]
         image_pairs = pairs.from_poses(present, np.array([image.projection_center() for image in posed]),
                                        np.array([image.viewing_direction() for image in posed]), conf["pairs"])
         distributed.match_pairs(root, group_pairs(image_pairs), keypoints.matching_conf(conf["keypoints"], conf))
@@ -250,7 +251,7 @@ def build_map_in_cells(images: Location, out: Location, reference_model: Locatio
         cell_index = ShardIndex.build({image.name: image.projection_center() for image in posed}, conf["shards"])
         for cell in cell_index.cell_ids:
             if not cells.is_done(root, cell):
-                cells.write_skeleton(root, cell, reference, cell_index.images_of(cell))
+                cells.write_skeleton(root, cell, reference, cell_index.images_of(cell), reference_images)
         results = distributed.run_cells(cells, root, cell_index.cell_ids, images,
                                         {"triangulation": conf["triangulation"]})
     failed = failed_cells(results)

@@ -39,7 +39,7 @@ from pixloc_core import exif, files
 from pixloc_core.images import list_images
 from pixloc_core.io import Prior
 from pixloc_core.map_io import MANIFEST_FILE, MapEdit, ReferenceImages, SceneMap, cell_fingerprints
-from pixloc_core.mapping import cells, descriptors, merge, pairs, sfm
+from pixloc_core.mapping import cells, descriptors, merge, pairs, sfm, triangulation
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles, group_pairs
 from pixloc_core.mapping.keypoints import matching_conf
 from pixloc_core.shards import ShardIndex
@@ -206,9 +206,10 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         index = ShardIndex.build({**{name: old_index.image_centers[old_index.image_names.index(name)]
                                      for name in nearby}, **new_centers}, shard_conf)
         touched = [cell for cell in index.cell_ids if set(index.images_of(cell)) & set(new_ids)]
+        by_name = triangulation.images_by_name(reconstruction)
         for cell in touched:
             if not cells.is_done(update_root, cell):
-                cells.write_skeleton(update_root, cell, reconstruction, index.images_of(cell))
+                cells.write_skeleton(update_root, cell, reconstruction, index.images_of(cell), by_name)
         results = distributed.run_cells(cells, update_root, touched, images, {"triangulation": conf["triangulation"]},
                                         features_root=root)
 

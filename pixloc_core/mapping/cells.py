@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +80,12 @@ def read_model(place: Location) -> pycolmap.Reconstruction:
     return model
 
 
-def write_skeleton(root: Location, cell: str, reference: pycolmap.Reconstruction, image_names: list[str]) -> None:
-    """The cell's input: the cameras and posed images of `reference` among `image_names`."""
-    write_model(triangulation.skeleton_from_reference(reference, set(image_names)), cell_dir(root, cell) / SKELETON_DIR)
+def write_skeleton(root: Location, cell: str, reference: pycolmap.Reconstruction, image_names: list[str],
+                   reference_images: Mapping[str, pycolmap.Image]) -> None:
+    """The cell's input: the cameras and posed images of `reference` among `image_names`
+    (`reference_images`: its triangulation.images_by_name)."""
+    write_model(triangulation.skeleton_from_reference(reference, image_names, reference_images),
+                cell_dir(root, cell) / SKELETON_DIR)
 
 
 def read_failure(directory: Location, failed_file: str = FAILED_FILE) -> str | None:

@@ -10,6 +10,7 @@ then passes the ratio test, and on a synthetic street only half of such points l
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +30,25 @@ default_conf = {
 }
 
 
-def skeleton_from_reference(reference: pycolmap.Reconstruction, names: set[str]) -> pycolmap.Reconstruction:
-    """The cameras, rigs and frames of `reference` and its posed images in `names`, without any 2D
-    or 3D point."""
+def images_by_name(model: pycolmap.Reconstruction) -> dict[str, pycolmap.Image]:
+    """The model's images by name: pycolmap's find_image_with_name walks every image."""
+    return {image.name: image for image in model.images.values()}
+
+
+def skeleton_from_reference(reference: pycolmap.Reconstruction, names: Collection[str],
+                            reference_images: Mapping[str, pycolmap.Image] | None = None) -> pycolmap.Reconstruction:
+    """The cameras, rigs and frames of `reference` and its posed images in `names` (in id order),
+    without any 2D or 3D point. `reference_images`: its `images_by_name`, for a caller that cuts many
+    skeletons from one model (each then costs its own images, not the model's)."""
+    reference_images = images_by_name(reference) if reference_images is None else reference_images
     skeleton = pycolmap.Reconstruction()
     for camera in reference.cameras.values():
         skeleton.add_camera_with_trivial_rig(camera)
-    for image_id, image in reference.images.items():
-        if image.has_pose and image.name in names:
+    chosen = [reference_images[name] for name in names if name in reference_images]
+    for image in sorted(chosen, key=lambda image: image.image_id):
+        if image.has_pose:
             skeleton.add_image_with_trivial_frame(
-                pycolmap.Image(name=image.name, camera_id=image.camera_id, image_id=image_id),
+                pycolmap.Image(name=image.name, camera_id=image.camera_id, image_id=image.image_id),
                 image.cam_from_world())
     return skeleton
 
