@@ -213,8 +213,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         results = distributed.run_cells(cells, update_root, touched, images, {"triangulation": conf["triangulation"]},
                                         features_root=root)
 
-    image_ids = {image.name: image_id for image_id, image in reconstruction.images.items()}
-    keypoints = {image_ids[name]: features.keypoints(name) for name in sorted(set(nearby) | set(new_ids))}
+    keypoints = {by_name[name].image_id: features.keypoints(name) for name in sorted(set(nearby) | set(new_ids))}
     extension = merge.extend(reconstruction, [cells.load_points(update_root, r.cell) for r in results if not r.failure],
                              keypoints, set(new_ids.values()), conf["merge"])
     # Every observation of a new point is in a changed image: only their feature files are read.
