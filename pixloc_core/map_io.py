@@ -144,9 +144,9 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def point_positions(reconstruction: pycolmap.Reconstruction, point3D_ids: np.ndarray) -> dict[int, np.ndarray]:
-    """Point id -> (3,) position, of these points only (each read once from the model)."""
-    return {point_id: reconstruction.points3D[point_id].xyz for point_id in np.unique(point3D_ids).tolist()}
+def point_positions(reconstruction: pycolmap.Reconstruction, point3D_ids: np.ndarray) -> np.ndarray:
+    """(N, 3) float64 positions of these 3D points (N,), read one by one: the model has no array of them."""
+    return np.array([reconstruction.points3D[i].xyz for i in point3D_ids.tolist()], np.float64).reshape(-1, 3)
 
 
 def image_digest(reconstruction: pycolmap.Reconstruction, image_id: int, observed: Observations,
@@ -391,12 +391,12 @@ class ReferenceImages:
             qvecs.append([quaternion[3], quaternion[0], quaternion[1], quaternion[2]])
             tvecs.append(pose.translation)
             if previous is not None and image_id not in edit.changed_image_ids and previous.holds(image_id):
-                depths.append(previous.median_depths[previous.row(image_id)])
-                digests.append(previous.digests[previous.row(image_id)])
+                row = previous.row(image_id)
+                depths.append(previous.median_depths[row])
+                digests.append(previous.digests[row])
                 continue
             observed = observations(image)
-            xyz = point_positions(reconstruction, observed.point3D_ids)
-            observed_xyz = np.array([xyz[i] for i in observed.point3D_ids.tolist()]).reshape(-1, 3)
+            observed_xyz = point_positions(reconstruction, observed.point3D_ids)
             digests.append(image_digest(reconstruction, image_id, observed, observed_xyz))
             samples = np.linspace(0, len(observed_xyz) - 1, min(len(observed_xyz), cls.max_depth_samples)).round()
             camera_xyz = observed_xyz[samples.astype(int)] @ pose.rotation.matrix().T + pose.translation
@@ -550,11 +550,10 @@ def observation_rows(scene: SceneMap, image_ids: list[int], schema: pa.Schema) -
     columns = defaultdict(list)
     for image_id in image_ids:
         observed = observations(reconstruction.images[image_id])
-        xyz = point_positions(reconstruction, observed.point3D_ids)
         columns["image_id"].append(np.full(len(observed.point3D_ids), image_id, np.int64))
         columns["point3D_id"].append(observed.point3D_ids)
         columns["xy"].append(observed.xy)
-        columns["xyz"].append(np.array([xyz[i] for i in observed.point3D_ids.tolist()]).reshape(-1, 3))
+        columns["xyz"].append(point_positions(reconstruction, observed.point3D_ids))
         if "descriptor" in schema.names:
             rows, described = scene.descriptor_rows(observed.point3D_ids)
             columns["described"].append(described)

@@ -16,7 +16,7 @@ import pycolmap
 import torch
 
 from .geometry import Camera, Pose, skew
-from .map_io import SceneMap, observations
+from .map_io import SceneMap, observations, point_positions
 from .mapping import keypoints, matching
 
 default_conf = {
@@ -280,7 +280,7 @@ class SparseLocalizer:
             image_ids.append(np.full(len(ids), image_id, np.int32))
         point_ids, image_ids = np.concatenate(point_ids), np.concatenate(image_ids)
         rows, described = scene_map.descriptor_rows(point_ids)
-        xyz = np.array([reconstruction.points3D[i].xyz for i in point_ids[described].tolist()]).reshape(-1, 3)
+        xyz = point_positions(reconstruction, point_ids[described])
         self.points = SparsePoints.from_observations(point_ids[described], image_ids[described], xyz,
                                                      scene_map.descriptors[rows[described]])
 
