@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -22,7 +23,7 @@ from cluster.filesystem import StorageAccessDenied, StorageError
 from cluster.store import FeatureStore
 from jobs import cli
 from jobs.config import merge_conf, parse_overrides
-from jobs.results import ExistingResults, ResultsWriter, check_output, read_results
+from jobs.results import PARTS_DIR, SCHEMA, ExistingResults, ResultsWriter, check_output, read_results
 from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import read_priors, read_query_list
 from pixloc_core.align import AlignResult
@@ -148,10 +149,6 @@ def test_earlier_results_need_resume_or_overwrite_and_survive_until_replaced(tmp
 def test_results_of_a_run_before_a_check_was_added_still_read(tmp_path):
     """`--resume` reads parts flushed by an older version: a check column it did not write
     (e.g. pnp_leave_one_out_std_m) reads as null, the rest as written."""
-    import pyarrow as pa
-
-    from jobs.results import PARTS_DIR, SCHEMA
-
     older = pa.schema([field for field in SCHEMA if field.name != "pnp_leave_one_out_std_m"])
     (tmp_path / PARTS_DIR).mkdir()
     pq.write_table(pa.Table.from_pylist([{"name": "a.jpg", "success": True, "pnp_position_std_m": 0.2}], schema=older),
