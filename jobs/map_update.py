@@ -14,6 +14,12 @@ photos do not reach keep their fingerprints and their feature-store partitions s
    one entry more in the manifest's "updates" history. It is written whole beside the map first
    (MAP/mapping/update-<k>/staged-map), then its files replace the map's, the manifest last.
 
+No step holds the whole map: the job plans from the map's compact tables (references.parquet,
+shards.json), reads the model's records of the photos within `region_radius_m` of the new ones and
+of the points they see (model_files.read_region), and writes the model back patched, every other
+record copied as bytes; its memory grows with the region and the number of photos, not with the
+map's keypoints and points.
+
 Work files go to MAP/mapping/update-<k>/ (k = the number of earlier updates): a killed update
 resumes on rerun, and one killed while its files replaced the map's finishes replacing them.
 """
@@ -35,10 +41,12 @@ import pycolmap
 
 from cluster import mapping as distributed
 from cluster.runtime import init_ray
-from pixloc_core import exif, files
+from pixloc_core import exif, files, model_files
 from pixloc_core.images import list_images
 from pixloc_core.io import Prior
-from pixloc_core.map_io import MANIFEST_FILE, MapEdit, ReferenceImages, SceneMap, cell_fingerprints
+from pixloc_core.map_io import (DESCRIPTORS_FILE, MANIFEST_FILE, MODEL_DIR, MapEdit, MapIndex, ReferenceImages, SceneMap,
+                                cell_fingerprints, load_map_index, read_descriptors)
+from pixloc_core.model_files import Region
 from pixloc_core.mapping import cells, descriptors, merge, pairs, sfm, triangulation
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles, group_pairs
 from pixloc_core.mapping.keypoints import matching_conf
@@ -87,10 +95,12 @@ def add_camera(reconstruction: pycolmap.Reconstruction, camera: pycolmap.Camera)
     return camera.camera_id
 
 
-def add_posed_image(reconstruction: pycolmap.Reconstruction, name: str, camera_id: int, keypoints: np.ndarray,
+def add_posed_image(region: Region, name: str, camera_id: int, keypoints: np.ndarray,
                     cam_from_world: pycolmap.Rigid3d) -> int:
-    image_id = max(reconstruction.images, default=0) + 1
-    reconstruction.add_image_with_trivial_frame(
+    """Adds the image to the region under the next id of the map; returns the id."""
+    image_id = region.next_image_id
+    region.next_image_id += 1
+    region.reconstruction.add_image_with_trivial_frame(
         pycolmap.Image(name=name, keypoints=keypoints, camera_id=camera_id, image_id=image_id), cam_from_world)
     return image_id
 
@@ -111,17 +121,17 @@ def crop(reconstruction: pycolmap.Reconstruction, names: set[str]) -> pycolmap.R
     return part
 
 
-def new_camera(scene: SceneMap, path: Path, size: tuple[int, int], conf: dict) -> pycolmap.Camera:
+def new_camera(index: MapIndex, path: Path, size: tuple[int, int], conf: dict) -> pycolmap.Camera:
     """The map's calibrated camera of this device (EXIF focal and size); without an EXIF focal
     length, a map camera of the same image size (most likely the same device); else a camera
     from the EXIF focal length or COLMAP's default."""
     focal = exif.read_exif_focal_px(path, *size)
     if focal:
-        camera = scene.camera_for_exif(*size, focal)
+        camera = index.camera_for_exif(*size, focal)
         if camera is not None:
             return camera
     else:
-        for camera in scene.reconstruction.cameras.values():
+        for camera in index.references.cameras.values():
             if (camera.width, camera.height) == tuple(size):
                 return camera
     focal = focal or conf["default_focal_factor"] * max(size)
@@ -143,9 +153,9 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         report = UpdateReport.from_manifest(json.loads((staged / MANIFEST_FILE).read_text()))
         replace_map_files(staged, map_dir)
         return report
-    scene = SceneMap.load(map_dir)
-    reconstruction = scene.reconstruction
-    known = {image.name for image in reconstruction.images.values()}
+    index = load_map_index(map_dir, with_observations=True)  # derives the tables once for a map older than them
+    references = index.references
+    known = set(references.names)
     reference = cells.read_model(reference_model) if reference_model else None
     candidates = posed_image_names(reference) if reference else list_images(images)
     new_names = [name for name in candidates if name not in known]
@@ -159,77 +169,85 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
     if (root / "settings.json").is_file():  # the map's own SIFT settings: the same keypoints for old photos
         conf["sift"] = json.loads((root / "settings.json").read_text())["sift"]
     features = FeatureFiles(root)
-    shard_conf = {"cell_size_m": scene.shards.cell_size_m, "halo_m": scene.shards.halo_m}
-    old_index = ShardIndex.build(scene.image_centers(), shard_conf)
+    old_index = index.shards
+    old_centers = dict(zip(old_index.image_names, old_index.image_centers))
+    shard_conf = {"cell_size_m": old_index.cell_size_m, "halo_m": old_index.halo_m}
+    keypoint_type = index.manifest.get("keypoints", "sift")
 
     with init_ray(address, num_cpus=None if address else workers):
-        skipped = distributed.extract_features(images, new_names, root, scene.keypoints, conf["sift"], workers)
+        skipped = distributed.extract_features(images, new_names, root, keypoint_type, conf["sift"], workers)
         present = [name for name in new_names if features.has(name)]
         if reference is not None:
             positions = {name: reference.find_image_with_name(name).projection_center() for name in present}
         else:
-            positions = {name: scene.prior_to_map(priors[name]) for name in present if name in priors}
+            positions = {name: index.prior_to_map(priors[name]) for name in present if name in priors}
             skipped += [{"name": name, "reason": "no GPS prior to place it in the map"}
                         for name in present if name not in positions]
         nearby = sorted({old for position in positions.values()
                          for old in old_index.images_near(position, conf["region_radius_m"])})
         # A map built in one process has no feature files: its photos near the update get them now.
-        distributed.extract_features(files.location(scene.manifest["images_dir"]), nearby, root, scene.keypoints,
+        distributed.extract_features(files.location(index.manifest["images_dir"]), nearby, root, keypoint_type,
                                      conf["sift"], workers)
-        region = sorted(set(nearby) | set(positions))
+        region = model_files.read_region(map_dir / MODEL_DIR, nearby)
+        reconstruction = region.reconstruction
+        by_name = triangulation.images_by_name(reconstruction)
+        names = sorted(set(nearby) | set(positions))
         if reference is not None:
             posed = {name: reference.find_image_with_name(name) for name in positions}
-            map_images = {image.name: image for image in reconstruction.images.values() if image.name in nearby}
-            everyone = {**map_images, **posed}
-            image_pairs = pairs.from_poses(region, np.array([everyone[n].projection_center() for n in region]),
-                                           np.array([everyone[n].viewing_direction() for n in region]),
+            everyone = {**{name: by_name[name] for name in nearby}, **posed}
+            image_pairs = pairs.from_poses(names, np.array([everyone[n].projection_center() for n in names]),
+                                           np.array([everyone[n].viewing_direction() for n in names]),
                                            conf["pairs"])
         else:
-            centers = {**{name: center for name, center in scene.image_centers().items() if name in nearby},
-                       **positions}
-            image_pairs = pairs.from_positions(region, np.array([centers[n] for n in region]), conf["pairs"])
+            centers = {**{name: old_centers[name] for name in nearby}, **positions}
+            image_pairs = pairs.from_positions(names, np.array([centers[n] for n in names]), conf["pairs"])
         image_pairs = [pair for pair in image_pairs if pair[0] in positions or pair[1] in positions]
-        distributed.match_pairs(update_root, group_pairs(image_pairs), matching_conf(scene.keypoints, conf),
+        distributed.match_pairs(update_root, group_pairs(image_pairs), matching_conf(keypoint_type, conf),
                                 features_root=root)
 
         new_ids = {}
         if reference is not None:
             for name, image in posed.items():
                 camera_id = add_camera(reconstruction, reference.cameras[image.camera_id])
-                new_ids[name] = add_posed_image(reconstruction, name, camera_id, features.keypoints(name),
+                new_ids[name] = add_posed_image(region, name, camera_id, features.keypoints(name),
                                                 image.cam_from_world())
         else:
-            new_ids = register(scene, region, positions, features, MatchFiles(update_root), images, update_root,
-                               conf, skipped)
+            new_ids = register(index, region, names, positions, features, MatchFiles(update_root), images,
+                               update_root, conf, skipped)
 
         new_centers = {name: reconstruction.images[image_id].projection_center() for name, image_id in new_ids.items()}
-        index = ShardIndex.build({**{name: old_index.image_centers[old_index.image_names.index(name)]
-                                     for name in nearby}, **new_centers}, shard_conf)
-        touched = [cell for cell in index.cell_ids if set(index.images_of(cell)) & set(new_ids)]
+        cell_index = ShardIndex.build({**{name: old_centers[name] for name in nearby}, **new_centers}, shard_conf)
+        touched = [cell for cell in cell_index.cell_ids if set(cell_index.images_of(cell)) & set(new_ids)]
         by_name = triangulation.images_by_name(reconstruction)
         for cell in touched:
             if not cells.is_done(update_root, cell):
-                cells.write_skeleton(update_root, cell, reconstruction, index.images_of(cell), by_name)
+                cells.write_skeleton(update_root, cell, reconstruction, cell_index.images_of(cell), by_name)
         results = distributed.run_cells(cells, update_root, touched, images, {"triangulation": conf["triangulation"]},
                                         features_root=root)
 
     keypoints = {by_name[name].image_id: features.keypoints(name) for name in sorted(set(nearby) | set(new_ids))}
     extension = merge.extend(reconstruction, [cells.load_points(update_root, r.cell) for r in results if not r.failure],
-                             keypoints, set(new_ids.values()), conf["merge"])
+                             keypoints, set(new_ids.values()), region.next_point3D_id, conf["merge"])
     # Every observation of a new point is in a changed image: only their feature files are read.
+    changed_ids = extension.changed_image_ids | set(new_ids.values())
     changed_names = {reconstruction.images[image_id].name for image_id in extension.changed_image_ids}
     new_point_ids, new_descriptors = descriptors.main(reconstruction, features.subset(changed_names),
                                                       point_ids=np.array(extension.new_point_ids, dtype=np.int64))
-    # New points' ids are above the map's (merge.extend checks it): appended, the ids stay sorted,
-    # without a sorted copy of every descriptor of the map.
-    scene.point3D_ids = np.concatenate([scene.point3D_ids, new_point_ids])
-    scene.descriptors = np.concatenate([scene.descriptors, new_descriptors])
-    scene.shards = ShardIndex.build(scene.image_centers(), shard_conf)
+    # The descriptors of the points the changed images see, for their rows of the observation table.
+    seen = {point.point3D_id for image_id in changed_ids for point in reconstruction.images[image_id].points2D
+            if point.has_point3D() and point.point3D_id < region.next_point3D_id}
+    seen_ids, seen_descriptors = read_descriptors(map_dir / DESCRIPTORS_FILE, seen)
+    scene = SceneMap(reconstruction, index.geo, ShardIndex.build({**old_centers, **new_centers}, shard_conf),
+                     index.manifest, np.concatenate([seen_ids, new_point_ids]),
+                     np.concatenate([seen_descriptors, new_descriptors.reshape(-1, seen_descriptors.shape[1])]),
+                     keypoint_type,
+                     index.manifest.get("exif_cameras", {}))
 
     # Only the images with a new observation (the new ones among them) are derived again, not the map.
-    edit = MapEdit(map_dir, scene.fingerprint, frozenset(extension.changed_image_ids | set(new_ids.values())))
+    edit = MapEdit(map_dir, index.fingerprint, frozenset(changed_ids), region,
+                   frozenset(extension.extended_point_ids), frozenset(extension.new_point_ids))
     references = ReferenceImages.from_scene(scene, edit)
-    old_fingerprints = scene.manifest.get("cell_fingerprints", {})
+    old_fingerprints = index.manifest.get("cell_fingerprints", {})
     fingerprints = cell_fingerprints(references.digests_by_name(), scene.shards)
     report = UpdateReport(len(new_names), len(new_ids), len(extension.new_point_ids),
                           sorted(cell for cell in fingerprints if old_fingerprints.get(cell) != fingerprints[cell]),
@@ -237,10 +255,10 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
                           skipped, time.perf_counter() - start)
     entry = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "images_dir": str(images),
              "source": "reference-model" if reference is not None else "gps",
-             "previous_fingerprint": scene.fingerprint,  # lets the store of the map before follow it
+             "previous_fingerprint": index.fingerprint,  # lets the store of the map before follow it
              **{key: value for key, value in asdict(report).items() if key != "reused_cells"},
              "failed_cells": [{"cell": r.cell, "reason": r.failure} for r in results if r.failure]}
-    manifest = scene.manifest
+    manifest = index.manifest
     shutil.rmtree(staged, ignore_errors=True)  # what a run stopped while writing it left
     scene.save(staged, manifest["source"], files.location(manifest["images_dir"]), manifest["skipped"],
                {"failed_cells": manifest.get("failed_cells", []), "created_utc": manifest["created_utc"],
@@ -265,36 +283,36 @@ def replace_map_files(staged: Path, map_dir: Path) -> None:
     shutil.rmtree(staged)
 
 
-def register(scene: SceneMap, region: list[str], positions: dict[str, np.ndarray], features: FeatureFiles,
-             matches: MatchFiles, images: Path, work_dir: Path, conf: dict, skipped: list[dict]) -> dict[str, int]:
-    """Registers the new images of `positions` into the map's part around them (its poses, points
-    and cameras fixed) and adds those that register to the map; returns their ids. The others go
-    to `skipped` with a reason."""
-    reconstruction = scene.reconstruction
+def register(index: MapIndex, region: Region, names: list[str], positions: dict[str, np.ndarray],
+             features: FeatureFiles, matches: MatchFiles, images: Path, work_dir: Path, conf: dict,
+             skipped: list[dict]) -> dict[str, int]:
+    """Registers the new images of `positions` into the region of the map around them (`names`:
+    its photos and the new ones; poses, points and cameras fixed) and adds those that register to
+    the region; returns their ids. The others go to `skipped` with a reason."""
+    reconstruction = region.reconstruction
     # The map's own matches connect its photos: COLMAP's mapper loads only photos with verified
     # matches, and the cropped model must hold no other.
-    old_names = set(region) - set(positions)
-    pair_matches = {**MatchFiles(work_dir.parent).among(old_names), **matches.among(region)}
+    old_names = set(names) - set(positions)
+    pair_matches = {**MatchFiles(work_dir.parent).among(old_names), **matches.among(names)}
     connected = {name for pair, found in pair_matches.items() if len(found) >= 2 * conf["sfm"]["min_num_matches"]
                  for name in pair}
-    region = sorted(connected | set(positions))
+    names = sorted(connected | set(positions))
     part = crop(reconstruction, connected & old_names)
     camera_ids = {}
     for name in positions:
-        camera_id = add_camera(reconstruction, new_camera(scene, images / name, features.image_size(name), conf["sfm"]))
+        camera_id = add_camera(reconstruction, new_camera(index, images / name, features.image_size(name), conf["sfm"]))
         if camera_id not in part.cameras:
             part.add_camera_with_trivial_rig(reconstruction.cameras[camera_id])
         camera_ids[name] = camera_id
-    region_features = {name: features[name] for name in region}
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="register-") as temporary:
-        extended = sfm.register_into(part, region_features, {pair: found for pair, found in pair_matches.items()
-                                                             if set(pair) <= set(region)}, camera_ids, images,
-                                     Path(temporary), conf["sfm"])
+        extended = sfm.register_into(part, {name: features[name] for name in names},
+                                     {pair: found for pair, found in pair_matches.items() if set(pair) <= set(names)},
+                                     camera_ids, images, Path(temporary), conf["sfm"])
     new_ids = {}
     for name, camera_id in camera_ids.items():
         image = extended.find_image_with_name(name)
         if image is None or not image.has_pose:
             skipped.append({"name": name, "reason": "not registered: too few matches with the map near its GPS"})
             continue
-        new_ids[name] = add_posed_image(reconstruction, name, camera_id, features.keypoints(name), image.cam_from_world())
+        new_ids[name] = add_posed_image(region, name, camera_id, features.keypoints(name), image.cam_from_world())
     return new_ids

@@ -33,6 +33,8 @@ import hashlib
 import json
 import logging
 import math
+import shutil
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
@@ -45,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pycolmap
 
-from . import files
+from . import files, model_files
 from .columns import FEATURE_DTYPE, XYZ_DTYPE, column_numpy, column_validity, column_vectors, vector_column, vector_field
 from .files import Location
 from .geo import EnuOrigin, wgs84_to_enu
@@ -140,7 +142,9 @@ def model_fingerprint(model_dir: Path) -> str:
     for path in sorted(Path(model_dir).iterdir()):
         if path.is_file():
             digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+            with open(path, "rb") as file:
+                for chunk in iter(lambda: file.read(model_files.CHUNK_BYTES), b""):
+                    digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -238,13 +242,22 @@ class SceneMap(ManifestFacts):
              references: ReferenceImages | None = None) -> None:
         """Writes every file of the map; the manifest last, with the fingerprint of the model and
         of each cell. `manifest_extra`: more manifest entries (failed cells, update history).
-        `edit`: what changed since the map was last written there (the rest of its tables is kept);
-        `references`: the table of reference images, when the caller derived it already."""
+        `edit`: what changed since the map was last written there (the rest of its tables is kept;
+        with a region, the scene holds only that region of the map, and the rest of the model and
+        descriptors is copied too); `references`: the table of reference images, when the caller
+        derived it already."""
         path = Path(path)
         (path / MODEL_DIR).mkdir(parents=True, exist_ok=True)
-        self.reconstruction.write(path / MODEL_DIR)
-        if self.descriptors is not None:
-            np.savez(path / DESCRIPTORS_FILE, point3D_ids=self.point3D_ids, descriptors=self.descriptors)
+        if edit is not None and edit.region is not None:
+            model_files.write_patched(edit.region, edit.changed_image_ids, edit.extended_point_ids,
+                                      edit.new_point_ids, path / MODEL_DIR)
+            new = self.point3D_ids >= edit.region.next_point3D_id
+            append_descriptors(edit.map_dir / DESCRIPTORS_FILE, path / DESCRIPTORS_FILE, self.point3D_ids[new],
+                               self.descriptors[new])
+        else:
+            self.reconstruction.write(path / MODEL_DIR)
+            if self.descriptors is not None:
+                np.savez(path / DESCRIPTORS_FILE, point3D_ids=self.point3D_ids, descriptors=self.descriptors)
         (path / GEO_FILE).write_text(json.dumps(self.geo.to_dict(), indent=2))
         if self.shards is not None:
             self.shards.save(path / SHARDS_FILE)
@@ -253,8 +266,8 @@ class SceneMap(ManifestFacts):
             "source": source,
             "keypoints": self.keypoints,
             "images_dir": str(images_dir),
-            "num_images": self.reconstruction.num_reg_images(),
-            "num_points3D": self.reconstruction.num_points3D(),
+            "num_images": model_files.count(path / MODEL_DIR / model_files.IMAGES),
+            "num_points3D": model_files.count(path / MODEL_DIR / model_files.POINTS3D),
             "skipped": skipped,
             "exif_cameras": self.exif_cameras,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -297,6 +310,49 @@ class SceneMap(ManifestFacts):
     def prior_to_map(self, prior: Prior) -> np.ndarray:
         """See `prior_to_map`."""
         return prior_to_map(self.geo, prior, lambda: np.median([c[2] for c in self.image_centers().values()]))
+
+
+# ----- MAP/descriptors.npz a chunk of rows at a time (an npz is a zip of .npy files, stored uncompressed)
+
+def _npy_header(file) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(file)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(file)
+    return shape, dtype
+
+
+def read_descriptors(path: Path, point3D_ids: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Of the points `point3D_ids`, those that MAP/descriptors.npz describes: their ids (M,)
+    ascending and descriptors (M, D), found a chunk of rows at a time, never all rows at once."""
+    wanted = np.unique(np.fromiter(point3D_ids, np.int64))
+    with zipfile.ZipFile(path) as archive, archive.open("point3D_ids.npy") as ids, \
+            archive.open("descriptors.npy") as rows:
+        (count,), id_dtype = _npy_header(ids)
+        (_, dim), dtype = _npy_header(rows)
+        chunk = max(1, model_files.CHUNK_BYTES // (dim * dtype.itemsize + id_dtype.itemsize))
+        found_ids, found = [np.zeros(0, np.int64)], [np.zeros((0, dim), dtype)]
+        for start in range(0, count, chunk):
+            size = min(chunk, count - start)
+            chunk_ids = np.frombuffer(ids.read(size * id_dtype.itemsize), id_dtype)
+            chunk_rows = np.frombuffer(rows.read(size * dim * dtype.itemsize), dtype).reshape(size, dim)
+            keep = np.isin(chunk_ids, wanted)
+            found_ids.append(chunk_ids[keep].astype(np.int64))
+            found.append(chunk_rows[keep])
+    return np.concatenate(found_ids), np.concatenate(found)
+
+
+def append_descriptors(old: Path, out: Path, point3D_ids: np.ndarray, descriptors: np.ndarray) -> None:
+    """out = the rows of MAP/descriptors.npz at `old`, then point3D_ids (N,) with descriptors (N, D),
+    whose ids are above old's (the ids stay ascending); old's rows are copied in chunks."""
+    with zipfile.ZipFile(old) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as target:
+        for name, new in (("point3D_ids", point3D_ids), ("descriptors", descriptors)):
+            with source.open(f"{name}.npy") as member, target.open(f"{name}.npy", "w", force_zip64=True) as written:
+                shape, dtype = _npy_header(member)
+                np.lib.format.write_array_header_1_0(written, {
+                    "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                    "shape": (shape[0] + len(new), *shape[1:])})
+                shutil.copyfileobj(member, written, model_files.CHUNK_BYTES)
+                written.write(np.ascontiguousarray(new, dtype).tobytes())
 
 
 def camera_for_exif(cameras, exif_cameras: dict[str, int], width: int, height: int,
@@ -381,10 +437,23 @@ class ReferenceImages:
         depth and digest of the table the map had (which need every observation of an image)."""
         reconstruction = scene.reconstruction
         previous = edit.previous_references() if edit else None
-        image_ids = sorted(i for i, image in reconstruction.images.items() if image.has_pose)
-        names, qvecs, tvecs, depths, digests = [], [], [], [], []
+        if edit:
+            edit.require_tables(previous)
+        posed = {i for i, image in reconstruction.images.items() if image.has_pose}
+        # A region's scene: the images it does not hold keep their rows whole.
+        image_ids = sorted(posed | set(previous.image_ids.tolist() if previous is not None else []))
+        cameras = {**(previous.cameras if previous is not None else {}), **reconstruction.cameras}
+        names, qvecs, tvecs, depths, digests, camera_ids = [], [], [], [], [], []
         for image_id in image_ids:
+            if image_id not in posed:
+                row = previous.row(image_id)
+                names.append(previous.names[row])
+                for values, column in ((qvecs, previous.qvecs), (tvecs, previous.tvecs), (depths, previous.median_depths),
+                                       (digests, previous.digests), (camera_ids, previous.camera_ids)):
+                    values.append(column[row])
+                continue
             image = reconstruction.images[image_id]
+            camera_ids.append(image.camera_id)
             pose = image.cam_from_world()
             quaternion = pose.rotation.quat  # (x, y, z, w)
             names.append(image.name)
@@ -403,8 +472,7 @@ class ReferenceImages:
             depths.append(float(np.median(camera_xyz[:, 2])) if len(camera_xyz) else math.nan)
         return cls(np.array(image_ids, np.int64), names, np.array(qvecs, np.float64).reshape(-1, 4),
                    np.array(tvecs, np.float64).reshape(-1, 3), np.array(depths, np.float64), digests,
-                   np.array([reconstruction.images[i].camera_id for i in image_ids], np.int64),
-                   dict(reconstruction.cameras.items()), scene.fingerprint)
+                   np.array(camera_ids, np.int64), dict(sorted(cameras.items())), scene.fingerprint)
 
     def save(self, path: Path) -> None:
         cameras = {str(i): [camera.model.name, camera.width, camera.height, list(camera.params)]
@@ -522,25 +590,31 @@ def observation_table_schema(descriptor_dim: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def write_observation_table(scene: SceneMap, path: Path, edit: MapEdit | None = None) -> None:
-    """MAP/observations.parquet from the model: one row per observation, by image id, in row groups
-    of a few images, so that a worker reads the observations of its images (ranged reads on S3)
-    and no process but the map's writer holds those of the whole map. With `edit`, the row groups
-    of images it did not change are copied from the table the map had."""
-    reconstruction = scene.reconstruction
-    dim = scene.descriptors.shape[1] if scene.descriptors is not None and len(scene.point3D_ids) else 0
+def write_observation_table(scene: SceneMap, path: Path, image_ids: np.ndarray, edit: MapEdit | None = None) -> None:
+    """MAP/observations.parquet from the model: one row per observation of the images `image_ids`
+    (ascending: the map's posed images), in row groups of a few images, so that a worker reads the
+    observations of its images (ranged reads on S3) and no process but the map's writer holds those
+    of the whole map. With `edit`, the rows of images it did not change are copied from the table
+    the map had."""
+    dim = scene.descriptors.shape[1] if scene.descriptors is not None else 0
     schema = observation_table_schema(dim).with_metadata({"fingerprint": scene.fingerprint, "keypoints": scene.keypoints})
     previous = edit.previous_observations(schema) if edit else None
-    image_ids = sorted(i for i, image in reconstruction.images.items() if image.has_pose)
+    if edit:
+        edit.require_tables(previous)
+    image_ids = image_ids.tolist()
     temporary = path.with_name(f".{path.name}.tmp")
     with pq.ParquetWriter(temporary, schema, compression="zstd") as writer:
         for start in range(0, len(image_ids), IMAGES_PER_ROW_GROUP):
             chunk = image_ids[start:start + IMAGES_PER_ROW_GROUP]
-            kept = previous.take(chunk[0], chunk[-1]) if previous is not None else None
-            if kept is None or edit.changed_image_ids.intersection(chunk):
-                kept = observation_rows(scene, chunk, schema)
-            if len(kept):
-                writer.write_table(kept, row_group_size=len(kept))
+            if previous is None:
+                rows = observation_rows(scene, chunk, schema)
+            elif not edit.changed_image_ids.intersection(chunk):
+                rows = previous.take(chunk[0], chunk[-1])
+            else:
+                rows = pa.concat_tables([observation_rows(scene, [i], schema) if i in edit.changed_image_ids
+                                         else previous.take(i, i) for i in chunk]).combine_chunks()
+            if len(rows):
+                writer.write_table(rows, row_group_size=len(rows))
     temporary.replace(path)
 
 
@@ -593,17 +667,29 @@ class MapEdit:
     """A map changed in place (`pixloc map --update`): every image but `changed_image_ids` keeps
     its pose, camera and observations, and their points keep position and descriptor, so that the
     rows of those images in the tables the map had (derived from the model of `fingerprint`) stay
-    valid: writing the map copies them instead of deriving them again from every observation."""
+    valid: writing the map copies them instead of deriving them again from every observation.
+
+    With a `region` (model_files.read_region), the edited scene holds only that part of the map,
+    changed: the model is patched (`extended_point_ids` grow their tracks, `new_point_ids` are
+    added) and the tables must be those of `fingerprint`, since nothing else can derive them."""
 
     map_dir: Path
     fingerprint: str  # of the map's model before the change
     changed_image_ids: frozenset[int]
+    region: model_files.Region | None = None
+    extended_point_ids: frozenset[int] = frozenset()
+    new_point_ids: frozenset[int] = frozenset()
 
     def previous_references(self) -> ReferenceImages | None:
         """The map's table of reference images before the change; None if it is not that model's."""
         path = self.map_dir / REFERENCES_FILE
         references = readable_table(path, lambda: ReferenceImages.load(path))
         return references if references is not None and references.fingerprint == self.fingerprint else None
+
+    def require_tables(self, found: object | None) -> None:
+        if found is None and self.region is not None:
+            raise ValueError(f"{self.map_dir}: its tables are not those of its model {self.fingerprint[:12]}, and an "
+                             f"edit of a region cannot derive them: run `pixloc features` on the map first")
 
     def previous_observations(self, schema: pa.Schema) -> TableRowsByImage | None:
         """The map's observation table before the change, to be read along with the new one;
@@ -692,7 +778,7 @@ def write_derived_tables(scene: SceneMap, map_dir: Location, with_observations: 
     references.save(local / REFERENCES_FILE)
     names = [REFERENCES_FILE]
     if with_observations:
-        write_observation_table(scene, local / OBSERVATIONS_FILE, edit)
+        write_observation_table(scene, local / OBSERVATIONS_FILE, references.image_ids, edit)
         names.append(OBSERVATIONS_FILE)
     if files.is_remote(map_dir):
         for name in names:

@@ -92,7 +92,8 @@ class ShardIndex:
         within `radius_m` of the position, as (K,) position indices (ascending) and (K,) indices
         into `cell_ids`. Chunks keep the temporaries small enough for the allocator to reuse them
         (fresh pages for 100 MB temporaries cost more than the arithmetic)."""
-        positions = np.asarray(positions, dtype=np.float64).reshape(len(positions), -1)[:, :2]  # (N, 2)
+        positions = np.asarray(positions, dtype=np.float64)
+        positions = positions.reshape(len(positions), -1)[:, :2] if len(positions) else np.zeros((0, 2))  # (N, 2)
         if len(positions) > chunk_size:
             chunks = [self.cells_within_batch(positions[start:start + chunk_size], radius_m, chunk_size)
                       for start in range(0, len(positions), chunk_size)]

@@ -211,6 +211,11 @@ def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions
     assert set(before.point3D_ids) <= set(after.point3D_ids)  # map points keep their ids
     assert len(after.point3D_ids) == after.reconstruction.num_points3D()
     assert (np.diff(after.point3D_ids) > 0).all()  # ascending, as the descriptors' lookups need
+    # The model was patched record by record: its tracks and its images' 2D points agree.
+    observed = {(image_id, index): point.point3D_id for image_id, image in after.reconstruction.images.items()
+                for index, point in enumerate(image.points2D) if point.has_point3D()}
+    assert observed == {(element.image_id, element.point2D_idx): point_id
+                        for point_id, point in after.reconstruction.points3D.items() for element in point.track.elements}
     (entry,) = after.manifest["updates"]
     assert entry["new_images"] == entry["registered"] == 30 - len(west)
     assert after.manifest["cell_fingerprints"] == fingerprints_from_model(after)

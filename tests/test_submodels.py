@@ -9,7 +9,9 @@ import numpy as np
 import pycolmap
 import pytest
 
+from jobs import map_update
 from jobs.map import WORK_DIR, build_map, build_sfm_in_cells, exif_priors
+from pixloc_core.map_io import SceneMap
 from pixloc_core.images import list_images
 from pixloc_core.mapping import cell_adjustment, submodels
 
@@ -144,6 +146,29 @@ def test_lund_in_submodels_matches_one_sfm_and_resumes(lund, tmp_path, ray_clust
         f"*/{cell_adjustment.MODEL_DIR}/{cell_adjustment.SUMMARY_FILE}")]
     assert len(summaries) >= 2 and again.manifest["unadjusted_cells"] == []
     assert all(after < before for before, after in (summary["reprojection_error_px"] for summary in summaries))
+
+    # An update registers a new photo from its GPS into the map's region around it: a second shot
+    # from where 10.jpg was taken (the same file), so it must land there.
+    new_photos = tmp_path / "new"
+    new_photos.mkdir()
+    shutil.copy(images / "10.jpg", new_photos / "10-again.jpg")
+    report = map_update.main(out, new_photos, priors=exif_priors(new_photos, ["10-again.jpg"]), conf=LUND_CONF)
+    assert (report.new_images, report.registered, report.skipped) == (1, 1, [])
+    updated = SceneMap.load(out)
+    assert np.linalg.norm(updated.reconstruction.find_image_with_name("10-again.jpg").projection_center()
+                          - updated.reconstruction.find_image_with_name("10.jpg").projection_center()) < 0.05
+    for image_id, image in again.reconstruction.images.items():  # the map's poses stay as they were
+        np.testing.assert_array_equal(updated.reconstruction.images[image_id].cam_from_world().matrix(),
+                                      image.cam_from_world().matrix())
+    observed = {(image_id, index): point.point3D_id for image_id, image in updated.reconstruction.images.items()
+                for index, point in enumerate(image.points2D) if point.has_point3D()}
+    assert observed == {(element.image_id, element.point2D_idx): point_id for point_id, point in
+                        updated.reconstruction.points3D.items() for element in point.track.elements}
+    recomputed = pycolmap.Reconstruction(updated.reconstruction)
+    recomputed.update_point_3d_errors()  # the patched tracks' errors are their means over the whole track
+    assert all(abs(recomputed.points3D[i].error - point.error) < 1e-9 for i, point in
+               updated.reconstruction.points3D.items())
+    assert updated.reconstruction.num_points3D() == again.reconstruction.num_points3D() + report.new_points
 
 
 def test_a_submodel_with_too_few_images_gets_a_reason(tmp_path):

@@ -173,18 +173,21 @@ def track_groups(tracks: Tracks, rows: np.ndarray) -> list[np.ndarray]:
     return [rows[start:end] for start, end in zip(starts[:-1], starts[1:])]
 
 
-def add_points(reconstruction: pycolmap.Reconstruction, tracks: Tracks, rows: np.ndarray, min_track_length: int
-               ) -> list[int]:
-    """A new 3D point per track of `rows` with enough observations; returns their ids."""
+def add_points(reconstruction: pycolmap.Reconstruction, tracks: Tracks, rows: np.ndarray, min_track_length: int,
+               first_id: int = 1) -> list[int]:
+    """A new 3D point per track of `rows` with enough observations, under ids from `first_id` on;
+    returns their ids."""
     added = []
     for group in track_groups(tracks, rows):
         if len(group) < min_track_length:
             continue
-        elements = pycolmap.Track()
-        for image_id, index in zip(tracks.row_image[group].tolist(), tracks.row_point2D[group].tolist()):
-            elements.add_element(image_id, index)
+        point = pycolmap.Point3D()
+        point.track = pycolmap.Track([pycolmap.TrackElement(image_id, index) for image_id, index
+                                      in zip(tracks.row_image[group].tolist(), tracks.row_point2D[group].tolist())])
         track = int(tracks.row_track[group[0]])
-        added.append(reconstruction.add_point3D(tracks.xyz[track], elements, tracks.color[track]))
+        point.xyz, point.color = tracks.xyz[track], tracks.color[track]
+        added.append(first_id + len(added))
+        reconstruction.add_point3D_with_id(added[-1], point)
     return added
 
 
@@ -214,12 +217,12 @@ class Extension:
 
 
 def extend(reconstruction: pycolmap.Reconstruction, cells: list[CellPoints], keypoints: dict[int, np.ndarray],
-           new_image_ids: set[int], conf: dict | None = None) -> Extension:
-    """Adds to `reconstruction` (which already holds the new images, posed, with their keypoints)
-    the points that cells triangulated around the new images. The map's points stay as they are,
-    position and id: a track that shares an observation with one of them joins it with its
-    observations in new images; the other tracks become new points. `keypoints`: every image of
-    the cells."""
+           new_image_ids: set[int], first_point_id: int, conf: dict | None = None) -> Extension:
+    """Adds to `reconstruction` (the map or a region of it, which already holds the new images,
+    posed, with their keypoints) the points that cells triangulated around the new images. The
+    map's points stay as they are, position and id: a track that shares an observation with one of
+    them joins it with its observations in new images; the other tracks become new points, under
+    ids from `first_point_id` on (above the map's). `keypoints`: every image of the cells."""
     conf = {**default_conf, **(conf or {})}
     tracks = join_tracks(cells)
     row_key = tracks.row_key
@@ -253,10 +256,7 @@ def extend(reconstruction: pycolmap.Reconstruction, cells: list[CellPoints], key
         reconstruction.add_observation(int(target[tracks.row_track[row]]),
                                        pycolmap.TrackElement(int(tracks.row_image[row]), int(tracks.row_point2D[row])))
     new_rows = rows[~joins[rows]]
-    first_new_id = max(reconstruction.point3D_ids(), default=0) + 1
-    new_ids = add_points(reconstruction, tracks, new_rows, conf["min_track_length"])
-    if new_ids and min(new_ids) < first_new_id:
-        raise AssertionError("pycolmap reused a 3D point id of the map")  # ids are what the store keys on
+    new_ids = add_points(reconstruction, tracks, new_rows, conf["min_track_length"], first_point_id)
     reconstruction.update_point_3d_errors()
     changed = set(tracks.row_image[joining].tolist())
     changed |= {element.image_id for point_id in new_ids for element in reconstruction.points3D[point_id].track.elements}
