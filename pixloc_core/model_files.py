@@ -45,11 +45,11 @@ def _num_params(model_id: int) -> int:
 
 
 # Per file: (buffer, offset) -> (id, the record's size in bytes); reads only the record's head.
-def _camera_size(buffer: memoryview, offset: int) -> tuple[int, int]:
+def _camera_size(buffer: bytes, offset: int) -> tuple[int, int]:
     return _U32.unpack_from(buffer, offset)[0], 24 + 8 * _num_params(_I32.unpack_from(buffer, offset + 4)[0])
 
 
-def _rig_size(buffer: memoryview, offset: int) -> tuple[int, int]:
+def _rig_size(buffer: bytes, offset: int) -> tuple[int, int]:
     rig_id, num_sensors = struct.unpack_from("<II", buffer, offset)
     size = 8 + (8 if num_sensors else 0)
     for _ in range(max(num_sensors - 1, 0)):
@@ -57,17 +57,22 @@ def _rig_size(buffer: memoryview, offset: int) -> tuple[int, int]:
     return rig_id, size
 
 
-def _frame_size(buffer: memoryview, offset: int) -> tuple[int, int]:
+def _frame_size(buffer: bytes, offset: int) -> tuple[int, int]:
     return _U32.unpack_from(buffer, offset)[0], 68 + 16 * _U32.unpack_from(buffer, offset + 64)[0]
 
 
-def _image_size(buffer: memoryview, offset: int) -> tuple[int, int]:
-    name_end = bytes(buffer[offset + 64:offset + 64 + 4096]).index(b"\0") + offset + 64
+def _image_size(buffer: bytes, offset: int) -> tuple[int, int]:
+    name_end = _name_end(buffer, offset)
     return _U32.unpack_from(buffer, offset)[0], name_end + 9 - offset + 24 * _U64.unpack_from(buffer, name_end + 1)[0]
 
 
-def _point_size(buffer: memoryview, offset: int) -> tuple[int, int]:
+def _point_size(buffer: bytes, offset: int) -> tuple[int, int]:
     return _U64.unpack_from(buffer, offset)[0], 51 + 8 * _U64.unpack_from(buffer, offset + 43)[0]
+
+
+def _name_end(buffer: bytes, offset: int) -> int:
+    """The offset of the NUL that ends the name of the image record at `offset`."""
+    return buffer.index(b"\0", offset + _IMAGE_HEAD.size, offset + _IMAGE_HEAD.size + 4096)
 
 
 _RECORD_SIZE = {CAMERAS: _camera_size, RIGS: _rig_size, FRAMES: _frame_size, IMAGES: _image_size, POINTS3D: _point_size}
@@ -82,7 +87,7 @@ class Record:
     data: bytes
 
 
-def records(path: Path, keep: Callable[[int, memoryview, int], bool] = lambda *_: True) -> Iterator[Record]:
+def records(path: Path, keep: Callable[[int, bytes, int], bool] = lambda *_: True) -> Iterator[Record]:
     """The records of a model file, in file order, with their bytes for those that `keep(id,
     buffer, offset)` accepts; read a chunk at a time, never the whole file."""
     record_size = _RECORD_SIZE[Path(path).name]
@@ -92,14 +97,11 @@ def records(path: Path, keep: Callable[[int, memoryview, int], bool] = lambda *_
         for _ in range(count):
             if len(buffer) - position < _MAX_HEAD:
                 buffer, start, position = buffer[position:] + file.read(max(CHUNK_BYTES, _MAX_HEAD)), start + position, 0
-            view = memoryview(buffer)
-            record_id, size = record_size(view, position)
+            record_id, size = record_size(buffer, position)
             if len(buffer) - position < size:
-                buffer = buffer[position:] + file.read(max(size, CHUNK_BYTES))
-                start, position = start + position, 0
-                view = memoryview(buffer)
-            if keep(record_id, view, position):
-                yield Record(record_id, start + position, bytes(view[position:position + size]))
+                buffer, start, position = buffer[position:] + file.read(max(size, CHUNK_BYTES)), start + position, 0
+            if keep(record_id, buffer, position):
+                yield Record(record_id, start + position, buffer[position:position + size])
             position += size
 
 
@@ -171,10 +173,6 @@ class Region:
     next_image_id: int
     next_point3D_id: int
 
-    @property
-    def image_ids(self) -> list[int]:
-        return sorted(self.image_offsets)
-
 
 def read_region(model_dir: Path, names: Collection[str]) -> Region:
     """The images of `names` (those the model holds) and what a change around them needs."""
@@ -186,11 +184,10 @@ def read_region(model_dir: Path, names: Collection[str]) -> Region:
         reconstruction.add_camera_with_trivial_rig(camera)
     image_offsets, last_image_id = {}, 0
 
-    def in_region(image_id: int, buffer: memoryview, offset: int) -> bool:
+    def in_region(image_id: int, buffer: bytes, offset: int) -> bool:
         nonlocal last_image_id
         last_image_id = max(last_image_id, image_id)
-        name_start = offset + _IMAGE_HEAD.size
-        return bytes(buffer[name_start:name_start + 4096]).split(b"\0", 1)[0] in encoded
+        return buffer[offset + _IMAGE_HEAD.size:_name_end(buffer, offset)] in encoded
 
     point_ids = set()
     for record in records(model_dir / IMAGES, in_region):
@@ -211,10 +208,10 @@ def read_region(model_dir: Path, names: Collection[str]) -> Region:
     for record in records(model_dir / POINTS3D, observed):
         points[record.id] = record
         point = PointRecord.parse(record.data)
-        inside = np.isin(point.track["image_id"], list(image_offsets))
         region_point = pycolmap.Point3D()
         region_point.xyz, region_point.color, region_point.error = point.xyz, point.color, point.error
-        region_point.track = pycolmap.Track([pycolmap.TrackElement(int(i), int(j)) for i, j in point.track[inside].tolist()])
+        region_point.track = pycolmap.Track([pycolmap.TrackElement(image_id, index) for image_id, index
+                                             in point.track.tolist() if image_id in image_offsets])
         reconstruction.add_point3D_with_id(record.id, region_point)
     return Region(reconstruction, model_dir, image_offsets, points, last_image_id + 1, last_point_id + 1)
 
@@ -282,7 +279,7 @@ def _patch(old: Path, out: Path, replaced: dict[int, bytes], appended: list[byte
         for offset in sorted(replaced):
             _copy(source, target, offset - source.tell())
             head = source.read(_MAX_HEAD)
-            _, size = record_size(memoryview(head), 0)
+            _, size = record_size(head, 0)
             source.seek(offset + size)
             target.write(replaced[offset])
         shutil.copyfileobj(source, target, CHUNK_BYTES)
