@@ -190,6 +190,9 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
                                      conf["sift"], workers)
         region = model_files.read_region(map_dir / MODEL_DIR, nearby)
         reconstruction = region.reconstruction
+        logger.info("region: %d of the map's %d photos within %.0f m of the new ones, with %d points",
+                    len(region.image_offsets), len(references.names), conf["region_radius_m"],
+                    reconstruction.num_points3D())
         by_name = triangulation.images_by_name(reconstruction)
         names = sorted(set(nearby) | set(positions))
         if reference is not None:
