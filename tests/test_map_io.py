@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pycolmap
 import pytest
 
-from pixloc_core import exif, files
+from pixloc_core import exif, files, model_files
 from pixloc_core.datasets import copy_image
 from pixloc_core.map_io import (IMAGES_PER_ROW_GROUP, OBSERVATIONS_FILE, MapEdit, ReferenceImages, SceneMap,
-                                exif_camera_key, load_map_index, observation_table_info, observations,
-                                read_observations)
+                                append_descriptors, exif_camera_key, load_map_index, observation_table_info,
+                                observations, read_descriptors, read_observations)
 
 FOCAL_35MM = 35.0
 
@@ -233,3 +233,22 @@ def test_a_damaged_table_is_derived_again(saved_scene, tmp_path, name, caplog):
         load_map_index(damaged, with_observations=True)
     assert f"{damaged / name}: damaged" in caplog.text
     assert (damaged / name).read_bytes() == (path / name).read_bytes()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 100])  # 100: a few rows per read
+def test_descriptors_are_read_and_appended_a_chunk_of_rows_at_a_time(tmp_path, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(model_files, "CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(0)
+    ids = np.sort(rng.choice(10_000, 500, replace=False)).astype(np.int64)
+    descriptors = rng.normal(size=(500, 16)).astype(np.float16)
+    np.savez(tmp_path / "descriptors.npz", point3D_ids=ids, descriptors=descriptors)
+    wanted = [int(ids[3]), int(ids[250]), int(ids[499]), 10_001]  # the last: not described
+    found_ids, found = read_descriptors(tmp_path / "descriptors.npz", wanted)
+    np.testing.assert_array_equal(found_ids, ids[[3, 250, 499]])
+    np.testing.assert_array_equal(found, descriptors[[3, 250, 499]])
+
+    new_ids, new = np.array([10_001, 10_007], np.int64), rng.normal(size=(2, 16)).astype(np.float16)
+    append_descriptors(tmp_path / "descriptors.npz", tmp_path / "appended.npz", new_ids, new)
+    with np.load(tmp_path / "appended.npz") as data:
+        np.testing.assert_array_equal(data["point3D_ids"], np.concatenate([ids, new_ids]))
+        np.testing.assert_array_equal(data["descriptors"], np.concatenate([descriptors, new]))
