@@ -234,6 +234,10 @@ def write_patched(region: Region, changed_image_ids: Collection[int], extended_p
         # The region has one rig per camera and one frame per image, under their ids.
         new_rigs = _new_records(old / RIGS, written / RIGS, lambda rig_id: rig_id in new_cameras)
         new_frames = _new_records(old / FRAMES, written / FRAMES, lambda frame_id: frame_id in changed)
+        if set(new_rigs) != set(new_cameras) or set(new_frames) != changed - set(region.image_offsets):
+            raise ValueError(f"{old}: a rig or frame has the id of a new camera or image; only models with one rig "
+                             f"per camera and one frame per image, under their ids (as pixloc map writes them), can "
+                             f"be patched")
         for name, added in ((CAMERAS, new_cameras), (RIGS, new_rigs), (FRAMES, new_frames)):
             _patch(old / name, out_dir / name, {}, list(added.values()))
         images = {record.id: record.data for record in records(written / IMAGES, lambda i, *_: i in changed)}
@@ -246,9 +250,7 @@ def write_patched(region: Region, changed_image_ids: Collection[int], extended_p
 
 def _new_records(old: Path, written: Path, wanted: Callable[[int], bool]) -> dict[int, bytes]:
     """The records of `written` whose id `old` lacks and that are `wanted`."""
-    old_ids = set()
-    for _ in records(old, lambda record_id, *_: old_ids.add(record_id)):
-        pass
+    old_ids = {record.id for record in records(old)}
     return {record.id: record.data for record in records(written, lambda i, *_: i not in old_ids and wanted(i))}
 
 
