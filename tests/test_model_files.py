@@ -128,3 +128,26 @@ def test_unchanged_records_are_copied_byte_for_byte(tmp_path):
     model_files.write_patched(region, [], [], [], tmp_path / "patched")
     for name in model_files.MODEL_FILES:
         assert (tmp_path / "patched" / name).read_bytes() == (tmp_path / "map" / name).read_bytes()
+
+
+def test_a_model_with_rigs_of_their_own_is_refused(tmp_path):
+    """Camera 1 in rig 2: a new camera 2 would get rig 2 too, so the patch refuses."""
+    model = pycolmap.Reconstruction()
+    model.add_camera(pycolmap.Camera.create_from_model_name(1, "PINHOLE", 90.0, 80, 60))
+    rig = pycolmap.Rig(rig_id=2)
+    rig.add_ref_sensor(pycolmap.sensor_t(pycolmap.SensorType.CAMERA, 1))
+    model.add_rig(rig)
+    for image_id in (1, 2):
+        frame = pycolmap.Frame(frame_id=image_id, rig_id=2)
+        frame.rig_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(), np.array([image_id, 0.0, 0.0]))
+        frame.add_data_id(pycolmap.data_t(pycolmap.sensor_t(pycolmap.SensorType.CAMERA, 1), image_id))
+        model.add_frame(frame)
+        image = pycolmap.Image(name=f"{image_id}.jpg", camera_id=1, image_id=image_id, frame_id=image_id)
+        image.points2D = pycolmap.Point2DList([pycolmap.Point2D(np.zeros(2)) for _ in range(3)])
+        model.add_image(image)
+        model.register_frame(image_id)
+    write(model, tmp_path / "map")
+    region = model_files.read_region(tmp_path / "map", ["1.jpg"])
+    region.reconstruction.add_camera_with_trivial_rig(pycolmap.Camera.create_from_model_name(2, "PINHOLE", 70.0, 80, 60))
+    with pytest.raises(ValueError, match="one rig per camera"):
+        model_files.write_patched(region, [], [], [], tmp_path / "patched")
