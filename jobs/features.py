@@ -258,7 +258,7 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
     strides, channels = pyramid_shape(extractor)
     _, descriptor_dim = observation_table_info(map_dir)
     info = StoreInfo(extractor.extractor_id, map_index.fingerprint, strides, channels, conf["aggregate"],
-                     sparse_keypoints=map_index.manifest.get("keypoints", "sift") if descriptor_dim else "",
+                     sparse_keypoints=map_index.keypoint_type if descriptor_dim else "",
                      sparse_dim=descriptor_dim)
     if images_dir is None:
         folders = [files.location(folder) for folder in map_index.image_folders]

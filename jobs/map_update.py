@@ -154,8 +154,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         replace_map_files(staged, map_dir)
         return report
     index = load_map_index(map_dir, with_observations=True)  # derives the tables once for a map older than them
-    references = index.references
-    known = set(references.names)
+    known = set(index.references.names)
     reference = cells.read_model(reference_model) if reference_model else None
     candidates = posed_image_names(reference) if reference else list_images(images)
     new_names = [name for name in candidates if name not in known]
@@ -172,7 +171,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
     old_index = index.shards
     old_centers = dict(zip(old_index.image_names, old_index.image_centers))
     shard_conf = {"cell_size_m": old_index.cell_size_m, "halo_m": old_index.halo_m}
-    keypoint_type = index.manifest.get("keypoints", "sift")
+    keypoint_type = index.keypoint_type
 
     with init_ray(address, num_cpus=None if address else workers):
         skipped = distributed.extract_features(images, new_names, root, keypoint_type, conf["sift"], workers)
@@ -191,7 +190,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         region = model_files.read_region(map_dir / MODEL_DIR, nearby)
         reconstruction = region.reconstruction
         logger.info("region: %d of the map's %d photos within %.0f m of the new ones, with %d points",
-                    len(region.image_offsets), len(references.names), conf["region_radius_m"],
+                    len(region.image_offsets), len(index.references.names), conf["region_radius_m"],
                     reconstruction.num_points3D())
         by_name = triangulation.images_by_name(reconstruction)
         names = sorted(set(nearby) | set(positions))

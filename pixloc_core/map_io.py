@@ -195,6 +195,12 @@ class ManifestFacts:
         return self.manifest["fingerprint"]
 
     @property
+    def keypoint_type(self) -> str:
+        """The type of the map's 2D points and point descriptors (mapping/keypoints.py); a map
+        written before there were others has SIFT's."""
+        return self.manifest.get("keypoints", "sift")
+
+    @property
     def earlier_fingerprints(self) -> list[str]:
         """The fingerprints the map had before each of its updates, oldest first."""
         return [entry["previous_fingerprint"] for entry in self.manifest.get("updates", [])
@@ -293,7 +299,7 @@ class SceneMap(ManifestFacts):
                         ShardIndex.load(path / SHARDS_FILE) if (path / SHARDS_FILE).is_file() else None,
                         json.loads(manifest_path.read_text()), path=path)
         scene_map.exif_cameras = scene_map.manifest.get("exif_cameras", {})
-        scene_map.keypoints = scene_map.manifest.get("keypoints", "sift")
+        scene_map.keypoints = scene_map.keypoint_type
         if with_descriptors and (path / DESCRIPTORS_FILE).is_file():
             with np.load(path / DESCRIPTORS_FILE) as data:
                 scene_map.point3D_ids, scene_map.descriptors = data["point3D_ids"], data["descriptors"]
