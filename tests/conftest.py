@@ -28,13 +28,15 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def lund_map(shared_data, tmp_path_factory) -> Path:
-    """The map a user builds of Lund's 29 photos, `pixloc map --gps-from-exif` with the default
-    settings (one SfM, georegistered to the EXIF GPS): built once for the tests that read it."""
+    """The map a user builds of Lund's 29 photos, `pixloc map --gps-from-exif --max-image-size 800`
+    (one SfM, georegistered to the EXIF GPS; SIFT at 800 px keeps CI fast): built once for the
+    tests that read it."""
     from jobs.cli import main as cli_main
 
     map_dir = tmp_path_factory.mktemp("lund") / "map"
     images = shared_data / "opensfm" / "lund" / "images"
-    assert cli_main(["map", "--images", str(images), "--out", str(map_dir), "--gps-from-exif"]) == 0
+    assert cli_main(["map", "--images", str(images), "--out", str(map_dir), "--gps-from-exif",
+                     "--max-image-size", "800"]) == 0
     return map_dir
 
 

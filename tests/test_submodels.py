@@ -10,7 +10,7 @@ import pycolmap
 import pytest
 
 from jobs import map_update
-from jobs.map import WORK_DIR, build_map, build_sfm_in_cells, exif_priors
+from jobs.map import WORK_DIR, build_sfm_in_cells, exif_priors
 from pixloc_core.map_io import SceneMap
 from pixloc_core.images import list_images
 from pixloc_core.mapping import cell_adjustment, submodels
@@ -107,7 +107,7 @@ def lund(shared_data, tmp_path_factory) -> tuple:
 
 
 @pytest.mark.slow
-def test_lund_in_submodels_matches_one_sfm_and_resumes(lund, tmp_path, ray_cluster):
+def test_lund_in_submodels_matches_one_sfm_and_resumes(lund, lund_map, tmp_path, ray_cluster):
     images, priors = lund
     out = tmp_path / "cells"
     scene_map = build_sfm_in_cells(images, out, priors, LUND_CONF)
@@ -122,8 +122,9 @@ def test_lund_in_submodels_matches_one_sfm_and_resumes(lund, tmp_path, ray_clust
     # Rejected submodels (shared images that contradict the others) are named with their reason.
     assert all("do not fit" in failure["reason"] for failure in manifest["failed_cells"])
 
-    # The same photos in one SfM: after the similarity that best aligns the two, the cameras agree.
-    single = build_map(images, tmp_path / "single", priors=priors, conf=LUND_CONF).reconstruction
+    # The same photos in one SfM (the map of conftest.py): after the similarity that best aligns
+    # the two, the cameras agree.
+    single = SceneMap.load(lund_map).reconstruction
     merged = submodels.posed_images(reconstruction)
     one = {image.name: image.cam_from_world() for image in single.images.values() if image.has_pose}
     similarity, agreeing = submodels.relative_similarity(merged, one, {**submodels.default_conf,
