@@ -220,7 +220,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         new_centers = {name: reconstruction.images[image_id].projection_center() for name, image_id in new_ids.items()}
         cell_index = ShardIndex.build({**{name: old_centers[name] for name in nearby}, **new_centers}, shard_conf)
         touched = [cell for cell in cell_index.cell_ids if set(cell_index.images_of(cell)) & set(new_ids)]
-        by_name = triangulation.images_by_name(reconstruction)
+        by_name.update({name: reconstruction.images[image_id] for name, image_id in new_ids.items()})
         for cell in touched:
             if not cells.is_done(update_root, cell):
                 cells.write_skeleton(update_root, cell, reconstruction, cell_index.images_of(cell), by_name)
@@ -242,12 +242,11 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
     scene = SceneMap(reconstruction, index.geo, ShardIndex.build({**old_centers, **new_centers}, shard_conf),
                      index.manifest, np.concatenate([seen_ids, new_point_ids]),
                      np.concatenate([seen_descriptors, new_descriptors.reshape(-1, seen_descriptors.shape[1])]),
-                     keypoint_type,
-                     index.manifest.get("exif_cameras", {}))
+                     keypoint_type, index.exif_camera_ids)
 
     # Only the images with a new observation (the new ones among them) are derived again, not the map.
     edit = MapEdit(map_dir, index.fingerprint, frozenset(changed_ids), region,
-                   frozenset(extension.extended_point_ids), frozenset(extension.new_point_ids))
+                   frozenset(extension.extended_point_ids), frozenset(extension.new_point_ids), index.references)
     references = ReferenceImages.from_scene(scene, edit)
     old_fingerprints = index.manifest.get("cell_fingerprints", {})
     fingerprints = cell_fingerprints(references.digests_by_name(), scene.shards)

@@ -201,6 +201,12 @@ class ManifestFacts:
         return self.manifest.get("keypoints", "sift")
 
     @property
+    def exif_camera_ids(self) -> dict[str, int]:
+        """exif_camera_key -> the id of the camera SfM calibrated for that device; empty for a map
+        of known poses."""
+        return self.manifest.get("exif_cameras", {})
+
+    @property
     def earlier_fingerprints(self) -> list[str]:
         """The fingerprints the map had before each of its updates, oldest first."""
         return [entry["previous_fingerprint"] for entry in self.manifest.get("updates", [])
@@ -298,7 +304,7 @@ class SceneMap(ManifestFacts):
         scene_map = cls(reconstruction, GeoInfo.from_dict(json.loads((path / GEO_FILE).read_text())),
                         ShardIndex.load(path / SHARDS_FILE) if (path / SHARDS_FILE).is_file() else None,
                         json.loads(manifest_path.read_text()), path=path)
-        scene_map.exif_cameras = scene_map.manifest.get("exif_cameras", {})
+        scene_map.exif_cameras = scene_map.exif_camera_ids
         scene_map.keypoints = scene_map.keypoint_type
         if with_descriptors and (path / DESCRIPTORS_FILE).is_file():
             with np.load(path / DESCRIPTORS_FILE) as data:
@@ -555,8 +561,7 @@ class MapIndex(ManifestFacts):
     path: Location | None = None  # the map folder it was read from (a local path or an s3:// URL)
 
     def camera_for_exif(self, width: int, height: int, exif_focal_px: float) -> pycolmap.Camera | None:
-        return camera_for_exif(self.references.cameras, self.manifest.get("exif_cameras", {}), width, height,
-                               exif_focal_px)
+        return camera_for_exif(self.references.cameras, self.exif_camera_ids, width, height, exif_focal_px)
 
     def prior_to_map(self, prior: Prior) -> np.ndarray:
         return prior_to_map(self.geo, prior, self.reference_height)
@@ -685,11 +690,12 @@ class MapEdit:
     region: model_files.Region | None = None
     extended_point_ids: frozenset[int] = frozenset()
     new_point_ids: frozenset[int] = frozenset()
+    references: ReferenceImages | None = field(default=None, compare=False)  # the map's table, if read already
 
     def previous_references(self) -> ReferenceImages | None:
         """The map's table of reference images before the change; None if it is not that model's."""
         path = self.map_dir / REFERENCES_FILE
-        references = readable_table(path, lambda: ReferenceImages.load(path))
+        references = self.references or readable_table(path, lambda: ReferenceImages.load(path))
         return references if references is not None and references.fingerprint == self.fingerprint else None
 
     def require_tables(self, found: object | None) -> None:
