@@ -256,16 +256,22 @@ def build_map_in_cells(images: Location, out: Location, reference_model: Locatio
                                         {"triangulation": conf["triangulation"]})
     failed = failed_cells(results)
 
-    image_keypoints = {image.image_id: features.keypoints(image.name) for image in posed}
-    skeleton = merge.skeleton_with_keypoints(reference, image_keypoints)
-    reconstruction = merge.main(skeleton, [cells.load_points(root, result.cell) for result in results
-                                           if not result.failure],
-                                image_keypoints, conf["merge"])
+    reconstruction = merged_cells(reference, posed, features, root, results, conf["merge"])
     positions, origin = georegister.priors_to_positions(
         {name: prior for name, prior in (priors or {}).items() if name in set(present)})
     focal_px = exif_focal_lengths(images, {name: features.image_size(name) for name in present})
     return finish_map(reconstruction, features, positions, origin, "reference-model", images, out, skipped,
                       focal_px, conf, {"failed_cells": failed})
+
+
+def merged_cells(reference: pycolmap.Reconstruction, posed: list[pycolmap.Image], features: FeatureFiles,
+                 root: Location, results: list[cells.CellResult], conf: dict) -> pycolmap.Reconstruction:
+    """The posed images of `reference` with their keypoints, and the points of the cells that were
+    built, merged (merge.main); the keypoints are dropped on return, before the map is written."""
+    keypoints = {image.image_id: features.keypoints(image.name) for image in posed}
+    return merge.main(merge.skeleton_with_keypoints(reference, keypoints),
+                      (cells.load_points(root, result.cell) for result in results if not result.failure),
+                      keypoints, conf)
 
 
 def build_sfm_in_cells(images: Location, out: Location, priors: dict[str, Prior], conf: dict | None = None,

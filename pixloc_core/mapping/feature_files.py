@@ -84,8 +84,9 @@ class FeatureFiles(Mapping):
 
     def keypoints(self, name: str) -> np.ndarray:
         """(N, 2) float64 keypoint positions only, without reading the descriptors."""
-        return _to_numpy(_read(self.path(name), columns=["keypoints"]).column("keypoints"), 4,
-                         np.float64)[:, :2]
+        # A copy, not a view of the (N, 4) rows: a map builder holds every image's keypoints.
+        return np.ascontiguousarray(_to_numpy(_read(self.path(name), columns=["keypoints"]).column("keypoints"), 4,
+                                              np.float64)[:, :2])
 
     def __getitem__(self, name: str) -> Features:
         if self._names is not None and name not in self._names:

@@ -10,6 +10,7 @@ threshold is dropped, and where a track holds two keypoints of one image, the cl
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -123,14 +124,18 @@ def observation_keys(image_ids: np.ndarray, point2D_indices: np.ndarray) -> np.n
     return np.asarray(image_ids, np.int64) << 32 | np.asarray(point2D_indices, np.int64)
 
 
-def join_tracks(cells: list[CellPoints]) -> Tracks:
-    offsets = np.cumsum([0] + [cell.num_points for cell in cells])
-    xyz = np.concatenate([cell.xyz for cell in cells] or [np.empty((0, 3))])  # (P, 3)
-    color = np.concatenate([cell.color for cell in cells] or [np.empty((0, 3), np.uint8)])
-    point = np.concatenate([cell.observation_point + offset for cell, offset in zip(cells, offsets)]
-                           or [np.empty(0, np.int64)])  # (M,)
-    key = np.concatenate([observation_keys(cell.observation_image, cell.observation_point2D) for cell in cells]
-                         or [np.empty(0, np.int64)])  # (M,)
+def join_tracks(cells: Iterable[CellPoints]) -> Tracks:
+    """cells: read one at a time (a generator keeps only one cell's arrays beside the joined ones)."""
+    xyz, color, point, key = [np.empty((0, 3))], [np.empty((0, 3), np.uint8)], [np.empty(0, np.int64)], \
+        [np.empty(0, np.int64)]
+    num_points, num_cells = 0, 0
+    for cell in cells:
+        xyz.append(cell.xyz)
+        color.append(cell.color)
+        point.append(cell.observation_point + num_points)
+        key.append(observation_keys(cell.observation_image, cell.observation_point2D))
+        num_points, num_cells = num_points + cell.num_points, num_cells + 1
+    xyz, color, point, key = (np.concatenate(parts) for parts in (xyz, color, point, key))  # (P, 3) (P, 3) (M,) (M,)
     track = connected_tracks(point, key, len(xyz))  # (P,)
     track_ids, track = np.unique(track, return_inverse=True)  # dense track index per point
     length = np.bincount(point, minlength=len(xyz)).astype(np.float64)  # (P,) observations per part
@@ -143,6 +148,7 @@ def join_tracks(cells: list[CellPoints]) -> Tracks:
     merged_color[track] = color  # any part's colour
     # The parts of a track repeat their shared observations: one row each.
     rows = np.unique(np.stack([track[point], key], axis=1), axis=0)  # (K, 2)
+    logger.info("joined %d cell points of %d cells into %d tracks", num_points, num_cells, len(track_ids))
     return Tracks(merged_xyz, merged_color, rows[:, 0], rows[:, 1] >> 32, rows[:, 1] & 0xFFFFFFFF)
 
 
@@ -191,22 +197,21 @@ def add_points(reconstruction: pycolmap.Reconstruction, tracks: Tracks, rows: np
     return added
 
 
-def main(skeleton: pycolmap.Reconstruction, cells: list[CellPoints], keypoints: dict[int, np.ndarray],
+def main(skeleton: pycolmap.Reconstruction, cells: Iterable[CellPoints], keypoints: dict[int, np.ndarray],
          conf: dict | None = None) -> pycolmap.Reconstruction:
-    """skeleton: the posed images of every cell (ids as in the cells), without points; keypoints:
-    image id -> (N, 2) keypoint positions. Returns the skeleton with its keypoints as 2D points and
-    the merged 3D points."""
+    """skeleton: the posed images of every cell (ids as in the cells), their keypoints as 2D
+    points, no 3D point; cells: read once, one at a time; keypoints: image id -> (N, 2) keypoint
+    positions. Adds the merged 3D points to the skeleton (in place: at city scale a copy of every
+    image's 2D points is hundreds of megabytes) and returns it."""
     conf = {**default_conf, **(conf or {})}
     tracks = join_tracks(cells)
     rows = consistent_observations(skeleton, tracks, tracks.xyz[tracks.row_track], keypoints,
                                    np.ones(len(tracks.row_track), bool), conf["max_reprojection_error_px"])
-    reconstruction = pycolmap.Reconstruction(skeleton)
-    add_points(reconstruction, tracks, rows, conf["min_track_length"])
-    reconstruction.update_point_3d_errors()
-    logger.info("merged %d cell points of %d cells into %d tracks (%d dropped: too few consistent observations)",
-                sum(cell.num_points for cell in cells), len(cells), reconstruction.num_points3D(),
-                len(tracks.xyz) - reconstruction.num_points3D())
-    return reconstruction
+    add_points(skeleton, tracks, rows, conf["min_track_length"])
+    skeleton.update_point_3d_errors()
+    logger.info("merged into %d points (%d tracks dropped: too few consistent observations)",
+                skeleton.num_points3D(), len(tracks.xyz) - skeleton.num_points3D())
+    return skeleton
 
 
 @dataclass
@@ -216,7 +221,7 @@ class Extension:
     changed_image_ids: set[int]  # images with a new observation
 
 
-def extend(reconstruction: pycolmap.Reconstruction, cells: list[CellPoints], keypoints: dict[int, np.ndarray],
+def extend(reconstruction: pycolmap.Reconstruction, cells: Iterable[CellPoints], keypoints: dict[int, np.ndarray],
            new_image_ids: set[int], first_point_id: int, conf: dict | None = None) -> Extension:
     """Adds to `reconstruction` (the map or a region of it, which already holds the new images,
     posed, with their keypoints) the points that cells triangulated around the new images. The
