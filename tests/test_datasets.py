@@ -17,6 +17,7 @@ from pixloc_core.map_io import SceneMap
 from pixloc_core.mapping.matching import match_descriptors, normalize_descriptors
 from pixloc_core.images import read_image
 from pixloc_core.mapping.sift import SiftExtractor
+from pixloc_core.mapping.sift import default_conf as sift_defaults
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +132,13 @@ def test_lund_queries_register_into_the_map_as_pseudo_ground_truth(shared_data, 
         if name not in queries:
             copy_image(source / name, tmp_path / "mapping" / name, None)
     mapping = [name for name in names if name not in queries]
-    scene = build_map(tmp_path / "mapping", tmp_path / "map", priors=exif_priors(tmp_path / "mapping", mapping))
+    sift_conf = {**sift_defaults, "max_image_size": 800}  # the map's and the registration's, as they must be
+    scene = build_map(tmp_path / "mapping", tmp_path / "map", priors=exif_priors(tmp_path / "mapping", mapping),
+                      conf={"sift": sift_conf})
     before = scene.image_centers()
 
-    poses = register_pseudo_ground_truth(tmp_path / "map", tmp_path / "all", queries, tmp_path / "work")
+    poses = register_pseudo_ground_truth(tmp_path / "map", tmp_path / "all", queries, tmp_path / "work",
+                                         {"sift": sift_conf})
 
     assert sorted(poses) == queries
     after = SceneMap.load(tmp_path / "map").image_centers()
