@@ -126,8 +126,8 @@ def observation_keys(image_ids: np.ndarray, point2D_indices: np.ndarray) -> np.n
 
 def join_tracks(cells: Iterable[CellPoints]) -> Tracks:
     """cells: read one at a time (a generator keeps only one cell's arrays beside the joined ones)."""
-    xyz, color, point, key = [np.empty((0, 3))], [np.empty((0, 3), np.uint8)], [np.empty(0, np.int64)], \
-        [np.empty(0, np.int64)]
+    xyz, color = [np.empty((0, 3))], [np.empty((0, 3), np.uint8)]  # per cell, after an empty one
+    point, key = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     num_points, num_cells = 0, 0
     for cell in cells:
         xyz.append(cell.xyz)
