@@ -106,6 +106,9 @@ def test_feature_files_round_trip(tmp_path):
     loaded = files["sub/a.jpg"]
     np.testing.assert_array_equal(loaded.keypoints, features.keypoints)
     np.testing.assert_array_equal(loaded.descriptors, features.descriptors)  # exact through float16
+    positions = files.keypoints("sub/a.jpg")  # what the map builder holds for every image
+    np.testing.assert_array_equal(positions, features.keypoints[:, :2])
+    assert positions.shape == (50, 2) and positions.base is None  # not a view that keeps the (N, 4) rows
     assert list(files) == ["sub/a.jpg"] and "b.jpg" not in files and files.image_size("sub/a.jpg") == (320, 240)
     assert not list(tmp_path.rglob("*.tmp"))
 
