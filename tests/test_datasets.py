@@ -16,8 +16,7 @@ from pixloc_core.io import read_poses, read_priors, read_query_list
 from pixloc_core.map_io import SceneMap
 from pixloc_core.mapping.matching import match_descriptors, normalize_descriptors
 from pixloc_core.images import read_image
-from pixloc_core.mapping.sift import SiftExtractor
-from pixloc_core.mapping.sift import default_conf as sift_defaults
+from pixloc_core.mapping.sift import SiftExtractor, default_conf as sift_defaults
 
 
 @pytest.fixture(scope="module")
