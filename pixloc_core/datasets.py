@@ -24,6 +24,7 @@ import pycolmap
 import torch
 from PIL import Image
 
+from .conf import merge_conf
 from .exif import read_exif_focal_px, read_exif_prior
 from .geometry import Pose
 from .io import Prior, QueryIntrinsics, write_poses, write_priors, write_query_list
@@ -132,7 +133,7 @@ def prepare_fountain(data_root: Path, out_dir: Path, conf: dict | None = None) -
     """fountain-P11: reference model of the mapping images with their true poses (PINHOLE from K),
     GT poses, priors (GT centre + a random offset of `prior_noise_m` metres, map frame) and a query
     list of the held-out images."""
-    conf = {**default_conf["fountain-P11"], **(conf or {})}
+    conf = merge_conf(default_conf["fountain-P11"], conf)
     root, out_dir = Path(data_root) / FOUNTAIN, Path(out_dir)
     names = list_images(root / "images")
     if not names:
@@ -182,7 +183,7 @@ def prepare_fountain(data_root: Path, out_dir: Path, conf: dict | None = None) -
 def prepare_lund(data_root: Path, out_dir: Path, conf: dict | None = None) -> PreparedSet:
     """Lund: mapping and query copies (EXIF kept) and the queries' own EXIF GPS as WGS84 priors.
     No ground truth here: see `register_pseudo_ground_truth`."""
-    conf = {**default_conf["lund"], **(conf or {})}
+    conf = merge_conf(default_conf["lund"], conf)
     root, out_dir = Path(data_root) / LUND / "images", Path(out_dir)
     names = list_images(root)
     if not names:
@@ -206,7 +207,7 @@ def prepare_lund(data_root: Path, out_dir: Path, conf: dict | None = None) -> Pr
 def prepare_sacre_coeur(data_root: Path, out_dir: Path, conf: dict | None = None) -> PreparedSet:
     """Sacre-Coeur: the 10 mapping photos as they are, the night query downscaled (EXIF kept: its
     focal length in 35 mm gives the intrinsics). No GPS and no ground truth."""
-    conf = {**default_conf["sacre_coeur"], **(conf or {})}
+    conf = merge_conf(default_conf["sacre_coeur"], conf)
     root, out_dir = Path(data_root) / SACRE_COEUR, Path(out_dir)
     mapping_names, query_names = list_images(root / "mapping"), list_images(root / "query")
     if not mapping_names or not query_names:
@@ -238,7 +239,7 @@ def register_pseudo_ground_truth(map_dir: Path, image_dir: Path, query_names: li
     image_dir holds the mapping images and the queries (original resolution, EXIF focal length
     and GPS); a query gets the map camera of its EXIF (size and focal length): the same device.
     Returns the poses of the queries that register, world-to-camera (qvec, tvec)."""
-    conf = {**default_conf["pseudo_ground_truth"], **(conf or {})}
+    conf = merge_conf(default_conf["pseudo_ground_truth"], conf)
     scene = SceneMap.load(map_dir, with_descriptors=False)
     image_dir = Path(image_dir)
     centers = scene.image_centers()

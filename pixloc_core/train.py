@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from .align import AlignConf, FeaturemetricAligner, ReferenceLevel
+from .conf import merge_conf
 from .exif import focal_px_from_35mm
 from .extractors import trainable_extractor
 from .extractors.base import STRIDES, Extractor, resize_longest_side, select
@@ -305,7 +306,7 @@ def _finite_gradients(parameters) -> bool:
 
 def train(pairs: list[PosedPair], out_dir: Path, conf: dict | None = None) -> Path:
     """Train (or resume from out_dir/checkpoint_last.tar) until conf["num_steps"]; returns the checkpoint."""
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     torch.manual_seed(conf["seed"])
@@ -392,6 +393,5 @@ def export_weights(checkpoint: Path, destination: Path) -> Path:
 
 def main(out_dir: Path, conf: dict | None = None) -> Path:
     """`pixloc train`: build the pairs described by conf["data"], then train."""
-    conf = {**default_conf, **(conf or {})}
-    conf["data"] = {**default_conf["data"], **conf.get("data", {})}
+    conf = merge_conf(default_conf, conf)
     return train(training_pairs(conf), out_dir, conf)

@@ -16,7 +16,7 @@ from pixloc_core.io import read_poses, read_priors, read_query_list
 from pixloc_core.map_io import SceneMap
 from pixloc_core.mapping.matching import match_descriptors, normalize_descriptors
 from pixloc_core.images import read_image
-from pixloc_core.mapping.sift import SiftExtractor, default_conf as sift_defaults
+from pixloc_core.mapping.sift import SiftExtractor
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_lund_queries_register_into_the_map_as_pseudo_ground_truth(shared_data, 
         if name not in queries:
             copy_image(source / name, tmp_path / "mapping" / name, None)
     mapping = [name for name in names if name not in queries]
-    sift_conf = {**sift_defaults, "max_image_size": 800}  # the map's and the registration's, as they must be
+    sift_conf = {"max_image_size": 800}  # the map's and the registration's, as they must be
     scene = build_map(tmp_path / "mapping", tmp_path / "map", priors=exif_priors(tmp_path / "mapping", mapping),
                       conf={"sift": sift_conf})
     before = scene.image_centers()
