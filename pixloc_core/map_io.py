@@ -695,7 +695,8 @@ class MapEdit:
     def previous_references(self) -> ReferenceImages | None:
         """The map's table of reference images before the change; None if it is not that model's."""
         path = self.map_dir / REFERENCES_FILE
-        references = self.references or readable_table(path, lambda: ReferenceImages.load(path))
+        references = (self.references if self.references is not None
+                      else readable_table(path, lambda: ReferenceImages.load(path)))
         return references if references is not None and references.fingerprint == self.fingerprint else None
 
     def require_tables(self, found: object | None) -> None:
