@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pixloc_core import files
 from pixloc_core.files import Location
 from pixloc_core.images import ImageReadError, read_image
+from pixloc_core.mapping import cell_merge
 from pixloc_core.mapping import cells as cell_step
 from pixloc_core.mapping import keypoints, matching
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles
@@ -138,3 +139,73 @@ def run_cells(step: ModuleType, root: Location, cells: list[str], images_dir: Lo
                 results[result.cell] = result
             progress.update(len(done))
     return [results.get(cell) or step.read_result(root, cell) for cell in cells]
+
+
+@ray.remote(num_cpus=1)
+def _merge_step(function: str, root: str, jobs: list[tuple], common: dict) -> list:
+    """cell_merge.<function>(root, *job, **common) for each job of a chunk."""
+    set_torch_threads()
+    import pycolmap
+
+    pycolmap.logging.minloglevel = 2
+    step = getattr(cell_merge, function)
+    return [step(files.location(root), *job, **common) for job in jobs]
+
+
+def _run_merge_step(function: str, root: Location, jobs: list[tuple], common: dict, label: str,
+                    jobs_per_task: int) -> list:
+    """The results of cell_merge.<function> for every job, in Ray tasks of `jobs_per_task` jobs."""
+    chunks = [jobs[start:start + jobs_per_task] for start in range(0, len(jobs), jobs_per_task)]
+    common_ref = ray.put(common)  # the owners' table goes to the object store once, not with every task
+    tasks = {_merge_step.remote(function, files.absolute(root), chunk, common_ref): index
+             for index, chunk in enumerate(chunks)}
+    results: list = [None] * len(chunks)
+    with tqdm(total=len(jobs), desc=label, unit="cell", leave=False) as progress:
+        pending = list(tasks)
+        while pending:
+            done, pending = ray.wait(pending)
+            for task in done:
+                results[tasks[task]] = ray.get(task)
+                progress.update(len(chunks[tasks[task]]))
+    return [result for chunk in results for result in chunk]
+
+
+def merge_cells(root: Location, images_of: dict[str, list[int]], owner_of: dict[int, str],
+                features_root: Location, conf: dict, cells_per_task: int = 8) -> list[str]:
+    """The points of the cells (images_of: cell -> its image ids, core and halo, of the cells with
+    points) merged cell by cell on Ray (pixloc_core/mapping/cell_merge.py); owner_of: image id ->
+    the cell whose core holds it. Returns the owners, each with a merged file."""
+    cells_of_image: dict[int, list[str]] = {}
+    for cell, image_ids in images_of.items():
+        for image_id in image_ids:
+            cells_of_image.setdefault(image_id, []).append(cell)
+    jobs = []
+    for cell, image_ids in images_of.items():
+        shared = sorted(image_id for image_id in image_ids if len(cells_of_image[image_id]) > 1)
+        neighbours = sorted({other for image_id in shared for other in cells_of_image[image_id]} - {cell})
+        jobs.append((cell, cell_merge.Neighbourhood(neighbours, np.array(shared, dtype=np.int64))))
+    round_index, changed = 0, True
+    while changed:
+        changed = any(_run_merge_step("label_round", root, [(cell, round_index, neighbourhood)
+                                                            for cell, neighbourhood in jobs], {},
+                                      f"track labels, round {round_index}", cells_per_task))
+        round_index += 1
+    logger.info("merge: the track labels of %d cells settled after %d rounds", len(jobs), round_index)
+
+    owner_cells = sorted(set(owner_of.values()))
+    position = {cell: index for index, cell in enumerate(owner_cells)}
+    image_ids = np.array(sorted(owner_of), dtype=np.int64)
+    owners = cell_merge.Owners(image_ids, np.array([position[owner_of[i]] for i in image_ids.tolist()]), owner_cells)
+    sources: dict[str, list[str]] = {}
+    routed = _run_merge_step("route", root, [(cell,) for cell, _ in jobs], {"final_round": round_index - 1,
+                                                                            "owners": owners},
+                             "routing tracks", cells_per_task)
+    for (cell, _), owners_written in zip(jobs, routed):
+        for owner in owners_written:
+            sources.setdefault(owner, []).append(cell)
+    merged = sorted(sources)
+    counts = _run_merge_step("merge_owned", root, [(owner, sources[owner]) for owner in merged],
+                             {"features_root": files.absolute(features_root), "conf": conf}, "merging tracks",
+                             cells_per_task)
+    logger.info("merge: %d points from the tracks of %d owner cells", sum(counts), len(merged))
+    return merged

@@ -37,8 +37,8 @@ from pixloc_core.images import list_images
 from pixloc_core.map_io import GeoInfo, SceneMap, Similarity, exif_camera_key
 from cluster import mapping as distributed
 from cluster.runtime import init_ray
-from pixloc_core.mapping import (cell_adjustment, cells, descriptors, georegister, keypoints, matching, merge, pairs,
-                                  sfm, sift, submodels, triangulation)
+from pixloc_core.mapping import (cell_adjustment, cell_merge, cells, descriptors, georegister, keypoints, matching,
+                                  merge, pairs, sfm, sift, submodels, triangulation)
 from pixloc_core.mapping.feature_files import FeatureFiles, group_pairs
 
 from .config import merge_conf
@@ -141,7 +141,8 @@ def build_map(images: Location, out: Location, reference_model: Location | None 
 
     # EXIF focal lengths: SfM's initial cameras, and in every map the key by which a query with the
     # same EXIF finds the map's camera (calibrated or refined) instead of one made from its EXIF.
-    focal_px = exif_focal_lengths(images, {name: found.image_size for name, found in features.items()})
+    sizes = {name: found.image_size for name, found in features.items()}
+    focal_px = exif_focal_lengths(images, sizes)
     with tempfile.TemporaryDirectory(prefix="pixloc_map_") as work_dir:
         if import_model:
             source, reconstruction = "import", source_model
@@ -150,18 +151,19 @@ def build_map(images: Location, out: Location, reference_model: Location | None 
             reconstruction = triangulate(source_model, features, images, Path(work_dir), conf)
         else:
             source, reconstruction = "sfm", reconstruct(features, positions, images, Path(work_dir), focal_px, conf)
-    return finish_map(reconstruction, features, positions, origin, source, images_location, out, skipped,
-                      focal_px, conf)
+    point_descriptors = descriptors.main(reconstruction, features, keypoints_are_features=source != "import")
+    return finish_map(reconstruction, point_descriptors, sizes, positions, origin, source, images_location, out,
+                      skipped, focal_px, conf)
 
 
-def finish_map(reconstruction: pycolmap.Reconstruction, features: Mapping[str, sift.Features],
-               positions: dict[str, np.ndarray], origin: EnuOrigin | None, source: str, images: Location,
-               out: Location,
-               skipped: list[dict], focal_px: dict[str, float], conf: dict,
-               manifest_extra: dict | None = None) -> SceneMap:
-    """Point descriptors, georegistration, shards; writes the map directory `out`."""
+def finish_map(reconstruction: pycolmap.Reconstruction, point_descriptors: tuple[np.ndarray, np.ndarray],
+               image_sizes: Mapping[str, tuple[int, int]], positions: dict[str, np.ndarray], origin: EnuOrigin | None,
+               source: str, images: Location, out: Location, skipped: list[dict], focal_px: dict[str, float],
+               conf: dict, manifest_extra: dict | None = None) -> SceneMap:
+    """Georegistration and shards; writes the map directory `out`. point_descriptors: (P,) point3D
+    ids and (P, D) descriptors (descriptors.py)."""
     check_not_degenerate(reconstruction, conf["min_registered_images"])
-    point_ids, point_descriptors = descriptors.main(reconstruction, features, keypoints_are_features=source != "import")
+    point_ids, point_descriptors = point_descriptors
 
     geo = GeoInfo()
     if positions:
@@ -178,7 +180,7 @@ def finish_map(reconstruction: pycolmap.Reconstruction, features: Mapping[str, s
     elif source == "sfm":
         logger.warning("no priors: the SfM map has an arbitrary frame and scale, and no geo-registration")
 
-    exif_cameras = {exif_camera_key(*features[image.name].image_size, focal_px[image.name]): image.camera_id
+    exif_cameras = {exif_camera_key(*image_sizes[image.name], focal_px[image.name]): image.camera_id
                     for image in reconstruction.images.values() if image.name in focal_px}
     scene_map = SceneMap(reconstruction, geo, manifest={}, point3D_ids=point_ids, descriptors=point_descriptors,
                          keypoints=conf["keypoints"], exif_cameras=exif_cameras)
@@ -254,24 +256,39 @@ def build_map_in_cells(images: Location, out: Location, reference_model: Locatio
                 cells.write_skeleton(root, cell, reference, cell_index.images_of(cell), reference_images)
         results = distributed.run_cells(cells, root, cell_index.cell_ids, images,
                                         {"triangulation": conf["triangulation"]})
+        image_ids = {image.name: image.image_id for image in posed}
+        owners = distributed.merge_cells(
+            root, {result.cell: [image_ids[name] for name in cell_index.images_of(result.cell)]
+                   for result in results if not result.failure},
+            {image_ids[name]: cell for cell in cell_index.cell_ids
+             for name in cell_index.images_of(cell, with_halo=False)}, root, conf["merge"])
     failed = failed_cells(results)
 
-    reconstruction = merged_cells(reference, posed, features, root, results, conf["merge"])
+    reconstruction, point_descriptors = merged_model(reference, set(present), features, root, owners)
     positions, origin = georegister.priors_to_positions(
         {name: prior for name, prior in (priors or {}).items() if name in set(present)})
-    focal_px = exif_focal_lengths(images, {name: features.image_size(name) for name in present})
-    return finish_map(reconstruction, features, positions, origin, "reference-model", images, out, skipped,
-                      focal_px, conf, {"failed_cells": failed})
+    sizes = {name: features.image_size(name) for name in present}
+    return finish_map(reconstruction, point_descriptors, sizes, positions, origin, "reference-model", images, out,
+                      skipped, exif_focal_lengths(images, sizes), conf, {"failed_cells": failed})
 
 
-def merged_cells(reference: pycolmap.Reconstruction, posed: list[pycolmap.Image], features: FeatureFiles,
-                 root: Location, results: list[cells.CellResult], conf: dict) -> pycolmap.Reconstruction:
-    """The posed images of `reference` with their keypoints, and the points of the cells that were
-    built, merged (merge.main); the keypoints are dropped on return, before the map is written."""
-    keypoints = {image.image_id: features.keypoints(image.name) for image in posed}
-    return merge.main(merge.skeleton_with_keypoints(reference, keypoints),
-                      (cells.load_points(root, result.cell) for result in results if not result.failure),
-                      keypoints, conf)
+def merged_model(reference: pycolmap.Reconstruction, present: set[str], features: FeatureFiles, root: Location,
+                 owners: list[str]) -> tuple[pycolmap.Reconstruction, tuple[np.ndarray, np.ndarray]]:
+    """The posed images of `reference` in `present` with their keypoints as 2D points (read one
+    image at a time), and the points that the owner cells merged (cell_merge.py), under ids 1, 2, ...
+    in the owners' order; with the points' ids and descriptors."""
+    model = merge.skeleton_with_keypoints(
+        reference, lambda image: features.keypoints(image.name) if image.name in present else None)
+    point_descriptors = []
+    for owner in owners:
+        points, described = cell_merge.load_merged(root, owner)
+        if points.num_points:
+            points.add_to(model, first_id=model.num_points3D() + 1)
+            point_descriptors.append(described)
+    model.update_point_3d_errors()
+    logger.info("merged into %d points", model.num_points3D())
+    return model, (np.arange(1, model.num_points3D() + 1, dtype=np.int64),
+                   np.concatenate(point_descriptors) if point_descriptors else np.zeros((0, 0), np.float16))
 
 
 def build_sfm_in_cells(images: Location, out: Location, priors: dict[str, Prior], conf: dict | None = None,
@@ -297,7 +314,8 @@ def build_sfm_in_cells(images: Location, out: Location, priors: dict[str, Prior]
         features, present, skipped = distributed_features(images, sorted(positions), root, work_settings, conf, workers)
         distributed.match_pairs(root, group_pairs(pairs.main(present, positions, conf["pairs"])),
                                 keypoints.matching_conf(conf["keypoints"], conf))
-        focal_px = exif_focal_lengths(images, {name: features.image_size(name) for name in present})
+        sizes = {name: features.image_size(name) for name in present}
+        focal_px = exif_focal_lengths(images, sizes)
         cell_index = ShardIndex.build({name: positions[name] for name in present},
                                       {**conf["shards"], "halo_m": conf["submodels"]["halo_m"]})
         for cell in cell_index.cell_ids:
@@ -313,8 +331,8 @@ def build_sfm_in_cells(images: Location, out: Location, priors: dict[str, Prior]
         failed += [{"cell": cell, "reason": reason} for cell, reason in rejected.items()]
         unadjusted = adjust_cells(reconstruction, owner, features, root, images, conf["submodels"])
     submodels.refit(reconstruction)
-    return finish_map(reconstruction, features, positions, origin, "sfm", images, out, without_prior + skipped,
-                      focal_px, conf, {"failed_cells": failed, "submodels": len(models) - len(rejected),
+    return finish_map(reconstruction, descriptors.main(reconstruction, features), sizes, positions, origin, "sfm",
+                      images, out, without_prior + skipped, focal_px, conf, {"failed_cells": failed, "submodels": len(models) - len(rejected),
                                        "unadjusted_cells": unadjusted})
 
 

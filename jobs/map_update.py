@@ -110,7 +110,7 @@ def crop(reconstruction: pycolmap.Reconstruction, names: set[str]) -> pycolmap.R
     among them (tracks cut to those images): the part of a map that a registration needs."""
     keypoints = {image_id: np.array([point.xy for point in image.points2D]).reshape(-1, 2)
                  for image_id, image in reconstruction.images.items() if image.name in names}
-    part = merge.skeleton_with_keypoints(reconstruction, keypoints)
+    part = merge.skeleton_with_keypoints(reconstruction, lambda image: keypoints.get(image.image_id))
     point_ids = {image.points2D[i].point3D_id for image_id in keypoints
                  for image in [reconstruction.images[image_id]] for i in image.get_observation_point2D_idxs()}
     for point_id in point_ids:

@@ -18,7 +18,7 @@ from jobs.cli import main as cli_main
 from jobs.map import WORK_DIR, build_map, build_map_in_cells
 from pixloc_core.io import read_priors
 from pixloc_core.map_io import OBSERVATIONS_FILE, REFERENCES_FILE, ReferenceImages, SceneMap, cell_fingerprints, load_map_index
-from pixloc_core.mapping import cells, merge, triangulation
+from pixloc_core.mapping import cell_merge, cells, descriptors, merge, triangulation
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles
 from pixloc_core.mapping.sift import Features
 from pixloc_core.synthetic import dataset
@@ -121,13 +121,70 @@ def test_merge_joins_points_that_share_an_observation():
     assert label[0] == label[1] == label[3] and label[2] != label[0]
 
 
+def test_cells_merged_cell_by_cell_equal_the_merge_of_every_cell_at_once(scene, in_cells):
+    """The map's points, merged cell by cell on Ray (cell_merge.py), are those of merge.main over
+    every cell's points in one process: the same tracks, positions and descriptors."""
+    root = in_cells.path / WORK_DIR
+    reference = cells.read_model(scene / "reference_model")
+    work_files = FeatureFiles(root)
+    keypoints = {image.image_id: work_files.keypoints(image.name) for image in reference.images.values()}
+    built = [path.name for path in (root / cells.CELLS_DIR).iterdir() if (path / cells.POINTS_FILE).is_file()]
+    whole = merge.main(merge.skeleton_with_keypoints(reference, lambda image: keypoints[image.image_id]),
+                       (cells.load_points(root, cell) for cell in built), keypoints)
+
+    def points_by_track(model: pycolmap.Reconstruction) -> dict[frozenset, int]:
+        return {frozenset((element.image_id, element.point2D_idx) for element in point.track.elements): point_id
+                for point_id, point in model.points3D.items()}
+
+    merged, expected = points_by_track(in_cells.reconstruction), points_by_track(whole)
+    assert len(merged) > 300 and merged.keys() == expected.keys()
+    assert max(np.abs(in_cells.reconstruction.points3D[merged[track]].xyz - whole.points3D[expected[track]].xyz).max()
+               for track in merged) < 1e-9
+    whole_ids, whole_descriptors = descriptors.main(whole, work_files)
+    tracks = sorted(merged)
+    ours = in_cells.descriptors[np.searchsorted(in_cells.point3D_ids, [merged[track] for track in tracks])]
+    theirs = whole_descriptors[np.searchsorted(whole_ids, [expected[track] for track in tracks])]
+    np.testing.assert_allclose(ours.astype(np.float32), theirs.astype(np.float32), atol=2e-3)
+
+
+def test_track_labels_cross_cells_that_are_not_neighbours(tmp_path):
+    """A track seen by cells a, b and c, where a and c share no image: the rounds carry a's label
+    through b to c, and the whole track goes to one owner; a point of c alone keeps its own."""
+    def key(image_id: int, point2D: int) -> int:
+        return image_id << 32 | point2D
+
+    observations = {"a": [[(1, 5), (2, 7)]], "b": [[(2, 7), (3, 9)]], "c": [[(3, 9), (4, 1)], [(4, 2), (3, 3)]]}
+    for cell, points in observations.items():
+        rows = [(index, image_id, point2D) for index, point in enumerate(points) for image_id, point2D in point]
+        (cells.cell_dir(tmp_path, cell)).mkdir(parents=True)
+        merge.CellPoints(np.zeros((len(points), 3)), np.zeros((len(points), 3), np.uint8),
+                         *(np.array(column, dtype=np.int64) for column in zip(*rows))
+                         ).save(cells.cell_dir(tmp_path, cell) / cells.POINTS_FILE)
+    neighbourhoods = {"a": cell_merge.Neighbourhood(["b"], np.array([2])),
+                      "b": cell_merge.Neighbourhood(["a", "c"], np.array([2, 3])),
+                      "c": cell_merge.Neighbourhood(["b"], np.array([3]))}
+    rounds = 0
+    while any([cell_merge.label_round(tmp_path, cell, rounds, neighbourhood)
+               for cell, neighbourhood in neighbourhoods.items()]):
+        rounds += 1
+    labels = {cell: np.load(cell_merge.labels_file(tmp_path, cell, rounds))["part_label"] for cell in neighbourhoods}
+    assert rounds == 3  # round 0 starts, a's label reaches b in round 1 and c in round 2, round 3 changes nothing
+    assert labels["a"][0] == labels["b"][0] == labels["c"][0] == key(1, 5)
+    assert labels["c"][1] == key(3, 3)
+
+    owners = cell_merge.Owners(np.array([1, 2, 3, 4]), np.array([0, 1, 1, 2]), ["a", "b", "c"])
+    assert cell_merge.route(tmp_path, "c", rounds, owners) == ["a", "b"]
+    routed = np.load(cell_merge.routed_file(tmp_path, "a", "c"))
+    assert routed["label"].tolist() == [key(1, 5)] and routed["observation_image"].tolist() == [3, 4]
+
+
 def test_resume_skips_finished_cells(scene, in_cells, tmp_path, ray_cluster):
     """A job stopped during triangulation: the rerun redoes only the cells and files missing."""
     out = tmp_path / "map"
     shutil.copytree(in_cells.path / WORK_DIR, out / WORK_DIR)
     root = out / WORK_DIR
     cell_ids = sorted(path.name for path in (root / cells.CELLS_DIR).iterdir())
-    unfinished, finished = cell_ids[:2], cell_ids[2:]
+    unfinished = cell_ids[:2]
     for cell in unfinished:
         (cells.cell_dir(root, cell) / cells.POINTS_FILE).unlink(missing_ok=True)
         (cells.cell_dir(root, cell) / cells.FAILED_FILE).unlink(missing_ok=True)
@@ -138,7 +195,8 @@ def test_resume_skips_finished_cells(scene, in_cells, tmp_path, ray_cluster):
     resumed = build_map_in_cells(scene / "mapping", out, scene / "reference_model",
                                  read_priors(scene / "mapping_priors.csv"), CELLS)
     after = {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()}
-    rewritten = {path for path in before if after[path] != before[path]}
+    rewritten = {path for path in before if after[path] != before[path]
+                 and cell_merge.MERGE_DIR not in path.relative_to(root).parts}  # each run merges anew
     # Nothing finished was redone; only the unfinished cells' inputs were written again.
     assert all(path.parent.parent.name in unfinished and path.parent.name == cells.SKELETON_DIR
                for path in rewritten)

@@ -39,6 +39,33 @@ def nearest_keypoints(points: np.ndarray, features: Features, max_distance_px: f
     return torch.cat(nearest).numpy()
 
 
+class DescriptorSums:
+    """The unit-norm descriptors of each point's observations, summed, then their unit-norm mean."""
+
+    def __init__(self, num_points: int):
+        self.num_points = num_points
+        self.sums = None  # (P, D) float32, D from the first descriptors added
+
+    def add(self, points: np.ndarray, descriptors: np.ndarray) -> None:
+        """points: (M,) indices in [0, P); descriptors: (M, D) of one observation each."""
+        normalized = normalize_descriptors(descriptors)  # (M, D)
+        if self.sums is None:
+            self.sums = torch.zeros((self.num_points, normalized.shape[1]))
+        self.sums.index_add_(0, torch.from_numpy(points), normalized)
+
+    def means(self) -> tuple[np.ndarray, np.ndarray]:
+        """(P,) bool: the points with a descriptor; (P', D) float16: theirs, unit norm."""
+        if self.sums is None:
+            return np.zeros(self.num_points, bool), np.zeros((0, 0), np.float16)
+        norms = self.sums.norm(dim=1)  # (P,)
+        described = norms > 0
+        # In place, then one float16 copy: at city scale (P ~ 10^6) each (P, D) float32 copy is
+        # gigabytes in the map builder.
+        self.sums /= norms.clamp(min=1e-12)[:, None]
+        mean = self.sums.to(torch.float16)
+        return described.numpy(), (mean if described.all() else mean[described]).numpy()
+
+
 def main(reconstruction: pycolmap.Reconstruction, features: Mapping[str, Features],
          keypoints_are_features: bool = True, conf: dict | None = None,
          point_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -51,30 +78,19 @@ def main(reconstruction: pycolmap.Reconstruction, features: Mapping[str, Feature
     conf = {**default_conf, **(conf or {})}
     point_ids = np.sort(np.array(list(reconstruction.point3D_ids()) if point_ids is None else point_ids,
                                  dtype=np.int64))  # (P,)
-    sums = None  # (P, D), D from the first image's descriptors
+    sums = DescriptorSums(len(point_ids))
     for image in reconstruction.images.values():
         if not image.has_pose or image.name not in features:
             continue
-        if sums is None:
-            sums = torch.zeros((len(point_ids), features[image.name].descriptors.shape[1]))
         observed = observations(image)  # (M,) 2D points with a 3D point
         if keypoints_are_features:
             keypoint_index = observed.point2D_indices
         else:
             keypoint_index = nearest_keypoints(observed.xy, features[image.name], conf["max_keypoint_distance_px"])
         valid = (keypoint_index >= 0) & np.isin(observed.point3D_ids, point_ids)
-        rows = torch.from_numpy(np.searchsorted(point_ids, observed.point3D_ids[valid]))
-        descriptors = normalize_descriptors(features[image.name].descriptors[keypoint_index[valid]])  # (M', D)
-        sums.index_add_(0, rows, descriptors)
-    if sums is None:
-        return point_ids[:0], np.zeros((0, 0), np.float16)
-    norms = sums.norm(dim=1)  # (P,)
-    described = norms > 0
-    # In place, then one float16 copy: at city scale (P ~ 10^6) each (P, D) float32 copy is
-    # gigabytes in the map builder.
-    sums /= norms.clamp(min=1e-12)[:, None]
-    mean = sums.to(torch.float16)
+        sums.add(np.searchsorted(point_ids, observed.point3D_ids[valid]),
+                 features[image.name].descriptors[keypoint_index[valid]])
+    described, mean = sums.means()
     if not described.all():
         logger.info("%d of %d points have a descriptor", int(described.sum()), len(point_ids))
-        mean = mean[described]
-    return point_ids[described.numpy()], mean.numpy()
+    return point_ids[described], mean

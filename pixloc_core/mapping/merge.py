@@ -10,7 +10,7 @@ threshold is dropped, and where a track holds two keypoints of one image, the cl
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -57,15 +57,27 @@ class CellPoints:
     def num_points(self) -> int:
         return len(self.xyz)
 
-    def save(self, path: Path | BinaryIO) -> None:
+    def take(self, points: np.ndarray) -> CellPoints:
+        """The points of the (ascending) indices `points`, with their observations, renumbered."""
+        observed = np.isin(self.observation_point, points)
+        return CellPoints(self.xyz[points], self.color[points],
+                          np.searchsorted(points, self.observation_point[observed]),
+                          self.observation_image[observed], self.observation_point2D[observed])
+
+    def save(self, path: Path | BinaryIO, **arrays: np.ndarray) -> None:
+        """`arrays`: more arrays in the same file (cell_merge.py's labels), read back with np.load."""
         np.savez(path, xyz=self.xyz, color=self.color, observation_point=self.observation_point,
-                 observation_image=self.observation_image, observation_point2D=self.observation_point2D)
+                 observation_image=self.observation_image, observation_point2D=self.observation_point2D, **arrays)
 
     @classmethod
     def load(cls, path: Path | BinaryIO) -> CellPoints:
         with np.load(path) as data:
-            return cls(data["xyz"], data["color"], data["observation_point"], data["observation_image"],
-                       data["observation_point2D"])
+            return cls.from_arrays(data)
+
+    @classmethod
+    def from_arrays(cls, data: Mapping[str, np.ndarray]) -> CellPoints:
+        return cls(data["xyz"], data["color"], data["observation_point"], data["observation_image"],
+                   data["observation_point2D"])
 
 
 def connected_tracks(observation_point: np.ndarray, observation_key: np.ndarray, num_points: int) -> np.ndarray:
@@ -124,8 +136,10 @@ def observation_keys(image_ids: np.ndarray, point2D_indices: np.ndarray) -> np.n
     return np.asarray(image_ids, np.int64) << 32 | np.asarray(point2D_indices, np.int64)
 
 
-def join_tracks(cells: Iterable[CellPoints]) -> Tracks:
-    """cells: read one at a time (a generator keeps only one cell's arrays beside the joined ones)."""
+def join_tracks(cells: Iterable[CellPoints], labels: np.ndarray | None = None) -> Tracks:
+    """cells: read one at a time (a generator keeps only one cell's arrays beside the joined ones).
+    labels: one per point of the cells, in their order, equal within a track: the tracks found
+    already (cell_merge.py); None: the connected components of the cells' points."""
     xyz, color = [np.empty((0, 3))], [np.empty((0, 3), np.uint8)]  # per cell, after an empty one
     point, key = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     num_points, num_cells = 0, 0
@@ -136,7 +150,7 @@ def join_tracks(cells: Iterable[CellPoints]) -> Tracks:
         key.append(observation_keys(cell.observation_image, cell.observation_point2D))
         num_points, num_cells = num_points + cell.num_points, num_cells + 1
     xyz, color, point, key = (np.concatenate(parts) for parts in (xyz, color, point, key))  # (P, 3) (P, 3) (M,) (M,)
-    track = connected_tracks(point, key, len(xyz))  # (P,)
+    track = connected_tracks(point, key, len(xyz)) if labels is None else labels  # (P,)
     track_ids, track = np.unique(track, return_inverse=True)  # dense track index per point
     length = np.bincount(point, minlength=len(xyz)).astype(np.float64)  # (P,) observations per part
     weight = np.zeros(len(track_ids))
@@ -171,30 +185,49 @@ def consistent_observations(skeleton: pycolmap.Reconstruction, tracks: Tracks, r
     return rows[keep[np.argsort(row_track[keep], kind="stable")]]
 
 
-def track_groups(tracks: Tracks, rows: np.ndarray) -> list[np.ndarray]:
-    """rows grouped by track (rows sorted by track): one array per track."""
-    if len(rows) == 0:
-        return []
-    starts = np.flatnonzero(np.r_[True, tracks.row_track[rows][1:] != tracks.row_track[rows][:-1], True])
-    return [rows[start:end] for start, end in zip(starts[:-1], starts[1:])]
+@dataclass
+class MergedPoints:
+    """Points ready to enter a model, with one row per observation, grouped by point."""
 
+    xyz: np.ndarray  # (T, 3)
+    color: np.ndarray  # (T, 3) uint8
+    row_point: np.ndarray  # (K,) point index, ascending
+    row_image: np.ndarray  # (K,) image id
+    row_point2D: np.ndarray  # (K,) keypoint index
 
-def add_points(reconstruction: pycolmap.Reconstruction, tracks: Tracks, rows: np.ndarray, min_track_length: int,
-               first_id: int = 1) -> list[int]:
-    """A new 3D point per track of `rows` with enough observations, under ids from `first_id` on;
-    returns their ids."""
-    added = []
-    for group in track_groups(tracks, rows):
-        if len(group) < min_track_length:
-            continue
-        point = pycolmap.Point3D()
-        point.track = pycolmap.Track([pycolmap.TrackElement(image_id, index) for image_id, index
-                                      in zip(tracks.row_image[group].tolist(), tracks.row_point2D[group].tolist())])
-        track = int(tracks.row_track[group[0]])
-        point.xyz, point.color = tracks.xyz[track], tracks.color[track]
-        added.append(first_id + len(added))
-        reconstruction.add_point3D_with_id(added[-1], point)
-    return added
+    @classmethod
+    def from_tracks(cls, tracks: Tracks, rows: np.ndarray, min_track_length: int) -> MergedPoints:
+        """The tracks of `rows` (sorted by track) that keep at least `min_track_length` of them."""
+        track_ids, start, length = np.unique(tracks.row_track[rows], return_index=True, return_counts=True)
+        long_enough = length >= min_track_length
+        kept = rows[np.repeat(long_enough, length)]
+        return cls(tracks.xyz[track_ids[long_enough]], tracks.color[track_ids[long_enough]],
+                   np.repeat(np.arange(int(long_enough.sum())), length[long_enough]),
+                   tracks.row_image[kept], tracks.row_point2D[kept])
+
+    @property
+    def num_points(self) -> int:
+        return len(self.xyz)
+
+    def add_to(self, reconstruction: pycolmap.Reconstruction, first_id: int) -> list[int]:
+        """Each point into `reconstruction` under ids from `first_id` on; returns the ids."""
+        starts = np.searchsorted(self.row_point, np.arange(self.num_points + 1))
+        images, points2D = self.row_image.tolist(), self.row_point2D.tolist()
+        for index in range(self.num_points):
+            point = pycolmap.Point3D()
+            point.track = pycolmap.Track([pycolmap.TrackElement(images[row], points2D[row])
+                                          for row in range(starts[index], starts[index + 1])])
+            point.xyz, point.color = self.xyz[index], self.color[index]
+            reconstruction.add_point3D_with_id(first_id + index, point)
+        return list(range(first_id, first_id + self.num_points))
+
+    def save(self, path: Path | BinaryIO, **arrays: np.ndarray) -> None:
+        np.savez(path, xyz=self.xyz, color=self.color, row_point=self.row_point, row_image=self.row_image,
+                 row_point2D=self.row_point2D, **arrays)
+
+    @classmethod
+    def from_arrays(cls, data: Mapping[str, np.ndarray]) -> MergedPoints:
+        return cls(data["xyz"], data["color"], data["row_point"], data["row_image"], data["row_point2D"])
 
 
 def main(skeleton: pycolmap.Reconstruction, cells: Iterable[CellPoints], keypoints: dict[int, np.ndarray],
@@ -207,7 +240,7 @@ def main(skeleton: pycolmap.Reconstruction, cells: Iterable[CellPoints], keypoin
     tracks = join_tracks(cells)
     rows = consistent_observations(skeleton, tracks, tracks.xyz[tracks.row_track], keypoints,
                                    np.ones(len(tracks.row_track), bool), conf["max_reprojection_error_px"])
-    add_points(skeleton, tracks, rows, conf["min_track_length"])
+    MergedPoints.from_tracks(tracks, rows, conf["min_track_length"]).add_to(skeleton, first_id=1)
     skeleton.update_point_3d_errors()
     logger.info("merged into %d points (%d tracks dropped: too few consistent observations)",
                 skeleton.num_points3D(), len(tracks.xyz) - skeleton.num_points3D())
@@ -261,7 +294,8 @@ def extend(reconstruction: pycolmap.Reconstruction, cells: Iterable[CellPoints],
         reconstruction.add_observation(int(target[tracks.row_track[row]]),
                                        pycolmap.TrackElement(int(tracks.row_image[row]), int(tracks.row_point2D[row])))
     new_rows = rows[~joins[rows]]
-    new_ids = add_points(reconstruction, tracks, new_rows, conf["min_track_length"], first_point_id)
+    new_ids = MergedPoints.from_tracks(tracks, new_rows, conf["min_track_length"]).add_to(reconstruction,
+                                                                                          first_point_id)
     reconstruction.update_point_3d_errors()
     changed = set(tracks.row_image[joining].tolist())
     changed |= {element.image_id for point_id in new_ids for element in reconstruction.points3D[point_id].track.elements}
@@ -271,16 +305,18 @@ def extend(reconstruction: pycolmap.Reconstruction, cells: Iterable[CellPoints],
     return extension
 
 
-def skeleton_with_keypoints(reference: pycolmap.Reconstruction, keypoints: dict[int, np.ndarray]
-                            ) -> pycolmap.Reconstruction:
-    """The cameras and posed images of `reference` that have keypoints, each image with its
-    keypoints as 2D points (ids kept), no 3D point."""
+def skeleton_with_keypoints(reference: pycolmap.Reconstruction,
+                            keypoints_of: Callable[[pycolmap.Image], np.ndarray | None]) -> pycolmap.Reconstruction:
+    """The cameras and posed images of `reference` that have keypoints (keypoints_of(image): (N, 2),
+    or None), each image with its keypoints as 2D points (ids kept), no 3D point. The keypoints
+    are asked for one image at a time: the map builder reads each from its file."""
     skeleton = pycolmap.Reconstruction()
     for camera in reference.cameras.values():
         skeleton.add_camera_with_trivial_rig(camera)
     for image_id, image in reference.images.items():
-        if image.has_pose and image_id in keypoints:
+        keypoints = keypoints_of(image) if image.has_pose else None
+        if keypoints is not None:
             skeleton.add_image_with_trivial_frame(
-                pycolmap.Image(name=image.name, keypoints=keypoints[image_id], camera_id=image.camera_id,
+                pycolmap.Image(name=image.name, keypoints=keypoints, camera_id=image.camera_id,
                                image_id=image_id), image.cam_from_world())
     return skeleton

@@ -1,0 +1,173 @@
+"""The points of a map triangulated cell by cell (cells.py), merged cell by cell: no process holds
+every cell's points, as merge.main does.
+
+Two parts (points of two cells) are one track when they share an observation (image, keypoint);
+the tracks are the connected components of the parts (merge.py). Each part starts with the
+smallest observation key it has as its label; in rounds, each cell lowers its parts' labels to
+the smallest label that a neighbour (a cell that shares images with it) gives an observation of
+theirs on a shared image, until no label changes anywhere. A label then is the smallest key of its
+whole track, however many cells the track spans (a facade seen from afar), so that the labels
+name the tracks exactly. Each part then goes to the cell whose core holds the image of its label
+(the track's owner), which merges its tracks as merge.main does (a weighted mean, observations
+checked by reprojection) and describes their points.
+
+    MAP/mapping/merge/labels/<cell>-<round>.npz   the cell's labels after a round: per part, and
+                                                  per observation on a shared image (sorted keys)
+    MAP/mapping/merge/routed/<owner>/<cell>.npz   the parts of <cell> whose tracks <owner> owns
+    MAP/mapping/merge/merged/<owner>.npz          the owner's merged points, with their descriptors
+
+Every run computes the merge again from the cells' points (the cells are the expensive part and
+are kept; the merge files are overwritten).
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pycolmap
+
+from .. import files
+from ..files import Location
+from . import cells
+from .descriptors import DescriptorSums
+from .feature_files import FeatureFiles
+from .merge import CellPoints, MergedPoints, consistent_observations, join_tracks, observation_keys
+
+logger = logging.getLogger(__name__)
+
+MERGE_DIR = "merge"
+NO_LABEL = np.iinfo(np.int64).max
+
+
+def _save(place: Location, write) -> None:
+    with io.BytesIO() as data:
+        write(data)
+        files.write_bytes(place, data.getvalue())
+
+
+def _load(place: Location) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(files.read_bytes(place))) as data:
+        return dict(data)
+
+
+def labels_file(root: Location, cell: str, round_index: int) -> Location:
+    return files.location(root) / MERGE_DIR / "labels" / f"{cell}-{round_index}.npz"
+
+
+def routed_file(root: Location, owner: str, cell: str) -> Location:
+    return files.location(root) / MERGE_DIR / "routed" / owner / f"{cell}.npz"
+
+
+def merged_file(root: Location, owner: str) -> Location:
+    return files.location(root) / MERGE_DIR / "merged" / f"{owner}.npz"
+
+
+@dataclass
+class Neighbourhood:
+    """What one cell's rounds need of the others."""
+
+    neighbours: list[str]  # the cells with points that share an image with this one
+    shared_image_ids: np.ndarray  # (S,) sorted: this cell's images that a neighbour has too
+
+
+def label_round(root: Location, cell: str, round_index: int, neighbourhood: Neighbourhood) -> bool:
+    """One round for one cell (labels_file); returns whether any of its labels changed."""
+    points = cells.load_points(root, cell)
+    keys = observation_keys(points.observation_image, points.observation_point2D)  # (M,)
+    if round_index == 0:
+        label = np.full(points.num_points, NO_LABEL)
+        np.minimum.at(label, points.observation_point, keys)
+        changed = True
+    else:
+        previous = _load(labels_file(root, cell, round_index - 1))["part_label"]
+        key_label = previous[points.observation_point]  # (M,)
+        for neighbour in neighbourhood.neighbours:
+            theirs = _load(labels_file(root, neighbour, round_index - 1))
+            if len(theirs["keys"]) == 0:
+                continue
+            slot = np.minimum(np.searchsorted(theirs["keys"], keys), len(theirs["keys"]) - 1)
+            shared = theirs["keys"][slot] == keys
+            key_label[shared] = np.minimum(key_label[shared], theirs["labels"][slot[shared]])
+        label = previous.copy()
+        np.minimum.at(label, points.observation_point, key_label)
+        changed = not np.array_equal(label, previous)
+    boundary = np.isin(points.observation_image, neighbourhood.shared_image_ids)
+    order = np.argsort(keys[boundary])
+    boundary_labels = label[points.observation_point[boundary]][order]
+    _save(labels_file(root, cell, round_index),
+          lambda data: np.savez(data, part_label=label, keys=keys[boundary][order], labels=boundary_labels))
+    return changed
+
+
+@dataclass
+class Owners:
+    """The cell whose core holds each image: it owns the tracks labelled with that image's keys."""
+
+    image_ids: np.ndarray  # (R,) sorted
+    cell_index: np.ndarray  # (R,) index into cell_ids
+    cell_ids: list[str]
+
+    def of_labels(self, labels: np.ndarray) -> np.ndarray:
+        """(P,) labels -> (P,) index into cell_ids."""
+        return self.cell_index[np.searchsorted(self.image_ids, labels >> 32)]
+
+
+def route(root: Location, cell: str, final_round: int, owners: Owners) -> list[str]:
+    """Writes the cell's parts to the owners of their tracks (routed_file); returns the owners."""
+    points = cells.load_points(root, cell)
+    label = _load(labels_file(root, cell, final_round))["part_label"]
+    owner = owners.of_labels(label)
+    written = []
+    for index in np.unique(owner).tolist():
+        parts = np.flatnonzero(owner == index)
+        _save(routed_file(root, owners.cell_ids[index], cell),
+              lambda data: points.take(parts).save(data, label=label[parts]))
+        written.append(owners.cell_ids[index])
+    return written
+
+
+def merge_owned(root: Location, owner: str, sources: list[str], features_root: Location, conf: dict) -> int:
+    """Merges the tracks `owner` owns from the parts `sources` routed to it (merged_file);
+    conf: merge.default_conf. Returns the number of points."""
+    routed = [_load(routed_file(root, owner, source)) for source in sources]
+    tracks = join_tracks((CellPoints.from_arrays(data) for data in routed),
+                         np.concatenate([data["label"] for data in routed]))
+    del routed
+    skeleton = _skeletons_together(root, sources)  # every image the tracks observe is in one of them
+    features = FeatureFiles(features_root)
+    observed = {image_id: features[skeleton.images[image_id].name] for image_id in np.unique(tracks.row_image).tolist()}
+    rows = consistent_observations(skeleton, tracks, tracks.xyz[tracks.row_track],
+                                   {image_id: found.xy for image_id, found in observed.items()},
+                                   np.ones(len(tracks.row_track), bool), conf["max_reprojection_error_px"])
+    merged = MergedPoints.from_tracks(tracks, rows, conf["min_track_length"])
+    sums = DescriptorSums(merged.num_points)
+    for image_id, found in observed.items():
+        selected = merged.row_image == image_id
+        sums.add(merged.row_point[selected], found.descriptors[merged.row_point2D[selected]])
+    _, descriptors = sums.means()  # every observation has a descriptor: every point is described
+    _save(merged_file(root, owner), lambda data: merged.save(data, descriptors=descriptors))
+    return merged.num_points
+
+
+def _skeletons_together(root: Location, cell_ids: list[str]) -> pycolmap.Reconstruction:
+    """The cameras and posed images of the cells' skeletons, in one model."""
+    together = pycolmap.Reconstruction()
+    for cell in cell_ids:
+        skeleton = cells.read_model(cells.cell_dir(root, cell) / cells.SKELETON_DIR)
+        for camera_id, camera in skeleton.cameras.items():
+            if camera_id not in together.cameras:
+                together.add_camera_with_trivial_rig(camera)
+        for image_id, image in skeleton.images.items():
+            if image_id not in together.images:
+                together.add_image_with_trivial_frame(
+                    pycolmap.Image(name=image.name, camera_id=image.camera_id, image_id=image_id),
+                    image.cam_from_world())
+    return together
+
+
+def load_merged(root: Location, owner: str) -> tuple[MergedPoints, np.ndarray]:
+    """The owner's merged points and their descriptors (P, D) float16."""
+    data = _load(merged_file(root, owner))
+    return MergedPoints.from_arrays(data), data["descriptors"]
