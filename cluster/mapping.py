@@ -1,5 +1,6 @@
 """The distributed stages of `pixloc map`: features per image (Ray Data), matches per chunk of pairs
-(Ray tasks), one triangulation or SfM submodel per cell (Ray tasks).
+(Ray tasks), one triangulation or SfM submodel per cell (Ray tasks), the cells' points merged cell
+by cell (Ray tasks, pixloc_core/mapping/cell_merge.py).
 
 Every stage writes one file per unit of work under MAP/mapping (pixloc_core/mapping/feature_files.py
 and cells.py) and returns only small records to the driver, so no process holds every image's
