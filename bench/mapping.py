@@ -69,7 +69,9 @@ default_conf = {
     "lund_max_num_features": 2048,
     "lund_localization": True,  # bench real's Lund runs on a submodel map and on one SfM's (minutes)
 }
-QUICK = {"blocks": [[1, 1], [2, 1]], "workers": [1, 2], "single_process_max_refs": 200}
+# Under 15 minutes: two small cities, and Lund's three maps without bench real's localization on
+# two of them (about half of the full run's Lund time).
+QUICK = {"blocks": [[1, 1], [2, 1]], "workers": [1, 2], "single_process_max_refs": 200, "lund_localization": False}
 
 
 def descendants(pid: int) -> list[int]:

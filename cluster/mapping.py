@@ -172,10 +172,11 @@ def _run_merge_step(function: str, root: Location, jobs: list[tuple], common: di
 
 
 def merge_cells(root: Location, images_of: dict[str, list[int]], owner_of: dict[int, str],
-                features_root: Location, conf: dict, cells_per_task: int = 8) -> list[str]:
+                features_root: Location, conf: dict, cells_per_task: int = 8) -> dict[str, int]:
     """The points of the cells (images_of: cell -> its image ids, core and halo, of the cells with
     points) merged cell by cell on Ray (pixloc_core/mapping/cell_merge.py); owner_of: image id ->
-    the cell whose core holds it. Returns the owners, each with a merged file."""
+    the cell whose core holds it. Returns the owners (each with a merged file) and their numbers of
+    points, in the owners' order."""
     cells_of_image: dict[int, list[str]] = {}
     for cell, image_ids in images_of.items():
         for image_id in image_ids:
@@ -209,4 +210,5 @@ def merge_cells(root: Location, images_of: dict[str, list[int]], owner_of: dict[
                              {"features_root": files.absolute(features_root), "conf": conf}, "merging tracks",
                              cells_per_task)
     logger.info("merge: %d points from the tracks of %d owner cells", sum(counts), len(merged))
-    return merged
+    cell_merge.delete_files(root, cell_merge.LABELS, cell_merge.ROUTED)
+    return dict(zip(merged, counts))

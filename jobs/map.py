@@ -257,14 +257,14 @@ def build_map_in_cells(images: Location, out: Location, reference_model: Locatio
         results = distributed.run_cells(cells, root, cell_index.cell_ids, images,
                                         {"triangulation": conf["triangulation"]})
         image_ids = {image.name: image.image_id for image in posed}
-        owners = distributed.merge_cells(
+        owner_points = distributed.merge_cells(
             root, {result.cell: [image_ids[name] for name in cell_index.images_of(result.cell)]
                    for result in results if not result.failure},
             {image_ids[name]: cell for cell in cell_index.cell_ids
              for name in cell_index.images_of(cell, with_halo=False)}, root, conf["merge"])
     failed = failed_cells(results)
 
-    reconstruction, point_descriptors = merged_model(reference, set(present), features, root, owners)
+    reconstruction, point_descriptors = merged_model(reference, set(present), features, root, owner_points)
     positions, origin = georegister.priors_to_positions(
         {name: prior for name, prior in (priors or {}).items() if name in set(present)})
     sizes = {name: features.image_size(name) for name in present}
@@ -273,22 +273,26 @@ def build_map_in_cells(images: Location, out: Location, reference_model: Locatio
 
 
 def merged_model(reference: pycolmap.Reconstruction, present: set[str], features: FeatureFiles, root: Location,
-                 owners: list[str]) -> tuple[pycolmap.Reconstruction, tuple[np.ndarray, np.ndarray]]:
+                 owner_points: dict[str, int]) -> tuple[pycolmap.Reconstruction, tuple[np.ndarray, np.ndarray]]:
     """The posed images of `reference` in `present` with their keypoints as 2D points (read one
-    image at a time), and the points that the owner cells merged (cell_merge.py), under ids 1, 2, ...
-    in the owners' order; with the points' ids and descriptors."""
+    image at a time), and the points that the owner cells merged (cell_merge.py; owner -> its number
+    of points), under ids 1, 2, ... in the owners' order; with the points' ids and descriptors."""
     model = merge.skeleton_with_keypoints(
         reference, lambda image: features.keypoints(image.name) if image.name in present else None)
-    point_descriptors = []
-    for owner in owners:
-        points, described = cell_merge.load_merged(root, owner)
-        if points.num_points:
-            points.add_to(model, first_id=model.num_points3D() + 1)
-            point_descriptors.append(described)
+    total = sum(owner_points.values())
+    point_descriptors = np.zeros((0, 0), np.float16)  # then (P, D), filled owner by owner: no second copy
+    for owner, count in owner_points.items():
+        if count:
+            points, described = cell_merge.load_merged(root, owner)
+            first = model.num_points3D()
+            points.add_to(model, first_id=first + 1)
+            if not len(point_descriptors):
+                point_descriptors = np.empty((total, described.shape[1]), np.float16)
+            point_descriptors[first:first + count] = described
     model.update_point_3d_errors()
+    cell_merge.delete_files(root, cell_merge.MERGED)
     logger.info("merged into %d points", model.num_points3D())
-    return model, (np.arange(1, model.num_points3D() + 1, dtype=np.int64),
-                   np.concatenate(point_descriptors) if point_descriptors else np.zeros((0, 0), np.float16))
+    return model, (np.arange(1, model.num_points3D() + 1, dtype=np.int64), point_descriptors)
 
 
 def build_sfm_in_cells(images: Location, out: Location, priors: dict[str, Prior], conf: dict | None = None,

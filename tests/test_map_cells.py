@@ -95,6 +95,7 @@ def test_work_files_per_image(scene, in_cells):
     np.testing.assert_allclose(np.array([p.xy for p in image.points2D]), stored.xy, atol=1e-4)
     matches = MatchFiles(root).read("ref_0004.jpg")
     assert name in matches and matches[name].shape[1] == 2 and len(matches[name]) > 5
+    assert not list((root / cell_merge.MERGE_DIR).rglob("*.npz"))  # the merge's files are intermediate
 
 
 def test_feature_files_round_trip(tmp_path):
