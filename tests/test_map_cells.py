@@ -179,6 +179,35 @@ def test_track_labels_cross_cells_that_are_not_neighbours(tmp_path):
     assert routed["label"].tolist() == [key(1, 5)] and routed["observation_image"].tolist() == [3, 4]
 
 
+def test_a_cell_of_one_photo_gets_its_reason_and_the_rest_is_built(scene, in_cells, tmp_path, ray_cluster):
+    """A photo 500 m from the street is a cell of its own, which cannot be triangulated: the
+    manifest says why in one line, and the street's cells are built and merged as without it."""
+    reference = cells.read_model(scene / "reference_model")
+    first = reference.images[min(reference.images)]
+    pose = first.cam_from_world()
+    away = pycolmap.Rigid3d(pose.rotation, pose.translation - pose.rotation.matrix() @ np.array([500.0, 0.0, 0.0]))
+    reference.add_image_with_trivial_frame(
+        pycolmap.Image(name="far_away.jpg", camera_id=first.camera_id, image_id=max(reference.images) + 1), away)
+    (tmp_path / "reference").mkdir()
+    reference.write(tmp_path / "reference")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo in (scene / "mapping").iterdir():
+        (photos / photo.name).symlink_to(photo)
+    shutil.copy(scene / "mapping" / first.name, photos / "far_away.jpg")
+
+    built = build_map_in_cells(photos, tmp_path / "map", tmp_path / "reference", conf=CELLS)
+
+    far_cell = next(cell for cell in built.shards.cell_ids if "far_away.jpg" in built.shards.images_of(cell))
+    failures = {failure["cell"]: failure["reason"] for failure in built.manifest["failed_cells"]}
+    assert failures.pop(far_cell) == f"cell {far_cell}: 1 image(s) with features, a cell needs 2"
+    # The street's own cells, one of which has too few matches to triangulate, as without the photo.
+    assert failures == {failure["cell"]: failure["reason"] for failure in in_cells.manifest["failed_cells"]}
+    assert built.reconstruction.num_reg_images() == 31
+    assert built.reconstruction.num_points3D() == in_cells.reconstruction.num_points3D()
+    assert not built.reconstruction.find_image_with_name("far_away.jpg").num_points3D
+
+
 def test_resume_skips_finished_cells(scene, in_cells, tmp_path, ray_cluster):
     """A job stopped during triangulation: the rerun redoes only the cells and files missing."""
     out = tmp_path / "map"
