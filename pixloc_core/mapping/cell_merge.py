@@ -24,8 +24,9 @@ round take 91 MB, the routed and merged parts 190 and 180 MB).
 from __future__ import annotations
 
 import io
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import pycolmap
@@ -37,14 +38,12 @@ from .descriptors import DescriptorSums
 from .feature_files import FeatureFiles
 from .merge import CellPoints, MergedPoints, consistent_observations, join_tracks, observation_keys
 
-logger = logging.getLogger(__name__)
-
 MERGE_DIR = "merge"
 LABELS, ROUTED, MERGED = "labels", "routed", "merged"
 NO_LABEL = np.iinfo(np.int64).max
 
 
-def _save(place: Location, write) -> None:
+def _save(place: Location, write: Callable[[BinaryIO], None]) -> None:
     with io.BytesIO() as data:
         write(data)
         files.write_bytes(place, data.getvalue())
