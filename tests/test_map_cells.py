@@ -179,6 +179,44 @@ def test_track_labels_cross_cells_that_are_not_neighbours(tmp_path):
     assert routed["label"].tolist() == [key(1, 5)] and routed["observation_image"].tolist() == [3, 4]
 
 
+def test_track_labels_are_the_connected_components_of_every_cell_at_once(tmp_path):
+    """Random cells along a street, each sharing images with the next two: the labels the rounds
+    settle on name exactly the tracks that merge.connected_tracks finds over every cell at once,
+    each by the smallest observation of its track."""
+    rng = np.random.default_rng(7)
+    cell_images = {f"c{index}": np.arange(4 * index, 4 * index + 12) for index in range(6)}  # 12 images, 8 shared
+    parts, neighbourhoods = {}, {}
+    for cell, image_ids in cell_images.items():
+        keys = rng.permutation(np.stack(np.meshgrid(image_ids, np.arange(6)), -1).reshape(-1, 2))[:40]  # unique
+        used, point = np.unique(np.sort(rng.integers(0, 15, len(keys))), return_inverse=True)  # <= 15 parts
+        parts[cell] = merge.CellPoints(np.zeros((len(used), 3)), np.zeros((len(used), 3), np.uint8), point,
+                                       keys[:, 0], keys[:, 1])
+        cells.cell_dir(tmp_path, cell).mkdir(parents=True)
+        parts[cell].save(cells.cell_dir(tmp_path, cell) / cells.POINTS_FILE)
+    for cell, image_ids in cell_images.items():
+        others = {other: np.intersect1d(image_ids, theirs) for other, theirs in cell_images.items() if other != cell}
+        shared = sorted({int(image) for common in others.values() for image in common})
+        neighbourhoods[cell] = cell_merge.Neighbourhood(sorted(o for o, common in others.items() if len(common)),
+                                                        np.array(shared))
+    rounds = 0
+    while any([cell_merge.label_round(tmp_path, cell, rounds, neighbourhood)
+               for cell, neighbourhood in neighbourhoods.items()]):
+        rounds += 1
+    labels = np.concatenate([np.load(cell_merge.labels_file(tmp_path, cell, rounds))["part_label"] for cell in parts])
+
+    offsets = np.cumsum([0] + [part.num_points for part in parts.values()])
+    point = np.concatenate([part.observation_point + offset for part, offset in zip(parts.values(), offsets)])
+    key = np.concatenate([merge.observation_keys(part.observation_image, part.observation_point2D)
+                          for part in parts.values()])
+    component = merge.connected_tracks(point, key, offsets[-1])
+    smallest_key = np.full(offsets[-1], np.iinfo(np.int64).max)
+    np.minimum.at(smallest_key, component[point], key)
+    cell_of_point = np.repeat(np.arange(len(parts)), np.diff(offsets))
+    spans = [np.ptp(cell_of_point[component == track]) for track in np.unique(component)]
+    assert rounds > 2 and max(spans) >= 3  # tracks across cells that share no image (c0 and c3)
+    np.testing.assert_array_equal(labels, smallest_key[component])
+
+
 def test_a_cell_of_one_photo_gets_its_reason_and_the_rest_is_built(scene, in_cells, tmp_path, ray_cluster):
     """A photo 500 m from the street is a cell of its own, which cannot be triangulated: the
     manifest says why in one line, and the street's cells are built and merged as without it."""
