@@ -3,16 +3,17 @@ every cell's points, as merge.main does.
 
 Two parts (points of two cells) are one track when they share an observation (image, keypoint);
 the tracks are the connected components of the parts (merge.py). Each part starts with the
-smallest observation key it has as its label; in rounds, each cell lowers its parts' labels to
-the smallest label that a neighbour (a cell that shares images with it) gives an observation of
-theirs on a shared image, until no label changes anywhere. A label then is the smallest key of its
-whole track, however many cells the track spans (a facade seen from afar), so that the labels
-name the tracks exactly. Each part then goes to the cell whose core holds the image of its label
+smallest observation key it has as its label; in rounds, each cell joins its parts with those of
+its neighbours (cells that share images with it) through their observations on shared images, and
+lowers its parts' labels to the smallest in their joined tracks, until no label changes anywhere.
+A label then is the smallest key of its whole track, however many cells the track spans (a facade
+seen from afar), so that the labels name the tracks exactly. Each part then goes to the cell whose core holds the image of its label
 (the track's owner), which merges its tracks as merge.main does (a weighted mean, observations
 checked by reprojection) and describes their points.
 
     MAP/mapping/merge/labels/<cell>-<round>.npz   the cell's labels after a round: per part, and
-                                                  per observation on a shared image (sorted keys)
+                                                  per observation on a shared image (sorted keys,
+                                                  with the part that has it)
     MAP/mapping/merge/routed/<owner>/<cell>.npz   the parts of <cell> whose tracks <owner> owns
     MAP/mapping/merge/merged/<owner>.npz          the owner's merged points, with their descriptors
 
@@ -36,7 +37,8 @@ from ..files import Location
 from . import cells
 from .descriptors import DescriptorSums
 from .feature_files import FeatureFiles
-from .merge import CellPoints, MergedPoints, consistent_observations, join_tracks, observation_keys
+from .merge import (CellPoints, MergedPoints, connected_tracks, consistent_observations, join_tracks,
+                    observation_keys)
 
 MERGE_DIR = "merge"
 LABELS, ROUTED, MERGED = "labels", "routed", "merged"
@@ -75,7 +77,12 @@ class Neighbourhood:
 
 
 def label_round(root: Location, cell: str, round_index: int, neighbourhood: Neighbourhood) -> bool:
-    """One round for one cell (labels_file); returns whether any of its labels changed."""
+    """One round for one cell (labels_file); returns whether any of its labels changed.
+
+    The cell's parts and the neighbours' parts that show observations on shared images are joined
+    into tracks as far as these observations reach (merge.connected_tracks), and each track takes
+    the smallest label among its parts: a track that goes back and forth between two cells settles
+    in one round, and the rounds count only the cells a label has to cross."""
     points = cells.load_points(root, cell)
     keys = observation_keys(points.observation_image, points.observation_point2D)  # (M,)
     if round_index == 0:
@@ -84,22 +91,29 @@ def label_round(root: Location, cell: str, round_index: int, neighbourhood: Neig
         changed = True
     else:
         previous = _load(labels_file(root, cell, round_index - 1))["part_label"]
-        key_label = previous[points.observation_point]  # (M,)
+        # Nodes: this cell's parts, then each neighbour's parts that show a boundary observation.
+        node_label, observation_node, observation_key = [previous], [points.observation_point], [keys]
+        num_nodes = points.num_points
         for neighbour in neighbourhood.neighbours:
             theirs = _load(labels_file(root, neighbour, round_index - 1))
-            if len(theirs["keys"]) == 0:
-                continue
-            slot = np.minimum(np.searchsorted(theirs["keys"], keys), len(theirs["keys"]) - 1)
-            shared = theirs["keys"][slot] == keys
-            key_label[shared] = np.minimum(key_label[shared], theirs["labels"][slot[shared]])
-        label = previous.copy()
-        np.minimum.at(label, points.observation_point, key_label)
+            parts, node = np.unique(theirs["parts"], return_inverse=True)  # their parts -> nodes from num_nodes
+            part_label = np.zeros(len(parts), np.int64)
+            part_label[node] = theirs["labels"]  # every observation of a part has the part's label
+            node_label.append(part_label)
+            observation_node.append(node + num_nodes)
+            observation_key.append(theirs["keys"])
+            num_nodes += len(parts)
+        track = connected_tracks(np.concatenate(observation_node), np.concatenate(observation_key), num_nodes)
+        track_label = np.full(num_nodes, NO_LABEL)
+        np.minimum.at(track_label, track, np.concatenate(node_label))
+        label = track_label[track[:points.num_points]]  # never above `previous`: its parts are nodes too
         changed = not np.array_equal(label, previous)
     boundary = np.isin(points.observation_image, neighbourhood.shared_image_ids)
     order = np.argsort(keys[boundary])
-    boundary_labels = label[points.observation_point[boundary]][order]
+    boundary_parts = points.observation_point[boundary][order]
     _save(labels_file(root, cell, round_index),
-          lambda data: np.savez(data, part_label=label, keys=keys[boundary][order], labels=boundary_labels))
+          lambda data: np.savez(data, part_label=label, keys=keys[boundary][order], parts=boundary_parts,
+                                labels=label[boundary_parts]))
     if round_index >= 2:  # the neighbours read round_index - 1 next; round_index - 2 was read last round
         files.delete(labels_file(root, cell, round_index - 2))
     return changed
