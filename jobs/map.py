@@ -264,9 +264,10 @@ def build_map_in_cells(images: Location, out: Location, reference_model: Locatio
              for name in cell_index.images_of(cell, with_halo=False)}, root, conf["merge"])
     failed = failed_cells(results)
 
-    reconstruction, point_descriptors = merged_model(reference, set(present), features, root, owner_points)
+    with_features = set(present)
+    reconstruction, point_descriptors = merged_model(reference, with_features, features, root, owner_points)
     positions, origin = georegister.priors_to_positions(
-        {name: prior for name, prior in (priors or {}).items() if name in set(present)})
+        {name: prior for name, prior in (priors or {}).items() if name in with_features})
     sizes = {name: features.image_size(name) for name in present}
     return finish_map(reconstruction, point_descriptors, sizes, positions, origin, "reference-model", images, out,
                       skipped, exif_focal_lengths(images, sizes), conf, {"failed_cells": failed})
@@ -336,8 +337,9 @@ def build_sfm_in_cells(images: Location, out: Location, priors: dict[str, Prior]
         unadjusted = adjust_cells(reconstruction, owner, features, root, images, conf["submodels"])
     submodels.refit(reconstruction)
     return finish_map(reconstruction, descriptors.main(reconstruction, features), sizes, positions, origin, "sfm",
-                      images, out, without_prior + skipped, focal_px, conf, {"failed_cells": failed, "submodels": len(models) - len(rejected),
-                                       "unadjusted_cells": unadjusted})
+                      images, out, without_prior + skipped, focal_px, conf,
+                      {"failed_cells": failed, "submodels": len(models) - len(rejected),
+                       "unadjusted_cells": unadjusted})
 
 
 def adjust_cells(reconstruction: pycolmap.Reconstruction, owner: dict[str, str], features: FeatureFiles,

@@ -198,7 +198,7 @@ class MergedPoints:
     @classmethod
     def from_tracks(cls, tracks: Tracks, rows: np.ndarray, min_track_length: int) -> MergedPoints:
         """The tracks of `rows` (sorted by track) that keep at least `min_track_length` of them."""
-        track_ids, start, length = np.unique(tracks.row_track[rows], return_index=True, return_counts=True)
+        track_ids, length = np.unique(tracks.row_track[rows], return_counts=True)
         long_enough = length >= min_track_length
         kept = rows[np.repeat(long_enough, length)]
         return cls(tracks.xyz[track_ids[long_enough]], tracks.color[track_ids[long_enough]],
