@@ -7,13 +7,13 @@ smallest observation key it has as its label; in rounds, each cell joins its par
 its neighbours (cells that share images with it) through their observations on shared images, and
 lowers its parts' labels to the smallest in their joined tracks, until no label changes anywhere.
 A label then is the smallest key of its whole track, however many cells the track spans (a facade
-seen from afar), so that the labels name the tracks exactly. Each part then goes to the cell whose core holds the image of its label
-(the track's owner), which merges its tracks as merge.main does (a weighted mean, observations
-checked by reprojection) and describes their points.
+seen from afar), so that the labels name the tracks exactly. Each part then goes to the cell whose
+core holds the image of its label (the track's owner), which merges its tracks as merge.main does
+(a weighted mean, observations checked by reprojection) and describes their points.
 
-    MAP/mapping/merge/labels/<cell>-<round>.npz   the cell's labels after a round: per part, and
-                                                  per observation on a shared image (sorted keys,
-                                                  with the part that has it)
+    MAP/mapping/merge/labels/<cell>-<round>.npz   the cell's labels after a round (per part), and
+                                                  its observations on shared images (sorted keys,
+                                                  with the part that has each)
     MAP/mapping/merge/routed/<owner>/<cell>.npz   the parts of <cell> whose tracks <owner> owns
     MAP/mapping/merge/merged/<owner>.npz          the owner's merged points, with their descriptors
 
@@ -97,9 +97,7 @@ def label_round(root: Location, cell: str, round_index: int, neighbourhood: Neig
         for neighbour in neighbourhood.neighbours:
             theirs = _load(labels_file(root, neighbour, round_index - 1))
             parts, node = np.unique(theirs["parts"], return_inverse=True)  # their parts -> nodes from num_nodes
-            part_label = np.zeros(len(parts), np.int64)
-            part_label[node] = theirs["labels"]  # every observation of a part has the part's label
-            node_label.append(part_label)
+            node_label.append(theirs["part_label"][parts])
             observation_node.append(node + num_nodes)
             observation_key.append(theirs["keys"])
             num_nodes += len(parts)
@@ -112,8 +110,7 @@ def label_round(root: Location, cell: str, round_index: int, neighbourhood: Neig
     order = np.argsort(keys[boundary])
     boundary_parts = points.observation_point[boundary][order]
     _save(labels_file(root, cell, round_index),
-          lambda data: np.savez(data, part_label=label, keys=keys[boundary][order], parts=boundary_parts,
-                                labels=label[boundary_parts]))
+          lambda data: np.savez(data, part_label=label, keys=keys[boundary][order], parts=boundary_parts))
     if round_index >= 2:  # the neighbours read round_index - 1 next; round_index - 2 was read last round
         files.delete(labels_file(root, cell, round_index - 2))
     return changed
