@@ -151,9 +151,7 @@ def test_cells_merged_cell_by_cell_equal_the_merge_of_every_cell_at_once(scene, 
 def test_track_labels_cross_cells_that_are_not_neighbours(tmp_path):
     """A track seen by cells a, b and c, where a and c share no image: the rounds carry a's label
     through b to c, and the whole track goes to one owner; a point of c alone keeps its own."""
-    def key(image_id: int, point2D: int) -> int:
-        return image_id << 32 | point2D
-
+    key = merge.observation_keys
     observations = {"a": [[(1, 5), (2, 7)]], "b": [[(2, 7), (3, 9)]], "c": [[(3, 9), (4, 1)], [(4, 2), (3, 3)]]}
     for cell, points in observations.items():
         rows = [(index, image_id, point2D) for index, point in enumerate(points) for image_id, point2D in point]
