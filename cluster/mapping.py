@@ -1,6 +1,7 @@
 """The distributed stages of `pixloc map`: features per image (Ray Data), matches per chunk of pairs
 (Ray tasks), one triangulation or SfM submodel per cell (Ray tasks), the cells' points merged cell
-by cell (Ray tasks, pixloc_core/mapping/cell_merge.py).
+by cell (Ray tasks, pixloc_core/mapping/cell_merge.py) and the merged map's model and tables
+written in pieces (Ray tasks, pixloc_core/mapping/model_pieces.py).
 
 Every stage writes one file per unit of work under MAP/mapping (pixloc_core/mapping/feature_files.py
 and cells.py) and returns only small records to the driver, so no process holds every image's
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -23,7 +25,7 @@ from pixloc_core.files import Location
 from pixloc_core.images import ImageReadError, read_image
 from pixloc_core.mapping import cell_merge
 from pixloc_core.mapping import cells as cell_step
-from pixloc_core.mapping import keypoints, matching
+from pixloc_core.mapping import keypoints, matching, model_pieces
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles
 
 from .runtime import set_torch_threads
@@ -143,25 +145,24 @@ def run_cells(step: ModuleType, root: Location, cells: list[str], images_dir: Lo
 
 
 @ray.remote(num_cpus=1)
-def _merge_step(function: str, root: str, jobs: list[tuple], common: dict) -> list:
-    """cell_merge.<function>(root, *job, **common) for each job of a chunk."""
+def _step_task(step: Callable, root: str, jobs: list[tuple], common: dict) -> list:
+    """step(root, *job, **common) for each job of a chunk (a function of pixloc_core.mapping)."""
     set_torch_threads()
     import pycolmap
 
     pycolmap.logging.minloglevel = 2
-    step = getattr(cell_merge, function)
     return [step(files.location(root), *job, **common) for job in jobs]
 
 
-def _run_merge_step(function: str, root: Location, jobs: list[tuple], common: dict, label: str,
-                    jobs_per_task: int) -> list:
-    """The results of cell_merge.<function> for every job, in Ray tasks of `jobs_per_task` jobs."""
+def _run_step(step: Callable, root: Location, jobs: list[tuple], common: dict, label: str,
+              jobs_per_task: int) -> list:
+    """The results of `step` for every job, in Ray tasks of `jobs_per_task` jobs."""
     chunks = [jobs[start:start + jobs_per_task] for start in range(0, len(jobs), jobs_per_task)]
-    common_ref = ray.put(common)  # the owners' table goes to the object store once, not with every task
-    tasks = {_merge_step.remote(function, files.absolute(root), chunk, common_ref): index
+    common_ref = ray.put(common)  # shared tables go to the object store once, not with every task
+    tasks = {_step_task.remote(step, files.absolute(root), chunk, common_ref): index
              for index, chunk in enumerate(chunks)}
     results: list = [None] * len(chunks)
-    with tqdm(total=len(jobs), desc=label, unit="cell", leave=False) as progress:
+    with tqdm(total=len(jobs), desc=label, unit="job", leave=False) as progress:
         pending = list(tasks)
         while pending:
             done, pending = ray.wait(pending)
@@ -188,7 +189,7 @@ def merge_cells(root: Location, images_of: dict[str, list[int]], owner_of: dict[
         jobs.append((cell, cell_merge.Neighbourhood(neighbours, np.array(shared, dtype=np.int64))))
     round_index, changed = 0, True
     while changed:
-        changed = any(_run_merge_step("label_round", root, [(cell, round_index, neighbourhood)
+        changed = any(_run_step(cell_merge.label_round, root, [(cell, round_index, neighbourhood)
                                                             for cell, neighbourhood in jobs], {},
                                       f"track labels, round {round_index}", cells_per_task))
         round_index += 1
@@ -199,16 +200,40 @@ def merge_cells(root: Location, images_of: dict[str, list[int]], owner_of: dict[
     image_ids = np.array(sorted(owner_of), dtype=np.int64)
     owners = cell_merge.Owners(image_ids, np.array([position[owner_of[i]] for i in image_ids.tolist()]), owner_cells)
     sources: dict[str, list[str]] = {}
-    routed = _run_merge_step("route", root, [(cell,) for cell, _ in jobs], {"final_round": round_index - 1,
+    routed = _run_step(cell_merge.route, root, [(cell,) for cell, _ in jobs], {"final_round": round_index - 1,
                                                                             "owners": owners},
                              "routing tracks", cells_per_task)
     for (cell, _), owners_written in zip(jobs, routed):
         for owner in owners_written:
             sources.setdefault(owner, []).append(cell)
     merged = sorted(sources)
-    counts = _run_merge_step("merge_owned", root, [(owner, sources[owner]) for owner in merged],
+    counts = _run_step(cell_merge.merge_owned, root, [(owner, sources[owner]) for owner in merged],
                              {"features_root": files.absolute(features_root), "conf": conf}, "merging tracks",
                              cells_per_task)
     logger.info("merge: %d points from the tracks of %d owner cells", sum(counts), len(merged))
     cell_merge.delete_files(root, cell_merge.LABELS, cell_merge.ROUTED)
     return dict(zip(merged, counts))
+
+
+def write_pieces(root: Location, owner_points: dict[str, int], skeleton, features_root: Location,
+                 descriptor_dim: int, jobs_per_task: int = 8) -> model_pieces.Pieces:
+    """The merged map's model and tables written in pieces on Ray (pixloc_core/mapping/model_pieces.py):
+    the owners' points (owner_points: owner -> its number of points, in the order of their ids) sent
+    to the chunks of images they are observed in, then each chunk's images and table rows.
+    skeleton: the map's cameras and posed images (no 2D points)."""
+    chunks = model_pieces.ImageChunks(np.array(sorted(skeleton.images), dtype=np.int64))
+    first_ids = np.r_[1, 1 + np.cumsum(list(owner_points.values()))][:-1].tolist()
+    written = _run_step(model_pieces.distribute, root, list(zip(owner_points, first_ids)), {"chunks": chunks},
+                        "writing points", jobs_per_task)
+    cell_merge.delete_files(root, cell_merge.MERGED)
+    senders: dict[int, list[str]] = {}
+    for owner, chunk_indices in zip(owner_points, written):
+        for chunk in chunk_indices:
+            senders.setdefault(chunk, []).append(owner)
+    jobs = [(chunk, [model_pieces.ImageEntry.of(skeleton.images[i]) for i in chunks.image_ids_of(chunk).tolist()],
+             senders.get(chunk, [])) for chunk in range(chunks.count)]
+    _run_step(model_pieces.write_chunk, root, jobs, {"cameras": dict(skeleton.cameras),
+                                                    "features_root": files.absolute(features_root),
+                                                    "descriptor_dim": descriptor_dim},
+              "writing images", max(1, jobs_per_task // 4))
+    return model_pieces.Pieces(root, skeleton, owner_points, chunks, descriptor_dim)

@@ -3,8 +3,9 @@
 Three ways in, one map format out (pixloc_core/map_io.py):
   --reference-model DIR  known cameras and poses: SIFT, pairs by pose, torch matching, triangulation;
                          distributed on Ray (features per image, matches per chunk, one triangulation
-                         per shard cell plus halo, merged by shared observations; resumable, see
-                         build_map_in_cells), or in one process with --single-process
+                         per shard cell plus halo, merged by shared observations, the model and
+                         tables written in pieces; resumable, see build_map_in_cells), or in one
+                         process with --single-process
   (images only)          SIFT, pairs by GPS (else exhaustive), incremental SfM, georegistration;
                          the model is then transformed into the ENU frame of the priors. Above
                          submodels.single_sfm_max_images images with priors, distributed on Ray: one
@@ -34,11 +35,11 @@ from pixloc_core.files import Location
 from pixloc_core.geo import EnuOrigin
 from pixloc_core.io import Prior, read_priors
 from pixloc_core.images import list_images
-from pixloc_core.map_io import GeoInfo, SceneMap, Similarity, exif_camera_key
+from pixloc_core.map_io import GeoInfo, MapIndex, SceneMap, Similarity, exif_camera_key, load_map_index
 from cluster import mapping as distributed
 from cluster.runtime import init_ray
-from pixloc_core.mapping import (cell_adjustment, cell_merge, cells, descriptors, georegister, keypoints, matching,
-                                  merge, pairs, sfm, sift, submodels, triangulation)
+from pixloc_core.mapping import (cell_adjustment, cells, descriptors, georegister, keypoints, matching, merge,
+                                  model_pieces, pairs, sfm, sift, submodels, triangulation)
 from pixloc_core.mapping.feature_files import FeatureFiles, group_pairs
 
 from .config import merge_conf
@@ -61,6 +62,7 @@ default_conf = {
 }
 
 WORK_DIR = "mapping"  # MAP/mapping: per-image features, matches and per-cell results of a distributed build
+NO_KEYPOINTS = np.zeros((0, 2))
 
 
 T = TypeVar("T")
@@ -156,14 +158,17 @@ def build_map(images: Location, out: Location, reference_model: Location | None 
                       skipped, focal_px, conf)
 
 
-def finish_map(reconstruction: pycolmap.Reconstruction, point_descriptors: tuple[np.ndarray, np.ndarray],
+def finish_map(reconstruction: pycolmap.Reconstruction, point_descriptors: tuple[np.ndarray, np.ndarray] | None,
                image_sizes: Mapping[str, tuple[int, int]], positions: dict[str, np.ndarray], origin: EnuOrigin | None,
                source: str, images: Location, out: Location, skipped: list[dict], focal_px: dict[str, float],
-               conf: dict, manifest_extra: dict | None = None) -> SceneMap:
+               conf: dict, manifest_extra: dict | None = None, pieces: model_pieces.Pieces | None = None) -> SceneMap:
     """Georegistration and shards; writes the map directory `out`. point_descriptors: (P,) point3D
-    ids and (P, D) descriptors (descriptors.py)."""
-    check_not_degenerate(reconstruction, conf["min_registered_images"])
-    point_ids, point_descriptors = point_descriptors
+    ids and (P, D) descriptors (descriptors.py). With `pieces` (the points, descriptors and tables
+    written in pieces), `reconstruction` holds only the cameras and posed images, and
+    point_descriptors is None."""
+    point_ids, point_descriptors = point_descriptors or (None, None)
+    check_not_degenerate(reconstruction, conf["min_registered_images"],
+                         pieces.num_points if pieces else reconstruction.num_points3D())
 
     geo = GeoInfo()
     if positions:
@@ -186,10 +191,10 @@ def finish_map(reconstruction: pycolmap.Reconstruction, point_descriptors: tuple
                          keypoints=conf["keypoints"], exif_cameras=exif_cameras)
     scene_map.shards = ShardIndex.build(scene_map.image_centers(), conf["shards"])
     local_out, publish = files.output_folder(out)
-    scene_map.save(local_out, source, images, skipped, manifest_extra)
+    scene_map.save(local_out, source, images, skipped, manifest_extra, pieces=pieces)
     publish()
-    logger.info("map %s: %d images, %d points, %d cells (%s)", out, reconstruction.num_reg_images(),
-                reconstruction.num_points3D(), len(scene_map.shards.cell_ids), source)
+    logger.info("map %s: %d images, %d points, %d cells (%s)", out, scene_map.manifest["num_images"],
+                scene_map.manifest["num_points3D"], len(scene_map.shards.cell_ids), source)
     return scene_map
 
 
@@ -229,12 +234,13 @@ def failed_cells(results: list[cells.CellResult]) -> list[dict]:
 
 def build_map_in_cells(images: Location, out: Location, reference_model: Location,
                        priors: dict[str, Prior] | None = None, conf: dict | None = None, workers: int = 2,
-                       address: str | None = None) -> SceneMap:
+                       address: str | None = None) -> MapIndex:
     """`build_map` with known poses, distributed: features per image, matches per chunk of pairs and
     one triangulation per shard cell (core plus halo) as Ray tasks, all written under MAP/mapping
-    (a rerun resumes), then the cells' points merged by their shared observations. Any of the
+    (a rerun resumes), then the cells' points merged by their shared observations and the model
+    and tables written in pieces, all cell by cell (no process holds the whole model). Any of the
     locations may be an s3:// prefix: the tasks read and write the bucket, so that the nodes of a
-    cluster share no disk."""
+    cluster share no disk. Returns the compact map (SceneMap.load reads the whole of it)."""
     conf = merge_conf(default_conf, conf)
     root = files.location(out) / WORK_DIR
     reference = cells.read_model(reference_model)
@@ -262,38 +268,20 @@ def build_map_in_cells(images: Location, out: Location, reference_model: Locatio
                    for result in results if not result.failure},
             {image_ids[name]: cell for cell in cell_index.cell_ids
              for name in cell_index.images_of(cell, with_halo=False)}, root, conf["merge"])
+        # The map's cameras and posed images; their 2D and 3D points go into the model in pieces.
+        with_features = set(present)
+        skeleton = merge.skeleton_with_keypoints(reference, lambda image: NO_KEYPOINTS if image.name in with_features
+                                                 else None)
+        pieces = distributed.write_pieces(root, owner_points, skeleton, root,
+                                          features[present[0]].descriptors.shape[1])
     failed = failed_cells(results)
-
-    with_features = set(present)
-    reconstruction, point_descriptors = merged_model(reference, with_features, features, root, owner_points)
     positions, origin = georegister.priors_to_positions(
         {name: prior for name, prior in (priors or {}).items() if name in with_features})
     sizes = {name: features.image_size(name) for name in present}
-    return finish_map(reconstruction, point_descriptors, sizes, positions, origin, "reference-model", images, out,
-                      skipped, exif_focal_lengths(images, sizes), conf, {"failed_cells": failed})
-
-
-def merged_model(reference: pycolmap.Reconstruction, present: set[str], features: FeatureFiles, root: Location,
-                 owner_points: dict[str, int]) -> tuple[pycolmap.Reconstruction, tuple[np.ndarray, np.ndarray]]:
-    """The posed images of `reference` in `present` with their keypoints as 2D points (read one
-    image at a time), and the points that the owner cells merged (cell_merge.py; owner -> its number
-    of points), under ids 1, 2, ... in the owners' order; with the points' ids and descriptors."""
-    model = merge.skeleton_with_keypoints(
-        reference, lambda image: features.keypoints(image.name) if image.name in present else None)
-    total = sum(owner_points.values())
-    point_descriptors = np.zeros((0, 0), np.float16)  # then (P, D), filled owner by owner: no second copy
-    for owner, count in owner_points.items():
-        if count:
-            points, described = cell_merge.load_merged(root, owner)
-            first = model.num_points3D()
-            points.add_to(model, first_id=first + 1)
-            if not len(point_descriptors):
-                point_descriptors = np.empty((total, described.shape[1]), np.float16)
-            point_descriptors[first:first + count] = described
-    model.update_point_3d_errors()
-    cell_merge.delete_files(root, cell_merge.MERGED)
-    logger.info("merged into %d points", model.num_points3D())
-    return model, (np.arange(1, model.num_points3D() + 1, dtype=np.int64), point_descriptors)
+    finish_map(skeleton, None, sizes, positions, origin, "reference-model", images, out, skipped,
+               exif_focal_lengths(images, sizes), conf, {"failed_cells": failed}, pieces)
+    pieces.delete()
+    return load_map_index(out)
 
 
 def build_sfm_in_cells(images: Location, out: Location, priors: dict[str, Prior], conf: dict | None = None,
@@ -361,11 +349,11 @@ def adjust_cells(reconstruction: pycolmap.Reconstruction, owner: dict[str, str],
     return failed_cells(results)
 
 
-def check_not_degenerate(reconstruction: pycolmap.Reconstruction, min_images: int) -> None:
+def check_not_degenerate(reconstruction: pycolmap.Reconstruction, min_images: int, num_points: int) -> None:
     if reconstruction.num_reg_images() < min_images:
         raise ValueError(f"degenerate map: {reconstruction.num_reg_images()} registered images, at least "
                          f"{min_images} are needed")
-    if reconstruction.num_points3D() == 0:
+    if num_points == 0:
         raise ValueError("degenerate map: no 3D points")
 
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +55,9 @@ from .io import Prior
 from .shards import ShardIndex
 
 logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .mapping.model_pieces import Pieces
+
 T = TypeVar("T")
 
 MODEL_DIR, DESCRIPTORS_FILE, GEO_FILE, SHARDS_FILE, MANIFEST_FILE = (
@@ -153,17 +156,25 @@ def point_positions(reconstruction: pycolmap.Reconstruction, point3D_ids: np.nda
     return np.array([reconstruction.points3D[i].xyz for i in point3D_ids.tolist()], np.float64).reshape(-1, 3)
 
 
-def image_digest(reconstruction: pycolmap.Reconstruction, image_id: int, observed: Observations,
-                 xyz: np.ndarray) -> str:
+def image_digest(name: str, image_id: int, camera: pycolmap.Camera, cam_from_world: pycolmap.Rigid3d,
+                 observed: Observations, xyz: np.ndarray) -> str:
     """sha256 of what a feature store partition holds about a posed image: its id, camera and pose,
     and per observation (`observed`, with its points' positions `xyz` (N, 3)) the keypoint, the 3D
     point id and position."""
-    image = reconstruction.images[image_id]
-    camera = reconstruction.cameras[image.camera_id]
-    digest = hashlib.sha256(f"{image.name}:{image_id}:{camera.model}".encode())
-    for array in (camera.params, image.cam_from_world().matrix(), observed.xy, observed.point3D_ids, xyz):
+    digest = hashlib.sha256(f"{name}:{image_id}:{camera.model}".encode())
+    for array in (camera.params, cam_from_world.matrix(), observed.xy, observed.point3D_ids, xyz):
         digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
     return digest.hexdigest()
+
+
+MAX_DEPTH_SAMPLES = 256  # the median depth of an image's points is estimated from at most this many
+
+
+def median_depth(cam_from_world: pycolmap.Rigid3d, xyz: np.ndarray) -> float:
+    """The median depth along the camera's axis of the points xyz (N, 3) it observes; NaN: none."""
+    samples = np.linspace(0, len(xyz) - 1, min(len(xyz), MAX_DEPTH_SAMPLES)).round().astype(int)
+    camera_xyz = xyz[samples] @ cam_from_world.rotation.matrix().T + cam_from_world.translation
+    return float(np.median(camera_xyz[:, 2])) if len(camera_xyz) else math.nan
 
 
 def cell_fingerprints(image_digests: Mapping[str, str], shards: ShardIndex) -> dict[str, str]:
@@ -251,16 +262,20 @@ class SceneMap(ManifestFacts):
 
     def save(self, path: Path, source: str, images_dir: Path, skipped: list[dict],
              manifest_extra: dict | None = None, edit: MapEdit | None = None,
-             references: ReferenceImages | None = None) -> None:
+             references: ReferenceImages | None = None, pieces: Pieces | None = None) -> None:
         """Writes every file of the map; the manifest last, with the fingerprint of the model and
         of each cell. `manifest_extra`: more manifest entries (failed cells, update history).
         `edit`: what changed since the map was last written there (the rest of its tables is kept;
         with a region, the scene holds only that region of the map, and the rest of the model and
         descriptors is copied too); `references`: the table of reference images, when the caller
-        derived it already."""
+        derived it already; `pieces`: the model, descriptors and tables written in pieces by the
+        map builder (the scene's model then holds only its cameras and posed images)."""
         path = Path(path)
         (path / MODEL_DIR).mkdir(parents=True, exist_ok=True)
-        if edit is not None and edit.region is not None:
+        if pieces is not None:
+            pieces.write_model(path / MODEL_DIR)
+            pieces.write_descriptors(path / DESCRIPTORS_FILE)
+        elif edit is not None and edit.region is not None:
             model_files.write_patched(edit.region, edit.changed_image_ids, edit.extended_point_ids,
                                       edit.new_point_ids, path / MODEL_DIR)
             new = self.point3D_ids >= edit.region.next_point3D_id
@@ -286,7 +301,12 @@ class SceneMap(ManifestFacts):
             **(manifest_extra or {}),
         }
         self.path = path
-        references = write_derived_tables(self, path, edit=edit, references=references)
+        if pieces is not None:
+            references = pieces.references(self.fingerprint)
+            references.save(path / REFERENCES_FILE)
+            pieces.write_observations(path / OBSERVATIONS_FILE, self.fingerprint, self.keypoints)
+        else:
+            references = write_derived_tables(self, path, edit=edit, references=references)
         if "cell_fingerprints" not in self.manifest:
             self.manifest["cell_fingerprints"] = (cell_fingerprints(references.digests_by_name(), self.shards)
                                                   if self.shards else {})
@@ -440,9 +460,6 @@ class ReferenceImages:
     cameras: dict[int, pycolmap.Camera]  # camera_id -> camera, of the map
     fingerprint: str  # of the map model it was derived from
 
-    # The median depth of an image's points is estimated from at most this many of them.
-    max_depth_samples = 256
-
     @classmethod
     def from_scene(cls, scene: SceneMap, edit: MapEdit | None = None) -> ReferenceImages:
         """The table of the map's model. With `edit`, the images it did not change keep the median
@@ -478,10 +495,8 @@ class ReferenceImages:
                 continue
             observed = observations(image)
             observed_xyz = point_positions(reconstruction, observed.point3D_ids)
-            digests.append(image_digest(reconstruction, image_id, observed, observed_xyz))
-            samples = np.linspace(0, len(observed_xyz) - 1, min(len(observed_xyz), cls.max_depth_samples)).round()
-            camera_xyz = observed_xyz[samples.astype(int)] @ pose.rotation.matrix().T + pose.translation
-            depths.append(float(np.median(camera_xyz[:, 2])) if len(camera_xyz) else math.nan)
+            digests.append(image_digest(image.name, image_id, image.camera, pose, observed, observed_xyz))
+            depths.append(median_depth(pose, observed_xyz))
         return cls(np.array(image_ids, np.int64), names, np.array(qvecs, np.float64).reshape(-1, 4),
                    np.array(tvecs, np.float64).reshape(-1, 3), np.array(depths, np.float64), digests,
                    np.array(camera_ids, np.int64), dict(sorted(cameras.items())), scene.fingerprint)
@@ -643,11 +658,16 @@ def observation_rows(scene: SceneMap, image_ids: list[int], schema: pa.Schema) -
             rows, described = scene.descriptor_rows(observed.point3D_ids)
             columns["described"].append(described)
             columns["descriptor"].append(scene.descriptors[rows])
-    group = {name: np.concatenate(values) for name, values in columns.items()}
-    arrays = [pa.array(group["image_id"]), pa.array(group["point3D_id"]),
-              vector_column(group["xy"], XYZ_DTYPE), vector_column(group["xyz"], XYZ_DTYPE)]
+    return observation_table({name: np.concatenate(values) for name, values in columns.items()}, schema)
+
+
+def observation_table(rows: Mapping[str, np.ndarray], schema: pa.Schema) -> pa.Table:
+    """The observation table's rows from their columns: image_id (N,), point3D_id (N,), xy (N, 2),
+    xyz (N, 3), and with descriptors in the schema descriptor (N, D) and described (N,) bool."""
+    arrays = [pa.array(rows["image_id"]), pa.array(rows["point3D_id"]),
+              vector_column(rows["xy"], XYZ_DTYPE), vector_column(rows["xyz"], XYZ_DTYPE)]
     if "descriptor" in schema.names:
-        arrays.append(vector_column(group["descriptor"], FEATURE_DTYPE, valid=group["described"]))
+        arrays.append(vector_column(rows["descriptor"], FEATURE_DTYPE, valid=rows["described"]))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 

@@ -38,6 +38,7 @@ _POINT2D = np.dtype([("xy", "<f8", 2), ("point3D_id", "<u8")])
 _TRACK_ELEMENT = np.dtype([("image_id", "<u4"), ("point2D_idx", "<u4")])
 _IMAGE_HEAD = struct.Struct("<I7dI")  # id, pose, camera id; the name follows
 _POINT_HEAD = struct.Struct("<Q3d3BdQ")  # id, xyz, colour, error, track length
+_POINT_HEAD_DTYPE = np.dtype([("id", "<u8"), ("xyz", "<f8", 3), ("color", "u1", 3), ("error", "<f8"), ("length", "<u8")])
 
 
 def _num_params(model_id: int) -> int:
@@ -108,6 +109,47 @@ def records(path: Path, keep: Callable[[int, bytes, int], bool] = lambda *_: Tru
 def count(path: Path) -> int:
     with open(path, "rb") as file:
         return _U64.unpack(file.read(8))[0]
+
+
+# ----- records written from arrays (a model written in pieces: mapping/model_pieces.py)
+
+def image_record(image_id: int, cam_from_world: pycolmap.Rigid3d, camera_id: int, name: str, xy: np.ndarray,
+                 point3D_ids: np.ndarray) -> bytes:
+    """An images.bin record: xy (N, 2) the 2D points, point3D_ids (N,) INVALID_POINT3D_ID where none."""
+    qx, qy, qz, qw = cam_from_world.rotation.quat
+    points2D = np.empty(len(xy), _POINT2D)
+    points2D["xy"], points2D["point3D_id"] = xy, point3D_ids
+    return (_IMAGE_HEAD.pack(image_id, qw, qx, qy, qz, *cam_from_world.translation.tolist(), camera_id)
+            + name.encode() + b"\0" + _U64.pack(len(xy)) + points2D.tobytes())
+
+
+def point_records(point3D_ids: np.ndarray, xyz: np.ndarray, color: np.ndarray, error: np.ndarray,
+                  row_point: np.ndarray, row_image: np.ndarray, row_point2D: np.ndarray) -> bytes:
+    """The points3D.bin records of P points (ids (P,), xyz (P, 3), color (P, 3) uint8, error (P,)),
+    their tracks given as rows (K,) grouped by point (row_point ascending, index into the P)."""
+    length = np.bincount(row_point, minlength=len(point3D_ids))
+    heads = np.empty(len(point3D_ids), _POINT_HEAD_DTYPE)
+    heads["id"], heads["xyz"], heads["color"], heads["error"], heads["length"] = point3D_ids, xyz, color, error, length
+    track = np.empty(len(row_point), _TRACK_ELEMENT)
+    track["image_id"], track["point2D_idx"] = row_image, row_point2D
+    # Each head is followed by its track: scatter both into one buffer at their offsets.
+    head_offset = np.r_[0, np.cumsum(_POINT_HEAD.size + _TRACK_ELEMENT.itemsize * length)]  # (P + 1,)
+    first_row = np.r_[0, np.cumsum(length)][:-1]  # (P,)
+    row_offset = (head_offset[:-1][row_point] + _POINT_HEAD.size
+                  + _TRACK_ELEMENT.itemsize * (np.arange(len(row_point)) - first_row[row_point]))  # (K,)
+    out = np.empty(int(head_offset[-1]), np.uint8)
+    out[head_offset[:-1, None] + np.arange(_POINT_HEAD.size)] = heads.view(np.uint8).reshape(-1, _POINT_HEAD.size)
+    out[row_offset[:, None] + np.arange(_TRACK_ELEMENT.itemsize)] = track.view(np.uint8).reshape(
+        -1, _TRACK_ELEMENT.itemsize)
+    return out.tobytes()
+
+
+def write_concatenated(path: Path, count: int, pieces: Iterator[bytes]) -> None:
+    """A model file of `count` records, given as pieces of whole records in file order."""
+    with open(path, "wb") as file:
+        file.write(_U64.pack(count))
+        for piece in pieces:
+            file.write(piece)
 
 
 # ----- records as pycolmap objects

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pycolmap
 import pytest
 
@@ -17,8 +18,10 @@ from jobs import features, map_update
 from jobs.cli import main as cli_main
 from jobs.map import WORK_DIR, build_map, build_map_in_cells
 from pixloc_core.io import read_priors
-from pixloc_core.map_io import OBSERVATIONS_FILE, REFERENCES_FILE, ReferenceImages, SceneMap, cell_fingerprints, load_map_index
-from pixloc_core.mapping import cell_merge, cells, descriptors, merge, triangulation
+from pixloc_core import model_files
+from pixloc_core.map_io import (OBSERVATIONS_FILE, REFERENCES_FILE, ReferenceImages, SceneMap, cell_fingerprints,
+                                load_map_index, write_derived_tables)
+from pixloc_core.mapping import cell_merge, cells, descriptors, merge, model_pieces, triangulation
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles
 from pixloc_core.mapping.sift import Features
 from pixloc_core.synthetic import dataset
@@ -45,8 +48,9 @@ def single(scene, tmp_path_factory) -> SceneMap:
 
 @pytest.fixture(scope="module")
 def in_cells(scene, tmp_path_factory, ray_cluster) -> SceneMap:
-    return build_map_in_cells(scene / "mapping", tmp_path_factory.mktemp("cells") / "in_cells",
-                              scene / "reference_model", read_priors(scene / "mapping_priors.csv"), CELLS)
+    index = build_map_in_cells(scene / "mapping", tmp_path_factory.mktemp("cells") / "in_cells",
+                               scene / "reference_model", read_priors(scene / "mapping_priors.csv"), CELLS)
+    return SceneMap.load(index.path)
 
 
 def observation_points(reconstruction: pycolmap.Reconstruction) -> dict[tuple[int, int], np.ndarray]:
@@ -120,6 +124,41 @@ def test_merge_joins_points_that_share_an_observation():
     key = np.array([10, 17, 17, 21, 30, 31, 21, 40])
     label = merge.connected_tracks(point, key, 4)
     assert label[0] == label[1] == label[3] and label[2] != label[0]
+
+
+def test_the_model_and_tables_written_in_pieces_are_those_of_the_whole_model(in_cells, tmp_path):
+    """What the builder concatenated from its pieces against what pycolmap and SceneMap.save write
+    from the same model held whole: the same records, point errors and table rows."""
+    model = in_cells.path / "model"
+    whole = tmp_path / "model"
+    whole.mkdir()
+    in_cells.reconstruction.write(whole)
+    for name in (model_files.CAMERAS, model_files.RIGS, model_files.FRAMES, model_files.POINTS3D):
+        assert (model / name).read_bytes() == (whole / name).read_bytes(), name
+    ours = {record.id: record.data for record in model_files.records(model / model_files.IMAGES)}
+    assert list(ours) == sorted(ours)  # ascending ids, as the chunks were concatenated
+    assert ours == {record.id: record.data for record in model_files.records(whole / model_files.IMAGES)}
+    # A point's error is COLMAP's: the mean reprojection error over its track.
+    recomputed = pycolmap.Reconstruction(in_cells.reconstruction)
+    recomputed.update_point_3d_errors()
+    for point_id, point in in_cells.reconstruction.points3D.items():
+        assert point.error == pytest.approx(recomputed.points3D[point_id].error, abs=1e-9)
+
+    derived = tmp_path / "derived"
+    shutil.copytree(in_cells.path, derived, ignore=shutil.ignore_patterns(WORK_DIR))
+    scene = SceneMap.load(derived)
+    write_derived_tables(scene, derived)
+    ours, theirs = pq.read_table(in_cells.path / REFERENCES_FILE), pq.read_table(derived / REFERENCES_FILE)
+    assert ours.drop(["median_depth"]).equals(theirs.drop(["median_depth"]), check_metadata=True)
+    depths = ours.column("median_depth").to_numpy()
+    assert np.array_equal(depths, theirs.column("median_depth").to_numpy(), equal_nan=True)
+    assert np.isfinite(depths).sum() > 10  # images without points (NaN) beside images with
+    ours, theirs = pq.ParquetFile(in_cells.path / OBSERVATIONS_FILE), pq.ParquetFile(derived / OBSERVATIONS_FILE)
+    assert ours.schema_arrow.equals(theirs.schema_arrow, check_metadata=True)
+    assert ours.num_row_groups == theirs.num_row_groups > 1
+    for group in range(ours.num_row_groups):
+        assert ours.read_row_group(group).equals(theirs.read_row_group(group))
+    assert not (in_cells.path / WORK_DIR / model_pieces.WRITE_DIR).exists()
 
 
 def test_cells_merged_cell_by_cell_equal_the_merge_of_every_cell_at_once(scene, in_cells):
@@ -232,7 +271,7 @@ def test_a_cell_of_one_photo_gets_its_reason_and_the_rest_is_built(scene, in_cel
         (photos / photo.name).symlink_to(photo)
     shutil.copy(scene / "mapping" / first.name, photos / "far_away.jpg")
 
-    built = build_map_in_cells(photos, tmp_path / "map", tmp_path / "reference", conf=CELLS)
+    built = SceneMap.load(build_map_in_cells(photos, tmp_path / "map", tmp_path / "reference", conf=CELLS).path)
 
     far_cell = next(cell for cell in built.shards.cell_ids if "far_away.jpg" in built.shards.images_of(cell))
     failures = {failure["cell"]: failure["reason"] for failure in built.manifest["failed_cells"]}
@@ -258,8 +297,8 @@ def test_resume_skips_finished_cells(scene, in_cells, tmp_path, ray_cluster):
     (root / "features" / "ref_0020.jpg.parquet").unlink()
     before = {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()}
 
-    resumed = build_map_in_cells(scene / "mapping", out, scene / "reference_model",
-                                 read_priors(scene / "mapping_priors.csv"), CELLS)
+    resumed = SceneMap.load(build_map_in_cells(scene / "mapping", out, scene / "reference_model",
+                                               read_priors(scene / "mapping_priors.csv"), CELLS).path)
     after = {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()}
     rewritten = {path for path in before if after[path] != before[path]
                  and cell_merge.MERGE_DIR not in path.relative_to(root).parts}  # each run merges anew
@@ -303,8 +342,8 @@ def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions
         for name in names:
             shutil.copy(scene / "mapping" / name, folder / name)
     map_dir = tmp_path / "map"
-    before = build_map_in_cells(west_photos, map_dir, tmp_path / "west", read_priors(scene / "mapping_priors.csv"),
-                                CELLS)
+    build_map_in_cells(west_photos, map_dir, tmp_path / "west", read_priors(scene / "mapping_priors.csv"), CELLS)
+    before = SceneMap.load(map_dir)
     store_url = str(tmp_path / "store")
     features.main(map_dir, None, store_url, STORE_CONF)  # from the folder the map was built from
     store_files = {path: path.read_bytes() for path in (tmp_path / "store").glob("cell=*/**/*") if path.is_file()}

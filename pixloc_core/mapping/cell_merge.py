@@ -16,11 +16,12 @@ core holds the image of its label (the track's owner), which merges its tracks a
                                                   with the part that has each)
     MAP/mapping/merge/routed/<owner>/<cell>.npz   the parts of <cell> whose tracks <owner> owns
     MAP/mapping/merge/merged/<owner>.npz          the owner's merged points, with their descriptors
+                                                  and reprojection errors
 
 Every run computes the merge again from the cells' points (the cells are the expensive part and
 are kept). The files of the merge are intermediate: a cell keeps its labels of the last two rounds,
-and the merge's files go once the map holds the points (at 10,286 references the labels of one
-round take 91 MB, the routed and merged parts 190 and 180 MB).
+and the merged points go once model_pieces.py has sent them on to the map's files (at 10,286
+references the labels of one round take 91 MB, the routed and merged parts 190 and 180 MB).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from . import cells
 from .descriptors import DescriptorSums
 from .feature_files import FeatureFiles
 from .merge import (CellPoints, MergedPoints, connected_tracks, consistent_observations, join_tracks,
-                    observation_keys)
+                    observation_keys, reprojection_errors)
 
 MERGE_DIR = "merge"
 LABELS, ROUTED, MERGED = "labels", "routed", "merged"
@@ -158,11 +159,17 @@ def merge_owned(root: Location, owner: str, sources: list[str], features_root: L
                                    np.ones(len(tracks.row_track), bool), conf["max_reprojection_error_px"])
     merged = MergedPoints.from_tracks(tracks, rows, conf["min_track_length"])
     sums = DescriptorSums(merged.num_points)
+    row_xy = np.zeros((len(merged.row_image), 2))
     for image_id, found in observed.items():
         selected = merged.row_image == image_id
         sums.add(merged.row_point[selected], found.descriptors[merged.row_point2D[selected]])
+        row_xy[selected] = found.xy[merged.row_point2D[selected]]
     _, descriptors = sums.means()  # every observation has a descriptor: every point is described
-    _save(merged_file(root, owner), lambda data: merged.save(data, descriptors=descriptors))
+    # A point's error, as COLMAP keeps it: the mean reprojection error over its track.
+    row_error = reprojection_errors(skeleton, merged.row_image, row_xy, merged.xyz[merged.row_point])
+    error = np.bincount(merged.row_point, row_error, merged.num_points) / np.bincount(merged.row_point,
+                                                                                      minlength=merged.num_points)
+    _save(merged_file(root, owner), lambda data: merged.save(data, descriptors=descriptors, error=error))
     return merged.num_points
 
 
@@ -188,7 +195,15 @@ def delete_files(root: Location, *kinds: str) -> None:
         files.delete_folder(files.location(root) / MERGE_DIR / kind)
 
 
-def load_merged(root: Location, owner: str) -> tuple[MergedPoints, np.ndarray]:
-    """The owner's merged points and their descriptors (P, D) float16."""
+@dataclass
+class OwnedPoints:
+    """An owner's merged points, as merge_owned wrote them."""
+
+    points: MergedPoints
+    descriptors: np.ndarray  # (P, D) float16
+    error: np.ndarray  # (P,) mean reprojection error over the track, pixels
+
+
+def load_merged(root: Location, owner: str) -> OwnedPoints:
     data = _load(merged_file(root, owner))
-    return MergedPoints.from_arrays(data), data["descriptors"]
+    return OwnedPoints(MergedPoints.from_arrays(data), data["descriptors"], data["error"])
