@@ -130,8 +130,8 @@ def build_map(images: Location, out: Location, reference_model: Location | None 
     remote `out` is written locally and uploaded, its manifest last."""
     conf = merge_conf(default_conf, conf)  # each step completes its own conf with its defaults
     images_location, images = images, files.local_copy(images)
-    given_model = reference_model or import_model
-    source_model = cells.read_model(given_model) if given_model else None
+    source_model = (cells.read_model(import_model) if import_model
+                    else cells.read_reference(reference_model) if reference_model else None)
     names = posed_image_names(source_model) if source_model else list_images(images)
     if not names:
         raise ValueError(f"{images}: no images to map")
@@ -243,7 +243,7 @@ def build_map_in_cells(images: Location, out: Location, reference_model: Locatio
     cluster share no disk. Returns the compact map (SceneMap.load reads the whole of it)."""
     conf = merge_conf(default_conf, conf)
     root = files.location(out) / WORK_DIR
-    reference = cells.read_model(reference_model)
+    reference = cells.read_reference(reference_model)
     names = posed_image_names(reference)
     if not names:
         raise ValueError(f"{reference_model}: no posed images to map")

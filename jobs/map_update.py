@@ -155,7 +155,7 @@ def main(map_dir: Path, images: Path, reference_model: Path | None = None, prior
         return report
     index = load_map_index(map_dir, with_observations=True)  # derives the tables once for a map older than them
     known = set(index.references.names)
-    reference = cells.read_model(reference_model) if reference_model else None
+    reference = cells.read_reference(reference_model) if reference_model else None
     candidates = posed_image_names(reference) if reference else list_images(images)
     new_names = [name for name in candidates if name not in known]
     if not new_names:

@@ -38,7 +38,8 @@ _POINT2D = np.dtype([("xy", "<f8", 2), ("point3D_id", "<u8")])
 _TRACK_ELEMENT = np.dtype([("image_id", "<u4"), ("point2D_idx", "<u4")])
 _IMAGE_HEAD = struct.Struct("<I7dI")  # id, pose, camera id; the name follows
 _POINT_HEAD = struct.Struct("<Q3d3BdQ")  # id, xyz, colour, error, track length
-_POINT_HEAD_DTYPE = np.dtype([("id", "<u8"), ("xyz", "<f8", 3), ("color", "u1", 3), ("error", "<f8"), ("length", "<u8")])
+_POINT_HEAD_DTYPE = np.dtype([("id", "<u8"), ("xyz", "<f8", 3), ("color", "u1", 3), ("error", "<f8"),
+                              ("length", "<u8")])
 
 
 def _num_params(model_id: int) -> int:
@@ -165,6 +166,62 @@ def read_cameras(model_dir: Path) -> dict[int, pycolmap.Camera]:
     return cameras
 
 
+def read_posed_images(model_dir: Path) -> pycolmap.Reconstruction:
+    """The cameras and posed images of a model (binary or text), without their 2D points and
+    without the 3D points: a user's reference model may be a whole SfM model, gigabytes of
+    observations of which the map builder needs only the poses. Read a record (a line) at a time."""
+    model_dir = Path(model_dir)
+    poses = pycolmap.Reconstruction()
+    if (model_dir / IMAGES).is_file():
+        cameras = read_cameras(model_dir)
+        images = (_image_head(record.data) for record in records(model_dir / IMAGES))
+    else:
+        cameras = _text_cameras(model_dir / "cameras.txt")
+        images = _text_image_heads(model_dir / "images.txt")
+    for camera in cameras.values():
+        poses.add_camera_with_trivial_rig(camera)
+    for image_id, cam_from_world, camera_id, name in images:
+        poses.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=camera_id, image_id=image_id),
+                                           cam_from_world)
+    return poses
+
+
+def _image_head(data: bytes) -> tuple[int, pycolmap.Rigid3d, int, str]:
+    image_id, qw, qx, qy, qz, tx, ty, tz, camera_id = _IMAGE_HEAD.unpack_from(data)
+    name = data[_IMAGE_HEAD.size:data.index(b"\0", _IMAGE_HEAD.size)].decode()
+    return image_id, _rigid(qw, qx, qy, qz, tx, ty, tz), camera_id, name
+
+
+def _rigid(qw: float, qx: float, qy: float, qz: float, tx: float, ty: float, tz: float) -> pycolmap.Rigid3d:
+    return pycolmap.Rigid3d(pycolmap.Rotation3d(np.array([qx, qy, qz, qw])), np.array([tx, ty, tz]))
+
+
+def _data_lines(path: Path) -> Iterator[str]:
+    with open(path) as file:
+        for line in file:
+            if not line.startswith("#"):
+                yield line.rstrip("\n")
+
+
+def _text_cameras(path: Path) -> dict[int, pycolmap.Camera]:
+    cameras = {}
+    for line in _data_lines(path):
+        if line.strip():
+            camera_id, model, width, height, *params = line.split()
+            cameras[int(camera_id)] = pycolmap.Camera(camera_id=int(camera_id), model=model, width=int(width),
+                                                      height=int(height), params=np.array(params, np.float64))
+    return cameras
+
+
+def _text_image_heads(path: Path) -> Iterator[tuple[int, pycolmap.Rigid3d, int, str]]:
+    """images.txt: two lines per image, the head (id, pose, camera id, name), then its 2D points."""
+    lines = _data_lines(path)
+    for head in lines:
+        next(lines, None)
+        image_id, qw, qx, qy, qz, tx, ty, tz, camera_id, name = head.split(maxsplit=9)
+        yield int(image_id), _rigid(*map(float, (qw, qx, qy, qz, tx, ty, tz))), int(camera_id), name
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     image_id: int
@@ -176,11 +233,9 @@ class ImageRecord:
 
     @classmethod
     def parse(cls, data: bytes) -> ImageRecord:
-        image_id, qw, qx, qy, qz, tx, ty, tz, camera_id = _IMAGE_HEAD.unpack_from(data)
-        name_end = data.index(b"\0", _IMAGE_HEAD.size)
-        points2D = np.frombuffer(data, _POINT2D, offset=name_end + 9)
-        return cls(image_id, pycolmap.Rigid3d(pycolmap.Rotation3d(np.array([qx, qy, qz, qw])), np.array([tx, ty, tz])),
-                   camera_id, data[_IMAGE_HEAD.size:name_end].decode(), points2D["xy"], points2D["point3D_id"])
+        image_id, cam_from_world, camera_id, name = _image_head(data)
+        points2D = np.frombuffer(data, _POINT2D, offset=data.index(b"\0", _IMAGE_HEAD.size) + 9)
+        return cls(image_id, cam_from_world, camera_id, name, points2D["xy"], points2D["point3D_id"])
 
 
 @dataclass(frozen=True)

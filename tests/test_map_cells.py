@@ -283,6 +283,20 @@ def test_a_cell_of_one_photo_gets_its_reason_and_the_rest_is_built(scene, in_cel
     assert not built.reconstruction.find_image_with_name("far_away.jpg").num_points3D
 
 
+def test_a_whole_sfm_model_as_the_reference_gives_the_same_map(scene, single, in_cells, tmp_path, ray_cluster):
+    """A reference model with every 2D and 3D point (an SfM model, as hloc users have them): only
+    its cameras and poses are read, and the map is the one its skeleton gives."""
+    assert single.reconstruction.num_points3D() > 0
+    built = build_map_in_cells(scene / "mapping", tmp_path / "map", single.path / "model",
+                               read_priors(scene / "mapping_priors.csv"), CELLS)
+    # The same observations of the same points (that model's poses differ from the reference's in
+    # the last bit, so its digests differ).
+    ours, theirs = observation_points(SceneMap.load(built.path).reconstruction), observation_points(
+        in_cells.reconstruction)
+    assert ours.keys() == theirs.keys() and len(ours) > 500
+    assert max(np.abs(ours[key] - theirs[key]).max() for key in ours) < 1e-9
+
+
 def test_resume_skips_finished_cells(scene, in_cells, tmp_path, ray_cluster):
     """A job stopped during triangulation: the rerun redoes only the cells and files missing."""
     out = tmp_path / "map"

@@ -151,3 +151,23 @@ def test_a_model_with_rigs_of_their_own_is_refused(tmp_path):
     region.reconstruction.add_camera_with_trivial_rig(pycolmap.Camera.create_from_model_name(2, "PINHOLE", 70.0, 80, 60))
     with pytest.raises(ValueError, match="one rig per camera"):
         model_files.write_patched(region, [], [], [], tmp_path / "patched")
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_posed_images_read_without_their_points(tmp_path, text):
+    """A whole SfM model as a reference: its cameras and poses, none of its 2D or 3D points."""
+    model = random_model()
+    model.deregister_frame(5)  # not written: a model holds only posed images
+    tmp_path.mkdir(exist_ok=True)
+    (model.write_text if text else model.write)(tmp_path)
+    poses = model_files.read_posed_images(tmp_path)
+    expected = read(tmp_path)
+    assert poses.num_points3D() == 0 and sorted(poses.images) == sorted(expected.images) == [1, 2, 3, 4, 6, 7, 8]
+    for image_id, image in expected.images.items():
+        other = poses.images[image_id]
+        assert (other.name, other.camera_id, other.num_points2D()) == (image.name, image.camera_id, 0)
+        assert other.has_pose
+        np.testing.assert_allclose(other.cam_from_world().matrix(), image.cam_from_world().matrix(), atol=1e-15)
+    for camera_id, camera in expected.cameras.items():
+        assert poses.cameras[camera_id].model == camera.model
+        np.testing.assert_array_equal(poses.cameras[camera_id].params, camera.params)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pycolmap
 
-from .. import files
+from .. import files, model_files
 from ..files import Location
 from . import triangulation
 from .feature_files import FeatureFiles, MatchFiles
@@ -78,6 +78,21 @@ def read_model(place: Location) -> pycolmap.Reconstruction:
     with tempfile.TemporaryDirectory(prefix="pixloc_model_") as local:
         model.read(files.local_files(place, names, Path(local)))
     return model
+
+
+def read_reference(place: Location) -> pycolmap.Reconstruction:
+    """The cameras and posed images of a user's reference model (binary or text) in the folder
+    `place`, without 2D or 3D points (model_files.read_posed_images): a remote one fetches only
+    its cameras and images files."""
+    names = files.list_files(place)
+    wanted = [name for name in ("cameras.bin", "images.bin") if name in names] or [
+        name for name in ("cameras.txt", "images.txt") if name in names]
+    if len(wanted) < 2:
+        raise FileNotFoundError(f"{place}: not a COLMAP model (no cameras and images files)")
+    if not files.is_remote(place):
+        return model_files.read_posed_images(Path(place))
+    with tempfile.TemporaryDirectory(prefix="pixloc_model_") as local:
+        return model_files.read_posed_images(files.local_files(place, wanted, Path(local)))
 
 
 def write_skeleton(root: Location, cell: str, reference: pycolmap.Reconstruction, image_names: list[str],

@@ -109,7 +109,8 @@ class ImageEntry:
     @classmethod
     def of(cls, image: pycolmap.Image) -> ImageEntry:
         pose = image.cam_from_world()
-        return cls(image.image_id, image.name, image.camera_id, np.array(pose.rotation.quat), np.array(pose.translation))
+        return cls(image.image_id, image.name, image.camera_id, np.array(pose.rotation.quat),
+                   np.array(pose.translation))
 
     @property
     def cam_from_world(self) -> pycolmap.Rigid3d:
@@ -201,9 +202,9 @@ class Pieces:
             with target.open("point3D_ids.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, ids)
             with target.open("descriptors.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
-                                                              "fortran_order": False,
-                                                              "shape": (self.num_points, self.descriptor_dim)})
+                np.lib.format.write_array_header_1_0(member, {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                    "shape": (self.num_points, self.descriptor_dim)})
                 for owner, count in self.owner_points.items():
                     if count:
                         member.write(files.read_bytes(piece(self.root, DESCRIPTORS, f"{owner}.npy")))
