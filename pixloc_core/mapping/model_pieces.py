@@ -238,6 +238,10 @@ class Pieces:
                 for group in range(table_file.num_row_groups):
                     rows = table_file.read_row_group(group)
                     writer.write_table(pa.Table.from_arrays(rows.columns, schema=schema), row_group_size=len(rows))
+                    del rows
+                    # Arrow's allocator keeps what a group freed for the next: at 643 groups that
+                    # held ~100 MB more than the groups need, about half of it without this.
+                    pa.default_memory_pool().release_unused()
         temporary.replace(path)
 
     def delete(self) -> None:
