@@ -37,9 +37,9 @@ _U32, _U64, _I32 = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<i")
 _POINT2D = np.dtype([("xy", "<f8", 2), ("point3D_id", "<u8")])
 _TRACK_ELEMENT = np.dtype([("image_id", "<u4"), ("point2D_idx", "<u4")])
 _IMAGE_HEAD = struct.Struct("<I7dI")  # id, pose, camera id; the name follows
-_POINT_HEAD = struct.Struct("<Q3d3BdQ")  # id, xyz, colour, error, track length
-_POINT_HEAD_DTYPE = np.dtype([("id", "<u8"), ("xyz", "<f8", 3), ("color", "u1", 3), ("error", "<f8"),
-                              ("length", "<u8")])
+_POINT_HEAD = np.dtype([("id", "<u8"), ("xyz", "<f8", 3), ("color", "u1", 3), ("error", "<f8"),
+                        ("length", "<u8")])  # the track follows
+_POINT_LENGTH_OFFSET = _POINT_HEAD.fields["length"][1]
 
 
 def _num_params(model_id: int) -> int:
@@ -69,7 +69,8 @@ def _image_size(buffer: bytes, offset: int) -> tuple[int, int]:
 
 
 def _point_size(buffer: bytes, offset: int) -> tuple[int, int]:
-    return _U64.unpack_from(buffer, offset)[0], 51 + 8 * _U64.unpack_from(buffer, offset + 43)[0]
+    length = _U64.unpack_from(buffer, offset + _POINT_LENGTH_OFFSET)[0]
+    return _U64.unpack_from(buffer, offset)[0], _POINT_HEAD.itemsize + _TRACK_ELEMENT.itemsize * length
 
 
 def _name_end(buffer: bytes, offset: int) -> int:
@@ -129,17 +130,18 @@ def point_records(point3D_ids: np.ndarray, xyz: np.ndarray, color: np.ndarray, e
     """The points3D.bin records of P points (ids (P,), xyz (P, 3), color (P, 3) uint8, error (P,)),
     their tracks given as rows (K,) grouped by point (row_point ascending, index into the P)."""
     length = np.bincount(row_point, minlength=len(point3D_ids))
-    heads = np.empty(len(point3D_ids), _POINT_HEAD_DTYPE)
+    heads = np.empty(len(point3D_ids), _POINT_HEAD)
     heads["id"], heads["xyz"], heads["color"], heads["error"], heads["length"] = point3D_ids, xyz, color, error, length
     track = np.empty(len(row_point), _TRACK_ELEMENT)
     track["image_id"], track["point2D_idx"] = row_image, row_point2D
     # Each head is followed by its track: scatter both into one buffer at their offsets.
-    head_offset = np.r_[0, np.cumsum(_POINT_HEAD.size + _TRACK_ELEMENT.itemsize * length)]  # (P + 1,)
+    head_offset = np.r_[0, np.cumsum(_POINT_HEAD.itemsize + _TRACK_ELEMENT.itemsize * length)]  # (P + 1,)
     first_row = np.r_[0, np.cumsum(length)][:-1]  # (P,)
-    row_offset = (head_offset[:-1][row_point] + _POINT_HEAD.size
+    row_offset = (head_offset[:-1][row_point] + _POINT_HEAD.itemsize
                   + _TRACK_ELEMENT.itemsize * (np.arange(len(row_point)) - first_row[row_point]))  # (K,)
     out = np.empty(int(head_offset[-1]), np.uint8)
-    out[head_offset[:-1, None] + np.arange(_POINT_HEAD.size)] = heads.view(np.uint8).reshape(-1, _POINT_HEAD.size)
+    out[head_offset[:-1, None] + np.arange(_POINT_HEAD.itemsize)] = heads.view(np.uint8).reshape(
+        -1, _POINT_HEAD.itemsize)
     out[row_offset[:, None] + np.arange(_TRACK_ELEMENT.itemsize)] = track.view(np.uint8).reshape(
         -1, _TRACK_ELEMENT.itemsize)
     return out.tobytes()
@@ -248,13 +250,13 @@ class PointRecord:
 
     @classmethod
     def parse(cls, data: bytes) -> PointRecord:
-        point3D_id, x, y, z, r, g, b, error, _ = _POINT_HEAD.unpack_from(data)
-        return cls(point3D_id, np.array([x, y, z]), np.array([r, g, b], np.uint8), error,
-                   np.frombuffer(data, _TRACK_ELEMENT, offset=_POINT_HEAD.size))
+        head = np.frombuffer(data, _POINT_HEAD, count=1)[0]
+        return cls(int(head["id"]), head["xyz"].copy(), head["color"].copy(), float(head["error"]),
+                   np.frombuffer(data, _TRACK_ELEMENT, offset=_POINT_HEAD.itemsize))
 
     def to_bytes(self) -> bytes:
-        return (_POINT_HEAD.pack(self.point3D_id, *self.xyz.tolist(), *self.color.tolist(), self.error, len(self.track))
-                + np.ascontiguousarray(self.track, _TRACK_ELEMENT).tobytes())
+        return point_records(np.array([self.point3D_id]), self.xyz[None], self.color[None], np.array([self.error]),
+                             np.zeros(len(self.track), np.int64), self.track["image_id"], self.track["point2D_idx"])
 
 
 @dataclass
