@@ -15,9 +15,10 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pycolmap
 
@@ -28,6 +29,7 @@ from .feature_files import FeatureFiles, MatchFiles
 from .merge import CellPoints
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CELLS_DIR, SKELETON_DIR, POINTS_FILE, FAILED_FILE = "cells", "skeleton", "points.npz", "failed.txt"
 # A step whose outcome per cell is a COLMAP model (submodels.py, cell_adjustment.py): the model,
@@ -65,19 +67,12 @@ def write_model(model: pycolmap.Reconstruction, place: Location) -> None:
 
 
 def read_model(place: Location) -> pycolmap.Reconstruction:
-    """The COLMAP model (binary or text) in the folder `place`: a user's reference or imported
-    model, a cell's or submodel's. A remote one is read through a temporary folder, not the cache
-    of `files.local_copy`: caching every cell's model would fill the workers' disks."""
+    """The COLMAP model (binary or text) in the folder `place`: a user's imported model, a cell's or
+    submodel's."""
     names = files.list_files(place)
     if not {"images.bin", "images.txt"} & set(names):
         raise FileNotFoundError(f"{place}: not a COLMAP model (no images.bin or images.txt)")
-    model = pycolmap.Reconstruction()
-    if not files.is_remote(place):
-        model.read(place)
-        return model
-    with tempfile.TemporaryDirectory(prefix="pixloc_model_") as local:
-        model.read(files.local_files(place, names, Path(local)))
-    return model
+    return _read_model_folder(place, names, pycolmap.Reconstruction)
 
 
 def read_reference(place: Location) -> pycolmap.Reconstruction:
@@ -89,10 +84,17 @@ def read_reference(place: Location) -> pycolmap.Reconstruction:
         name for name in ("cameras.txt", "images.txt") if name in names]
     if len(wanted) < 2:
         raise FileNotFoundError(f"{place}: not a COLMAP model (no cameras and images files)")
+    return _read_model_folder(place, wanted, model_files.read_posed_images)
+
+
+def _read_model_folder(place: Location, names: list[str], read: Callable[[Path], T]) -> T:
+    """read(folder) of the model folder `place`, a remote one through a temporary folder holding
+    its files `names`, not the cache of `files.local_copy`: caching every cell's model would fill
+    the workers' disks."""
     if not files.is_remote(place):
-        return model_files.read_posed_images(Path(place))
+        return read(Path(place))
     with tempfile.TemporaryDirectory(prefix="pixloc_model_") as local:
-        return model_files.read_posed_images(files.local_files(place, wanted, Path(local)))
+        return read(files.local_files(place, names, Path(local)))
 
 
 def write_skeleton(root: Location, cell: str, reference: pycolmap.Reconstruction, image_names: list[str],
