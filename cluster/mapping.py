@@ -15,6 +15,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -29,6 +30,9 @@ from pixloc_core.mapping import keypoints, matching, model_pieces
 from pixloc_core.mapping.feature_files import FeatureFiles, MatchFiles
 
 from .runtime import set_torch_threads
+
+if TYPE_CHECKING:
+    import pycolmap
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +219,8 @@ def merge_cells(root: Location, images_of: dict[str, list[int]], owner_of: dict[
     return dict(zip(merged, counts))
 
 
-def write_pieces(root: Location, owner_points: dict[str, int], skeleton, features_root: Location,
-                 descriptor_dim: int, jobs_per_task: int = 8) -> model_pieces.Pieces:
+def write_pieces(root: Location, owner_points: dict[str, int], skeleton: pycolmap.Reconstruction,
+                 features_root: Location, descriptor_dim: int, jobs_per_task: int = 8) -> model_pieces.Pieces:
     """The merged map's model and tables written in pieces on Ray (pixloc_core/mapping/model_pieces.py):
     the owners' points (owner_points: owner -> its number of points, in the order of their ids) sent
     to the chunks of images they are observed in, then each chunk's images and table rows.
