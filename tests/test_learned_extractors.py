@@ -70,6 +70,21 @@ def test_encoder_coarse_level():
     assert pyramid[0].features.shape[1] == VARIANTS["alike-n"].dim // 2  # stride-8 and stride-32 features
 
 
+def test_coarse_levels_blurred(extractors, fixture):
+    """The default pyramid: the stride-1 map area-averaged to each coarse level, then averaged
+    over 7x7 of the level's cells; the finest level as the network gives it."""
+    images = upsampled(fixture["image"], 2)
+    extractor = extractors["alike-t"]
+    assert (extractor.conf.coarse, extractor.conf.coarse_blur_cells) == ("pooled", 3)
+    pyramid = extractor.extract(images)
+    descriptors = extractor.dense(images).descriptors
+    for level in pyramid[:-1]:
+        area_averaged = F.interpolate(descriptors, size=level.features.shape[-2:], mode="area")
+        blurred = F.avg_pool2d(area_averaged, 7, stride=1, padding=3, count_include_pad=False)
+        torch.testing.assert_close(level.features, F.normalize(blurred, dim=1))
+    torch.testing.assert_close(pyramid[-1].features, descriptors)
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_alike_known_values(extractors, fixture, name):
     x, y = torch.from_numpy(fixture["alike_pixels"]).T
