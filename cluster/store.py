@@ -101,6 +101,11 @@ class StoreInfo:
     sparse_keypoints: str = ""  # keypoint type of the sparse partitions ("sift", "alike-n", ...); "": none
     sparse_dim: int = 0  # their descriptor size
 
+    @property
+    def extractor_name(self) -> str:
+        """The extractor's name, as `load_extractor` takes it: the id is name + "-" + a config hash."""
+        return self.extractor_id.rsplit("-", 1)[0]
+
     def levels(self) -> list[int | str]:
         """Every partition level of a cell: the dense ones, then the sparse one if any."""
         return [*range(len(self.strides)), *([SPARSE_LEVEL] if self.sparse_keypoints else [])]

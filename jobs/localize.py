@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 default_conf = {
-    "extractor": "classic",
+    "extractor": None,  # None: the one the store was extracted with (its name; `checkpoint` for other weights)
     "checkpoint": None,  # the extractor's weights file (its learned dampings go to the shards' aligners)
     "method": "sparse+dense",
     "workers": 2,
@@ -293,9 +293,9 @@ def execute(queries: pa.Table, writer: ResultsWriter, map_dir: Location, store: 
     return summary
 
 
-def open_store(store_url: str, extractor_id: str, map_fingerprint: str) -> FeatureStore:
-    """The store of the map and extractor; a local path made absolute, since shard actors open
-    it again from their own working directory."""
+def open_store(store_url: str, extractor_id: str | None = None, map_fingerprint: str | None = None) -> FeatureStore:
+    """The store of the map and extractor (None: any); a local path made absolute, since shard
+    actors open it again from their own working directory."""
     if "://" not in store_url:
         store_url = str(Path(store_url).expanduser().resolve())
     return FeatureStore.open(store_url, extractor_id, map_fingerprint)
@@ -330,9 +330,11 @@ def run_queries(map_dir: Location, store_url: str, queries: pa.Table, writer: Re
     and logs the summary (OUT/summary.json)."""
     map_index = load_map_index(map_dir)
     checkpoint = None if conf["checkpoint"] is None else files.absolute(conf["checkpoint"])  # for every worker
-    extractor = load_extractor(conf["extractor"], checkpoint)
+    name = conf["extractor"] or open_store(store_url).info.extractor_name
+    extractor = load_extractor(name, checkpoint)
     store = open_store(store_url, extractor.extractor_id, map_index.fingerprint)
-    conf = {**conf, "checkpoint": checkpoint, "shard": with_learned_dampings(conf["shard"], extractor)}
+    conf = {**conf, "extractor": name, "checkpoint": checkpoint,
+            "shard": with_learned_dampings(conf["shard"], extractor)}
     if conf["method"] in SPARSE_METHODS:
         conf = {**conf, "sparse": store_keypoints(conf["sparse"] or {}, store)}
     queries = spatial_schedule(queries, map_index)
@@ -424,7 +426,8 @@ def add_query_job_arguments(parser: argparse.ArgumentParser, conf: dict) -> None
                         help="folder of query images (a local path or s3://bucket/prefix)")
     parser.add_argument("--out", type=files.location, required=True, help="results directory (or s3:// prefix)")
     parser.add_argument("--query-list", type=files.location, help="queries with intrinsics (name MODEL W H PARAMS...)")
-    parser.add_argument("--extractor", default=conf["extractor"], help="feature extractor of the store")
+    parser.add_argument("--extractor", default=conf["extractor"],
+                        help="feature extractor of the store (default: the one the store was extracted with)")
     parser.add_argument("--checkpoint", default=conf["checkpoint"],
                         help="the extractor's weights, as given to `pixloc features` (e.g. PixLoc's checkpoint_best.tar "
                              "with --extractor unet-vgg16); its learned dampings drive the alignment. A path every "

@@ -231,7 +231,8 @@ def test_the_checkpoints_dampings_reach_the_shards_aligners(scene, tmp_path):
     """`--checkpoint` on features and refine: the shipped unet-small weights once with their own
     dampings and once with every damping at its maximum (1e5), which stalls the Gauss-Newton
     steps. Same weights, so one store serves both; only if the shard actors' aligners take the
-    checkpoint's dampings do the two runs differ."""
+    checkpoint's dampings do the two runs differ. `refine` is not told the extractor: it takes
+    the store's."""
     scene_dir = scene["scene"]
     stalled = tmp_path / "stalled.tar"
     write_checkpoint(stalled, load_extractor("unet-small"), torch.full((3, 6), 20.0), conf={"extractor": "unet-small"})
@@ -245,7 +246,7 @@ def test_the_checkpoints_dampings_reach_the_shards_aligners(scene, tmp_path):
         assert cli.main(["refine", "--map", str(scene["map"]), "--store", str(store),
                          "--queries", str(scene_dir / "queries"), "--poses", str(tmp_path / "perturbed.txt"),
                          "--query-list", str(scene_dir / "queries_with_intrinsics.txt"), "--out", str(out),
-                         "--extractor", "unet-small", "--checkpoint", str(checkpoint)]) == 0
+                         "--checkpoint", str(checkpoint)]) == 0  # the extractor: the store's
         rows = [row for row in read_results(out).to_pylist() if row["qvec"] is not None]
         assert len(rows) >= 3, rows
         moved[checkpoint.stem] = [pose_errors({row["name"]: (row["qvec"], row["tvec"])}, perturbed)[row["name"]][0]
