@@ -285,12 +285,17 @@ class FeatureStore:
         if info.format_version != FORMAT_VERSION:
             raise ValueError(f"{storage.url}: store format {info.format_version}, this code reads {FORMAT_VERSION} "
                              "(rerun `pixloc features` into a new store)")
-        for what, expected, found in (("extractor", extractor_id, info.extractor_id),
-                                      ("map", map_fingerprint, info.map_fingerprint)):
+        store = cls(storage, info)
+        store.require(extractor_id, map_fingerprint)
+        return store
+
+    def require(self, extractor_id: str | None = None, map_fingerprint: str | None = None) -> None:
+        """Refuses a store of another extractor or map than the given ones (None: any)."""
+        for what, expected, found in (("extractor", extractor_id, self.info.extractor_id),
+                                      ("map", map_fingerprint, self.info.map_fingerprint)):
             if expected is not None and expected != found:
-                raise StoreMismatchError(f"{storage.url}: store of another {what}: expected "
+                raise StoreMismatchError(f"{self.url}: store of another {what}: expected "
                                          f"{expected}, found {found}")
-        return cls(storage, info)
 
     @staticmethod
     def exists(url: str, retry: RetryPolicy = RetryPolicy()) -> bool:

@@ -330,9 +330,10 @@ def run_queries(map_dir: Location, store_url: str, queries: pa.Table, writer: Re
     and logs the summary (OUT/summary.json)."""
     map_index = load_map_index(map_dir)
     checkpoint = None if conf["checkpoint"] is None else files.absolute(conf["checkpoint"])  # for every worker
-    name = conf["extractor"] or open_store(store_url).info.extractor_name
+    store = open_store(store_url)
+    name = conf["extractor"] or store.info.extractor_name
     extractor = load_extractor(name, checkpoint)
-    store = open_store(store_url, extractor.extractor_id, map_index.fingerprint)
+    store.require(extractor.extractor_id, map_index.fingerprint)
     conf = {**conf, "extractor": name, "checkpoint": checkpoint,
             "shard": with_learned_dampings(conf["shard"], extractor)}
     if conf["method"] in SPARSE_METHODS:
