@@ -12,12 +12,16 @@ Per initial-error bin (t_m, R_deg), `trials` hypotheses per pair start from the 
 with the camera centre moved by exactly t_m and the rotation turned by exactly R_deg (random
 directions), and are refined together by the default FeaturemetricAligner (with the extractor's
 learned dampings when its checkpoint has them). Success: final error under 5 cm and 0.5 deg.
+With `wide_cells` r > 0 (the row "NAME+wideR"), each hypothesis is also refined from the coarsest
+level widened (extractors.base.widened) and the start of lower final cost wins, as in
+`pixloc localize` (localize.alignment_starts).
 Also reported: milliseconds per image of the feature extraction (best of 3 batches of the first
 pair, whose size is in the report), on this machine.
 """
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -27,11 +31,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from bench import ExtractorSpec, write_report
-from pixloc_core.align import FeaturemetricAligner, ReferenceLevel
+from pixloc_core.align import AlignResult, FeaturemetricAligner, ReferenceLevel
 from pixloc_core.datasets import FOUNTAIN, read_strecha_camera
 from pixloc_core.extractors import available_extractors
-from pixloc_core.extractors.base import Extractor, select
-from pixloc_core.geometry import Camera, perturb_poses
+from pixloc_core.extractors.base import Extractor, Pyramid, select, widened
+from pixloc_core.geometry import Camera, Pose, perturb_poses
 from pixloc_core.mapping.matching import match_descriptors, normalize_descriptors
 from pixloc_core.images import list_images
 from pixloc_core.mapping.sift import SiftExtractor
@@ -49,6 +53,7 @@ default_conf = {
     "success_R_deg": 0.5,
     "seed": 0,
     "extractors": None,  # bench.ExtractorSpec: "name", "name=CHECKPOINT" or "name:key=value,..."; None: all available
+    "wide_cells": (0, 3),  # per extractor, a row per setting: 0 the coarsest level alone, r > 0 with a wide start
     "synthetic": {"scene_seed": 0, "num_pairs": 6, "width": 640, "height": 480, "num_points": 512,
                   "max_baseline_m": 3.0, "max_rotation_deg": 10.0},
     "fountain": {"data_root": SHARED_DATA, "max_size": 640, "num_pairs": 10, "num_points": 512,
@@ -142,31 +147,46 @@ def milliseconds_per_image(extractor: Extractor, images: torch.Tensor, repeats: 
     return 1000 * min(timings) / len(images)
 
 
-def evaluate(extractor: Extractor, pairs: list[PosedPair], conf: dict, label: str = "") -> list[dict]:
-    """Success rate per bin over all pairs."""
+def align_pair(aligner: FeaturemetricAligner, pyramids: Pyramid, pair: PosedPair, T_init: Pose) -> AlignResult:
+    """The query's hypotheses T_init (M,) refined against the reference's features at the points,
+    both from `pyramids` (the pair's batch of two)."""
+    reference, query = select(pyramids, 0), select(pyramids, 1)
+    p2d, _ = pair.reference_camera.project(pair.T_reference.transform(pair.points3D))
+    references = [ReferenceLevel.from_observations(level.to("cpu"), pair.points3D, p2d, pair.reference_camera.size)
+                  for level in reference]
+    with torch.no_grad():
+        return aligner([level.to("cpu") for level in query], references, pair.query_camera, T_init)
+
+
+def evaluate(extractor: Extractor, pairs: list[PosedPair], conf: dict, label: str = "") -> dict[int, list[dict]]:
+    """Per `wide_cells` setting, the success rate per bin over all pairs."""
     aligner = FeaturemetricAligner()
     if getattr(extractor, "dampings", None) is not None:
         aligner.load_dampings(extractor.dampings)
     generator = torch.Generator().manual_seed(conf["seed"])
     bins = [(t_m, R_deg) for t_m in conf["translations_m"] for R_deg in conf["rotations_deg"]]
     trials = conf["trials"]
-    successes = torch.zeros(len(bins))
+    successes = {cells: torch.zeros(len(bins)) for cells in conf["wide_cells"]}
     for pair in tqdm(pairs, desc=label or "basin", unit="pair"):
         pyramids = extractor.extract(pair.images)
-        reference, query = select(pyramids, 0), select(pyramids, 1)
-        p2d, _ = pair.reference_camera.project(pair.T_reference.transform(pair.points3D))
-        references = [ReferenceLevel.from_observations(level.to("cpu"), pair.points3D, p2d, pair.reference_camera.size)
-                      for level in reference]
         # All bins of a pair are refined in one batched call.
         magnitudes = torch.tensor(bins).repeat_interleave(trials, 0)  # (B * trials, 2)
         T_init = perturb_poses(pair.T_query, magnitudes[:, 0], magnitudes[:, 1], generator)
-        with torch.no_grad():
-            result = aligner([level.to("cpu") for level in query], references, pair.query_camera, T_init)
-        error_R, error_t = result.poses.error_to(pair.T_query[None])
-        success = result.success & (error_t < conf["success_t_m"]) & (error_R < conf["success_R_deg"])
-        successes += success.float().view(len(bins), trials).sum(1)
-    rates = (successes / max(1, trials * len(pairs))).tolist()
-    return [{"t_m": t_m, "R_deg": R_deg, "success_rate": rate} for (t_m, R_deg), rate in zip(bins, rates)]
+
+        def correct(result: AlignResult) -> torch.Tensor:
+            error_R, error_t = result.poses.error_to(pair.T_query[None])
+            return result.success & (error_t < conf["success_t_m"]) & (error_R < conf["success_R_deg"])
+
+        plain = align_pair(aligner, pyramids, pair, T_init)
+        for cells in conf["wide_cells"]:
+            success = correct(plain)
+            if cells:
+                wide = align_pair(aligner, [widened(pyramids[0], cells), *pyramids[1:]], pair, T_init)
+                success = torch.where(wide.cost < plain.cost, correct(wide), success)  # failures cost inf
+            successes[cells] += success.float().view(len(bins), trials).sum(1)
+    return {cells: [{"t_m": t_m, "R_deg": R_deg, "success_rate": rate}
+                    for (t_m, R_deg), rate in zip(bins, (counts / max(1, trials * len(pairs))).tolist())]
+            for cells, counts in successes.items()}
 
 
 def resolve_conf(quick: bool, overrides: dict) -> dict:
@@ -207,14 +227,17 @@ def main(out: Path | None = None, quick: bool = False, **overrides) -> dict:
     for spec in specs:
         spec = ExtractorSpec.parse(spec)
         name, extractor = spec.label, spec.load()
-        per_dataset = {dataset: {"bins": evaluate(extractor, pairs, conf, label=f"{name} on {dataset}")}
+        per_dataset = {dataset: evaluate(extractor, pairs, conf, label=f"{name} on {dataset}")
                        for dataset, pairs in datasets.items()}
-        # Over all datasets, each weighted by its number of pairs.
-        weights = [len(datasets[dataset]) for dataset in per_dataset]
-        overall = [{**rows[0], "success_rate": sum(w * row["success_rate"] for w, row in zip(weights, rows))
-                    / sum(weights)} for rows in zip(*(entry["bins"] for entry in per_dataset.values()))]
-        report["extractors"][name] = {"bins": overall, "datasets": per_dataset,
-                                      "ms_per_image": milliseconds_per_image(extractor, timing_images)}
+        ms_per_image = milliseconds_per_image(extractor, timing_images)
+        for cells in conf["wide_cells"]:
+            bins = {dataset: {"bins": settings[cells]} for dataset, settings in per_dataset.items()}
+            # Over all datasets, each weighted by its number of pairs.
+            weights = [len(datasets[dataset]) for dataset in bins]
+            overall = [{**rows[0], "success_rate": sum(w * row["success_rate"] for w, row in zip(weights, rows))
+                        / sum(weights)} for rows in zip(*(entry["bins"] for entry in bins.values()))]
+            report["extractors"][f"{name}+wide{cells}" if cells else name] = {
+                "bins": overall, "datasets": bins, "wide_cells": cells, "ms_per_image": ms_per_image}
     print_table(report)
     write_report(report, out)
     if out is not None:
@@ -232,6 +255,9 @@ def print_table(report: dict) -> None:
         cells = [report["extractors"][name]["datasets"][dataset]["bins"][index]["success_rate"]
                  for name in names for dataset in datasets]
         print(f"{row['t_m']:>5.1f} {row['R_deg']:>5.0f} " + " ".join(f"{cell:>22.0%}" for cell in cells))
+    means = [statistics.mean(row["success_rate"] for row in report["extractors"][name]["datasets"][dataset]["bins"])
+             for name in names for dataset in datasets]
+    print(f"{'mean':>11} " + " ".join(f"{mean:>22.1%}" for mean in means))
     print("ms per image (feature extraction): "
           + ", ".join(f"{name} {entry['ms_per_image']:.0f}" for name, entry in report["extractors"].items()))
 

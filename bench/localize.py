@@ -29,6 +29,7 @@ import torch
 from bench import write_report
 from cluster.runtime import init_ray
 from cluster.shard_actor import ShardActor, ShardConf
+from cluster.store import WIDE_LEVEL
 from jobs import features as features_job
 from jobs import localize as localize_job
 from jobs import map as map_job
@@ -37,7 +38,7 @@ from pixloc_core.align import ReferenceLevel
 from pixloc_core.evaluate import evaluate, format_summary
 from pixloc_core.extractors import load_extractor
 from pixloc_core.io import read_poses, read_priors, read_query_list
-from pixloc_core.localize import METHODS, CellData, Planner, QueryInput, localize_in_cell
+from pixloc_core.localize import METHODS, CellData, Planner, QueryInput, WideLevel, localize_in_cell
 from pixloc_core.map_io import MapIndex, load_map_index
 from pixloc_core.synthetic import dataset
 
@@ -87,15 +88,21 @@ def stage_ms(table: pa.Table) -> dict[str, float]:
             for stage in STAGES}
 
 
-def recomputed_cell(cell: str, image_ids: list[int], map_index: MapIndex, extractor, images_dir: Path) -> CellData:
+def recomputed_cell(cell: str, image_ids: list[int], map_index: MapIndex, extractor, images_dir: Path,
+                    wide_cells: int) -> CellData:
     """What the reference PixLoc does for every query: the reference features of the query's
-    nearest reference images computed from their images, instead of read from the store."""
-    levels = [[ReferenceLevel(torch.from_numpy(observed.xyz), features, confidence) for features, confidence in sampled]
-              for observed, sampled in features_job.sample_reference_images(extractor, map_index, images_dir, image_ids)]
-    references = [ReferenceLevel(*(torch.cat([getattr(level[i], name) for level in levels])
-                                   for name in ("points3D", "features", "confidence")))
-                  for i in range(len(levels[0]))]
-    return CellData(cell, references, [None] * len(references))
+    nearest reference images computed from their images, instead of read from the store (with
+    the wide level when the store has one, `wide_cells`)."""
+    sampled = features_job.sample_reference_images(extractor, map_index, images_dir, image_ids, wide_cells)
+    levels = {}
+    for key in sampled[0][1]:
+        points, features, confidences = zip(*[(torch.from_numpy(observed.xyz), *per_image[key])
+                                              for observed, per_image in sampled])
+        levels[key] = ReferenceLevel(torch.cat(points), torch.cat(features), torch.cat(confidences))
+    wide = levels.pop(WIDE_LEVEL, None)
+    references = [levels[index] for index in sorted(levels)]
+    return CellData(cell, references, [None] * len(references),
+                    wide=WideLevel(wide_cells, wide, None) if wide is not None else None)
 
 
 def cached_vs_recomputed(scene_dir: Path, map_dir: Path, store_url: str, conf: dict) -> dict:
@@ -123,7 +130,7 @@ def cached_vs_recomputed(scene_dir: Path, map_dir: Path, store_url: str, conf: d
         timings["cached"].append(1000 * (time.perf_counter() - start))
         start = time.perf_counter()
         data = recomputed_cell(cell, plan.reference_image_ids[:conf["recompute_neighbours"]], map_index, extractor,
-                               scene_dir / "mapping")
+                               scene_dir / "mapping", store.info.wide_cells)
         localize_in_cell(request, data, cached.aligners, shard_conf.localize, cached.sparse_conf)
         timings["recompute"].append(1000 * (time.perf_counter() - start))
     return {name: statistics.mean(values) for name, values in timings.items()}

@@ -23,10 +23,11 @@ import torch
 
 from pixloc_core import sparse
 from pixloc_core.align import AlignConf
-from pixloc_core.localize import Aligners, CellData, LocalizeConf, Localization, QueryRequest, localize_in_cell
+from pixloc_core.localize import (Aligners, CellData, LocalizeConf, Localization, QueryRequest, WideLevel,
+                                  localize_in_cell)
 
 from .runtime import peak_rss_mb, release_freed_memory, rss_mb, set_torch_threads
-from .store import FeatureStore
+from .store import WIDE_LEVEL, FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,11 @@ class ShardActor:
             references.append(reference)
             observers.append(observer)
         points = self.store.load_sparse(cell) if self.conf.with_sparse else None
-        return CellData(cell, references, observers, points)
+        wide = None
+        # The wide level is a second start in place of store level 0, for the alignments that begin there.
+        if self.store.info.wide_cells and self.conf.localize.wide_start and self.conf.levels[0] == 0:
+            wide = WideLevel(self.store.info.wide_cells, *self.store.load_cell_with_image_ids(cell, WIDE_LEVEL))
+        return CellData(cell, references, observers, points, wide)
 
     def cell(self, cell: str) -> tuple[CellData, float]:
         """The cell's data, loaded if needed, and the seconds its load took (0 when cached)."""

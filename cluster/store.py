@@ -11,6 +11,8 @@ Layout under the store URL (a local directory or `s3://bucket/prefix`):
     cell=<cell>/level=<level>/_manifest.json     the partition's committed files and the fingerprint of
                                                  the cell's content they hold: makes it visible
     cell=<cell>/level=sparse/...                 the cell's sparse points, same commit protocol
+    cell=<cell>/level=wide/...                   the coarsest level widened (store.json's wide_cells:
+                                                 extractors.base.widened), rows as a dense level's
 
 Writers (Ray workers) only create part files, each under a name no other batch uses. The driver
 then records each returned batch in `_commits/` (one new object: no read-modify-write, atomic on
@@ -75,6 +77,7 @@ COMMITS_DIR = "_commits"
 MANIFEST_FILE = "_manifest.json"
 COMPRESSION = "zstd"
 SPARSE_LEVEL = "sparse"  # the partition "level" of a cell's sparse points
+WIDE_LEVEL = "wide"  # the partition "level" of the coarsest level widened (the alignment's wide start)
 
 
 class StoreMismatchError(ValueError):
@@ -100,6 +103,9 @@ class StoreInfo:
     format_version: int = FORMAT_VERSION
     sparse_keypoints: str = ""  # keypoint type of the sparse partitions ("sift", "alike-n", ...); "": none
     sparse_dim: int = 0  # their descriptor size
+    # The coarsest level averaged over (2 r + 1)^2 of its cells (extractors.base.widened) is stored
+    # too, as level WIDE_LEVEL, when r = wide_cells > 0; 0: no wide level (stores made before it).
+    wide_cells: int = 0
 
     @property
     def extractor_name(self) -> str:
@@ -107,8 +113,13 @@ class StoreInfo:
         return self.extractor_id.rsplit("-", 1)[0]
 
     def levels(self) -> list[int | str]:
-        """Every partition level of a cell: the dense ones, then the sparse one if any."""
-        return [*range(len(self.strides)), *([SPARSE_LEVEL] if self.sparse_keypoints else [])]
+        """Every partition level of a cell: the dense ones, the wide one, the sparse one (if any)."""
+        return [*range(len(self.strides)), *([WIDE_LEVEL] if self.wide_cells else []),
+                *([SPARSE_LEVEL] if self.sparse_keypoints else [])]
+
+    def channels_of(self, level: int | str) -> int:
+        """Feature channels of a dense level or the wide one (those of the coarsest level)."""
+        return self.channels[0 if level == WIDE_LEVEL else level]
 
     @classmethod
     def from_json(cls, content: dict) -> StoreInfo:
@@ -162,7 +173,7 @@ def parse_partition_dir(path: str) -> tuple[str, int | str]:
     """partition_dir's inverse: "cell=<cell>/level=<level>" -> (cell, level)."""
     cell, level = path.split("/")
     level = level.removeprefix("level=")
-    return cell.removeprefix("cell="), level if level == SPARSE_LEVEL else int(level)
+    return cell.removeprefix("cell="), level if level in (SPARSE_LEVEL, WIDE_LEVEL) else int(level)
 
 
 def crc32_hex(data: bytes) -> str:
@@ -426,7 +437,7 @@ class FeatureStore:
             if level == SPARSE_LEVEL:
                 table = sparse_schema(self.info.sparse_dim).empty_table()
             else:
-                table = (aggregated_schema if aggregated else observation_schema)(self.info.channels[level]).empty_table()
+                table = (aggregated_schema if aggregated else observation_schema)(self.info.channels_of(level)).empty_table()
             return table.select(columns) if columns else table
         if image_ids is not None and aggregated:
             raise ValueError(f"{self.url}: an aggregated store has no per-image rows to select")
@@ -488,12 +499,12 @@ class FeatureStore:
                 damaged[cell, level] = str(error)
         return damaged
 
-    def load_cell(self, cell: str, level: int, image_ids: list[int] | None = None) -> ReferenceLevel:
+    def load_cell(self, cell: str, level: int | str, image_ids: list[int] | None = None) -> ReferenceLevel:
         """Points (N, 3) float64, features (N, C) float32 and confidence (N,) of one partition;
         optionally only the observations of some reference images."""
         return _reference_level(self.load_table(cell, level, REFERENCE_COLUMNS, image_ids))
 
-    def load_cell_with_image_ids(self, cell: str, level: int) -> tuple[ReferenceLevel, np.ndarray | None]:
+    def load_cell_with_image_ids(self, cell: str, level: int | str) -> tuple[ReferenceLevel, np.ndarray | None]:
         """`load_cell` and, in the same read, the observing reference image of each row (N,)
         int32; None for an aggregated store, whose rows merge several images."""
         if self.info.aggregated:

@@ -37,10 +37,10 @@ import torch
 from tqdm import tqdm
 
 from cluster.runtime import gpus_per_worker, init_ray, set_torch_threads
-from cluster.store import (SPARSE_LEVEL, Commit, FeatureStore, PartFile, PartitionPublisher, StoreInfo, batch_key,
+from cluster.store import (SPARSE_LEVEL, WIDE_LEVEL, Commit, FeatureStore, PartFile, PartitionPublisher, StoreInfo, batch_key,
                            observation_table, parse_partition_dir, partition_dir, sparse_table)
 from pixloc_core.extractors import load_extractor
-from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level
+from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level, widened
 from pixloc_core import files
 from pixloc_core.files import Location
 from pixloc_core.images import ImageReadError, list_images, read_image
@@ -60,7 +60,15 @@ default_conf = {
     "gpus_per_worker": None,  # None: the cluster's GPUs shared among the workers, if it has any
     "aggregate": False,  # one row per 3D point and cell instead of one per observation
     "repair": False,  # also read every published file to find damaged ones (sizes are always checked)
+    # The coarsest level widened over (2 r + 1)^2 of its cells is stored too (StoreInfo.wide_cells),
+    # a second start of `localize`'s coarse-to-fine alignment. None: the existing store's setting,
+    # NEW_STORE_WIDE_CELLS for a new store; 0: none.
+    "wide_cells": None,
 }
+# r = 3: `pixloc bench basin` on fountain-P11, r = 1, 2, 3, 5 at stride 16: 65, 75, 79, 82 % mean
+# success for `alike-n` (50 % without); r = 3 keeps the windows (112 px at stride 16) within a
+# 640 px image's facade.
+NEW_STORE_WIDE_CELLS = 3
 
 
 class ReferenceImageError(ValueError):
@@ -113,27 +121,30 @@ def partition_items(references: ReferenceImages, partitions: dict[tuple[str, int
             for image_id in sorted(partitions_of_image)]
 
 
-def sample_reference_image(extractor: Extractor, path: Location, xy: np.ndarray,
-                           camera_size: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per level (coarse to fine): features (N, C) and confidences (N,) of a reference image at
-    the pixels `xy` (N, 2) of its observations, in the model's camera of size (w, h)."""
+def sample_reference_image(extractor: Extractor, path: Location, xy: np.ndarray, camera_size: np.ndarray,
+                           wide_cells: int = 0) -> dict[int | str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per partition level (0 the coarsest, WIDE_LEVEL when wide_cells > 0): features (N, C) and
+    confidences (N,) of a reference image at the pixels `xy` (N, 2) of its observations, in the
+    model's camera of size (w, h)."""
     image, _ = resize_longest_side(read_image(path), extractor.max_size)
-    pyramid = extractor.extract(image[None])
+    levels = dict(enumerate(level[0].to("cpu") for level in extractor.extract(image[None])))
+    if wide_cells:
+        levels[WIDE_LEVEL] = widened(levels[0], wide_cells)
     # The observations are in pixels of the model's camera; sampling normalises by its size,
     # so the resized image needs no camera of its own.
     p2d = torch.from_numpy(xy).float()  # (N, 2)
-    return [sample_level(level[0].to("cpu"), p2d, torch.as_tensor(camera_size).float()) for level in pyramid]
+    return {key: sample_level(level, p2d, torch.as_tensor(camera_size).float()) for key, level in levels.items()}
 
 
-def sample_reference_images(extractor: Extractor, map_index: MapIndex, images_dir: Location,
-                            image_ids: list[int]) -> list[tuple[ImageObservations, list[tuple[torch.Tensor, torch.Tensor]]]]:
+def sample_reference_images(extractor: Extractor, map_index: MapIndex, images_dir: Location, image_ids: list[int],
+                            wide_cells: int = 0) -> list[tuple[ImageObservations, dict[int | str, tuple[torch.Tensor, torch.Tensor]]]]:
     """What the reference PixLoc does for every query, for the benchmarks that compare with the
     store: per image, its observations and `sample_reference_image`, computed from the photo."""
     observed = read_observations(map_index.path, image_ids)
     references = map_index.references
     return [(observed[image_id], sample_reference_image(
                 extractor, files.location(images_dir) / references.name(image_id),
-                observed[image_id].xy, references.camera_size(image_id)))
+                observed[image_id].xy, references.camera_size(image_id), wide_cells))
             for image_id in image_ids]
 
 
@@ -151,7 +162,7 @@ class ReferenceFeatureWriter:
     def extract(self, item: dict, observed: ImageObservations) -> dict[tuple[str, int | str], pa.Table]:
         """The rows of one image (`ImageFolders.locate`d), per partition (cell, level) it writes into."""
         levels = sample_reference_image(self.extractor, files.location(str(item["path"])), observed.xy,
-                                        item["camera_size"])
+                                        item["camera_size"], self.store.info.wide_cells)
         image_ids = np.full(len(observed.point3D_ids), item["image_id"], np.int32)
         tables = {}
         for partition in item["partitions"]:
@@ -257,15 +268,19 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
     extractor = load_extractor(conf["extractor"], conf["checkpoint"])
     strides, channels = pyramid_shape(extractor)
     _, descriptor_dim = observation_table_info(map_dir)
+    store_exists = FeatureStore.exists(store_url)
+    wide_cells = conf["wide_cells"]
+    if wide_cells is None:
+        wide_cells = FeatureStore.open(store_url).info.wide_cells if store_exists else NEW_STORE_WIDE_CELLS
     info = StoreInfo(extractor.extractor_id, map_index.fingerprint, strides, channels, conf["aggregate"],
                      sparse_keypoints=map_index.keypoint_type if descriptor_dim else "",
-                     sparse_dim=descriptor_dim)
+                     sparse_dim=descriptor_dim, wide_cells=wide_cells)
     if images_dir is None:
         folders = [files.location(folder) for folder in map_index.image_folders]
     else:
         folders = [images_dir] if isinstance(images_dir, (Path, str)) else list(images_dir)
     images = ImageFolders(folders)
-    if not FeatureStore.exists(store_url):
+    if not store_exists:
         # Before the store is created: a first run that cannot read its images must not leave a
         # store.json behind, which would bind the store to this run's extractor and settings.
         images.require(sorted({name for cell in cells for name in map_index.shards.images_of(cell)}), map_dir)

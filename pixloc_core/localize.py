@@ -33,7 +33,7 @@ import torch
 from . import files
 from .files import Location, StorageError
 from .align import AlignConf, AlignResult, FeaturemetricAligner, ReferenceLevel
-from .extractors.base import FeatureLevel, Pyramid
+from .extractors.base import FeatureLevel, Pyramid, widened
 from .geometry import Camera, Pose, so3_exp
 from .io import Prior, QueryIntrinsics
 
@@ -166,6 +166,9 @@ class LocalizeConf:
     # taken alone: the features of a small image are coarser than SIFT's sub-pixel keypoints.
     combine_refinement_with_pnp: bool = True
     min_selected_points: int = 200  # fewer points seen by the nearby references: use the whole cell
+    # Rough hypotheses are also aligned from the coarsest level widened, where the store has it
+    # (alignment_starts): twice the alignment time of `dense`.
+    wide_start: bool = True
     verify: VerifyConf = VerifyConf()  # the final checks of every pose, whatever method made it
 
 
@@ -807,33 +810,50 @@ class QueryRequest:
                                    torch.from_numpy(np.asarray(self.hypotheses_tvec, np.float64)))
 
 
+def observed_by(reference: ReferenceLevel, observer: np.ndarray | None, image_ids: list[int],
+                min_points: int) -> ReferenceLevel:
+    """The level's points restricted to the observations of the given reference images (all of
+    them where they observe fewer than min_points, or where the rows are aggregated: observer None)."""
+    mask = None if observer is None else np.isin(observer, np.asarray(image_ids, observer.dtype))
+    if mask is None or mask.sum() < min_points:
+        return reference
+    return reference[torch.from_numpy(np.flatnonzero(mask))]
+
+
+@dataclass
+class WideLevel:
+    """A cell's coarsest level widened over `cells` (extractors.base.widened): the coarse-to-fine
+    alignment's second start (localize_in_cell)."""
+
+    cells: int
+    reference: ReferenceLevel
+    observer: np.ndarray | None  # as CellData.observers
+
+
 @dataclass
 class CellData:
-    """What a shard holds of one cell: the dense levels and the sparse points (pixloc_core.sparse.SparsePoints)."""
+    """What a shard holds of one cell: the dense levels, the wide one and the sparse points
+    (pixloc_core.sparse.SparsePoints)."""
 
     cell: str
     references: list[ReferenceLevel]  # per level held, coarse to fine
     observers: list[np.ndarray | None]  # per level: (N,) the observing image of each row; None: aggregated
     sparse: object | None = None
+    wide: WideLevel | None = None  # held with the coarsest level, when the store has it
 
     @property
     def nbytes(self) -> int:
-        dense = sum(tensor.nbytes for reference in self.references
+        references = [*self.references, *([self.wide.reference] if self.wide else [])]
+        observers = [*self.observers, *([self.wide.observer] if self.wide else [])]
+        dense = sum(tensor.nbytes for reference in references
                     for tensor in (reference.points3D, reference.features, reference.confidence))
-        observers = sum(observer.nbytes for observer in self.observers if observer is not None)
-        return dense + observers + (self.sparse.nbytes if self.sparse is not None else 0)
+        return (dense + sum(observer.nbytes for observer in observers if observer is not None)
+                + (self.sparse.nbytes if self.sparse is not None else 0))
 
     def selected_references(self, image_ids: list[int], min_points: int) -> list[ReferenceLevel]:
-        """The cell's points restricted to the observations of the given reference images (the
-        whole cell where they observe fewer than min_points)."""
-        selected = []
-        for reference, observer in zip(self.references, self.observers):
-            mask = None if observer is None else np.isin(observer, np.asarray(image_ids, observer.dtype))
-            if mask is None or mask.sum() < min_points:
-                selected.append(reference)
-            else:
-                selected.append(reference[torch.from_numpy(np.flatnonzero(mask))])
-        return selected
+        """Per level, `observed_by` the given reference images."""
+        return [observed_by(reference, observer, image_ids, min_points)
+                for reference, observer in zip(self.references, self.observers)]
 
     def sparse_candidates(self, image_ids: list[int], min_points: int) -> np.ndarray:
         """(C,) rows of the sparse points seen by the given reference images (all where too few)."""
@@ -913,6 +933,24 @@ def refinement_references(cell: CellData, reference_image_ids: list[int], from_p
     return cell.selected_references(reference_image_ids, conf.min_selected_points)
 
 
+def alignment_starts(request: QueryRequest, cell: CellData, pyramid: Pyramid, references: list[ReferenceLevel],
+                     conf: LocalizeConf) -> list[tuple[Pyramid, list[ReferenceLevel], list[str]]]:
+    """The coarse-to-fine alignment of the rough hypotheses starts from the coarsest level as it
+    is and, where the cell holds its wide level (conf.wide_start), from that level widened too:
+    query pyramid, reference levels and hypothesis labels of each start. Both end on the same finer
+    levels, so their final costs compare (best_of). Either alone loses poses the other finds: the
+    wide cost has the wider basin (`pixloc bench basin`), but on real streets also minima along the
+    viewing direction; alone it lost 2 of Lund's 4 dense poses and the Sacré-Cœur night query
+    (README, **A wide start**)."""
+    starts = [(pyramid, references, request.labels)]
+    if cell.wide is not None and conf.wide_start:
+        wide = observed_by(cell.wide.reference, cell.wide.observer, request.reference_image_ids,
+                           conf.min_selected_points)
+        starts.append(([widened(pyramid[0], cell.wide.cells), *pyramid[1:]], [wide, *references[1:]],
+                       [f"{label}, wide start" for label in request.labels]))
+    return starts
+
+
 def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, conf: LocalizeConf,
                      sparse_conf: dict, rank: int = 0) -> tuple[Localization, dict[str, float]]:
     """The per-query policy in one cell, the `rank`-th of the query's cells (search_on); returns
@@ -925,8 +963,8 @@ def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, 
     features the cost alone does not tell a right pose from a wrong one, so it never overrules a
     verified pose). In bench scale's 10,286-reference city every success a second cell added was
     a refined PnP pose (14 of 14), while its coarse-to-fine alignments cost 0.5 s per failed
-    query. `dense` and `refine`: the plan's hypotheses aligned on every level the shard holds, the
-    lowest final cost winning."""
+    query. `dense` and `refine`: the plan's hypotheses aligned on every level the shard holds (from
+    each of alignment_starts), the lowest final cost winning."""
     timings = {"sparse_ms": 0.0, "align_ms": 0.0}
     pnp = None
     if request.method in SPARSE_METHODS:
@@ -951,8 +989,11 @@ def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, 
                                    error=f"refinement of the PnP pose failed: {localization.error}")
     else:
         references = refinement_references(cell, request.reference_image_ids, from_pnp=False, conf=conf)
-        localization = align_hypotheses(aligners.coarse_to_fine, pyramid, camera, references, request.hypotheses(),
-                                        request.labels, conf, request.hypotheses_verified, request.dense_keypoints)
+        localization = best_of([align_hypotheses(aligners.coarse_to_fine, query, camera, start_references,
+                                                 request.hypotheses(), labels, conf, request.hypotheses_verified,
+                                                 request.dense_keypoints)
+                                for query, start_references, labels in alignment_starts(request, cell, pyramid,
+                                                                                        references, conf)])
         if not localization.success and pnp is not None:
             localization.error = f"{localization.error}; {pnp.error}"
     refined_from = pnp if pnp is not None and pnp.success else None

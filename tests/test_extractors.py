@@ -7,11 +7,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pixloc_core.extractors import (
     DEFAULT, CheckpointError, available_extractors, build_unet, load_extractor,
 )
-from pixloc_core.extractors.base import STRIDES
+from pixloc_core.extractors.base import STRIDES, widened
 from bench import basin
 from pixloc_core.extractors.checkpoint import write_checkpoint
 
@@ -122,6 +123,28 @@ def test_classic_coarse_level_has_the_wider_basin(pyramids):
     assert correlation_after_shift(coarse, 1) > correlation_after_shift(fine, 16) + 0.2
 
 
+def test_widened_level(pyramids):
+    """The coarsest level averaged over (2 r + 1)^2 cells (fewer at the border), the features
+    normalised again; the same on a single image as on the batch; smoother than the level itself."""
+    level = pyramids["classic"][0]
+    wide = widened(level, 1)
+    assert wide.stride == level.stride and wide.features.shape == level.features.shape
+    y, x = 2, 3  # an inner cell: the mean of its 3 x 3 neighbourhood
+    window = level.features[:, :, y - 1:y + 2, x - 1:x + 2].mean((-2, -1))
+    torch.testing.assert_close(wide.features[:, :, y, x], F.normalize(window, dim=1))
+    corner = level.features[:, :, :2, :2].mean((-2, -1))  # the 2 x 2 cells of the window inside the image
+    torch.testing.assert_close(wide.features[:, :, 0, 0], F.normalize(corner, dim=1))
+    torch.testing.assert_close(wide.confidence[:, y, x], level.confidence[:, y - 1:y + 2, x - 1:x + 2].mean((-2, -1)))
+    single = widened(level[1], 1)
+    torch.testing.assert_close(single.features, wide.features[1])
+    torch.testing.assert_close(single.confidence, wide.confidence[1])
+
+    def correlation_after_shift(features: torch.Tensor) -> float:
+        return (features[..., 1:] * features[..., :-1]).sum(1).mean().item()
+
+    assert correlation_after_shift(widened(level, 3).features) > correlation_after_shift(level.features) + 0.05
+
+
 def test_pixloc_checkpoint_round_trip(vgg16_checkpoint):
     path, original, dampings = vgg16_checkpoint
     loaded = load_extractor("unet-vgg16", checkpoint=path)
@@ -199,10 +222,11 @@ def test_basin_benchmark_smoke(tmp_path):
     """CI-sized basin benchmark: the JSON keys, a plot, and small errors that converge."""
     report = basin.main(tmp_path / "basin.json", quick=True, extractors=["classic"])
     written = json.loads((tmp_path / "basin.json").read_text())
-    assert written["extractors"].keys() == {"classic"}
-    entry = written["extractors"]["classic"]
-    assert len(entry["bins"]) == 16 and entry["ms_per_image"] > 0
-    assert set(entry["bins"][0]) >= {"t_m", "R_deg", "success_rate"}
+    assert written["extractors"].keys() == {"classic", "classic+wide3"}  # the coarsest level alone, a wide start
+    for name, entry in written["extractors"].items():
+        assert len(entry["bins"]) == 16 and entry["ms_per_image"] > 0
+        assert set(entry["bins"][0]) >= {"t_m", "R_deg", "success_rate"}
+        easiest = report["extractors"][name]["bins"][0]
+        assert (easiest["t_m"], easiest["R_deg"]) == (0.3, 2.0) and easiest["success_rate"] >= 0.75, name
+    assert written["extractors"]["classic+wide3"]["wide_cells"] == 3
     assert (tmp_path / "basin.png").stat().st_size > 0
-    easiest = report["extractors"]["classic"]["bins"][0]
-    assert (easiest["t_m"], easiest["R_deg"]) == (0.3, 2.0) and easiest["success_rate"] >= 0.75

@@ -3,6 +3,7 @@ local and an S3 (moto) store: contents, halo duplication, resume after an interr
 refusal of a store of another extractor or map."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,11 +15,11 @@ from PIL import Image
 
 from cluster.runtime import init_ray
 from pixloc_core.shards import ShardIndex
-from cluster.store import (FEATURE_DTYPE, FORMAT_VERSION, MANIFEST_FILE, XYZ_DTYPE, FeatureStore, PartitionNotFound,
-                           StoreMismatchError, column_vectors, partition_dir)
+from cluster.store import (FEATURE_DTYPE, FORMAT_VERSION, MANIFEST_FILE, WIDE_LEVEL, XYZ_DTYPE, FeatureStore,
+                           PartitionNotFound, StoreMismatchError, column_vectors, partition_dir)
 from jobs import cli, features
 from pixloc_core.extractors import load_extractor
-from pixloc_core.extractors.base import resize_longest_side, sample_level
+from pixloc_core.extractors.base import resize_longest_side, sample_level, widened
 from pixloc_core.map_io import SceneMap
 
 WIDTH, HEIGHT, FOCAL = 160, 120, 100.0
@@ -97,10 +98,10 @@ def test_job_writes_every_observation_into_each_cell_of_its_image(ray_cluster, t
     extractor = load_extractor("classic")
     fingerprint = SceneMap.load(map_dir).fingerprint
     store = FeatureStore.open(store_url, extractor_id=extractor.extractor_id, map_fingerprint=fingerprint)
-    assert store.info.strides == (16, 4, 1)
+    assert store.info.strides == (16, 4, 1) and store.info.wide_cells == features.NEW_STORE_WIDE_CELLS
     for cell, members in CELLS.items():
         expected = observations(reconstruction, members["core"] + members["halo"])
-        for level in range(3):
+        for level in [0, 1, 2, WIDE_LEVEL]:
             store.verify(cell, level)
             table = store.load_table(cell, level)
             keys = list(zip(table.column("point3D_id").to_pylist(), table.column("image_id").to_pylist()))
@@ -112,11 +113,12 @@ def test_job_writes_every_observation_into_each_cell_of_its_image(ray_cluster, t
     image_id = 3
     rgb = np.asarray(Image.open(images_dir / "ref_3.png").convert("RGB"))
     pyramid = extractor.extract(resize_longest_side(rgb, extractor.max_size)[0][None])
-    for cell in CELLS:
-        table = store.load_table(cell, 2, image_ids=[image_id])
+    levels = {2: pyramid[2][0], WIDE_LEVEL: widened(pyramid[0][0], features.NEW_STORE_WIDE_CELLS)}
+    for cell, (level, feature_map) in itertools.product(CELLS, levels.items()):
+        table = store.load_table(cell, level, image_ids=[image_id])
         pixels = observations(reconstruction, [image_id])
         p2d = torch.tensor(np.array([pixels[p, image_id] for p in table.column("point3D_id").to_pylist()]))
-        expected_features, expected_confidence = sample_level(pyramid[2][0], p2d.float(), torch.tensor([WIDTH, HEIGHT]))
+        expected_features, expected_confidence = sample_level(feature_map, p2d.float(), torch.tensor([WIDTH, HEIGHT]))
         stored = column_vectors(table.column("feature"), FEATURE_DTYPE).astype(np.float32)
         np.testing.assert_allclose(stored, expected_features.numpy(), atol=2e-3)
         np.testing.assert_allclose(table.column("confidence").to_numpy(), expected_confidence.numpy(), rtol=1e-6)
@@ -181,6 +183,26 @@ def test_refuses_to_mix_extractors_or_maps_in_one_store(tiny_map, tmp_path):
         features.main(map_dir, images_dir, store_url, {**CONF, "extractor": "classic"})
     with pytest.raises(StoreMismatchError, match=f"expected {intensity_id}, found {classic_id}"):
         features.main(map_dir, images_dir, store_url, {**CONF, "extractor": "intensity"})
+
+
+def test_a_store_keeps_its_wide_level_setting(ray_cluster, tiny_map, tmp_path):
+    """A store made before the wide level (store.json without wide_cells) is filled on as it is by
+    default; asking for the wide level there is refused, not half added."""
+    map_dir, images_dir = tiny_map
+    store_url = str(tmp_path / "store")
+    features.main(map_dir, images_dir, store_url, {**CONF, "wide_cells": 0})
+    info_file = tmp_path / "store" / "store.json"
+    info = json.loads(info_file.read_text())
+    assert info.pop("wide_cells") == 0
+    info_file.write_text(json.dumps(info))  # as written before the field existed
+    fingerprint = SceneMap.load(map_dir).fingerprint
+    store = FeatureStore.open(store_url, map_fingerprint=fingerprint)
+    assert store.info.wide_cells == 0 and WIDE_LEVEL not in store.info.levels()
+    assert features.main(map_dir, images_dir, store_url, CONF)["extracted"] == 0  # every cell current
+    with pytest.raises(PartitionNotFound):
+        store.load_cell(next(iter(CELLS)), WIDE_LEVEL)
+    with pytest.raises(StoreMismatchError, match="store written with other settings"):
+        features.main(map_dir, images_dir, store_url, {**CONF, "wide_cells": 3})
 
 
 def test_init_ray_leaves_a_ray_it_did_not_start_running(ray_cluster):

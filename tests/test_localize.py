@@ -17,6 +17,7 @@ from PIL import Image
 
 from cluster.router import PoolConf
 from cluster.shard_actor import ShardConf
+from cluster.store import WIDE_LEVEL
 from jobs import cli
 from jobs import features as features_job
 from jobs import localize as localize_job
@@ -32,7 +33,8 @@ from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import (Prior, QueryIntrinsics, read_poses, read_priors, read_query_list, write_poses,
                             write_priors, write_query_list)
 from pixloc_core.align import ReferenceLevel
-from pixloc_core.localize import (Aligners, CellData, LocalizeConf, PlanConf, Planner, QueryInput, actor_for_cell,
+from pixloc_core.localize import (Aligners, CellData, LocalizeConf, PlanConf, Planner, QueryInput, WideLevel,
+                                  actor_for_cell,
                                   Localization, alignment_covariance, feature_scale, localize_in_cell, pose_std,
                                   reference_hypotheses,
                                   refined_with_pnp, refinement_references,
@@ -343,6 +345,39 @@ def test_plan_and_policy_run_without_ray(scene):
     far = Prior((1e4, 0.0, 1.6), geodetic=False, sigma_m=5.0)
     plan = planner.plan(QueryInput("far", str(scene["scene"] / "queries" / name), intrinsics[name], far))
     assert "outside the map" in plan.error
+
+
+def test_the_wide_start_aligns_where_the_coarsest_level_cannot(scene):
+    """`dense` aligns the hypotheses from the coarsest level and, where the store holds it, from
+    the wide level (alignment_starts), and keeps the result of lowest final cost. With the cell's
+    coarsest level emptied, the plain start cannot align at all: every query's answer is then an
+    alignment of the wide start (a finite cost at the finest level), and without the wide level
+    every query fails for want of points. (Whether its poses are right is `pixloc bench basin`'s
+    and `bench real`'s to measure: this 320 x 240 street is too small for a 7 x 7-cell window.)"""
+    map_index = load_map_index(scene["map"])
+    extractor = load_extractor("classic").eval()
+    store = localize_job.open_store(str(scene["store"]), extractor.extractor_id, map_index.fingerprint)
+    assert store.info.wide_cells == features_job.NEW_STORE_WIDE_CELLS
+    planner = Planner(map_index)
+    intrinsics = read_query_list(scene["scene"] / "queries_with_intrinsics.txt")
+    priors = read_priors(scene["scene"] / "priors.csv")
+    conf = ShardConf()
+    aligners = Aligners.from_conf(conf.align, conf.localize.sparse_levels)
+    for name in sorted(intrinsics):
+        plan = planner.plan(QueryInput(name, str(scene["scene"] / "queries" / name), intrinsics[name], priors[name]))
+        request, _ = localize_job.query_request(plan, "dense", conf.levels, extractor)
+        cell = plan.cells[0]
+        levels = [store.load_cell_with_image_ids(cell, level) for level in conf.levels]
+        references, observers = [reference for reference, _ in levels], [ids for _, ids in levels]
+        wide = WideLevel(store.info.wide_cells, *store.load_cell_with_image_ids(cell, WIDE_LEVEL))
+        assert len(wide.reference.points3D) == len(references[0].points3D)  # the same observations
+        emptied = CellData(cell, [references[0][torch.zeros(0, dtype=torch.long)], *references[1:]],
+                           [observers[0][:0], *observers[1:]], wide=wide)
+        localization, _ = localize_in_cell(request, emptied, aligners, conf.localize, sparse.default_conf)
+        assert localization.hypothesis.endswith(", wide start") and math.isfinite(localization.cost), localization
+        without_wide, _ = localize_in_cell(request, replace(emptied, wide=None), aligners, conf.localize,
+                                           sparse.default_conf)
+        assert not without_wide.success and "no reference points at stride 16" in without_wide.error
 
 
 def test_a_small_query_is_featurized_at_the_scale_of_the_reference_features(scene, tmp_path):

@@ -16,10 +16,7 @@ input, then ReLU. Weights: the authors' state dicts (Shiaoming/ALIKE, BSD-3-Clau
 
 The alignment pyramid (strides 16, 4, 1) comes from the stride-1 descriptor map, area-averaged to
 the coarse strides (`coarse="pooled"`), or, for the coarsest level, from the encoder's stride-8 and
-stride-32 features resampled to stride 16 (`coarse="encoder"`); optionally the coarsest level is
-then averaged over (2 r + 1)^2 of its cells (`coarse_blur_cells`: r = 3 widens the basin of `pixloc
-bench basin` from 50 to 79 % on fountain-P11, but loses half of the dense localizations of Lund's
-street photos, README, so it is off by default). The confidence is the score map
+stride-32 features resampled to stride 16 (`coarse="encoder"`). The confidence is the score map
 (a keypoint-ness likelihood) box-blurred over the NMS window and averaged to each level, with a
 floor (`confidence="score"`), 1 everywhere (`confidence="uniform"`), or learned from poses
 (`confidence="learned"`: per level a 1x1 conv over the level's descriptors and its score
@@ -61,11 +58,6 @@ PAD_MULTIPLE = 32  # the coarsest encoder stride
 @dataclass(frozen=True)
 class AlikeConf:
     coarse: str = "pooled"  # how the stride-16 level is made: a key of COARSE_MODES
-    # The stride-16 descriptors averaged over (2 r + 1)^2 cells of the level (overlapping windows),
-    # so that the coarsest cost varies smoothly with the pose: a wider basin from perturbed true
-    # poses, fewer right poses from GPS priors in a street of depth discontinuities (README).
-    # Never the stride-4 level: it starts the refinement of PnP poses, and blurred it biased them.
-    coarse_blur_cells: int = 0
     confidence: str = "score"  # a key of CONFIDENCE_MODES
     min_confidence: float = 0.05  # floor of the score-based confidence (flat regions still count)
     # Longest image side the caller resizes to: the stride-1 head is the cost (about 5x `classic`'s
@@ -202,9 +194,6 @@ class AlikeExtractor(DetectorExtractor):
                                      1)  # (B, dim/2, h, w)
             else:
                 features = F.interpolate(output.descriptors, size=size, mode="area")  # (B, dim, h, w)
-            if stride == max(STRIDES) and self.conf.coarse_blur_cells > 0:
-                window = 2 * self.conf.coarse_blur_cells + 1
-                features = F.avg_pool2d(features, window, stride=1, padding=window // 2, count_include_pad=False)
             features = F.normalize(features, dim=1)
             pyramid.append(FeatureLevel(features, self.confidence(output.scores, features, level), stride))
         return pyramid

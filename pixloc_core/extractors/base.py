@@ -35,6 +35,23 @@ class FeatureLevel:
 Pyramid = list[FeatureLevel]
 
 
+def widened(level: FeatureLevel, cells: int) -> FeatureLevel:
+    """The level with its features and confidences averaged over (2 cells + 1)^2 of its cells
+    (overlapping windows, as many cells as exist at the border), the features normalised again.
+
+    The wide start of the coarse-to-fine alignment (pixloc_core.localize): learned descriptors
+    tell neighbouring pixels apart, so even area-pooled to stride 16 their cost has a narrow
+    basin; averaged over 7 x 7 cells (r = 3) `alike-n`'s mean success of `pixloc bench basin` on
+    fountain-P11 rose from 50 to 79 %. On real streets the wide cost also has minima beside the
+    true pose along the viewing direction, so it only ever adds a start (README).
+    Works on batched (B, C, h, w) and single (C, h, w) levels."""
+    window = 2 * cells + 1
+    features = F.avg_pool2d(level.features.float(), window, stride=1, padding=cells, count_include_pad=False)
+    confidence = F.avg_pool2d(level.confidence.float()[None], window, stride=1, padding=cells,
+                              count_include_pad=False)[0]  # pooled per image: a (B, h, w) stack is (C, h, w) to it
+    return FeatureLevel(F.normalize(features, dim=-3), confidence, level.stride)
+
+
 def select(pyramid: Pyramid, index: int) -> Pyramid:
     """The pyramid of one image out of a batched pyramid."""
     return [level[index] for level in pyramid]
