@@ -3,7 +3,8 @@
 On a synthetic scene and its map (built here), it runs `pixloc features` on a local Ray and
 measures:
 
-* bytes_per_point: Parquet bytes per stored row (one observation of a 3D point), per level (stride);
+* bytes_per_point: Parquet bytes per stored row (one observation of a 3D point), per level (stride,
+  or "wide": the stride-16 level widened);
 * images_per_s: reference images per second of the whole job (worker start-up included);
 * cell_load_s: seconds to load all levels of the largest cell (one dataset read per level);
 * recompute_over_cached: per query, the time to recompute the reference features of its nearest
@@ -22,7 +23,7 @@ import numpy as np
 
 from bench import write_report
 from cluster.runtime import init_ray
-from cluster.store import FeatureStore
+from cluster.store import SPARSE_LEVEL, FeatureStore
 from jobs import cli, features
 from pixloc_core.extractors import load_extractor
 from pixloc_core.map_io import load_map_index
@@ -58,18 +59,20 @@ def measure(map_dir: Path, images_dir: Path, store_url: str, conf: dict) -> dict
     map_index = load_map_index(map_dir)
     cells = features.map_cells(map_index)
     store = FeatureStore.open(store_url)
-    num_levels = len(store.info.strides)
+    # What a shard loads: the dense levels and the wide one, named by stride ("wide": stride 16 widened).
+    levels = {level: str(store.info.strides[level]) if isinstance(level, int) else level
+              for level in store.info.levels() if level != SPARSE_LEVEL}
 
     rows_per_level, bytes_per_point = {}, {}
-    for level, stride in enumerate(store.info.strides):
+    for level, name in levels.items():
         manifests = [store.manifest(cell, level) for cell in cells]
-        rows_per_level[str(stride)] = sum(manifest["rows"] for manifest in manifests)
+        rows_per_level[name] = sum(manifest["rows"] for manifest in manifests)
         size = sum(part["bytes"] for manifest in manifests for part in manifest["files"])
-        bytes_per_point[str(stride)] = size / rows_per_level[str(stride)]
+        bytes_per_point[name] = size / rows_per_level[name]
 
     largest = max(cells, key=lambda cell: len(cells[cell]))
     cell_load_s = timed(lambda: [FeatureStore.open(store_url).load_cell(largest, level)
-                                 for level in range(num_levels)], conf["repeats"])
+                                 for level in levels], conf["repeats"])
 
     # Queries at reference positions spread over the map; each uses its nearest references.
     image_ids, centers = map_index.references.image_ids, map_index.references.centers()
@@ -79,10 +82,10 @@ def measure(map_dir: Path, images_dir: Path, store_url: str, conf: dict) -> dict
         nearest = image_ids[np.argsort(np.linalg.norm(centers - centers[query], axis=1))[:conf["neighbours"]]]
         cell = max(cells, key=lambda c: len(set(cells[c]) & set(nearest.tolist())))
         references = sorted(set(cells[cell]) & set(nearest.tolist()))
-        recompute_s.append(timed(lambda: features.sample_reference_images(extractor, map_index, images_dir,
-                                                                          references), conf["repeats"]))
+        recompute_s.append(timed(lambda: features.sample_reference_images(
+            extractor, map_index, images_dir, references, store.info.wide_cells), conf["repeats"]))
         cached_s.append(timed(lambda: [store.load_cell(cell, level, image_ids=references)
-                                       for level in range(num_levels)], conf["repeats"]))
+                                       for level in levels], conf["repeats"]))
     return {
         "bytes_per_point": bytes_per_point,
         "images_per_s": stats["extracted"] / stats["seconds"],
@@ -127,7 +130,7 @@ def main(out: Path | None = None, work_dir: Path | None = None, **conf) -> dict:
 
 def print_table(report: dict) -> None:
     details = report["details"]
-    print(f"{'stride':>6} {'rows':>9} {'bytes/point':>12}")
+    print(f"{'level':>6} {'rows':>9} {'bytes/point':>12}")
     for stride, size in report["bytes_per_point"].items():
         print(f"{stride:>6} {details['rows_per_level'][stride]:>9} {size:>12.1f}")
     print(f"write: {report['images_per_s']:.2f} images/s ({details['images']} images, {details['workers']} workers, "
