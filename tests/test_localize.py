@@ -3,6 +3,7 @@ local Ray: accuracy, one row per query with bad input as failures, resume after 
 a shard actor killed mid-job, and the per-query logic without Ray."""
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 from dataclasses import replace
@@ -29,12 +30,12 @@ from pixloc_core.evaluate import pose_errors
 from pixloc_core.extractors import load_extractor, shipped_weights
 from pixloc_core.extractors.checkpoint import write_checkpoint
 from pixloc_core.extractors.base import resized
-from pixloc_core.geometry import Camera, Pose
+from pixloc_core.geometry import Camera, Pose, so3_exp
 from pixloc_core.io import (Prior, QueryIntrinsics, read_poses, read_priors, read_query_list, write_poses,
                             write_priors, write_query_list)
 from pixloc_core.align import ReferenceLevel
 from pixloc_core.localize import (Aligners, CellData, LocalizeConf, PlanConf, Planner, QueryInput, WideLevel,
-                                  actor_for_cell,
+                                  actor_for_cell, alignment_starts, moved_along_axes,
                                   Localization, alignment_covariance, feature_scale, localize_in_cell, pose_std,
                                   reference_hypotheses,
                                   refined_with_pnp, refinement_references,
@@ -347,6 +348,20 @@ def test_plan_and_policy_run_without_ray(scene):
     assert "outside the map" in plan.error
 
 
+def test_hypotheses_moved_along_their_optical_axes():
+    """Each pose moved by each distance along the axis it looks down, distance-major; the rotation kept."""
+    poses = Pose.from_Rt(so3_exp(torch.tensor([[0.1, -0.4, 0.2], [0.0, 1.2, 0.0]], dtype=torch.float64)),
+                         torch.tensor([[1.0, 2.0, 3.0], [-4.0, 0.5, 7.0]], dtype=torch.float64))
+    moved = moved_along_axes(poses, [-4.0, 2.5])
+    assert moved.shape == (4,)
+    centres = -(poses.R.transpose(-1, -2) @ poses.t[..., None])[..., 0]
+    axes = poses.R[:, 2]  # the optical axis in the world frame: the third row of world-to-camera R
+    for index, (distance, original) in enumerate(itertools.product([-4.0, 2.5], range(2))):
+        torch.testing.assert_close(moved.R[index], poses.R[original])
+        centre = -(moved.R[index].T @ moved.t[index])
+        torch.testing.assert_close(centre, centres[original] + distance * axes[original])
+
+
 def test_the_wide_start_aligns_where_the_coarsest_level_cannot(scene):
     """`dense` aligns the hypotheses from the coarsest level and, where the store holds it, from
     the wide level (alignment_starts), and keeps the result of lowest final cost. With the cell's
@@ -373,6 +388,9 @@ def test_the_wide_start_aligns_where_the_coarsest_level_cannot(scene):
         assert len(wide.reference.points3D) == len(references[0].points3D)  # the same observations
         emptied = CellData(cell, [references[0][torch.zeros(0, dtype=torch.long)], *references[1:]],
                            [observers[0][:0], *observers[1:]], wide=wide)
+        starts = alignment_starts(request, emptied, request.pyramid(), emptied.references, conf.localize)
+        assert [start.labels[0].removeprefix(request.labels[0]) for start in starts] == [
+            "", ", wide start", ", -4 m along its axis", ", -4 m along its axis, wide start"]
         localization, _ = localize_in_cell(request, emptied, aligners, conf.localize, sparse.default_conf)
         assert localization.hypothesis.endswith(", wide start") and math.isfinite(localization.cost), localization
         without_wide, _ = localize_in_cell(request, replace(emptied, wide=None), aligners, conf.localize,
