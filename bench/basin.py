@@ -12,9 +12,10 @@ Per initial-error bin (t_m, R_deg), `trials` hypotheses per pair start from the 
 with the camera centre moved by exactly t_m and the rotation turned by exactly R_deg (random
 directions), and are refined together by the default FeaturemetricAligner (with the extractor's
 learned dampings when its checkpoint has them). Success: final error under 5 cm and 0.5 deg.
-With `wide_cells` r > 0 (the row "NAME+wideR"), each hypothesis is also refined from the coarsest
-level widened (extractors.base.widened) and the start of lower final cost wins, as in
-`pixloc localize` (localize.alignment_starts).
+With `wide_cells` r > 0 (the row "NAME+wideR"), a hypothesis whose alignment fails or ends above
+`pixloc localize`'s cost cap (LocalizeConf.max_cost, the one check a pair without keypoints or a
+prior allows) is also refined from the coarsest level widened (extractors.base.widened), and the
+start of lower final cost wins, as in `pixloc localize` (localize.alignment_starts).
 Also reported: milliseconds per image of the feature extraction (best of 3 batches of the first
 pair, whose size is in the report), on this machine.
 """
@@ -38,6 +39,7 @@ from pixloc_core.extractors.base import Extractor, Pyramid, select, widened
 from pixloc_core.geometry import Camera, Pose, perturb_poses
 from pixloc_core.mapping.matching import match_descriptors, normalize_descriptors
 from pixloc_core.images import list_images
+from pixloc_core.localize import LocalizeConf
 from pixloc_core.mapping.sift import SiftExtractor
 from pixloc_core.train import PosedPair, synthetic_pairs
 
@@ -182,7 +184,9 @@ def evaluate(extractor: Extractor, pairs: list[PosedPair], conf: dict, label: st
             success = correct(plain)
             if cells:
                 wide = align_pair(aligner, [widened(pyramids[0], cells), *pyramids[1:]], pair, T_init)
-                success = torch.where(wide.cost < plain.cost, correct(wide), success)  # failures cost inf
+                plain_passes = plain.success & (plain.cost <= LocalizeConf.max_cost)
+                wide_wins = ~plain_passes & (wide.cost < plain.cost)  # failures cost inf
+                success = torch.where(wide_wins, correct(wide), success)
             successes[cells] += success.float().view(len(bins), trials).sum(1)
     return {cells: [{"t_m": t_m, "R_deg": R_deg, "success_rate": rate}
                     for (t_m, R_deg), rate in zip(bins, (counts / max(1, trials * len(pairs))).tolist())]
