@@ -43,6 +43,7 @@ class ShardConf:
     localize: LocalizeConf = field(default_factory=LocalizeConf)
     sparse: dict = field(default_factory=dict)  # overrides of pixloc_core.sparse.default_conf
     with_sparse: bool = True  # hold the cells' sparse points (for the sparse methods)
+    with_wide: bool = True  # hold the cells' wide level (for LocalizeConf.second_stage_methods)
     # Resident memory an actor may add to what it took once started (torch, Ray and the aligners:
     # ~0.5 GB) before it drops its least recently used cells; the cell in use always stays. So an
     # actor's memory is bounded whatever the map's size. Its first load adds ~90 MB of Arrow and
@@ -98,7 +99,8 @@ class ShardActor:
         points = self.store.load_sparse(cell) if self.conf.with_sparse else None
         wide = None
         # The wide level is a second start in place of store level 0, for the alignments that begin there.
-        if self.store.info.wide_cells and self.conf.localize.wide_start and self.conf.levels[0] == 0:
+        holds_wide = self.conf.with_wide and self.conf.localize.wide_start and self.conf.levels[0] == 0
+        if self.store.info.wide_cells and holds_wide:
             wide = WideLevel(self.store.info.wide_cells, *self.store.load_cell_with_image_ids(cell, WIDE_LEVEL))
         return CellData(cell, references, observers, points, wide)
 

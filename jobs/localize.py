@@ -248,7 +248,8 @@ def execute(queries: pa.Table, writer: ResultsWriter, map_dir: Location, store: 
     """Run the queries (a query table) through the query workers and a pool of shard actors, one
     row each into `writer`; returns the job summary. Needs an initialised Ray."""
     method, workers = conf["method"], conf["workers"]
-    shard_conf = replace(conf["shard"], sparse=dict(conf["sparse"] or {}), with_sparse=method in SPARSE_METHODS)
+    shard_conf = replace(conf["shard"], sparse=dict(conf["sparse"] or {}), with_sparse=method in SPARSE_METHODS,
+                         with_wide=method in conf["shard"].localize.second_stage_methods)
     pool = ShardPool(store.url, store.info.extractor_id, store.info.map_fingerprint, shard_conf, conf["pool"])
     progress = tqdm(total=queries.num_rows, desc=f"localize ({method})", unit="query", smoothing=0.1)
     start = time.perf_counter()

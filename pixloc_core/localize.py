@@ -172,6 +172,10 @@ class LocalizeConf:
     # at 3 m is 84-100 % on fountain-P11.
     wide_start: bool = True
     depth_shifts_m: tuple[float, ...] = (-4.0, 4.0)
+    # The methods that do so. Not `sparse+dense`, whose rough hypotheses are aligned only where PnP
+    # failed: on bench scale's synthetic cities (320 px) it localized no more queries there and
+    # took 0.3-0.4 s more per query (1.75 -> 1.16 queries/s), while its `dense` localized Lund's 12.jpg.
+    second_stage_methods: tuple[str, ...] = ("dense",)
     verify: VerifyConf = VerifyConf()  # the final checks of every pose, whatever method made it
 
 
@@ -961,7 +965,7 @@ def alignment_starts(request: QueryRequest, cell: CellData, pyramid: Pyramid, re
                      conf: LocalizeConf) -> list[AlignmentStart]:
     """The coarse-to-fine alignments of a query's hypotheses: first the hypotheses as they are from
     the coarsest level as it is, then the others, which localize_in_cell runs only where the first
-    gives no pose that passes the checks. Each is pruned to its best hypothesis after the coarsest
+    gives no pose that passes the checks (and for conf.second_stage_methods). Each is pruned to its best hypothesis after the coarsest
     level on its own (AlignConf.num_kept), so that none evicts another's; the lowest final cost of
     those passing the checks wins (best_of), and all end on the same finer levels, so their costs
     compare. Either of these loses poses that the other finds:
@@ -1033,7 +1037,7 @@ def localize_in_cell(request: QueryRequest, cell: CellData, aligners: Aligners, 
 
         first, *others = alignment_starts(request, cell, pyramid, references, conf)
         localization = align(first)
-        if not localization.success:
+        if not localization.success and request.method in conf.second_stage_methods:
             # The others take 3x the first's time: spent only on the queries it does not localize.
             localization = best_of([localization, *map(align, others)])
         if not localization.success and pnp is not None:

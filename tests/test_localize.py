@@ -387,7 +387,7 @@ def test_the_wide_start_aligns_where_the_coarsest_level_cannot(scene):
         wide = WideLevel(store.info.wide_cells, *store.load_cell_with_image_ids(cell, WIDE_LEVEL))
         assert len(wide.reference.points3D) == len(references[0].points3D)  # the same observations
         emptied = CellData(cell, [references[0][torch.zeros(0, dtype=torch.long)], *references[1:]],
-                           [observers[0][:0], *observers[1:]], wide=wide)
+                           [observers[0][:0], *observers[1:]], store.load_sparse(cell), wide=wide)
         starts = alignment_starts(request, emptied, request.pyramid(), emptied.references, conf.localize)
         assert [start.labels[0].removeprefix(request.labels[0]) for start in starts] == [
             "", ", wide start", ", -4 m along its axis", ", -4 m along its axis, wide start"]
@@ -396,6 +396,11 @@ def test_the_wide_start_aligns_where_the_coarsest_level_cannot(scene):
         without_wide, _ = localize_in_cell(request, replace(emptied, wide=None), aligners, conf.localize,
                                            sparse.default_conf)
         assert not without_wide.success and "no reference points at stride 16" in without_wide.error
+        # `sparse+dense` without a PnP pose aligns the hypotheses once (second_stage_methods)
+        blind = replace(request, method="sparse+dense",
+                        keypoints=sparse.QueryKeypoints(np.zeros((0, 2)), np.zeros((0, 128), np.float16)))
+        fallback, _ = localize_in_cell(blind, emptied, aligners, conf.localize, sparse.default_conf)
+        assert not fallback.success and "no reference points at stride 16" in fallback.error, fallback.error
 
 
 def test_a_small_query_is_featurized_at_the_scale_of_the_reference_features(scene, tmp_path):
