@@ -37,8 +37,8 @@ import torch
 from tqdm import tqdm
 
 from cluster.runtime import gpus_per_worker, init_ray, set_torch_threads
-from cluster.store import (SPARSE_LEVEL, WIDE_LEVEL, Commit, FeatureStore, PartFile, PartitionPublisher, StoreInfo, batch_key,
-                           observation_table, parse_partition_dir, partition_dir, sparse_table)
+from cluster.store import (SPARSE_LEVEL, WIDE_LEVEL, Commit, FeatureStore, PartFile, PartitionPublisher, StoreInfo,
+                           batch_key, observation_table, parse_partition_dir, partition_dir, sparse_table)
 from pixloc_core.extractors import load_extractor
 from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level, widened
 from pixloc_core import files
@@ -121,8 +121,11 @@ def partition_items(references: ReferenceImages, partitions: dict[tuple[str, int
             for image_id in sorted(partitions_of_image)]
 
 
+SampledLevels = dict[int | str, tuple[torch.Tensor, torch.Tensor]]  # partition level -> features (N, C), confidences (N,)
+
+
 def sample_reference_image(extractor: Extractor, path: Location, xy: np.ndarray, camera_size: np.ndarray,
-                           wide_cells: int = 0) -> dict[int | str, tuple[torch.Tensor, torch.Tensor]]:
+                           wide_cells: int = 0) -> SampledLevels:
     """Per partition level (0 the coarsest, WIDE_LEVEL when wide_cells > 0): features (N, C) and
     confidences (N,) of a reference image at the pixels `xy` (N, 2) of its observations, in the
     model's camera of size (w, h)."""
@@ -137,7 +140,7 @@ def sample_reference_image(extractor: Extractor, path: Location, xy: np.ndarray,
 
 
 def sample_reference_images(extractor: Extractor, map_index: MapIndex, images_dir: Location, image_ids: list[int],
-                            wide_cells: int = 0) -> list[tuple[ImageObservations, dict[int | str, tuple[torch.Tensor, torch.Tensor]]]]:
+                            wide_cells: int = 0) -> list[tuple[ImageObservations, SampledLevels]]:
     """What the reference PixLoc does for every query, for the benchmarks that compare with the
     store: per image, its observations and `sample_reference_image`, computed from the photo."""
     observed = read_observations(map_index.path, image_ids)

@@ -168,8 +168,8 @@ class LocalizeConf:
     min_selected_points: int = 200  # fewer points seen by the nearby references: use the whole cell
     # Rough hypotheses that do not give a pose are also aligned from the coarsest level widened,
     # where the store has it, and moved along their optical axes by these distances
-    # (alignment_starts). 4 m: Lund's GPS priors are 4.4 m off (median), and the wide start's basin
-    # at 3 m is 84-100 % on fountain-P11.
+    # (alignment_starts). 4 m: Lund's GPS priors are 4.4 m off (median), and `alike-n`'s basin at
+    # 3 m with its wide start is 80-85 % on fountain-P11.
     wide_start: bool = True
     depth_shifts_m: tuple[float, ...] = (-4.0, 4.0)
     # The methods that do so. Not `sparse+dense`, whose rough hypotheses are aligned only where PnP
@@ -965,10 +965,10 @@ def alignment_starts(request: QueryRequest, cell: CellData, pyramid: Pyramid, re
                      conf: LocalizeConf) -> list[AlignmentStart]:
     """The coarse-to-fine alignments of a query's hypotheses: first the hypotheses as they are from
     the coarsest level as it is, then the others, which localize_in_cell runs only where the first
-    gives no pose that passes the checks (and for conf.second_stage_methods). Each is pruned to its best hypothesis after the coarsest
-    level on its own (AlignConf.num_kept), so that none evicts another's; the lowest final cost of
-    those passing the checks wins (best_of), and all end on the same finer levels, so their costs
-    compare. Either of these loses poses that the other finds:
+    gives no pose that passes the checks, for conf.second_stage_methods. Each is pruned to its best
+    hypothesis after the coarsest level on its own (AlignConf.num_kept), so that none evicts
+    another's; the lowest final cost of those passing the checks wins (best_of), and all end on the
+    same finer levels, so their costs compare. Either of these loses poses that the other finds:
     * the rough hypotheses as they are, and (conf.depth_shifts_m) moved forward and back along their
       optical axes: a camera looking along a street barely changes its image when it moves along it,
       so a prior off in that direction is where the alignment converges beside the truth (Lund's
