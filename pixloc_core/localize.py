@@ -977,9 +977,10 @@ def alignment_starts(request: QueryRequest, cell: CellData, pyramid: Pyramid, re
       widened: the wider basin (`pixloc bench basin`), but on real streets also minima along the
       viewing direction; alone it lost 2 of Lund's 4 dense poses and the Sacré-Cœur night query.
     README, **A wide start** and **Hypotheses along the viewing direction**."""
-    hypothesis_sets = [(request.hypotheses(), request.labels)]
+    unmoved = request.hypotheses()
+    hypothesis_sets = [(unmoved, request.labels)]
     if conf.depth_shifts_m and not request.hypotheses_verified:
-        hypothesis_sets.append((moved_along_axes(request.hypotheses(), conf.depth_shifts_m),
+        hypothesis_sets.append((moved_along_axes(unmoved, conf.depth_shifts_m),
                                 [f"{label}, {distance:+g} m along its axis"
                                  for distance in conf.depth_shifts_m for label in request.labels]))
     level_starts = [(pyramid, references, "")]
