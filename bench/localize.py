@@ -68,7 +68,8 @@ def build_inputs(work_dir: Path, conf: dict) -> tuple[Path, Path, str]:
     if not (map_dir / "manifest.json").is_file():
         map_job.build_map(scene_dir / "mapping", map_dir, reference_model=scene_dir / "reference_model",
                           priors=read_priors(scene_dir / "mapping_priors.csv"), conf=conf["map"])
-    features_job.main(map_dir, scene_dir / "mapping", store_url)  # skips what is already stored
+    features_job.main(map_dir, scene_dir / "mapping", store_url,
+                      conf={"extractor": conf["extractor"]})  # skips what is already stored
     return scene_dir, map_dir, store_url
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from cluster.runtime import gpus_per_worker, init_ray, set_torch_threads
 from cluster.store import (SPARSE_LEVEL, WIDE_LEVEL, Commit, FeatureStore, PartFile, PartitionPublisher, StoreInfo,
                            batch_key, observation_table, parse_partition_dir, partition_dir, sparse_table)
-from pixloc_core.extractors import load_extractor
+from pixloc_core.extractors import DEFAULT as DEFAULT_EXTRACTOR, load_extractor
 from pixloc_core.extractors.base import Extractor, resize_longest_side, sample_level, widened
 from pixloc_core import files
 from pixloc_core.files import Location
@@ -52,7 +52,7 @@ from .config import merge_conf
 logger = logging.getLogger(__name__)
 
 default_conf = {
-    "extractor": "classic",
+    "extractor": DEFAULT_EXTRACTOR,
     "checkpoint": None,  # the extractor's weights file, when not the shipped ones (a path every node can read)
     "workers": 2,
     "batch_size": 4,  # images per worker call, and so per part file

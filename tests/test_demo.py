@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ElementTree
 
+from cluster.store import FeatureStore
 from jobs import cli
 from jobs.results import read_results
+from pixloc_core.extractors import DEFAULT
 
 
 def test_demo_runs_end_to_end_at_reduced_size_and_again(ray_cluster, tmp_path, capsys):
@@ -20,6 +22,7 @@ def test_demo_runs_end_to_end_at_reduced_size_and_again(ray_cluster, tmp_path, c
     assert summary["n"] == 3 and set(summary["recall"]) == {"0.25m_2deg", "0.5m_5deg", "5m_10deg"}
     assert read_results(out / "results").num_rows == 3
     assert (out / "results" / "poses.txt").is_file()
+    assert FeatureStore.open(str(out / "store")).info.extractor_name == DEFAULT  # the default runs end to end
 
     report = (out / "report.html").read_text()
     svg = report[report.index("<svg"):report.index("</svg>") + len("</svg>")]

@@ -93,7 +93,7 @@ def s3_scene(tmp_path_factory, ray_cluster, s3_server) -> dict:
                       conf={"sift": {"max_num_features": 1024}, "pairs": {"num_neighbors": 5}})
     s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True).mkdir(BUCKET)
     store = f"s3://{BUCKET}/store"
-    features_job.main(root / "map", scene / "mapping", store, conf={"workers": 2})
+    features_job.main(root / "map", scene / "mapping", store, conf={"workers": 2, "extractor": "classic"})
     return {"root": root, "scene": scene, "map": root / "map", "store": store}
 
 

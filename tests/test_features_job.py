@@ -18,7 +18,7 @@ from pixloc_core.shards import ShardIndex
 from cluster.store import (FEATURE_DTYPE, FORMAT_VERSION, MANIFEST_FILE, WIDE_LEVEL, XYZ_DTYPE, FeatureStore,
                            PartitionNotFound, StoreMismatchError, column_vectors, partition_dir)
 from jobs import cli, features
-from pixloc_core.extractors import load_extractor
+from pixloc_core.extractors import DEFAULT, load_extractor
 from pixloc_core.extractors.base import resize_longest_side, sample_level, widened
 from pixloc_core.map_io import SceneMap
 
@@ -95,7 +95,7 @@ def test_job_writes_every_observation_into_each_cell_of_its_image(ray_cluster, t
     monkeypatch.undo()
 
     reconstruction = pycolmap.Reconstruction(map_dir / "model")
-    extractor = load_extractor("classic")
+    extractor = load_extractor(DEFAULT)  # what a store is made with unless told otherwise
     fingerprint = SceneMap.load(map_dir).fingerprint
     store = FeatureStore.open(store_url, extractor_id=extractor.extractor_id, map_fingerprint=fingerprint)
     assert store.info.strides == (16, 4, 1) and store.info.wide_cells == features.NEW_STORE_WIDE_CELLS

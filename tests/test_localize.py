@@ -44,6 +44,8 @@ from pixloc_core.map_io import load_map_index
 from pixloc_core.synthetic import dataset
 
 CONF = {"workers": 2, "flush_every": 1}
+# classic: the tests' cheap extractor; the default (alike-n) costs 7x on a CPU, test_demo and test_features_job run it
+FEATURES = {"workers": 2, "extractor": "classic"}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def scene(tmp_path_factory, ray_cluster) -> dict[str, Path]:
     map_job.build_map(scene_dir / "mapping", root / "map", reference_model=scene_dir / "reference_model",
                       priors=read_priors(scene_dir / "mapping_priors.csv"),
                       conf={"sift": {"max_num_features": 1024}, "pairs": {"num_neighbors": 5}})
-    features_job.main(root / "map", scene_dir / "mapping", str(root / "store"), conf={"workers": 2})
+    features_job.main(root / "map", scene_dir / "mapping", str(root / "store"), conf=FEATURES)
     return {"root": root, "scene": scene_dir, "map": root / "map", "store": root / "store"}
 
 
@@ -269,7 +271,7 @@ def test_a_map_of_learned_keypoints_localizes_queries_described_alike(scene, tmp
                                     "pairs": {"num_neighbors": 5}})
     assert built.keypoints == "alike-n" and built.descriptors.shape[1] == 128
     assert built.reconstruction.num_points3D() > 300
-    features_job.main(map_dir, scene_dir / "mapping", str(store), conf={"workers": 2})
+    features_job.main(map_dir, scene_dir / "mapping", str(store), conf=FEATURES)
     results = localize_job.main(map_dir, str(store), scene_dir / "queries", tmp_path / "out",
                                 query_list=scene_dir / "queries_with_intrinsics.txt", priors=scene_dir / "priors.csv",
                                 conf={**CONF, "method": "sparse"})

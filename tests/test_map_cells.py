@@ -30,7 +30,8 @@ pycolmap.logging.minloglevel = 2
 
 # Small cells, so that the 30 references of the street spread over several cells and halos.
 CELLS = {"shards": {"cell_size_m": 30.0, "halo_m": 15.0}}
-STORE_CONF = {"workers": 1, "batch_size": 2}
+# classic: the tests' cheap extractor; the default (alike-n) costs 7x on a CPU, test_demo and test_features_job run it
+STORE_CONF = {"workers": 1, "batch_size": 2, "extractor": "classic"}
 
 
 @pytest.fixture(scope="module")
@@ -445,4 +446,4 @@ def test_update_adds_photos_and_keeps_the_other_cells_and_their_store_partitions
         assert rows <= {ids[name] for name in after.shards.images_of(cell)}
     assert features.main(map_dir, [west_photos, east_photos], store_url, STORE_CONF)["extracted"] == 0
     assert cli_main(["features", "--map", str(map_dir), "--images", str(west_photos), str(east_photos),
-                     "--store", store_url]) == 0
+                     "--store", store_url, "--extractor", "classic"]) == 0

@@ -21,6 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = {"workers": 2}
+# classic: the tests' cheap extractor; the default (alike-n) costs 7x on a CPU, test_demo and test_features_job run it
+FEATURES = {**WORKERS, "extractor": "classic"}
 MAP_CONF = {"sift": {"max_num_features": 1024}, "pairs": {"num_neighbors": 5}}
 CELLS_CONF = {**MAP_CONF, "shards": {"cell_size_m": 30.0, "halo_m": 10.0}}  # several cells on the street
 
@@ -45,7 +47,7 @@ def local_run(tmp_path_factory, ray_cluster) -> dict:
     map_job.build_map(scene / "mapping", root / "map", reference_model=scene / "reference_model", priors=priors,
                       conf=MAP_CONF)
     map_job.build_map_in_cells(scene / "mapping", root / "map_in_cells", scene / "reference_model", priors, CELLS_CONF)
-    features_job.main(root / "map", scene / "mapping", str(root / "store"), conf=WORKERS)
+    features_job.main(root / "map", scene / "mapping", str(root / "store"), conf=FEATURES)
     localize_job.main(root / "map", str(root / "store"), scene / "queries", root / "results",
                       query_list=scene / "queries_with_intrinsics.txt", priors=scene / "priors.csv",
                       conf=localize_conf())
@@ -180,7 +182,7 @@ def two_node_run(bucket: str, report: Path) -> None:
         in_cells = map_job.build_map_in_cells(
             f"{bucket}/mapping", f"{bucket}/map_in_cells", f"{bucket}/reference_model",
             read_priors(f"{bucket}/mapping_priors.csv"), CELLS_CONF, address=cluster.address)
-        features_job.main(f"{bucket}/map", f"{bucket}/mapping", f"{bucket}/store", conf=WORKERS,
+        features_job.main(f"{bucket}/map", f"{bucket}/mapping", f"{bucket}/store", conf=FEATURES,
                           address=cluster.address)
         killed: dict = {}
         localize_job.main(f"{bucket}/map", f"{bucket}/store", f"{bucket}/queries", f"{bucket}/results",
