@@ -29,6 +29,7 @@ from jobs import localize as localize_job
 from jobs import map as map_job
 from jobs.results import read_results
 from pixloc_core.evaluate import RIGHT_DEG, RIGHT_M, pose_errors
+from pixloc_core.extractors import DEFAULT as DEFAULT_EXTRACTOR
 from pixloc_core.geometry import Pose
 from pixloc_core.io import Prior, read_poses, read_priors, write_priors
 from pixloc_core.localize import Checks, LocalizeConf, VerifyConf, alignment_verdict, verdict
@@ -61,7 +62,7 @@ default_conf = {
     "width": 320,
     "height": 240,
     "methods": ["sparse", "sparse+dense", "dense"],
-    "extractor": "classic",  # of the dense alignments (their bounds are what it calibrates)
+    "extractor": DEFAULT_EXTRACTOR,  # of the dense alignments (their bounds are what it calibrates)
     # The same streets at 640x480 as a user makes them (`synthetic_scene(full_size=True)`), with
     # synth's own geodetic priors (10 m): wrong PnP poses showed there that never did at 320x240.
     "full_size_refs": [40],
