@@ -43,6 +43,7 @@ from jobs.cli import main as pixloc
 from jobs.results import STAGES, read_results, successful_poses
 from pixloc_core.datasets import LUND, PREPARERS, PreparedSet, register_pseudo_ground_truth
 from pixloc_core.evaluate import RECALL_THRESHOLDS, evaluate, pose_errors, recall_key
+from pixloc_core.extractors import DEFAULT as DEFAULT_EXTRACTOR
 from pixloc_core.geometry import Camera, Pose
 from pixloc_core.io import Prior, read_poses, write_poses, write_priors
 from pixloc_core.localize import ReferencePoses, query_intrinsics
@@ -60,8 +61,9 @@ default_conf = {
     "methods": ("sparse", "dense", "sparse+dense"),
     "small_query_size": 480,  # the second run of every set, where SIFT thins out
     # Every dense method runs with each (bench.ExtractorSpec: "name" or "name=CHECKPOINT"): a store
-    # per extractor, one map.
-    "extractors": ("classic",),
+    # per extractor, one map. `classic` first (the `sparse` runs use the first one's store), then the
+    # default extractor, which it is compared with.
+    "extractors": tuple(dict.fromkeys(("classic", DEFAULT_EXTRACTOR))),
     # `sparse` runs with each keypoint type: the first's map is built as the set says, every other's
     # triangulated with its keypoints from that map's poses and cameras (the same frame, so the
     # same ground truth), with a store of its own.
@@ -223,8 +225,9 @@ def build(prepared: PreparedSet, work: Path, conf: dict, map_args: list) -> Buil
         run_pixloc("map", "--images", prepared.mapping_dir, "--out", maps[kind], "--keypoints", kind,
                    "--reference-model", maps[first] / MODEL_DIR, "--single-process", *priors)
     stores = {}
+    aligned = any(method != "sparse" for method in conf["methods"])  # the runs that use every extractor
     for kind, map_dir in maps.items():
-        for extractor in conf["extractors"] if kind == first else conf["extractors"][:1]:
+        for extractor in conf["extractors"] if kind == first and aligned else conf["extractors"][:1]:
             spec = ExtractorSpec.parse(extractor)
             name = "store" if extractor == "classic" else f"store-{spec.label}"
             stores[kind, extractor] = work / (name if kind == first else f"{name}-{kind}")
