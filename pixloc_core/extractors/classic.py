@@ -1,4 +1,5 @@
-"""`classic`, the default extractor: weight-free, deterministic, multi-scale patch descriptors.
+"""`classic`: weight-free, deterministic, multi-scale patch descriptors, 7x cheaper than the default
+`alike-n` on a CPU.
 
 Each pyramid level (strides 16, 4, 1) describes every pixel by two zero-mean 3x3 intensity
 patches of the grayscale image averaged down to the level's stride:
