@@ -159,9 +159,11 @@ class AlikeExtractor(DetectorExtractor):
         full = x1.shape[-2:]
         stacked = torch.cat([projected[0]] + [F.interpolate(p, size=full, mode="bilinear", align_corners=True)
                                               for p in projected[1:]], 1)  # (B, dim, H, W)
+        # In place and freed as soon as used: at stride 1 each of these maps is 157 MB of a 640x480 image.
         if self.convhead1 is not None:
-            stacked = F.relu(self.convhead1(stacked))
+            stacked = self.convhead1(stacked).relu_()
         head = self.convhead2(stacked)[..., :height, :width]  # (B, dim + 1, h, w)
+        del stacked
         return AlikeOutput(F.normalize(head[:, :-1], dim=1), torch.sigmoid(head[:, -1]),
                            projected[2][..., :-(-height // 8), :-(-width // 8)],
                            projected[3][..., :-(-height // 32), :-(-width // 32)])
@@ -187,14 +189,14 @@ class AlikeExtractor(DetectorExtractor):
         for level, stride in enumerate(STRIDES):
             size = (max(1, round(height / stride)), max(1, round(width / stride)))
             if stride == 1:
-                features = output.descriptors
+                features = output.descriptors  # unit vectors already
             elif stride == max(STRIDES) and self.conf.coarse == "encoder":
-                features = torch.cat([F.interpolate(output.stride8, size=size, mode="area"),
-                                      F.interpolate(output.stride32, size=size, mode="bilinear", align_corners=False)],
-                                     1)  # (B, dim/2, h, w)
+                features = F.normalize(torch.cat([
+                    F.interpolate(output.stride8, size=size, mode="area"),
+                    F.interpolate(output.stride32, size=size, mode="bilinear", align_corners=False)], 1),
+                    dim=1)  # (B, dim/2, h, w)
             else:
-                features = F.interpolate(output.descriptors, size=size, mode="area")  # (B, dim, h, w)
-            features = F.normalize(features, dim=1)
+                features = F.normalize(F.interpolate(output.descriptors, size=size, mode="area"), dim=1)  # (B, dim, h, w)
             pyramid.append(FeatureLevel(features, self.confidence(output.scores, features, level), stride))
         return pyramid
 
