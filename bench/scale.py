@@ -57,6 +57,7 @@ default_conf = {
     "workers": 2,
     "method": "sparse+dense",
     "extractor": "classic",
+    "localize_conf": (),  # KEY=VALUE overrides of every localize job (`pixloc localize --conf`)
     "repeats": 1,  # rounds over the sizes; each size reports its run of median CPU-s per query
     "order": True,  # the largest size's queries again, sorted by position
     "nodes_queries": 60,  # 1 vs 2 simulated nodes, on the smallest size (0: skip)
@@ -282,6 +283,7 @@ def localize_args(root: Path, query_list: Path, out: Path, conf: dict, workers: 
             "--queries", str(root / "scene/queries"), "--query-list", str(query_list),
             "--priors", str(root / "scene/priors.csv"), "--out", str(out), "--method", conf["method"],
             "--extractor", conf["extractor"], "--workers", str(workers)]
+    args += ["--conf", *conf["localize_conf"]] if conf["localize_conf"] else []
     return args + (["--address", address] if address else [])
 
 
