@@ -11,7 +11,8 @@ TINY = {"blocks": [[1, 1]], "num_queries": 3, "queries": 3, "width": 160, "heigh
 
 def test_bench_scale_reports_measured_numbers(tmp_path):
     out = tmp_path / "scale.json"
-    report = bench_main("scale", out, {**TINY, "quick": True, "data_dir": str(tmp_path / "data")})
+    report = bench_main("scale", out, {**TINY, "quick": True, "data_dir": str(tmp_path / "data"),
+                                       "localize_conf": ["queries_per_call=1"]})  # reaches `pixloc localize`
     assert json.loads(out.read_text())["sizes"][0]["refs"] == report["sizes"][0]["refs"] > 0
     (size,) = report["sizes"]
     assert size["queries"] == 3 and size["points"] > 0 and size["cells"] >= 1
