@@ -52,7 +52,7 @@ from .config import merge_conf
 logger = logging.getLogger(__name__)
 
 default_conf = {
-    "extractor": DEFAULT_EXTRACTOR,
+    "extractor": None,  # None: the existing store's extractor, DEFAULT_EXTRACTOR for a new store
     "checkpoint": None,  # the extractor's weights file, when not the shipped ones (a path every node can read)
     "workers": 2,
     "batch_size": 4,  # images per worker call, and so per part file
@@ -268,16 +268,20 @@ def main(map_dir: Location, images_dir: Location | Sequence[Location] | None, st
     # The compact map (O(images)); the workers read the observations of their images themselves.
     map_index = load_map_index(map_dir, with_observations=True)
     cells = map_cells(map_index)
+    store_exists = FeatureStore.exists(store_url)
+    # Settings left unset follow an existing store (a job filling it on after a map update, or
+    # resumed), so that a new default never turns it into a store of another extractor.
+    existing = FeatureStore.open(store_url).info if store_exists else None
+    if conf["extractor"] is None:
+        conf["extractor"] = existing.extractor_name if existing else DEFAULT_EXTRACTOR
+    if conf["wide_cells"] is None:
+        conf["wide_cells"] = existing.wide_cells if existing else NEW_STORE_WIDE_CELLS
     extractor = load_extractor(conf["extractor"], conf["checkpoint"])
     strides, channels = pyramid_shape(extractor)
     _, descriptor_dim = observation_table_info(map_dir)
-    store_exists = FeatureStore.exists(store_url)
-    wide_cells = conf["wide_cells"]
-    if wide_cells is None:
-        wide_cells = FeatureStore.open(store_url).info.wide_cells if store_exists else NEW_STORE_WIDE_CELLS
     info = StoreInfo(extractor.extractor_id, map_index.fingerprint, strides, channels, conf["aggregate"],
                      sparse_keypoints=map_index.keypoint_type if descriptor_dim else "",
-                     sparse_dim=descriptor_dim, wide_cells=wide_cells)
+                     sparse_dim=descriptor_dim, wide_cells=conf["wide_cells"])
     if images_dir is None:
         folders = [files.location(folder) for folder in map_index.image_folders]
     else:
@@ -348,7 +352,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "read from the first that holds it (default: the folders the map was built and "
                              "updated from, as its manifest records them)")
     parser.add_argument("--store", required=True, help="store URL: a local path or s3://bucket/prefix")
-    parser.add_argument("--extractor", default=default_conf["extractor"], help="feature extractor name")
+    parser.add_argument("--extractor", default=default_conf["extractor"],
+                        help=f"feature extractor name (default: an existing store's, {DEFAULT_EXTRACTOR} for a new one)")
     parser.add_argument("--checkpoint", default=default_conf["checkpoint"],
                         help="the extractor's weights (e.g. PixLoc's checkpoint_best.tar with --extractor unet-vgg16, "
                              "or one written by `pixloc train`); default: the shipped ones")

@@ -205,6 +205,19 @@ def test_a_store_keeps_its_wide_level_setting(ray_cluster, tiny_map, tmp_path):
         features.main(map_dir, images_dir, store_url, {**CONF, "wide_cells": 3})
 
 
+def test_a_store_keeps_its_extractor(ray_cluster, tiny_map, tmp_path):
+    """A job that names no extractor fills an existing store on with the store's own: a store made
+    before the default changed stays what it is, instead of being refused as another extractor's."""
+    map_dir, images_dir = tiny_map
+    store_url = str(tmp_path / "store")
+    features.main(map_dir, images_dir, store_url, {**CONF, "extractor": "classic"})
+    store = FeatureStore.open(store_url, extractor_id=load_extractor("classic").extractor_id)
+    (tmp_path / "store" / store.manifest("x+0000_y+0000", 2)["files"][0]["path"]).unlink()  # to recompute
+    assert features.main(map_dir, images_dir, store_url, CONF)["partitions_repaired"] == 1
+    store.verify("x+0000_y+0000", 2)
+    assert FeatureStore.open(store_url).info.extractor_name == "classic" != DEFAULT
+
+
 def test_init_ray_leaves_a_ray_it_did_not_start_running(ray_cluster):
     with init_ray(num_cpus=1) as session:
         assert not session.started
